@@ -1,0 +1,1 @@
+"""The benchmark engine behind `sdvae bench`."""

@@ -1,0 +1,339 @@
+"""Benchmark engine: timing, statistics, CSV and markdown output.
+
+A *suite* is a function registered with ``@register("name")`` that takes a ``Context`` and
+yields ``Case`` objects (one timed callable each, built lazily so only one case's tensors live
+at a time). ``run`` times every case and returns ``Row`` objects; ``write_csv`` and
+``markdown`` turn them into DESIGN.md's CSV and table.
+
+On CUDA, a call is timed with CUDA events after a warm-up, the L2 cache flushed before every
+repeat (a 256 MiB write, outside the events), and the median and p20/p80 of the repeats are
+kept. On the CPU (the C++ CPU path, and ``make bench`` on a machine without a GPU) the host
+clock times each call.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "Case",
+    "Context",
+    "Row",
+    "CSV_COLUMNS",
+    "register",
+    "suites",
+    "run",
+    "measure",
+    "write_csv",
+    "markdown",
+]
+
+CSV_COLUMNS = (
+    "date,gpu,torch,triton,commit,bench,shape,dtype,layout,provider,"
+    "median_ms,p20_ms,p80_ms,gbps,tflops,peak_mem_mb"
+).split(",")
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class Case:
+    """One timed call. ``fn`` takes no argument; ``nbytes``/``flops`` feed GB/s and TFLOP/s."""
+
+    bench: str
+    shape: str
+    dtype: torch.dtype
+    layout: str
+    provider: str
+    fn: Callable[[], object]
+    nbytes: int | None = None
+    flops: float | None = None
+    memory_only: bool = False  # report peak memory from one call, do not time
+
+
+@dataclass
+class Context:
+    device: torch.device
+    quick: bool  # small sizes (a CPU run, or --quick on a GPU)
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: each suite's defaults
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def wants(self, dtype: torch.dtype) -> bool:
+        return self.dtypes is None or dtype in self.dtypes
+
+
+@dataclass
+class Row:
+    bench: str
+    shape: str
+    dtype: str
+    layout: str
+    provider: str
+    median_ms: float | None
+    p20_ms: float | None
+    p80_ms: float | None
+    gbps: float | None
+    tflops: float | None
+    peak_mem_mb: float | None
+    meta: dict = field(default_factory=dict)
+
+
+_SUITES: dict[str, Callable[[Context], Iterable[Case]]] = {}
+
+
+def register(name: str):
+    """Register a suite: ``@register("group_norm_silu") def cases(ctx): yield Case(...)``."""
+
+    def deco(fn):
+        if name in _SUITES:
+            raise ValueError(f"benchmark suite {name!r} is registered twice")
+        _SUITES[name] = fn
+        return fn
+
+    return deco
+
+
+def suites() -> dict[str, Callable[[Context], Iterable[Case]]]:
+    """All registered suites (importing every ``sdvae.bench.cases_*`` module first)."""
+    import importlib
+    import pkgutil
+
+    from .. import bench as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("cases_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+    return dict(_SUITES)
+
+
+# ------------------------------------------------------------------------------ timing
+_FLUSH: torch.Tensor | None = None
+
+
+def _flush_l2(device: torch.device) -> None:
+    global _FLUSH
+    if _FLUSH is None or _FLUSH.device != device:
+        _FLUSH = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+    _FLUSH.zero_()
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup_ms: float = 50.0,
+    rep_ms: float = 200.0,
+    min_reps: int = 5,
+    max_reps: int = 1000,
+) -> tuple[float, float, float]:
+    """(median, p20, p80) of one call in milliseconds."""
+    if device.type == "cuda":
+        fn()
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        est = max(start.elapsed_time(end) / 3, 1e-3)
+        for _ in range(max(1, int(warmup_ms / est))):
+            fn()
+        n = int(min(max(rep_ms / est, min_reps), max_reps))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            _flush_l2(device)
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        times = torch.tensor([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    else:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        est = max((time.perf_counter() - t0) * 1e3, 1e-3)
+        n = int(min(max(rep_ms / est, min_reps), max_reps))
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        times = torch.tensor(samples)
+    q = torch.quantile(times.double(), torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def _peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def run(
+    ctx: Context,
+    names: Iterable[str] | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+    rep_ms: float | None = None,
+) -> list[Row]:
+    """Time every case of the named suites (all when ``names`` is None)."""
+    table = suites()
+    names = list(table) if names is None else list(names)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; known: {sorted(table)}")
+    if rep_ms is None:
+        rep_ms = 60.0 if ctx.quick else 200.0
+    rows: list[Row] = []
+    for name in names:
+        cases: Iterator[Case] = iter(table[name](ctx))
+        i = 0
+        while True:
+            try:
+                case = next(cases)
+            except StopIteration:
+                break
+            i += 1
+            label = f"{case.bench} {case.shape} {DTYPE_NAMES.get(case.dtype, case.dtype)} {case.layout} {case.provider}"
+            if progress:
+                progress(f"[{name} #{i}] {label}")
+            try:
+                if case.memory_only:
+                    med = p20 = p80 = None
+                else:
+                    med, p20, p80 = measure(case.fn, ctx.device, rep_ms=rep_ms, warmup_ms=rep_ms / 4)
+                peak = _peak_mb(case.fn, ctx.device)
+            except torch.cuda.OutOfMemoryError as exc:  # a real result at 2048², not a crash
+                if progress:
+                    progress(f"    out of memory: {str(exc).splitlines()[0]}")
+                med = p20 = p80 = peak = None
+                torch.cuda.empty_cache()
+            rows.append(
+                Row(
+                    bench=case.bench,
+                    shape=case.shape,
+                    dtype=DTYPE_NAMES.get(case.dtype, str(case.dtype)),
+                    layout=case.layout,
+                    provider=case.provider,
+                    median_ms=med,
+                    p20_ms=p20,
+                    p80_ms=p80,
+                    gbps=(case.nbytes / (med * 1e-3) / 1e9) if (case.nbytes and med) else None,
+                    tflops=(case.flops / (med * 1e-3) / 1e12) if (case.flops and med) else None,
+                    peak_mem_mb=peak,
+                )
+            )
+            del case
+        if ctx.is_cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+def _commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{os.cpu_count()}core"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {
+        "date": _dt.date.today().isoformat(),
+        "gpu": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": _commit(),
+    }
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return ""
+    return f"{x:.{digits}g}"
+
+
+def write_csv(rows: list[Row], path: str, device: torch.device) -> str:
+    env = environment(device)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_COLUMNS)
+        for r in rows:
+            w.writerow(
+                [env["date"], env["gpu"], env["torch"], env["triton"], env["commit"]]
+                + [r.bench, r.shape, r.dtype, r.layout, r.provider]
+                + [_fmt(r.median_ms, 6), _fmt(r.p20_ms, 6), _fmt(r.p80_ms, 6)]
+                + [_fmt(r.gbps, 6), _fmt(r.tflops, 6), _fmt(r.peak_mem_mb, 6)]
+            )
+    return path
+
+
+def default_csv_name(device: torch.device) -> str:
+    gpu = device_name(device).replace("NVIDIA ", "").replace(" ", "-")
+    gpu = "".join(ch for ch in gpu if ch.isalnum() or ch in "-_.")
+    return f"{_dt.date.today().isoformat()}-{gpu}.csv"
+
+
+def markdown(rows: list[Row], device: torch.device) -> str:
+    """A markdown table; ``vs eager`` is eager's median over this row's (same bench, shape and
+    dtype; same layout where eager ran in it)."""
+    env = environment(device)
+    eager = {}
+    for r in rows:
+        if r.provider == "eager" and r.median_ms:
+            eager[(r.bench, r.shape, r.dtype, r.layout)] = r.median_ms
+            eager.setdefault((r.bench, r.shape, r.dtype), r.median_ms)
+    head = (
+        f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}\n\n"
+        "| bench | shape | dtype | layout | provider | median ms | p20 ms | p80 ms | GB/s | TFLOP/s | peak MB | vs eager |\n"
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in rows:
+        base = eager.get((r.bench, r.shape, r.dtype, r.layout)) or eager.get((r.bench, r.shape, r.dtype))
+        ratio = f"{base / r.median_ms:.2f}x" if (base and r.median_ms) else ""
+        lines.append(
+            f"| {r.bench} | {r.shape} | {r.dtype} | {r.layout} | {r.provider} | {_fmt(r.median_ms)} | "
+            f"{_fmt(r.p20_ms)} | {_fmt(r.p80_ms)} | {_fmt(r.gbps)} | {_fmt(r.tflops)} | "
+            f"{_fmt(r.peak_mem_mb)} | {ratio} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,369 @@
+"""The reference KL autoencoder (Stable Diffusion's VAE), one definition for every path.
+
+Module and parameter names follow diffusers' ``AutoencoderKL`` so that a diffusers state dict
+loads as it is and the CompVis/ldm names map onto it one to one (``sdvae.loading``).
+The semantics are those of the seed design: an asymmetric zero pad (one column right, one row
+bottom) before every stride-2 downsample conv, GroupNorm with eps 1e-6, single-head attention
+with scale ``C**-0.5``, and the sampling step ``mean + exp(0.5*clamp(logvar, -30, 20))*noise``
+followed by ``(z - shift) * scale``.
+
+The fused kernels are a switch on these same modules (``fused`` attributes, set by
+``sdvae.optimize``), never a second copy of the model. With every switch off (the default),
+each forward is plain eager PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEConfig
+
+__all__ = ["VAE", "Encoder", "Decoder", "ResnetBlock", "AttentionBlock", "GroupNorm"]
+
+LOGVAR_MIN = -30.0
+LOGVAR_MAX = 20.0
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm, optionally followed by SiLU (``silu=True``); parameter names as nn.GroupNorm."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float, *, silu: bool):
+        super().__init__(num_groups, num_channels, eps=eps, affine=True)
+        self.silu = silu
+        self.fused = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from . import kernels
+
+            return kernels.group_norm(
+                x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu
+            )
+        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(y) if self.silu else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", silu={self.silu}"
+
+
+class ResnetBlock(nn.Module):
+    """GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus the input (1x1 conv if C changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_channels, eps, silu=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = GroupNorm(groups, out_channels, eps, silu=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.norm2(h))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W pixels, head dim = channels, residual add."""
+
+    def __init__(self, channels: int, groups: int, eps: float):
+        super().__init__()
+        self.group_norm = GroupNorm(groups, channels, eps, silu=False)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.fused = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, L, C)
+        q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
+        if self.fused:
+            from . import kernels
+
+            o = kernels.attention(q, k, v, scale=c**-0.5)
+        else:
+            o = F.scaled_dot_product_attention(
+                q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=c**-0.5
+            ).squeeze(1)
+        o = self.to_out[0](o)
+        return x + o.transpose(1, 2).reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    """Zero pad one column right and one row bottom, then a 3x3 stride-2 conv."""
+
+    padding = (0, 1, 0, 1)
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.fused = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from . import ops
+
+            return ops.pad_conv2d(
+                x, self.conv.weight, self.conv.bias, stride=2, padding=self.padding
+            )
+        return self.conv(F.pad(x, self.padding))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: residual blocks, then an optional resampler."""
+
+    def __init__(self, resnets: list[nn.Module], sampler: nn.Module | None, sampler_name: str):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.sampler_name = sampler_name
+        if sampler is not None:
+            setattr(self, sampler_name, nn.ModuleList([sampler]))
+        else:
+            setattr(self, sampler_name, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resnets:
+            x = block(x)
+        sampler = getattr(self, self.sampler_name)
+        if sampler is not None:
+            x = sampler[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int, eps: float, attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(channels, channels, groups, eps), ResnetBlock(channels, channels, groups, eps)]
+        )
+        self.attentions = (
+            nn.ModuleList([AttentionBlock(channels, groups, eps)]) if attention else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        levels = []
+        out_c = ch[0]
+        for i, c in enumerate(ch):
+            in_c, out_c = out_c, c
+            resnets = [
+                ResnetBlock(in_c if j == 0 else out_c, out_c, g, eps)
+                for j in range(cfg.layers_per_block)
+            ]
+            down = Downsample(out_c) if i < len(ch) - 1 else None
+            levels.append(_Level(resnets, down, "downsamplers"))
+        self.down_blocks = nn.ModuleList(levels)
+        self.mid_block = MidBlock(ch[-1], g, eps, cfg.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(g, ch[-1], eps, silu=True)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for level in self.down_blocks:
+            x = level(x)
+        x = self.mid_block(x)
+        return self.conv_out(self.conv_norm_out(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g, eps = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups, cfg.norm_eps
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], g, eps, cfg.mid_block_add_attention)
+        levels = []
+        out_c = ch[0]
+        for i, c in enumerate(ch):
+            in_c, out_c = out_c, c
+            resnets = [
+                ResnetBlock(in_c if j == 0 else out_c, out_c, g, eps)
+                for j in range(cfg.layers_per_block + 1)
+            ]
+            up = Upsample(out_c) if i < len(ch) - 1 else None
+            levels.append(_Level(resnets, up, "upsamplers"))
+        self.up_blocks = nn.ModuleList(levels)
+        self.conv_norm_out = GroupNorm(g, ch[-1], eps, silu=True)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for level in self.up_blocks:
+            x = level(x)
+        return self.conv_out(self.conv_norm_out(x))
+
+
+def sample_reference(
+    moments: torch.Tensor,
+    noise: torch.Tensor | None,
+    *,
+    scaling_factor: float,
+    shift_factor: float,
+    sample: bool,
+) -> torch.Tensor:
+    """The seed's sampling step, op by op: chunk, clamp, exp, multiply-add, shift, scale."""
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    if sample:
+        logvar = torch.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX)
+        std = torch.exp(0.5 * logvar)
+        z = mean + std * noise
+    else:
+        z = mean
+    return (z - shift_factor) * scaling_factor
+
+
+class VAE(nn.Module):
+    """Stable Diffusion's KL autoencoder.
+
+    ``encode(images)`` maps images in [-1, 1], (N, 3, H, W), to scaled latents
+    (N, latent_channels, ceil(H/8), ceil(W/8)) for the SD configs; ``decode(latents)`` maps
+    scaled latents back to images. Both run under ``torch.no_grad()`` unless grad is enabled
+    by the caller.
+    """
+
+    def __init__(self, config: VAEConfig | None = None):
+        super().__init__()
+        if config is None:
+            config = VAEConfig()
+        if not isinstance(config, VAEConfig):
+            raise TypeError(f"config must be a sdvae.VAEConfig, got {type(config).__name__}")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        c2 = 2 * config.latent_channels
+        self.quant_conv = nn.Conv2d(c2, c2, 1) if config.use_quant_conv else None
+        lc = config.latent_channels
+        self.post_quant_conv = nn.Conv2d(lc, lc, 1) if config.use_post_quant_conv else None
+        self.fused_sampling = False
+
+    # -------------------------------------------------------------- checks
+    def _check_input(self, name: str, x: torch.Tensor, channels: int) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != channels:
+            raise ValueError(
+                f"{name} must have {channels} channels (dim 1), got shape {tuple(x.shape)}"
+            )
+        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+        p = self.encoder.conv_in.weight
+        if x.dtype != p.dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but the model's weights are {p.dtype}; "
+                f"convert one of them (e.g. vae.to({x.dtype}))"
+            )
+        if x.device != p.device:
+            raise ValueError(f"{name} is on {x.device} but the model is on {p.device}")
+
+    # ------------------------------------------------------------- encode
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's (N, 2*latent_channels, h, w) output: mean channels, then log-variance."""
+        self._check_input("images", images, self.config.in_channels)
+        m = self.encoder(images)
+        if self.quant_conv is not None:
+            m = self.quant_conv(m)
+        return m
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        *,
+        sample: bool = True,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Images -> scaled latents ``(z - shift_factor) * scaling_factor``.
+
+        ``sample=False`` returns the scaled mean (the distribution's mode). Otherwise ``noise``
+        (standard normal, shape of the latents) is used when given; else noise is drawn from a
+        generator seeded with ``seed``, or from torch's default generator when ``seed`` is None.
+        """
+        if noise is not None and seed is not None:
+            raise ValueError("give either noise or seed, not both")
+        if seed is not None and not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        moments = self.moments(images)
+        cfg = self.config
+        lat_shape = (moments.shape[0], cfg.latent_channels, *moments.shape[2:])
+        if noise is not None:
+            if not sample:
+                raise ValueError("noise was given but sample=False uses no noise")
+            if not isinstance(noise, torch.Tensor):
+                raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+            if tuple(noise.shape) != lat_shape:
+                raise ValueError(
+                    f"noise must have the latents' shape {lat_shape}, got {tuple(noise.shape)}"
+                )
+            if noise.device != moments.device:
+                raise ValueError(f"noise is on {noise.device} but images are on {moments.device}")
+            if not noise.is_floating_point():
+                raise TypeError(f"noise must be a floating tensor, got {noise.dtype}")
+            noise = noise.to(moments.dtype)
+        if self.fused_sampling:
+            from . import kernels
+
+            return kernels.vae_sample(
+                moments,
+                noise,
+                scaling_factor=cfg.scaling_factor,
+                shift_factor=cfg.shift_factor,
+                seed=seed,
+                sample=sample,
+            )
+        if sample and noise is None:
+            gen = None
+            if seed is not None:
+                gen = torch.Generator(device=moments.device).manual_seed(seed)
+            noise = torch.randn(
+                lat_shape, generator=gen, device=moments.device, dtype=moments.dtype
+            )
+        return sample_reference(
+            moments,
+            noise,
+            scaling_factor=cfg.scaling_factor,
+            shift_factor=cfg.shift_factor,
+            sample=sample,
+        )
+
+    # ------------------------------------------------------------- decode
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images (nominally in [-1, 1]; not clamped). Never modifies ``latents``."""
+        self._check_input("latents", latents, self.config.latent_channels)
+        z = latents / self.config.scaling_factor + self.config.shift_factor
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def forward(self, images: torch.Tensor, *, sample: bool = False) -> torch.Tensor:
+        """Encode then decode (the reconstruction)."""
+        return self.decode(self.encode(images, sample=sample))

@@ -1,0 +1,79 @@
+"""Shared test set-up.
+
+* ``TRITON_INTERPRET=1`` is set before anything imports triton, so Triton kernels run on CPU
+  tensors in the interpreter. A GPU run (``bench/device_check.sh``) sets
+  ``SDVAE_TRITON_GPU=1`` to compile them for the real device instead.
+* The ``cuda`` marker: tests that need an NVIDIA GPU; skipped cleanly without one.
+* ``DEVICES`` / ``devices``: parametrise an op test over "cpu" and, where present, "cuda".
+* The tolerance table lives in ``sdvae.numerics`` (shared with ``sdvae check``) and is
+  re-exported here with ``assert_close``, the one verbose assert.
+* ``aot_compile``: compiles a Triton kernel ahead of time for sm_80 and sm_90 and checks that
+  it fits their shared memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("SDVAE_TRITON_GPU") != "1" and not os.environ.get("SDVAE_AOT_WORKER"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sdvae import _aot  # noqa: E402
+from sdvae.numerics import END_TO_END, TOLERANCE, compare, tolerance  # noqa: E402, F401
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda]),
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (cuda marker)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def assert_close(out, ref, dtype=None, *, tol=None, end_to_end=False, tf32=False, name="output"):
+    """Fail with rel. error, max-abs error and the worst index unless within the table."""
+    if dtype is None:
+        dtype = out.dtype
+    if tol is None:
+        tol = tolerance(dtype, end_to_end=end_to_end, tf32=tf32)
+    rep = compare(out, ref)
+    assert rep.ok(tol), f"{name} ({dtype}): {rep.describe()} > tol {tol:.1e}"
+    return rep
+
+
+def aot_compile(module: str, kernel: str, configs: list[dict], targets=_aot.TARGETS):
+    """Compile ``module.kernel`` for each config on sm_80 and sm_90; fail on any error or on
+    shared memory over the target's limit. Returns the per-(config, target) results."""
+    results = _aot.compile_configs(module, kernel, configs, targets)
+    errors = [f"sm_{r['cc']} {r['config']}: {r['error']}" for r in results if "error" in r]
+    assert not errors, "AOT compile failed:\n" + "\n".join(errors)
+    over = [
+        f"sm_{r['cc']} {r['config']}: {r['shared']} B shared > {r['shared_limit']} B"
+        for r in results
+        if r["shared"] > r["shared_limit"]
+    ]
+    assert not over, "shared memory over the limit:\n" + "\n".join(over)
+    assert all(r["has_cubin"] for r in results)
+    return results
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    # Random inputs differ per test but the suite is reproducible run to run.
+    torch.manual_seed(0)

@@ -1,0 +1,100 @@
+"""The package layout, the extension build and the test helpers themselves."""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from conftest import aot_compile, assert_close
+
+import sdvae
+from sdvae import _ext
+
+
+def test_kernels_is_a_subpackage_not_a_top_level_package():
+    k = importlib.import_module("sdvae.kernels")
+    assert k.__name__ == "sdvae.kernels"
+    assert os.path.basename(os.path.dirname(k.__file__)) == "kernels"
+    # The unrelated top-level `kernels` package (which diffusers probes for) is not ours.
+    top = sys.modules.get("kernels")
+    assert top is None or not os.path.samefile(os.path.dirname(top.__file__), os.path.dirname(k.__file__))
+
+
+def test_extension_loads_and_reports_its_build():
+    assert _ext.available(), _ext.LOAD_ERROR
+    info = _ext.build_info()
+    assert info.startswith("torch ")
+    if torch.version.cuda is not None and _ext.with_cuda():
+        assert "sm" in info and "800" in info and "900" in info
+
+
+def test_extension_is_built_with_cuda_when_torch_and_nvcc_allow():
+    import shutil
+
+    if torch.version.cuda is None or shutil.which("nvcc") is None or os.environ.get("SDVAE_NO_CUDA"):
+        pytest.skip("CPU-only torch or no nvcc: the CUDA sources are skipped by design")
+    assert _ext.with_cuda(), _ext.build_info()
+
+
+def test_torch_library_namespace_exists():
+    assert hasattr(torch.ops, "sdvae")
+
+
+def test_triton_interpreter_is_on_for_cpu_runs():
+    if os.environ.get("SDVAE_TRITON_GPU") == "1":
+        pytest.skip("GPU run")
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 3.0, mask=mask)
+
+
+def test_interpreter_runs_a_kernel_on_cpu_tensors():
+    if os.environ.get("SDVAE_TRITON_GPU") == "1":
+        pytest.skip("GPU run")
+    x = torch.randn(1000)
+    y = torch.empty_like(x)
+    _scale_kernel[(triton.cdiv(1000, 256),)](x, y, 1000, BLOCK=256)
+    assert_close(y, x.double() * 3)
+
+
+def test_aot_helper_compiles_for_sm80_and_sm90():
+    res = aot_compile(
+        "test_build",
+        "_scale_kernel",
+        [{"signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}, "constexprs": {"BLOCK": 256}}],
+    )
+    assert sorted(r["cc"] for r in res) == [80, 90]
+
+
+def test_aot_helper_reports_compile_errors():
+    with pytest.raises(AssertionError, match="AOT compile failed"):
+        aot_compile(
+            "test_build",
+            "_scale_kernel",
+            [{"signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}, "constexprs": {"BLOCK": 100}}],
+        )
+
+
+def test_assert_close_catches_nan_and_error():
+    ref = torch.randn(100, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="NON-FINITE"):
+        out = ref.clone()
+        out[3] = float("nan")
+        assert_close(out, ref, torch.float32)
+    with pytest.raises(AssertionError, match=r"at \(7,\)"):
+        out = ref.clone()
+        out[7] += 1.0
+        assert_close(out, ref, torch.float32)
+
+
+def test_public_api_names():
+    for name in ("VAE", "VAEConfig", "load", "from_diffusers"):
+        assert hasattr(sdvae, name)
