@@ -25,7 +25,7 @@ def _bench(args) -> int:
         f"sdvae bench on {engine.device_name(device)}"
         + (" (small CPU sizes: GPU numbers are the ones that count)" if device.type != "cuda" else "")
     )
-    rows = engine.run(ctx, names, progress=engine.log)
+    rows = engine.run(ctx, names, progress=engine.log, rep_ms=args.rep_ms)
     table = engine.markdown(rows, device)
     if args.out:
         path = os.path.join(args.out, engine.default_csv_name(device))
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     b.add_argument("--dtype", action="append", choices=sorted(_DTYPES), help="restrict dtypes")
     b.add_argument("--quick", action="store_true", help="small sizes (always on for the CPU)")
+    b.add_argument("--rep-ms", type=float, help="time budget per case for repeats (ms)")
     b.add_argument("--out", help="folder for <date>-<gpu>.csv and .md (default: print only)")
     b.set_defaults(func=_bench)
 

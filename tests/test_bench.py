@@ -1,0 +1,59 @@
+"""The benchmark engine and `sdvae bench` (timing itself is never asserted)."""
+
+import csv
+
+import pytest
+import torch
+
+from sdvae import cli
+from sdvae.bench import engine
+
+CPU = torch.device("cpu")
+
+
+def test_measure_returns_ordered_quantiles():
+    x = torch.randn(256, 256)
+    med, p20, p80 = engine.measure(lambda: x @ x, CPU, rep_ms=5, warmup_ms=1)
+    assert 0 < p20 <= med <= p80
+
+
+def test_suites_discovered():
+    names = engine.suites()
+    assert {"decode", "encode", "ceiling"} <= set(names)
+
+
+def test_register_twice_is_refused():
+    with pytest.raises(ValueError, match="registered twice"):
+        engine.register("decode")(lambda ctx: iter(()))
+
+
+def test_unknown_suite():
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        engine.run(engine.Context(CPU, quick=True), ["nope"])
+
+
+def test_decode_encode_rows_on_cpu(tmp_path):
+    pytest.importorskip("diffusers")
+    rows = engine.run(engine.Context(CPU, quick=True), ["decode", "encode", "ceiling"], rep_ms=1)
+    got = {(r.bench, r.provider) for r in rows}
+    assert got == {("decode", "eager"), ("decode", "sdvae"), ("encode", "eager"), ("encode", "sdvae")}
+    for r in rows:
+        assert r.median_ms > 0 and r.p20_ms <= r.median_ms <= r.p80_ms
+        assert r.tflops > 0  # FLOPs counted by torch's flop counter
+        assert r.dtype == "fp32"
+    path = engine.write_csv(rows, str(tmp_path / "x.csv"), CPU)
+    with open(path) as fh:
+        data = list(csv.reader(fh))
+    assert data[0] == engine.CSV_COLUMNS
+    assert len(data) == 1 + len(rows)
+    table = engine.markdown(rows, CPU)
+    assert "| decode |" in table and "1.00x" in table
+
+
+def test_cli_bench_writes_csv_and_table(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    assert cli.main(["bench", "encode", "--rep-ms", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| encode |" in out
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith(".csv") and files[1].endswith(".md")
