@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The one script that validates and times everything on an NVIDIA GPU, with no network.
+#
+#   bash bench/device_check.sh [OUT_DIR]        (default OUT_DIR: bench/results)
+#
+# 1. builds the extension for the visible GPU, 2. runs the whole test suite with CUDA tensors
+# (the `cuda` tests and every op test parametrised over cuda; Triton compiled for the device,
+# not interpreted), 3. runs `sdvae bench` at the real sizes. Writes <date>-<gpu>.csv, the
+# markdown table and device_check.log to OUT_DIR, and prints the table last.
+# Wheels for packages the GPU image lacks (diffusers) are taken from .whl/ when present
+# (see bench/fetch_wheels.sh). Target: under 8 minutes on an H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=$(mkdir -p "${1:-bench/results}" && cd "${1:-bench/results}" && pwd)
+LOG="$OUT_DIR/device_check.log"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 SDVAE_TRITON_GPU=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+unset TRITON_INTERPRET
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+{
+  step "device"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
+  $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__, "|", torch.cuda.get_device_name())'
+
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    step "carried wheels"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/sdvae-site .whl/*.whl && export PYTHONPATH=/tmp/sdvae-site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+
+  step "build"
+  t0=$SECONDS
+  if ! $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . ; then
+    echo "BUILD FAILED"
+  fi
+  $PY -c 'import sdvae._ext as e; print("sdvae._C:", e.build_info())'
+  echo "build took $((SECONDS - t0)) s"
+
+  step "tests (CUDA)"
+  t0=$SECONDS
+  timeout 300 $PY -m pytest -q -p no:cacheprovider tests -rfEs --junitxml="$OUT_DIR/tests.xml" \
+    || echo "TESTS FAILED OR TIMED OUT"
+  echo "tests took $((SECONDS - t0)) s"
+
+  step "sdvae bench"
+  t0=$SECONDS
+  timeout ${BENCH_TIMEOUT:-300} $PY -m sdvae.cli bench --out "$OUT_DIR" ${BENCH_ARGS:-} \
+    > "$OUT_DIR/bench_table.txt" || echo "BENCH FAILED OR TIMED OUT"
+  echo "bench took $((SECONDS - t0)) s"
+} 2>&1 | tee "$LOG"
+status=0
+grep -q -E "^(BUILD FAILED|TESTS FAILED|BENCH FAILED)" "$LOG" && status=1
+
+echo
+echo "=== results (also in $OUT_DIR)"
+cat "$OUT_DIR/bench_table.txt" 2>/dev/null
+exit $status
