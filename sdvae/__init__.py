@@ -10,12 +10,25 @@ from __future__ import annotations
 
 from . import _ext
 from .config import VAEConfig
+from .diffusers_patch import patch_diffusers, unpatch_diffusers
+from .fast import optimize, unoptimize
 from .loading import from_diffusers, load, to_diffusers
 from .model import VAE
 
 __version__ = "0.1.0"
 
-__all__ = ["VAE", "VAEConfig", "from_diffusers", "load", "to_diffusers", "__version__"]
+__all__ = [
+    "VAE",
+    "VAEConfig",
+    "from_diffusers",
+    "load",
+    "optimize",
+    "patch_diffusers",
+    "to_diffusers",
+    "unoptimize",
+    "unpatch_diffusers",
+    "__version__",
+]
 
 
 def __getattr__(name):

@@ -82,19 +82,34 @@ class AttentionBlock(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self._forward_fused(x)
         b, c, h, w = x.shape
         t = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, L, C)
         q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
-        if self.fused:
-            from . import kernels
-
-            o = kernels.attention(q, k, v, scale=c**-0.5)
-        else:
-            o = F.scaled_dot_product_attention(
-                q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=c**-0.5
-            ).squeeze(1)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=c**-0.5
+        ).squeeze(1)
         o = self.to_out[0](o)
         return x + o.transpose(1, 2).reshape(b, c, h, w)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """GN, one C->3C projection, fused attention, and out-projection + residual in one addmm.
+
+        In channels_last the (B, L, C) token views of ``x`` and of the result are free."""
+        from . import kernels
+
+        b, c, h, w = x.shape
+        t = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, L, C)
+        w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        b_qkv = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
+        qkv = F.linear(t, w_qkv, b_qkv)  # (B, L, 3C)
+        q, k, v = (u.contiguous() for u in qkv.split(c, dim=-1))
+        o = kernels.attention(q, k, v, scale=c**-0.5)  # (B, L, C)
+        out = self.to_out[0]
+        res = x.permute(0, 2, 3, 1).reshape(b * h * w, c) + out.bias  # residual + bias
+        y = torch.addmm(res, o.reshape(b * h * w, c), out.weight.t())  # (B*L, C)
+        return y.view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last view
 
 
 class Downsample(nn.Module):

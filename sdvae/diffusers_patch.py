@@ -1,0 +1,234 @@
+"""``sdvae.patch_diffusers``: the fused kernels inside a stock diffusers ``AutoencoderKL``.
+
+A pipeline user's whole change is ``sdvae.patch_diffusers(pipe.vae)``. The patch is made on
+the instance (never on diffusers' classes, so other models are untouched) and
+``sdvae.unpatch_diffusers`` restores every original:
+
+* ``ResnetBlock2D``: GroupNorm+SiLU through ``group_norm(silu=True)`` (the VAE's blocks have
+  no time embedding, no up/down sampling inside and output scale 1; any other block is left
+  alone).
+* The encoder's and decoder's closing ``conv_norm_out`` + SiLU: one fused ``group_norm``.
+* The mid-block attention: an attention processor with one fused q/k/v projection and
+  ``sdvae.kernels.attention``; calls it does not cover (masks, cross-attention) go to the
+  processor it replaced.
+* ``Downsample2D`` with the asymmetric pad: ``sdvae.ops.pad_conv2d``.
+* ``encode(...).latent_dist``: a distribution whose ``sample(generator)`` is one
+  ``vae_sample`` kernel (noise drawn in-kernel from a seed taken from ``generator``).
+
+``enable_slicing()`` and ``enable_tiling()`` keep working: they call the same patched modules.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+from .fast import op_status
+
+__all__ = ["patch_diffusers", "unpatch_diffusers", "is_patched"]
+
+_ORIG = "_sdvae_original_forward"
+
+
+def _diffusers():
+    try:
+        from diffusers import AutoencoderKL
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.downsampling import Downsample2D
+        from diffusers.models.resnet import ResnetBlock2D
+    except ImportError as exc:  # pragma: no cover - diffusers is an optional extra
+        raise ImportError("patch_diffusers needs diffusers: pip install diffusers") from exc
+    return AutoencoderKL, Attention, DiagonalGaussianDistribution, Downsample2D, ResnetBlock2D
+
+
+def _gn(norm, x, silu):
+    from . import kernels
+
+    return kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
+
+
+def _resnet_forward(self, input_tensor, temb=None, *args, **kwargs):
+    h = _gn(self.norm1, input_tensor, True)
+    h = self.conv1(h)
+    h = _gn(self.norm2, h, True)
+    h = self.conv2(self.dropout(h))
+    x = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
+    return x + h
+
+
+def _resnet_supported(block) -> bool:
+    return (
+        block.time_emb_proj is None
+        and block.upsample is None
+        and block.downsample is None
+        and block.output_scale_factor == 1.0
+        and isinstance(block.nonlinearity, torch.nn.SiLU)
+        and isinstance(block.norm1, torch.nn.GroupNorm)
+        and isinstance(block.norm2, torch.nn.GroupNorm)
+    )
+
+
+def _gn_silu_forward(self, x):
+    return _gn(self, x, True)
+
+
+def _downsample_forward(self, hidden_states, *args, **kwargs):
+    from . import ops
+
+    return ops.pad_conv2d(
+        hidden_states, self.conv.weight, self.conv.bias, stride=2, padding=(0, 1, 0, 1)
+    )
+
+
+class FusedAttnProcessor:
+    """Self-attention of the VAE's mid block on sdvae's kernels; other calls go to ``fallback``."""
+
+    def __init__(self, fallback):
+        self.fallback = fallback
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        if (
+            encoder_hidden_states is not None
+            or attention_mask is not None
+            or hidden_states.dim() != 4
+            or attn.spatial_norm is not None
+            or attn.group_norm is None
+            or attn.norm_q is not None
+            or attn.norm_k is not None
+        ):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 temb, *args, **kwargs)
+        from . import kernels
+
+        b, c, h, w = hidden_states.shape
+        residual = hidden_states
+        t = _gn(attn.group_norm, hidden_states, False).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        w_qkv = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+        b_qkv = None
+        if attn.to_q.bias is not None:
+            b_qkv = torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias])
+        q, k, v = F.linear(t, w_qkv, b_qkv).split(attn.inner_dim, dim=-1)
+        heads = attn.heads
+        d = attn.inner_dim // heads
+
+        def split_heads(u):
+            return u.reshape(b, h * w, heads, d).transpose(1, 2).contiguous()  # (B, H, L, d)
+
+        o = kernels.attention(split_heads(q), split_heads(k), split_heads(v), scale=attn.scale)
+        o = o.transpose(1, 2).reshape(b, h * w, attn.inner_dim)
+        o = attn.to_out[1](attn.to_out[0](o))
+        o = o.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if attn.residual_connection:
+            o = o + residual
+        return o / attn.rescale_output_factor
+
+
+def _fused_distribution_class(base):
+    class FusedDiagonalGaussian(base):
+        """diffusers' DiagonalGaussianDistribution whose ``sample`` is one fused kernel."""
+
+        def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+            from . import kernels
+
+            seed = None
+            if generator is not None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator,
+                                         device=generator.device).item())
+            return kernels.vae_sample(self.parameters, None, scaling_factor=1.0,
+                                      shift_factor=0.0, seed=seed, sample=True)
+
+    return FusedDiagonalGaussian
+
+
+def _encode_wrapper(akl, original, dist_cls):
+    def encode(self, x, return_dict: bool = True):
+        out = original(x, return_dict=True)
+        dist = out.latent_dist
+        fused = dist_cls.__new__(dist_cls)
+        fused.__dict__.update(dist.__dict__)
+        if return_dict:
+            out.latent_dist = fused
+            return out
+        return (fused,)
+
+    return types.MethodType(encode, akl)
+
+
+def is_patched(autoencoder_kl) -> bool:
+    return bool(getattr(autoencoder_kl, "_sdvae_patched", False))
+
+
+def patch_diffusers(autoencoder_kl):
+    """Put sdvae's kernels inside a diffusers ``AutoencoderKL`` in place; returns it."""
+    AutoencoderKL, Attention, DiagonalGaussian, Downsample2D, ResnetBlock2D = _diffusers()
+    if not isinstance(autoencoder_kl, AutoencoderKL):
+        raise TypeError(
+            f"autoencoder_kl must be a diffusers AutoencoderKL, got {type(autoencoder_kl).__name__}"
+        )
+    if is_patched(autoencoder_kl):
+        return autoencoder_kl
+    status = op_status()
+    patched = []
+    for module in autoencoder_kl.modules():
+        if isinstance(module, ResnetBlock2D) and not status["group_norm"] and _resnet_supported(module):
+            setattr(module, _ORIG, module.forward)
+            module.forward = types.MethodType(_resnet_forward, module)
+            patched.append(module)
+        elif (
+            isinstance(module, Downsample2D)
+            and not status["pad_conv2d"]
+            and module.use_conv
+            and module.padding == 0
+            and module.norm is None
+        ):
+            setattr(module, _ORIG, module.forward)
+            module.forward = types.MethodType(_downsample_forward, module)
+            patched.append(module)
+        elif isinstance(module, Attention) and not status["attention"]:
+            module._sdvae_original_processor = module.processor
+            module.set_processor(FusedAttnProcessor(module.processor))
+            patched.append(module)
+    if not status["group_norm"]:
+        for part in (autoencoder_kl.encoder, autoencoder_kl.decoder):
+            if isinstance(part.conv_act, torch.nn.SiLU) and isinstance(part.conv_norm_out, torch.nn.GroupNorm):
+                norm = part.conv_norm_out
+                setattr(norm, _ORIG, norm.forward)
+                norm.forward = types.MethodType(_gn_silu_forward, norm)
+                part._sdvae_original_act = part.conv_act
+                part.conv_act = torch.nn.Identity()
+                patched.append(norm)
+    if not status["vae_sample"]:
+        autoencoder_kl._sdvae_original_encode = autoencoder_kl.encode
+        autoencoder_kl.encode = _encode_wrapper(
+            autoencoder_kl, autoencoder_kl.encode, _fused_distribution_class(DiagonalGaussian)
+        )
+    autoencoder_kl._sdvae_patched = patched
+    autoencoder_kl._sdvae_reasons = {op: r for op, r in status.items() if r}
+    return autoencoder_kl
+
+
+def unpatch_diffusers(autoencoder_kl):
+    """Undo ``patch_diffusers``; returns the model."""
+    if not is_patched(autoencoder_kl):
+        return autoencoder_kl
+    for module in autoencoder_kl._sdvae_patched:
+        if hasattr(module, "_sdvae_original_processor"):
+            module.set_processor(module._sdvae_original_processor)
+            del module._sdvae_original_processor
+        if _ORIG in module.__dict__:
+            del module.forward  # the class's forward shows through again
+            delattr(module, _ORIG)
+    for part in (autoencoder_kl.encoder, autoencoder_kl.decoder):
+        if hasattr(part, "_sdvae_original_act"):
+            part.conv_act = part._sdvae_original_act
+            del part._sdvae_original_act
+    if hasattr(autoencoder_kl, "_sdvae_original_encode"):
+        del autoencoder_kl.encode
+        del autoencoder_kl._sdvae_original_encode
+    del autoencoder_kl._sdvae_patched
+    autoencoder_kl._sdvae_reasons = {}
+    return autoencoder_kl
