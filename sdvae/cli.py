@@ -1,4 +1,4 @@
-"""The ``sdvae`` command: ``sdvae bench`` (more subcommands join as they land)."""
+"""The ``sdvae`` command: ``bench``, ``encode``, ``decode``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,55 @@ def _bench(args) -> int:
     return 0
 
 
+_CONFIGS = ("sd", "sdxl", "sd3", "flux")
+
+
+def _load_model(args, inputs):
+    import sdvae
+
+    missing = [p for p in inputs if not os.path.isfile(p)]
+    if missing:  # before the (slow) model load
+        raise FileNotFoundError(f"inputs not found: {missing}")
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    config = getattr(sdvae.VAEConfig, args.config)() if args.config else None
+    vae = sdvae.load(args.weights, config, dtype=dtype, device=device)
+    if not args.no_fuse:
+        sdvae.optimize(vae)
+    return vae
+
+
+def _encode(args) -> int:
+    from .io import encode_files
+
+    vae = _load_model(args, args.images)
+    out = encode_files(vae, args.images, args.output, batch_size=args.batch_size,
+                       sample=args.sample, seed=args.seed)
+    print(f"wrote {len(out)} latent files to {args.output}")
+    return 0
+
+
+def _decode(args) -> int:
+    from .io import decode_files
+
+    vae = _load_model(args, args.latents)
+    out = decode_files(vae, args.latents, args.output, batch_size=args.batch_size)
+    print(f"wrote {len(out)} images to {args.output}")
+    return 0
+
+
+def _model_args(p):
+    p.add_argument("--weights", required=True, help="checkpoint file or diffusers folder")
+    p.add_argument("--config", choices=_CONFIGS,
+                   help="model config (default: the folder's config.json, else sd)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default fp16 on cuda, fp32 on cpu")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--no-fuse", action="store_true", help="run the eager reference model")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdvae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--rep-ms", type=float, help="time budget per case for repeats (ms)")
     b.add_argument("--out", help="folder for <date>-<gpu>.csv and .md (default: print only)")
     b.set_defaults(func=_bench)
+
+    e = sub.add_parser("encode", help="PNG images -> safetensors latents (one file per image)")
+    e.add_argument("images", nargs="+")
+    _model_args(e)
+    e.add_argument("--sample", action="store_true",
+                   help="sample the posterior (default: its mean)")
+    e.add_argument("--seed", type=int, help="seed for --sample")
+    e.set_defaults(func=_encode)
+
+    d = sub.add_parser("decode", help="safetensors latents -> PNG images")
+    d.add_argument("latents", nargs="+")
+    _model_args(d)
+    d.set_defaults(func=_decode)
 
     args = parser.parse_args(argv)
     return args.func(args)
