@@ -3,27 +3,22 @@
 
 Each op file holds the private ``@triton.jit`` kernels, a host launcher that checks its
 arguments, and the eager ``<op>_reference`` that tests and benchmarks compare against.
-Ops are imported on first use, so ``import sdvae`` does not pull in Triton.
+``import sdvae`` does not import this package (nor Triton); the model imports it on first
+fused use.
+
+The functions are imported here by name, which also rebinds ``sdvae.kernels.group_norm`` etc.
+to the functions rather than to the submodules of the same name.
 """
 
-from __future__ import annotations
+from .attention import attention, attention_reference
+from .group_norm import group_norm, group_norm_reference
+from .vae_sample import vae_sample, vae_sample_reference
 
-import importlib
-
-_OPS = {
-    "group_norm": "group_norm",
-    "group_norm_reference": "group_norm",
-    "vae_sample": "vae_sample",
-    "vae_sample_reference": "vae_sample",
-    "attention": "attention",
-    "attention_reference": "attention",
-}
-
-__all__ = sorted(_OPS)
-
-
-def __getattr__(name: str):
-    module = _OPS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sdvae.kernels' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__all__ = [
+    "attention",
+    "attention_reference",
+    "group_norm",
+    "group_norm_reference",
+    "vae_sample",
+    "vae_sample_reference",
+]

@@ -1,4 +1,4 @@
-"""The ``sdvae`` command: ``bench``, ``encode``, ``decode``."""
+"""The ``sdvae`` command: ``bench``, ``profile``, ``encode``, ``decode``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,37 @@ def _bench(args) -> int:
 
 
 _CONFIGS = ("sd", "sdxl", "sd3", "flux")
+
+
+def _profile(args) -> int:
+    import sdvae
+
+    from . import profile
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    size = args.size or (512 if device.type == "cuda" else 64)
+    if args.weights:
+        config = getattr(sdvae.VAEConfig, args.config)() if args.config else None
+        vae = sdvae.load(args.weights, config, dtype=dtype, device=device)
+    else:
+        torch.manual_seed(0)
+        vae = sdvae.VAE(sdvae.VAEConfig()).to(device, dtype).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(device, dtype)
+    f = vae.config.downsample_factor
+    z = torch.randn(1, vae.config.latent_channels, size // f, size // f, generator=gen)
+    z = z.to(device, dtype)
+    if device.type == "cuda":
+        x, z = (t.contiguous(memory_format=torch.channels_last) for t in (x, z))
+    models = profile.build_models(vae)
+    result = profile.profile_models(models, x, z, args.out)
+    unit = "GPU ms" if device.type == "cuda" else "CPU ms"
+    print(f"encode + decode of one {size}x{size} image, {args.dtype or dtype}, "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}")
+    print(profile.format_table(result, unit))
+    print(f"Chrome traces: {', '.join(os.path.join(args.out, p + '.trace.json') for p in models)}")
+    return 0
 
 
 def _load_model(args, inputs):
@@ -99,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--rep-ms", type=float, help="time budget per case for repeats (ms)")
     b.add_argument("--out", help="folder for <date>-<gpu>.csv and .md (default: print only)")
     b.set_defaults(func=_bench)
+
+    pr = sub.add_parser("profile", help="profile one encode + decode, eager beside sdvae")
+    pr.add_argument("--size", type=int, help="image size (default 512 on cuda, 64 on cpu)")
+    pr.add_argument("--weights", help="checkpoint (default: random SD weights)")
+    pr.add_argument("--config", choices=_CONFIGS)
+    pr.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    pr.add_argument("--dtype", choices=sorted(_DTYPES))
+    pr.add_argument("--out", default="profile", help="folder for the Chrome traces")
+    pr.set_defaults(func=_profile)
 
     e = sub.add_parser("encode", help="PNG images -> safetensors latents (one file per image)")
     e.add_argument("images", nargs="+")
