@@ -18,10 +18,13 @@ independent stream per (n, c, h, w) and the same seed gives bit-identical latent
 channels_last inputs. Where the seed comes from:
 
 * ``seed=<int>``: key = that seed (taken modulo 2**64), ``base`` = 0.
-* ``seed=None`` on CUDA: key = the device's default generator's ``initial_seed()``, ``base`` =
-  its Philox offset, which is then advanced by the element count (rounded up to 4), the way
-  torch's own random kernels consume that generator. No host sync; ``torch.manual_seed``
-  reproduces a run, and successive calls use disjoint counter ranges, hence different noise.
+* ``seed=None`` on CUDA: key = the device's default generator's ``initial_seed()`` XOR a fixed
+  constant (so the counters never replay the bits torch's own Philox kernels draw from that
+  generator with the plain seed), ``base`` = the generator's Philox offset, which is then
+  advanced by the element count (rounded up to 4), the way torch's own random kernels consume
+  it. No host sync; ``torch.manual_seed`` reproduces a run, and successive calls use disjoint
+  counter ranges, hence different noise. (The key and base are launch arguments, so a CUDA
+  graph captured with ``seed=None`` replays the same noise on every replay.)
 * ``seed=None`` on the CPU (interpreter): the CPU generator has no Philox offset, so a 63-bit
   key is drawn from ``torch.default_generator`` (``torch.randint``), ``base`` = 0.
 
@@ -33,14 +36,15 @@ while having the same distribution.
 Strategy and trade-off. The two layouts are one case: view ``moments`` as (R, 2, G) and the
 output as (R, G) in memory order -- NCHW: R = N, G = C*H*W; channels_last: R = N*H*W, G = C --
 so the mean of output element (r, g) sits at ``r*2G + g`` and its log-variance ``G`` further on.
-A program owns a [BLOCK_R, BLOCK_G] tile with BLOCK_R * BLOCK_G = 1024 and BLOCK_G the least
-of 4, 16, 64, 256, 1024 that is >= G (1024 when none is): NCHW rows are long, so tiles are 1 x 1024 strips of
-contiguous (vectorised) loads; channels_last rows are short (G = 4 for SD latents), so tiles
-are 256 x 4 and no lane is wasted on padding. Powers of four (not of two) keep the number of
-compiled variants small (every one is compiled ahead of time in the tests) at the price of up
-to 3/4 idle lanes for in-between G, which only happens at sizes too small to matter. The op is memory- and launch-bound (a 4x128x128 batch-8 latent
-is 2 MiB out); the Philox rounds (~100 integer ops per element) hide under the loads. Offsets
-are int64 throughout: the cost is noise next to the memory traffic and no size can overflow.
+A program owns a [BLOCK_R, BLOCK_G] tile of 1024 elements, BLOCK_G being the least of 4, 16,
+64, 256, 1024 that is >= G (1024 when none is). NCHW rows are long, so tiles are 1 x 1024
+strips of contiguous (vectorised) loads; channels_last rows are short (G = 4 for SD latents),
+so tiles are 256 x 4 and no lane is wasted on padding. Powers of four (not of two) keep the
+number of compiled variants small (every one is compiled ahead of time in the tests) at the
+price of up to 3/4 idle lanes for in-between G, which only happens at sizes too small to
+matter. The op is memory- and launch-bound (a batch-8 4x128x128 latent is 2 MiB of fp32 out);
+the Philox rounds (~100 integer ops per element) hide under the loads. Offsets are int64
+throughout: the cost is noise next to the memory traffic, and no size can overflow.
 
 References: Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC'11, Philox);
 Triton's ``triton.language.random`` and its dropout tutorial (seeded in-kernel RNG);
@@ -69,6 +73,8 @@ _NUM_WARPS = 4
 BLOCK_G_CHOICES = (4, 16, 64, 256, 1024)
 #: MODE constexpr: 0 = mean only, 1 = noise given, 2 = noise drawn in the kernel.
 MODE_MEAN, MODE_NOISE, MODE_RNG = 0, 1, 2
+#: XORed into a CUDA generator's seed: domain separation from torch's own Philox streams.
+_GENERATOR_KEY_SALT = 0x5DA1_7E5A_9E37_79B9
 
 
 # ------------------------------------------------------------------------------ kernel
@@ -235,7 +241,7 @@ def _philox_key_and_base(device: torch.device, seed: int | None, numel: int) -> 
         gen = torch.cuda.default_generators[idx]
         base = gen.get_offset()
         gen.set_offset(base + (numel + 3) // 4 * 4)
-        return gen.initial_seed(), base
+        return gen.initial_seed() ^ _GENERATOR_KEY_SALT, base
     key = torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=torch.default_generator)
     return int(key), 0
 

@@ -10,8 +10,6 @@ import os
 import pytest
 import torch
 from conftest import aot_compile, assert_close
-
-from sdvae.bench import engine
 from sdvae.kernels.vae_sample import (
     BLOCK_G_CHOICES,
     block_shape,
@@ -19,6 +17,8 @@ from sdvae.kernels.vae_sample import (
     vae_sample,
     vae_sample_reference,
 )
+
+from sdvae.bench import engine
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["nchw", "channels_last"]
@@ -33,7 +33,7 @@ def _fmt(layout: str) -> torch.memory_format:
 
 
 def _moments(shape, dtype, device, layout="nchw"):
-    """Random moments: mean ~ N(0.3, 1.5^2), log-variance ~ N(-1, 2^2) (std from ~e^-2.5 to e^1.5)."""
+    """Random moments: mean ~ N(0.3, 1.5^2), log-variance ~ N(-1, 2^2)."""
     n, c2, h, w = shape
     mean = torch.randn(n, c2 // 2, h, w) * 1.5 + 0.3
     logvar = torch.randn(n, c2 // 2, h, w) * 2.0 - 1.0
@@ -54,6 +54,11 @@ def _ref(moments, noise, scale=0.18215, shift=0.0, sample=True):
         shift_factor=shift,
         sample=sample,
     )
+
+
+def _kernel_runs(device) -> bool:
+    """The Triton kernel (not the eager reference) runs for float tensors on ``device``."""
+    return device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_format(out, moments, layout):
@@ -93,12 +98,13 @@ def test_scale_and_shift(device, dtype, factors):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_clamp_upper_at_plus_100(device, dtype, layout):
-    # Unclamped, std = e^50; clamped, e^10. Noise bounded so fp16 latents stay finite.
+    # Unclamped, std = e^50; clamped, e^10. Noise bounded by 2.5 so that even the eager fp16
+    # chain (the CPU path without the interpreter) stays below fp16's 65504.
     m = _moments((2, 8, 5, 6), torch.float32, device, layout)
     m[:, 4:, :, ::2] = 100.0
     m[:, 4:, :, 1::2] = 25.0
     m = m.to(dtype).contiguous(memory_format=_fmt(layout))
-    noise = torch.randn(2, 4, 5, 6).clamp(-3, 3).to(device, dtype)
+    noise = torch.randn(2, 4, 5, 6).clamp(-2.5, 2.5).to(device, dtype)
     out = vae_sample(m, noise)
     _check_format(out, m, layout)
     assert_close(out, _ref(m, noise), dtype)
@@ -132,6 +138,8 @@ def test_sample_false_is_scaled_mean(device, dtype, layout):
 def test_in_kernel_noise_path_matches_reference(device, dtype, layout):
     # The kernel's noise for a seed does not depend on dtype or values: read it back with zero
     # moments, then check the random-moments result against the reference with that noise.
+    if not _kernel_runs(device):
+        pytest.skip("CPU without the interpreter runs the reference with torch.randn noise")
     shape = (2, 8, 9, 5)
     noise = _noise_of(1234, _latent_shape(shape), device)
     m = _moments(shape, dtype, device, layout)
@@ -167,7 +175,10 @@ def test_same_seed_identical_different_seed_different(device):
     m = _moments((2, 8, 8, 8), torch.float32, device)
     a = vae_sample(m, seed=7)
     assert torch.equal(a, vae_sample(m, seed=7))
-    for other in (8, 7 + 2**32, 7 + 2**62):  # low bits, high bits and the top of the key
+    others = [8]
+    if _kernel_runs(device):  # the kernel keys Philox on all 64 bits (CPU's mt19937: low 32)
+        others += [7 + 2**32, 7 + 2**62]
+    for other in others:
         b = vae_sample(m, seed=other)
         assert (a == b).float().mean() < 0.01, other
 
@@ -344,16 +355,14 @@ def test_compile_fullgraph_has_no_graph_break():
     assert torch.equal(compiled(m), f(m))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernels/__init__.py: once sdvae.kernels.vae_sample (the module) is imported, the "
-    "package attribute is the submodule, not the function; the lazy __getattr__ must cache the "
-    "function in globals() after import_module",
-)
 def test_package_attribute_is_the_function():
+    # This module has already imported the submodule sdvae.kernels.vae_sample; the package
+    # attribute must still be the function, on every access.
     import sdvae.kernels as K
 
-    assert callable(K.vae_sample) and K.vae_sample.__name__ == "vae_sample"
+    for _ in range(2):
+        assert K.vae_sample is vae_sample
+        assert K.vae_sample_reference is vae_sample_reference
 
 
 # --------------------------------------------------------------------------- bad input
@@ -448,7 +457,9 @@ def test_aot_compile_every_variant_for_sm80_and_sm90():
 def test_bench_suite_runs_on_cpu():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the CPU suite exists only under the interpreter")
-    rows = engine.run(engine.Context(device=torch.device("cpu"), quick=True), ["vae_sample"], rep_ms=1)
+    rows = engine.run(
+        engine.Context(device=torch.device("cpu"), quick=True), ["vae_sample"], rep_ms=1
+    )
     got = {(r.bench, r.shape, r.dtype, r.layout, r.provider) for r in rows}
     assert got == {
         ("vae_sample", "1x4x8x8", "fp32", "nchw", "eager"),

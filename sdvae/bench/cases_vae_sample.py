@@ -32,14 +32,18 @@ def shape_label(shape: tuple[int, int, int, int]) -> str:
     return "x".join(str(s) for s in shape)
 
 
-def _eager_chain(moments: torch.Tensor) -> torch.Tensor:
-    from sdvae.kernels.vae_sample import vae_sample_reference
+def _make_eager_chain(reference):
+    """The seed's sampling step with ``torch.randn`` noise (``reference`` is
+    ``vae_sample_reference``, passed in so that listing suites does not import Triton)."""
 
-    n, c2, h, w = moments.shape
-    noise = torch.randn((n, c2 // 2, h, w), device=moments.device, dtype=moments.dtype)
-    return vae_sample_reference(
-        moments, noise, scaling_factor=SCALING_FACTOR, shift_factor=SHIFT_FACTOR, sample=True
-    )
+    def eager_chain(moments: torch.Tensor) -> torch.Tensor:
+        n, c2, h, w = moments.shape
+        noise = torch.randn((n, c2 // 2, h, w), device=moments.device, dtype=moments.dtype)
+        return reference(
+            moments, noise, scaling_factor=SCALING_FACTOR, shift_factor=SHIFT_FACTOR, sample=True
+        )
+
+    return eager_chain
 
 
 def plan(ctx: Context) -> list[tuple[tuple[int, int, int, int], torch.dtype, str]]:
@@ -57,9 +61,10 @@ def plan(ctx: Context) -> list[tuple[tuple[int, int, int, int], torch.dtype, str
 
 @register("vae_sample")
 def cases(ctx: Context):
-    from sdvae.kernels.vae_sample import vae_sample
+    from sdvae.kernels.vae_sample import vae_sample, vae_sample_reference
 
-    compiled = torch.compile(_eager_chain, dynamic=False) if ctx.is_cuda else None
+    eager_chain = _make_eager_chain(vae_sample_reference)
+    compiled = torch.compile(eager_chain, dynamic=False) if ctx.is_cuda else None
     for shape, dtype, provider in plan(ctx):
         n, c, h, w = shape
         gen = torch.Generator(device="cpu").manual_seed(n * 1000 + h)
@@ -69,7 +74,7 @@ def cases(ctx: Context):
         if provider == "eager":
 
             def fn(m=moments):
-                return _eager_chain(m)
+                return eager_chain(m)
 
         elif provider == "compile":
 
