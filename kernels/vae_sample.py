@@ -11,7 +11,8 @@ kernel (and a round trip through memory) on each of clamp, scale, exp, randn, mu
 subtract and multiply; here one program reads each moment once and writes each latent once.
 
 Noise. With ``noise=None`` standard normal noise is drawn in the kernel with Triton's Philox
-(``tl.randn``: Philox-4x32-10 plus a Box-Muller transform) and never materialised. The Philox
+(what ``tl.randn`` does: Philox-4x32-10, two 32-bit words -> two uniforms -> Box-Muller,
+keeping the cosine branch) and never materialised. The Philox
 key is a 64-bit seed and the counter is ``base + i``, where ``i`` is the element's *logical*
 index ``((n * C + c) * H + h) * W + w`` -- not its memory offset -- so the noise is one
 independent stream per (n, c, h, w) and the same seed gives bit-identical latents for NCHW and
@@ -105,7 +106,7 @@ def _vae_sample_kernel(
     cols = pid_g.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     mask = (rows < R)[:, None] & (cols < G)[None, :]
     out_off = rows[:, None] * G + cols[None, :]
-    mean_off = rows[:, None] * (2 * G) + cols[None, :]
+    mean_off = rows[:, None] * 2 * G + cols[None, :]  # int64 before G enters
 
     mean = tl.load(moments_ptr + mean_off, mask=mask, other=0.0).to(tl.float32)
     if MODE == 0:
@@ -130,7 +131,17 @@ def _vae_sample_kernel(
             base = (base_hi.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | base_lo.to(
                 tl.uint32, bitcast=True
             ).to(tl.uint64)
-            noise = tl.randn(key, base + logical.to(tl.uint64))
+            # tl.randn spelled out with explicit 32-bit counter words (c0, c1) = the 64-bit
+            # counter, so every Triton version draws the same stream (older ones switch to
+            # Philox-4x64 for a 64-bit offset passed to tl.randn).
+            counter = base + logical.to(tl.uint64)
+            c0 = counter.to(tl.uint32)
+            c1 = (counter >> 32).to(tl.uint32)
+            zero = c0 * 0
+            r0, r1, _, _ = tl.philox(key, c0, c1, zero, zero)
+            noise, _ = tl.pair_uniform_to_normal(
+                tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1)
+            )
         z = mean + std * noise
     z = (z - shift) * scale
     tl.store(out_ptr + out_off, z.to(out_ptr.dtype.element_ty), mask=mask)
