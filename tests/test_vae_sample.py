@@ -323,9 +323,9 @@ def test_grad_runs_the_reference_and_gradients_match(device):
 
 
 # ----------------------------------------------------------------------- torch.library
-def test_registered_op_matches_function():
-    m = _moments((2, 8, 4, 4), torch.float32, "cpu")
-    noise = torch.randn(2, 4, 4, 4)
+def test_registered_op_matches_function(device):
+    m = _moments((2, 8, 4, 4), torch.float32, device)
+    noise = torch.randn(2, 4, 4, 4, device=device)
     out = torch.ops.sdvae.vae_sample(m, noise, 0.18215, 0.0, None, True)
     assert_close(out, _ref(m, noise))
     assert torch.equal(
@@ -334,15 +334,30 @@ def test_registered_op_matches_function():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck(layout):
-    m = _moments((2, 8, 3, 5), torch.float32, "cpu", layout)
-    noise = torch.randn(2, 4, 3, 5)
+def test_opcheck(device, layout):
+    m = _moments((2, 8, 3, 5), torch.float32, device, layout)
+    noise = torch.randn(2, 4, 3, 5, device=device)
     for args in [
         (m, noise, 0.18215, 0.0, None, True),
         (m, None, 0.13025, 0.1, 77, True),  # in-kernel noise, fixed seed: deterministic
         (m, None, 0.18215, 0.0, None, False),
     ]:
         torch.library.opcheck(torch.ops.sdvae.vae_sample.default, args)
+
+
+@pytest.mark.cuda
+def test_inductor_compile_fullgraph_on_gpu():
+    m = _moments((2, 8, 16, 16), torch.float16, "cuda", "channels_last")
+
+    def f(x, s):
+        return vae_sample(x * s, seed=5, scaling_factor=0.13025) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert_close(compiled(m, 1.5), f(m, 1.5).double(), torch.float16)
+    torch.manual_seed(3)
+    a = torch.compile(lambda x: vae_sample(x), fullgraph=True)(m)
+    torch.manual_seed(3)
+    assert torch.equal(a, vae_sample(m))
 
 
 def test_compile_fullgraph_has_no_graph_break():
