@@ -12,11 +12,11 @@ subtract and multiply; here one program reads each moment once and writes each l
 
 Noise. With ``noise=None`` standard normal noise is drawn in the kernel with Triton's Philox
 (what ``tl.randn`` does: Philox-4x32-10, two 32-bit words -> two uniforms -> Box-Muller,
-keeping the cosine branch) and never materialised. The Philox
-key is a 64-bit seed and the counter is ``base + i``, where ``i`` is the element's *logical*
-index ``((n * C + c) * H + h) * W + w`` -- not its memory offset -- so the noise is one
-independent stream per (n, c, h, w) and the same seed gives bit-identical latents for NCHW and
-channels_last inputs. Where the seed comes from:
+keeping the cosine branch) and never materialised. The Philox key is a 64-bit seed and the
+counter is ``base + i``, where ``i`` is the element's *logical* index
+``((n * C + c) * H + h) * W + w`` -- not its memory offset -- so every (n, c, h, w) gets its
+own counter (independent noise across batch, channels and pixels) and the same seed gives
+bit-identical latents for NCHW and channels_last inputs. Where the seed comes from:
 
 * ``seed=<int>``: key = that seed (taken modulo 2**64), ``base`` = 0.
 * ``seed=None`` on CUDA: key = the device's default generator's ``initial_seed()`` XOR a fixed
