@@ -1,4 +1,4 @@
-"""The ``sdvae`` command: ``bench``, ``profile``, ``encode``, ``decode``."""
+"""The ``sdvae`` command: ``bench``, ``check``, ``profile``, ``encode``, ``decode``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,20 @@ def _bench(args) -> int:
 _CONFIGS = ("sd", "sdxl", "sd3", "flux")
 
 
+def _check(args) -> int:
+    from . import _ext
+    from .check import format_results, run_checks
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"sdvae check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
+          f" | TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} | {_ext.build_info()}")
+    results = run_checks(device, quick=args.quick or None)
+    print(format_results(results))
+    bad = [r for r in results if not r.ok]
+    print(f"{len(results) - len(bad)} passed, {len(bad)} failed")
+    return 1 if bad else 0
+
+
 def _profile(args) -> int:
     import sdvae
 
@@ -65,7 +79,7 @@ def _profile(args) -> int:
     models = profile.build_models(vae)
     result = profile.profile_models(models, x, z, args.out)
     unit = "GPU ms" if device.type == "cuda" else "CPU ms"
-    print(f"encode + decode of one {size}x{size} image, {args.dtype or dtype}, "
+    print(f"encode + decode of one {size}x{size} image, {args.dtype or 'fp32'}, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}")
     print(profile.format_table(result, unit))
     print(f"Chrome traces: {', '.join(os.path.join(args.out, p + '.trace.json') for p in models)}")
@@ -130,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--rep-ms", type=float, help="time budget per case for repeats (ms)")
     b.add_argument("--out", help="folder for <date>-<gpu>.csv and .md (default: print only)")
     b.set_defaults(func=_bench)
+
+    c = sub.add_parser("check", help="every op against its float64 reference on this device")
+    c.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    c.add_argument("--quick", action="store_true", help="small shapes (always on for the CPU)")
+    c.set_defaults(func=_check)
 
     pr = sub.add_parser("profile", help="profile one encode + decode, eager beside sdvae")
     pr.add_argument("--size", type=int, help="image size (default 512 on cuda, 64 on cpu)")

@@ -1,0 +1,203 @@
+"""``sdvae check``: every op against its float64 reference on the current device.
+
+For each op and dtype it prints which path ran (Triton kernel, Triton interpreter, C++/CUDA
+kernel, or the eager reference and why), the rel. error against float64, the max-abs error
+and the tolerance from ``sdvae.numerics``, then the fused model against the unfused one.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .numerics import compare, tolerance
+
+__all__ = ["CheckResult", "run_checks", "format_results"]
+
+
+@dataclass
+class CheckResult:
+    op: str
+    case: str
+    dtype: torch.dtype
+    path: str
+    rel: float | None
+    max_abs: float | None
+    tol: float
+    reasons: list[str]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.rel is not None and self.rel <= self.tol
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_path(device: torch.device, reasons: list[str]) -> str:
+    if reasons:
+        return "eager reference"
+    return "Triton interpreter" if device.type == "cpu" else "Triton kernel"
+
+
+def _dtypes(device: torch.device):
+    if device.type == "cuda":
+        return (torch.float32, torch.float16, torch.bfloat16)
+    return (torch.float32, torch.bfloat16) if _interpret() else (torch.float32,)
+
+
+def _run(op, case, dtype, path, reasons, fn, ref, *, tf32=False, end_to_end=False):
+    tol = tolerance(dtype, tf32=tf32, end_to_end=end_to_end)
+    try:
+        with torch.inference_mode():
+            out = fn()
+            want = ref()
+        rep = compare(out, want)
+        return CheckResult(op, case, dtype, path, rep.rel, rep.max_abs, tol, reasons)
+    except Exception as exc:  # reported, and makes `sdvae check` exit non-zero
+        return CheckResult(op, case, dtype, path, None, None, tol, reasons,
+                           f"{type(exc).__name__}: {exc}")
+
+
+def _group_norm(device, quick):
+    from .kernels.group_norm import group_norm, group_norm_reference, not_supported_reasons
+
+    c, hw = (64, 16) if quick else (512, 64)
+    for dtype in _dtypes(device):
+        for cl in (False, True):
+            x = (torch.randn(1, c, hw, hw) * 2 + 3).to(device, dtype)
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            w = torch.randn(c, device=device)
+            b = torch.randn(c, device=device)
+            reasons = not_supported_reasons(x, 32, w, b, 1e-6, silu=True)
+            yield _run(
+                "group_norm", f"1x{c}x{hw}x{hw} silu {'channels_last' if cl else 'nchw'}", dtype,
+                _triton_path(device, reasons), reasons,
+                lambda: group_norm(x, 32, w, b, 1e-6, silu=True),
+                lambda: group_norm_reference(x.double(), 32, w.double(), b.double(), 1e-6, silu=True),
+            )
+
+
+def _vae_sample(device, quick):
+    from .kernels.vae_sample import not_supported_reasons, vae_sample, vae_sample_reference
+
+    for dtype in _dtypes(device):
+        m = torch.randn(2, 8, 32, 32).to(device, dtype)
+        noise = torch.randn(2, 4, 32, 32).to(device, dtype)
+        reasons = not_supported_reasons(m, noise)
+        yield _run(
+            "vae_sample", "2x8x32x32 -> 2x4x32x32, given noise", dtype,
+            _triton_path(device, reasons), reasons,
+            lambda: vae_sample(m, noise, scaling_factor=0.18215),
+            lambda: vae_sample_reference(m.double(), noise.double(), scaling_factor=0.18215,
+                                         shift_factor=0.0, sample=True),
+        )
+
+
+def _attention(device, quick):
+    from .kernels.attention import attention, attention_reference, not_supported_reasons
+
+    L, D = (64, 64) if quick else (1024, 512)
+    for dtype in _dtypes(device):
+        q, k, v = (torch.randn(1, L, D).to(device, dtype) for _ in range(3))
+        reasons = not_supported_reasons(q, k, v)
+        yield _run(
+            "attention", f"1x{L}x{D}", dtype, _triton_path(device, reasons), reasons,
+            lambda: attention(q, k, v),
+            lambda: attention_reference(q.double(), k.double(), v.double()),
+        )
+
+
+def _pad_conv2d(device, quick):
+    import torch.nn.functional as F
+
+    from . import ops
+
+    c, hw = (32, 17) if quick else (128, 128)
+    for dtype in _dtypes(device):
+        x = torch.randn(1, c, hw, hw).to(device, dtype)
+        if device.type == "cuda" and dtype != torch.float32:
+            x = x.to(memory_format=torch.channels_last)
+        w = (torch.randn(c, c, 3, 3) / (3 * c**0.5)).to(device, dtype)
+        b = torch.randn(c).to(device, dtype)
+        reasons = ops.not_supported_reasons(x, w, b)
+        path = "eager reference" if reasons else f"C++ {'CUDA' if device.type == 'cuda' else 'CPU'} kernel"
+        yield _run(
+            "pad_conv2d", f"1x{c}x{hw}x{hw} 3x3 stride 2 pad (0,1,0,1)", dtype, path, reasons,
+            lambda: ops.pad_conv2d(x, w, b),
+            lambda: F.conv2d(F.pad(x.double(), (0, 1, 0, 1)), w.double(), b.double(), stride=2),
+            tf32=False,
+        )
+
+
+def _model(device, quick):
+    import sdvae
+
+    cfg = sdvae.VAEConfig.tiny() if quick else sdvae.VAEConfig()
+    size = 32 if quick else 256
+    torch.manual_seed(0)
+    ref = sdvae.VAE(cfg).eval().to(device, torch.float64)
+    for dtype in _dtypes(device):
+        fast = sdvae.optimize(copy.deepcopy(ref).to(dtype))
+        reasons = [f"{op}: {'; '.join(r)}" for op, r in fast.fused_reasons.items()]
+        x = torch.rand(1, 3, size, size, device=device, dtype=torch.float64) * 2 - 1
+        f = cfg.downsample_factor
+        z = torch.randn(1, cfg.latent_channels, size // f, size // f, device=device,
+                        dtype=torch.float64)
+        tf32 = device.type == "cuda" and dtype == torch.float32
+        path = "optimize()" + (" (partly eager)" if reasons else "")
+        yield _run("model", f"encode {size}x{size}", dtype, path, reasons,
+                   lambda: fast.encode(x.to(dtype), sample=False),
+                   lambda: ref.encode(x, sample=False), tf32=tf32, end_to_end=True)
+        yield _run("model", f"decode {size // f}x{size // f}", dtype, path, reasons,
+                   lambda: fast.decode(z.to(dtype)), lambda: ref.decode(z), tf32=tf32,
+                   end_to_end=True)
+
+
+CHECKS = {
+    "group_norm": _group_norm,
+    "vae_sample": _vae_sample,
+    "attention": _attention,
+    "pad_conv2d": _pad_conv2d,
+    "model": _model,
+}
+
+
+def run_checks(device: torch.device, *, quick: bool | None = None) -> list[CheckResult]:
+    if quick is None:
+        quick = device.type != "cuda"
+    results = []
+    for op, fn in CHECKS.items():
+        try:
+            results.extend(fn(device, quick))
+        except Exception as exc:  # an op that cannot even be set up is a failed check
+            results.append(CheckResult(op, "set-up", torch.float32, "-", None, None, 0.0, [],
+                                       f"{type(exc).__name__}: {exc}"))
+    return results
+
+
+def format_results(results: list[CheckResult]) -> str:
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    lines = [
+        "| op | case | dtype | path | rel. error | max abs | tol | ok |",
+        "|---|---|---|---|---:|---:|---:|---|",
+    ]
+    notes = []
+    for r in results:
+        rel = f"{r.rel:.2e}" if r.rel is not None else "-"
+        mx = f"{r.max_abs:.2e}" if r.max_abs is not None else "-"
+        lines.append(f"| {r.op} | {r.case} | {names.get(r.dtype, r.dtype)} | {r.path} | {rel} | "
+                     f"{mx} | {r.tol:.0e} | {'yes' if r.ok else 'NO'} |")
+        for reason in r.reasons:
+            note = f"- {r.op}: falls back: {reason}"
+            if note not in notes:
+                notes.append(note)
+        if r.error:
+            notes.append(f"- {r.op} {r.case}: ERROR {r.error}")
+    return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
