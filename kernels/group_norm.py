@@ -31,6 +31,9 @@ Every kernel walks tiles of ``[BLOCK_S pixels, BLOCK_G groups, BLOCK_CG channels
   ``[16..128 pixels, 8..32 groups, Cg_p2]`` — and each pixel's channel vector is read in one
   piece; per-group sums are reductions over the tile's pixel and channel axes. No transpose.
 * ``Cg > 32`` is walked in channel blocks of 32 inside the program.
+* The tile set is fixed per (layout, Cg rounded up to a power of two), 12 in all, so every
+  configuration is compiled ahead of time in the tests. The price: channels_last with fewer
+  than 32 (or 16, 8) groups leaves tile lanes masked, and a non-power-of-two Cg masks a few.
 
 Two strategies, chosen per shape by ``_plan``:
 
@@ -39,15 +42,19 @@ Two strategies, chosen per shape by ``_plan``:
   about 8 programs per SM run. ``_gn_stats_kernel`` writes each chunk's (mean, M2) to a small
   fp32 buffer; ``_gn_apply_kernel`` merges a group's partials (Chan) and normalises its chunk.
   x is read twice: the apply pass walks its chunk in reverse, so the tiles the stats pass read
-  last are still in L2 (the whole tensor when it is under ~40 MB: every 512^2-image shape at
-  batch 1 but the two largest), which makes it one pass over DRAM there.
-* **fused** (one kernel, ``_gn_fused_kernel``): when the groups alone already give enough
-  programs to fill the GPU, or a group is a single tile, one program owns whole groups: it
-  computes the statistics, then re-reads its group (from L1/L2: the group was just read) and
-  writes the output. One launch, no partials.
+  last are still in L2: all of it while the tensor is under ~40 MB (at batch 1 in fp16:
+  512x64^2, 512x128^2 and 256x256^2), the last ~40 MB of it otherwise.
+  The split is ``min(ceil(8 * SMs / programs per split), tiles per group // 2, 256)``: at
+  least two tiles per program keep the merge of partials cheap.
+* **fused** (one kernel, ``_gn_fused_kernel``) whenever that split comes out as 1: the groups
+  alone already give 8 programs per SM (large batches), or a group is at most 3 tiles (12K
+  values: it stays on chip). One program owns whole groups: it computes the statistics, then
+  re-reads its group (from L1/L2: it was just read) and writes the output. One launch, no
+  partials.
 
 Offsets: each program's base offset (batch, group, pixel chunk) is int64; offsets inside a tile
-are int32, which ``_plan`` guarantees by refusing groups / pixel rows of 2^31 values or more.
+are int32, so ``not_supported_reasons`` sends groups (or 128-pixel rows) of 2^31 values or
+more to the reference.
 
 References: Wu & He, "Group Normalization" (2018); Chan, Golub & LeVeque, "Algorithms for
 computing the sample variance" (1979); the Triton layer-norm tutorial and Apex/Liger-Kernel
@@ -561,7 +568,8 @@ def _launch(x, num_groups, weight, bias, eps, silu, *, tile=None, split=None):
         num_warps=plan.num_warps,
     )
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu))
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+    on_other_gpu = x.device.type == "cuda" and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if on_other_gpu else contextlib.nullcontext():
         if plan.strategy == "fused":
             grid = (n * plan.num_gblocks,)
             _gn_fused_kernel[grid](
