@@ -1,0 +1,553 @@
+"""Exact, O(L)-memory attention for head dims up to 512 (the VAE's single-head attention block).
+
+``attention(q, k, v, *, scale=None)`` computes ``softmax(q @ k^T * scale) @ v`` for q of shape
+(..., Lq, D) and k, v of shape (..., Lk, D), with leading dims (B,) or (B, H); non-causal;
+``scale`` defaults to ``D**-0.5``. fp32, fp16 and bf16 inputs; the softmax statistics (row max
+``m`` and row sum ``l``) and the output accumulator are fp32 (online softmax, FlashAttention-2
+style, in base 2 with ``scale * log2(e)`` folded into the scores). fp32 inputs use IEEE dot
+products (no TF32), so fp32 results meet the 1e-5 table entry. No Lq x Lk tensor is ever
+allocated: the extra memory is the output only.
+
+The kernel
+----------
+One program owns BLOCK_M query rows of one (batch, head) and all D output columns. It keeps its
+Q tile resident, streams K and V in BLOCK_N-row tiles, and per tile computes
+``S = Q K^T`` (fp32), the running max, ``P = exp2(S - m)`` and ``acc = acc * alpha + P V`` with
+P cast to the input dtype for the second product. Full K/V tiles run without masks; the one
+ragged tail tile (Lk not a multiple of BLOCK_N) runs a masked copy of the same step. D that is
+not a power of two is padded to BLOCK_D with masked loads. Per-(batch, head) base offsets and
+row offsets are int64, so tensors over 2^31 elements are addressed correctly.
+
+Design for D = 512 (the hard case) and why
+------------------------------------------
+The fp32 accumulator is BLOCK_M x D. At BLOCK_M = 128, D = 512 that is 256 KiB: the whole
+register file of an SM, so the FlashAttention tile shape is out. The options, in numbers for one
+(Lq = Lk = L, D = 512) head, fp16, where the minimum is 4 L^2 D FLOPs:
+
+* **Split D across programs** (each owns D/s output columns, recomputes Q K^T): FLOPs
+  ``(s + 1) / 2`` of the minimum, i.e. 1.5x at s = 2 and 2.5x at s = 4. Rejected.
+* **Two passes** (row max/sum first, then P V, possibly with D split): Q K^T is computed twice,
+  1.5x the FLOPs at best. Rejected.
+* **Smaller query blocks, full D per program** (kept): BLOCK_M = 64 with 8 warps holds the
+  64 x 512 fp32 accumulator in 128 registers per thread, no recomputation. K and V are re-read
+  from L2 once per query block, so the arithmetic intensity against L2 is BLOCK_M FLOP/byte
+  (4 BLOCK_M BLOCK_N D FLOPs per 2 BLOCK_N D fp16 elements): 64 FLOP/B at BLOCK_M = 64,
+  which at H100's ~5.5 TB/s of L2 bandwidth caps at ~350 TFLOP/s, well above what the
+  memory-efficient SDPA kernel reaches at D = 512. Shared memory: Q 64 KiB + one K and one V
+  tile of 32 KiB each at BLOCK_N = 32 (fp16); each further pipeline stage costs 2 BLOCK_N D
+  bytes, so stages are limited (see ``_CONFIGS`` and the per-config numbers from the AOT test).
+  BLOCK_M = 32 with 4 warps is also in the set: at L = 4096 and B = H = 1 it launches 128
+  programs instead of 64 (H100 has 132 SMs), trading intensity for a full wave.
+* **D-chunked Q K^T** (loop over D slices inside each K tile) lowers shared memory for K but
+  not the accumulator, which is the binding constraint; Triton already splits the K = 512
+  reduction of one ``tl.dot`` into MMA steps. Not used.
+
+Autotuning: configs are keyed on (Lq, Lk, D) and drawn from a per-(BLOCK_D, element size) table;
+configs whose estimated shared memory exceeds the device's opt-in limit are pruned before
+benchmarking. Every config in the table is compiled ahead of time for sm_80 and sm_90 by the
+tests, which also check the estimate against the compiler's figure. Under TRITON_INTERPRET=1 no
+tuning happens: one fixed small config runs, so the tests stay fast.
+
+What the GPU run must measure (unmeasured here: this was written without a GPU): TFLOP/s at
+L = 4096 and 16384, D = 512, fp16/bf16 against ``F.scaled_dot_product_attention`` (target
+>= 1.5x); which D = 512 config the tuner picks at each length (BLOCK_M = 32 vs 64); register
+spills of the BLOCK_M = 64 configs; and peak memory at L = 65536 (must be the inputs plus the
+output, linear in L).
+
+References: Dao et al., FlashAttention (2022) and FlashAttention-2 (2023); the Triton
+fused-attention tutorial; Rabe & Staats, "Self-attention does not need O(n^2) memory" (2021).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention", "attention_reference", "not_supported_reasons"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MIN_D, _MAX_D = 16, 512
+_LOG2E = 1.4426950408889634
+_MAX_GRID_Y = 65535
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------- kernel
+@triton.jit
+def _load(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Load a 2-D tile, masking rows and/or columns only where the constexprs say so."""
+    if MASK_ROWS:
+        if MASK_COLS:
+            return tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+        return tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    if MASK_COLS:
+        return tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    if UPCAST_DOT:  # interpreter only, see _launch
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attn_step(
+    acc,
+    m_i,
+    l_i,
+    q,  # (BLOCK_M, BLOCK_D) resident Q tile
+    k_ptrs,  # (BLOCK_N, BLOCK_D) pointers to the K tile
+    v_ptrs,  # (BLOCK_N, BLOCK_D) pointers to the V tile
+    start_n,
+    Lk,
+    D,
+    qk_scale,
+    offs_n,
+    offs_d,
+    MASK_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """One K/V tile of the online softmax; masked on Lk only when Lk % BLOCK_N != 0."""
+    n_ok = (start_n + offs_n) < Lk
+    d_ok = offs_d < D
+    k = _load(k_ptrs, n_ok, d_ok, MASK_N, not EVEN_D)
+    s = _dot(
+        q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT
+    )
+    s = s * qk_scale
+    if MASK_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = _load(v_ptrs, n_ok, d_ok, MASK_N, not EVEN_D)
+    acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST_DOT)  # P rounded to the input dtype
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,  # (B, H, Lq, D), last dim contiguous
+    k_ptr,  # (B, H, Lk, D), last dim contiguous
+    v_ptr,  # (B, H, Lk, D), last dim contiguous
+    o_ptr,  # (B, H, Lq, D), last dim contiguous
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    H,
+    Lq,
+    Lk,
+    D,
+    qk_scale,  # scale * log2(e)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr = False,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    # The launcher guarantees 16-byte aligned bases and strides that are multiples of 8
+    # elements (else it copies). The hints make the compiled kernel the same with or without
+    # the JIT's divisibility specialisation of the arguments; cp.async pipelining needs them.
+    q_ptr = tl.multiple_of(q_ptr + (b * stride_qb + h * stride_qh), 16)
+    k_ptr = tl.multiple_of(k_ptr + (b * stride_kb + h * stride_kh), 16)
+    v_ptr = tl.multiple_of(v_ptr + (b * stride_vb + h * stride_vh), 16)
+    o_ptr = tl.multiple_of(o_ptr + (b * stride_ob + h * stride_oh), 16)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    # Rows past Lq read row Lq - 1 instead (their output is never stored): Q loads need no row
+    # mask, in the loop or outside it.
+    rows_m = tl.multiple_of(tl.minimum(offs_m, Lq - 1).to(tl.int64)[:, None] * stride_qm, [8, 1])
+    q = _load(q_ptr + rows_m + offs_d[None, :], m_ok, offs_d < D, False, not EVEN_D)
+    rows_n = offs_n.to(tl.int64)[:, None]
+    k_ptrs = k_ptr + tl.multiple_of(rows_n * stride_kn, [8, 1]) + offs_d[None, :]
+    v_ptrs = v_ptr + tl.multiple_of(rows_n * stride_vn, [8, 1]) + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, Lk, BLOCK_N):
+        acc, m_i, l_i = _attn_step(
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, Lk, D, qk_scale, offs_n, offs_d,
+            not EVEN_N, EVEN_D, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST_DOT,
+        )  # fmt: skip
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    out = acc / l_i[:, None]
+    o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :]
+    if EVEN_D:
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
+    else:
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
+
+
+# ---------------------------------------------------------------------------------- configs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (BLOCK_D, bytes per element). Kept small: every
+# entry is compiled ahead of time in the tests, and each is benchmarked once per (Lq, Lk, D) on
+# the GPU. All D = 512 entries compile without register spills on sm_80 and sm_90 (ptxas).
+_CONFIGS: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {
+    (16, 2): [(128, 64, 4, 3), (64, 64, 4, 3)],
+    (32, 2): [(128, 64, 4, 3), (64, 64, 4, 3)],
+    (64, 2): [(128, 64, 4, 3), (64, 64, 4, 3)],
+    (128, 2): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (256, 2): [(64, 64, 8, 2), (64, 32, 8, 2)],
+    (512, 2): [(64, 32, 8, 2), (64, 16, 8, 3), (64, 16, 8, 2), (32, 32, 8, 2)],
+    (16, 4): [(64, 32, 4, 2)],
+    (32, 4): [(64, 32, 4, 2)],
+    (64, 4): [(64, 32, 4, 2)],
+    (128, 4): [(32, 32, 4, 2)],
+    (256, 4): [(32, 32, 8, 2)],
+    (512, 4): [(32, 16, 8, 2), (16, 16, 4, 1)],
+}
+#: The one config used under TRITON_INTERPRET=1: small, so that tiny test shapes still cover
+#: several K/V tiles, the ragged tail and more than one query block.
+_INTERPRET_CONFIG = (32, 16, 4, 1)
+#: Opt-in shared memory per block by compute capability major*10+minor (bytes), used when the
+#: device does not report it.
+_SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+_SHARED_SLACK = 16384  # layout-conversion scratch the estimate below does not model
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def shared_estimate(block_m: int, block_n: int, block_d: int, elem: int, num_stages: int) -> int:
+    """Estimate (bytes) of one program's shared memory: the resident Q tile, a K and a V tile
+    per pipeline stage, the fp32 P tile and a fixed slack. On sm_90 the compiler's figure is
+    the first two terms exactly (the tests print it for every config)."""
+    q = block_m * block_d * elem
+    kv = 2 * block_n * block_d * elem * max(1, num_stages)
+    return q + kv + block_m * block_n * 4 + _SHARED_SLACK
+
+
+def configs_for(d: int, dtype: torch.dtype) -> list[dict]:
+    """All autotune configs for head dim ``d`` and ``dtype`` (before the shared-memory prune)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    bd = _block_d(d)
+    return [
+        {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+        for bm, bn, w, s in _CONFIGS[(bd, 4 if elem == 4 else 2)]
+    ]
+
+
+def _triton_config(bm: int, bn: int, w: int, s: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+def _all_triton_configs() -> list[triton.Config]:
+    seen = set()
+    out = []
+    for rows in _CONFIGS.values():
+        for row in rows:
+            if row not in seen:
+                seen.add(row)
+                out.append(_triton_config(*row))
+    return out
+
+
+def _shared_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    if limit:
+        return int(limit)
+    return _SHARED_LIMIT.get(props.major * 10 + props.minor, 101376)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Keep the table's configs for this (BLOCK_D, dtype) whose estimated shared memory fits the
+    device's opt-in limit (never none: the smallest table entry stays)."""
+    q = named_args["q_ptr"]
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    elem = q.element_size()
+    rows = _CONFIGS[(block_d, 4 if elem == 4 else 2)]
+    limit = _shared_limit(q.device)
+
+    def est(t):
+        return shared_estimate(t[0], t[1], block_d, elem, t[3])
+
+    wanted = {t for t in rows if est(t) <= limit} or {min(rows, key=est)}
+    return [
+        c
+        for c in configs
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted
+    ]
+
+
+def _even_n(args) -> bool:
+    return args["Lk"] % args["BLOCK_N"] == 0
+
+
+_attn_fwd_tuned = triton.autotune(
+    configs=_all_triton_configs(),
+    key=["Lq", "Lk", "D"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)(triton.heuristics({"EVEN_N": _even_n})(_attn_fwd_kernel))
+
+
+# ------------------------------------------------------------------------------ host side
+def _leading(t: torch.Tensor) -> tuple[int, int]:
+    return (t.shape[0], 1) if t.dim() == 3 else (t.shape[0], t.shape[1])
+
+
+def _input_errors(q, k, v, scale) -> list[tuple[type, str]]:
+    """(exception type, message) for every way the arguments are malformed."""
+    errs: list[tuple[type, str]] = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            errs.append((TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"))
+    if errs:
+        return errs
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        errs.append((TypeError, f"scale must be a finite float or None, got {scale!r}"))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _DTYPES:
+            errs.append(
+                (TypeError, f"{name} dtype must be float32, float16 or bfloat16, got {t.dtype}")
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        errs.append((TypeError, f"q, k, v dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}"))
+    if not (q.device == k.device == v.device):
+        errs.append(
+            (ValueError, f"q, k, v devices must match, got {q.device}, {k.device}, {v.device}")
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() not in (3, 4):
+            errs.append(
+                (
+                    ValueError,
+                    f"{name} must be (B, L, D) or (B, H, L, D), got shape {tuple(t.shape)}",
+                )
+            )
+    if errs:
+        return errs
+    if not (q.dim() == k.dim() == v.dim()):
+        errs.append((ValueError, f"q, k, v ranks must match, got {q.dim()}, {k.dim()}, {v.dim()}"))
+        return errs
+    if k.shape != v.shape:
+        errs.append(
+            (ValueError, f"k and v shapes must match, got {tuple(k.shape)} and {tuple(v.shape)}")
+        )
+    if q.shape[:-2] != k.shape[:-2]:
+        errs.append(
+            (
+                ValueError,
+                f"q and k leading dims must match, got {tuple(q.shape)} and {tuple(k.shape)}",
+            )
+        )
+    if q.shape[-1] != k.shape[-1]:
+        errs.append(
+            (ValueError, f"q and k head dims D must match, got {q.shape[-1]} and {k.shape[-1]}")
+        )
+    d = q.shape[-1]
+    if d % 8 or not (_MIN_D <= d <= _MAX_D):
+        errs.append(
+            (ValueError, f"head dim D (q.shape[-1]) must be a multiple of 8 in [16, 512], got {d}")
+        )
+    if k.shape[-2] == 0 and q.shape[-2] > 0:
+        errs.append((ValueError, "k must hold at least one key (Lk >= 1)"))
+    return errs
+
+
+def not_supported_reasons(q, k=None, v=None, *, scale=None) -> list[str]:
+    """Why ``attention(q, k, v)`` would not run the Triton kernel (empty: it will). Malformed
+    arguments, which raise, are listed too."""
+    k = q if k is None else k
+    v = k if v is None else v
+    reasons = [msg for _, msg in _input_errors(q, k, v, scale)]
+    if reasons:
+        return reasons
+    if q.device.type != "cuda" and not _interpret():
+        reasons.append(
+            f"tensors on {q.device.type} (no TRITON_INTERPRET=1): runs the eager reference"
+        )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        reasons.append("an input requires grad: runs the eager reference for exact gradients")
+    b, h = _leading(q)
+    if b * h > _MAX_GRID_Y:
+        reasons.append(
+            f"B*H = {b * h} exceeds the launch grid's {_MAX_GRID_Y}: runs the eager reference"
+        )
+    return reasons
+
+
+def _check(q, k, v, scale) -> None:
+    errs = _input_errors(q, k, v, scale)
+    if errs:
+        exc = errs[0][0]
+        raise exc("attention: " + "; ".join(msg for _, msg in errs))
+
+
+def attention_reference(q, k, v, *, scale=None):
+    """softmax(q k^T * scale) v, with the score matrix materialised (small shapes only).
+
+    Computed in the input dtype (float64 inputs: in float64); for fp16/bf16 the softmax itself
+    runs in fp32 and is cast back before the product with v."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    else:
+        p = torch.softmax(scores, dim=-1)
+    return torch.matmul(p, v)
+
+
+def _as4d(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(B, H, L, D) view of ``t`` meeting the kernel's alignment hints, and its (B, H, L)
+    strides: last dim contiguous, 16-byte aligned base, the other strides multiples of 8
+    elements (a dim of size 1 gets stride 0). Anything else is copied first."""
+    t = t.unsqueeze(1) if t.dim() == 3 else t
+
+    def ok(x):
+        return (
+            x.stride(-1) == 1
+            and x.data_ptr() % 16 == 0
+            and all(x.stride(i) % 8 == 0 or x.shape[i] == 1 for i in range(3))
+        )
+
+    if not ok(t):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t, tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
+
+
+def _launch(q, k, v, scale: float, config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Run the Triton kernel. ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) forces one
+    configuration (tests); otherwise the autotuner picks (the interpreter: _INTERPRET_CONFIG)."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[-2] == 0 or out.numel() == 0:
+        return out
+    q4, sq = _as4d(q)
+    k4, sk = _as4d(k)
+    v4, sv = _as4d(v)
+    o4, so = _as4d(out)
+    assert o4.data_ptr() == out.data_ptr()  # written in place, never a copy
+    b, h, lq, d = q4.shape
+    lk = k4.shape[2]
+    block_d = _block_d(d)
+    args = (q4, k4, v4, o4, *sq, *sk, *sv, *so, h, lq, lk, d, float(scale) * _LOG2E)
+    meta = {
+        "BLOCK_D": block_d,
+        "EVEN_D": d == block_d,
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+    if _interpret() and q.dtype == torch.bfloat16:
+        # The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584);
+        # bf16 x bf16 products are exact in fp32, so fp32 dots on upcast operands compute what
+        # the tensor cores do (fp32 accumulation).
+        meta["UPCAST_DOT"] = True
+    if config is None and _interpret():
+        config = _INTERPRET_CONFIG
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        if config is not None:
+            bm, bn, w, s = config
+            grid = (triton.cdiv(lq, bm), b * h)
+            _attn_fwd_kernel[grid](
+                *args,
+                BLOCK_M=bm,
+                BLOCK_N=bn,
+                EVEN_N=lk % bn == 0,
+                num_warps=w,
+                num_stages=s,
+                **meta,
+            )
+        else:
+
+            def grid(m):
+                return (triton.cdiv(lq, m["BLOCK_M"]), b * h)
+
+            _attn_fwd_tuned[grid](*args, **meta)
+    return out
+
+
+def _forward(q, k, v, scale) -> torch.Tensor:
+    """The op's implementation: the kernel where it can run, else the reference."""
+    _check(q, k, v, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    b, h = _leading(q)
+    if (q.is_cuda or _interpret()) and b * h <= _MAX_GRID_Y:
+        return _launch(q, k, v, scale)
+    return attention_reference(q, k, v, scale=scale)
+
+
+@torch.library.custom_op("sdvae::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    return _forward(q, k, v, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale=None):
+    _check(q, k, v, scale)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad):
+    # Inference kernel: gradients come from the reference, recomputed here.
+    q, k, v = ctx.saved_tensors
+    with torch.enable_grad():
+        qkv = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = attention_reference(*qkv, scale=ctx.scale)
+        dq, dk, dv = torch.autograd.grad(out, qkv, grad)
+    return dq, dk, dv, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v without materialising the scores; see the module docstring.
+
+    q: (B, Lq, D) or (B, H, Lq, D); k, v: (B, Lk, D) or (B, H, Lk, D); D a multiple of 8 in
+    [16, 512]; fp32/fp16/bf16. Returns a contiguous tensor shaped like q.
+    """
+    _check(q, k, v, scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return attention_reference(q, k, v, scale=scale)
+    return torch.ops.sdvae.attention(q, k, v, None if scale is None else float(scale))

@@ -1,0 +1,62 @@
+"""``attention`` bench: single-head attention at the VAE's sizes (D = 512).
+
+Providers: ``eager`` = ``F.scaled_dot_product_attention`` (PyTorch picks its backend; at
+D = 512 FlashAttention is out and it falls back to the memory-efficient kernel), ``compile`` =
+``torch.compile`` of the same call (GPU only), ``sdvae`` = ``sdvae.kernels.attention``.
+TFLOP/s counts 4·B·H·Lq·Lk·D. On CUDA: L = 4096 and 16384, fp16 and bf16, timed; plus
+peak-memory rows at L = 65536 (where a materialised score matrix alone is 8 GiB in fp16). On the
+CPU the Triton kernel runs only under TRITON_INTERPRET=1, so the suite yields one tiny shape
+there and nothing otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .engine import Case, Context, register
+
+D = 512
+
+
+def _dtypes(ctx: Context):
+    default = (torch.float16, torch.bfloat16) if ctx.is_cuda else (torch.float32,)
+    return tuple(d for d in default if ctx.wants(d)) if ctx.dtypes is None else ctx.dtypes
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _cases_for(ctx: Context, length: int, d: int, dtype: torch.dtype, *, memory_only: bool):
+    from sdvae.kernels import attention
+
+    gen = torch.Generator(device="cpu").manual_seed(length)
+    q, k, v = (torch.randn(1, 1, length, d, generator=gen).to(ctx.device, dtype) for _ in range(3))
+    shape = f"1x1x{length}x{d}"
+    flops = 4.0 * length * length * d
+    nbytes = 4 * length * d * q.element_size()
+    common = {"nbytes": nbytes, "flops": flops, "memory_only": memory_only}
+    yield Case("attention", shape, dtype, "bhld", "eager", lambda: _sdpa(q, k, v), **common)
+    if ctx.is_cuda:
+        compiled = torch.compile(_sdpa)
+        yield Case(
+            "attention", shape, dtype, "bhld", "compile", lambda: compiled(q, k, v), **common
+        )
+    yield Case("attention", shape, dtype, "bhld", "sdvae", lambda: attention(q, k, v), **common)
+
+
+@register("attention")
+def cases(ctx: Context):
+    if ctx.is_cuda:
+        lengths = (4096,) if ctx.quick else (4096, 16384)
+        for dtype in _dtypes(ctx):
+            for length in lengths:
+                yield from _cases_for(ctx, length, D, dtype, memory_only=False)
+            if not ctx.quick:
+                yield from _cases_for(ctx, 65536, D, dtype, memory_only=True)
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        for dtype in _dtypes(ctx):
+            yield from _cases_for(ctx, 48, 64, dtype, memory_only=False)
