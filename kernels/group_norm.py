@@ -31,9 +31,13 @@ Every kernel walks tiles of ``[BLOCK_S pixels, BLOCK_G groups, BLOCK_CG channels
   ``[16..128 pixels, 8..32 groups, Cg_p2]`` — and each pixel's channel vector is read in one
   piece; per-group sums are reductions over the tile's pixel and channel axes. No transpose.
 * ``Cg > 32`` is walked in channel blocks of 32 inside the program.
-* The tile set is fixed per (layout, Cg rounded up to a power of two), 12 in all, so every
-  configuration is compiled ahead of time in the tests. The price: channels_last with fewer
-  than 32 (or 16, 8) groups leaves tile lanes masked, and a non-power-of-two Cg masks a few.
+* When Cg is that power of two (``CG_EXACT``, the VAE's Cg = 4, 8, 16) the kernels use the
+  constant ``BLOCK_CG`` for Cg, so the compiler can prove channel offsets aligned and emit
+  16-byte vector accesses; tile loops count tiles (not offsets) for the same reason.
+* The tile set is fixed per (layout, Cg rounded up to a power of two, CG_EXACT), 20 in all,
+  so every configuration is compiled ahead of time in the tests. The price: channels_last
+  with fewer than 32 (or 16, 8) groups leaves tile lanes masked, as does a non-power-of-two
+  Cg.
 
 Two strategies, chosen per shape by ``_plan``:
 
@@ -186,9 +190,12 @@ if triton is not None:
             stride_s = 1
         n_base = n.to(tl.int64) * C * S + (g0 * Cg).to(tl.int64) * stride_c
         zero = n_base * 0  # int64: loop counters may be Python ints (interpreter)
-        for j0 in range(0, Cg, BLOCK_CG):
+        n_tiles = tl.cdiv(s_end - s_start, BLOCK_S)
+        for jb in range(0, tl.cdiv(Cg, BLOCK_CG)):
+            j0 = jb * BLOCK_CG
             nj = tl.minimum(s_end * 0 + Cg - j0, BLOCK_CG)
-            for s0 in range(s_start, s_end, BLOCK_S):
+            for t in range(0, n_tiles):
+                s0 = s_start + t * BLOCK_S
                 base = n_base + (zero + j0) * stride_c + (zero + s0) * stride_s
                 offs, mask = _tile(
                     x_ptr, base, s0, s_end, g0, j0, S, C, Cg, G,
@@ -245,7 +252,8 @@ if triton is not None:
         gg = g0 + tl.arange(0, BLOCK_G)[:, None]
         kk = k[None, :, None]
         n_tiles = tl.cdiv(s_end - s_start, BLOCK_S)
-        for j0 in range(0, Cg, BLOCK_CG):
+        for jb in range(0, tl.cdiv(Cg, BLOCK_CG)):
+            j0 = jb * BLOCK_CG
             jj = j0 + tl.arange(0, BLOCK_CG)[None, :]
             cmask = (gg < G) & (jj < Cg)
             ch = gg * Cg + jj
@@ -286,11 +294,14 @@ if triton is not None:
         BLOCK_G: tl.constexpr,
         BLOCK_CG: tl.constexpr,
         CHANNELS_LAST: tl.constexpr,
+        CG_EXACT: tl.constexpr,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
         SILU: tl.constexpr,
     ):
         """Grid (N * num_gblocks,): one program owns BLOCK_G whole groups of one sample."""
+        if CG_EXACT:  # Cg == BLOCK_CG: a constant, so channel offsets stay aligned
+            Cg = BLOCK_CG
         pid = tl.program_id(0)
         n = pid // num_gblocks
         g0 = (pid % num_gblocks) * BLOCK_G
@@ -321,8 +332,11 @@ if triton is not None:
         BLOCK_G: tl.constexpr,
         BLOCK_CG: tl.constexpr,
         CHANNELS_LAST: tl.constexpr,
+        CG_EXACT: tl.constexpr,
     ):
         """Grid (N * num_gblocks, split): partial statistics of one pixel chunk."""
+        if CG_EXACT:  # Cg == BLOCK_CG: a constant, so channel offsets stay aligned
+            Cg = BLOCK_CG
         pid = tl.program_id(0)
         sp = tl.program_id(1)
         n = pid // num_gblocks
@@ -359,12 +373,15 @@ if triton is not None:
         BLOCK_G: tl.constexpr,
         BLOCK_CG: tl.constexpr,
         CHANNELS_LAST: tl.constexpr,
+        CG_EXACT: tl.constexpr,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
         SILU: tl.constexpr,
         MERGE: tl.constexpr,
     ):
         """Grid (N * num_gblocks, split): merge the groups' partials, normalise one chunk."""
+        if CG_EXACT:  # Cg == BLOCK_CG: a constant, so channel offsets stay aligned
+            Cg = BLOCK_CG
         pid = tl.program_id(0)
         sp = tl.program_id(1)
         n = pid // num_gblocks
@@ -565,6 +582,7 @@ def _launch(x, num_groups, weight, bias, eps, silu, *, tile=None, split=None):
         BLOCK_G=plan.block_g,
         BLOCK_CG=plan.block_cg,
         CHANNELS_LAST=channels_last,
+        CG_EXACT=c // num_groups == plan.block_cg,
         num_warps=plan.num_warps,
     )
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu))

@@ -345,20 +345,23 @@ def _signature(kernel: str, x: str, w: str) -> dict:
 
 
 def _configs(kernel: str) -> list[dict]:
-    """Every tile the launcher can pick (it depends only on the layout and on Cg rounded up to
-    a power of two, capped at 32) in fp16 with fp32 affine; then each other dtype pairing and
-    flag set once, and the specialisations the JIT makes for S == 1 and Cg == 1."""
-    tiles = {
-        (cl, gn.tile_shape(cl, cg))
+    """Every tile the launcher can pick: it depends only on the layout, on Cg rounded up to a
+    power of two and capped at 32 (the tile), and on whether Cg equals that (CG_EXACT). The
+    exact ones in fp16 with fp32 affine, the inexact ones in the other dtype pairings and
+    flag sets; then the specialisation the JIT makes for S == 1 and Cg == 1 (with CG_EXACT a
+    Cg of 1 is already the constant BLOCK_CG)."""
+    picks = {
+        (cl, gn.tile_shape(cl, cg), cg == gn.tile_shape(cl, cg)[2])
         for cl in (False, True)
         for cg in range(1, 2 * gn.MAX_BLOCK_CG + 1)
     }
-    assert len(tiles) == 12
+    assert len(picks) == 20
+    variants = [("fp32", "fp32", (False, True, False)), ("bf16", "bf16", (True, False, True))]
     out = []
 
-    def add(cl, tile, x, w, flags=(True, True, True), consts=None):
+    def add(cl, tile, exact, x, w, flags=(True, True, True), consts=None):
         bs, bg, bcg = tile
-        ce = dict(BLOCK_S=bs, BLOCK_G=bg, BLOCK_CG=bcg, CHANNELS_LAST=cl)
+        ce = dict(BLOCK_S=bs, BLOCK_G=bg, BLOCK_CG=bcg, CHANNELS_LAST=cl, CG_EXACT=exact)
         if kernel != "stats":
             ce.update(HAS_W=flags[0], HAS_B=flags[1], SILU=flags[2])
         if kernel == "apply":
@@ -367,18 +370,16 @@ def _configs(kernel: str) -> list[dict]:
         for name, value in (consts or {}).items():
             del sig[name]
             ce[name] = value
-        cfg = {"signature": sig, "constexprs": ce, "num_warps": gn.NUM_WARPS, "num_stages": 3}
-        if cfg not in out:  # the stats kernel has no flags: some variants coincide
-            out.append(cfg)
+        out.append({"signature": sig, "constexprs": ce, "num_warps": gn.NUM_WARPS, "num_stages": 3})
 
-    for cl, tile in sorted(tiles):
-        add(cl, tile, "fp16", "fp32")
-    nchw16 = gn.tile_shape(False, 16)
-    cl16 = gn.tile_shape(True, 16)
-    add(False, nchw16, "fp32", "fp32", (False, True, False))
-    add(True, cl16, "bf16", "bf16", (True, False, True))
-    add(False, gn.tile_shape(False, 1), "bf16", "fp32", consts={"S": 1, "Cg": 1})
-    add(True, gn.tile_shape(True, 1), "fp32", "fp32", consts={"S": 1, "Cg": 1})
+    for i, (cl, tile, exact) in enumerate(sorted(picks)):
+        if exact:
+            add(cl, tile, exact, "fp16", "fp32")
+        else:
+            add(cl, tile, exact, *variants[i % 2])
+    if kernel == "fused":  # S == 1 always plans "fused" (one tile per group)
+        add(False, gn.tile_shape(False, 1), True, "bf16", "fp32", consts={"S": 1, "Cg": 1})
+        add(True, gn.tile_shape(True, 1), True, "fp32", "fp32", consts={"S": 1, "Cg": 1})
     return out
 
 
