@@ -2,57 +2,71 @@
 
 ``attention(q, k, v, *, scale=None)`` computes ``softmax(q @ k^T * scale) @ v`` for q of shape
 (..., Lq, D) and k, v of shape (..., Lk, D), with leading dims (B,) or (B, H); non-causal;
-``scale`` defaults to ``D**-0.5``. fp32, fp16 and bf16 inputs; the softmax statistics (row max
-``m`` and row sum ``l``) and the output accumulator are fp32 (online softmax, FlashAttention-2
-style, in base 2 with ``scale * log2(e)`` folded into the scores). fp32 inputs use IEEE dot
-products (no TF32), so fp32 results meet the 1e-5 table entry. No Lq x Lk tensor is ever
-allocated: the extra memory is the output only.
+``scale`` defaults to ``D**-0.5``; D a multiple of 8 in [16, 512]. fp32, fp16 and bf16 inputs;
+the softmax statistics (row max ``m``, row sum ``l``) and the output accumulator are fp32
+(online softmax, FlashAttention-2 style, in base 2 with ``scale * log2(e)`` folded into the
+scores). fp32 inputs use IEEE dot products (no TF32), so fp32 meets the 1e-5 table entry. No
+Lq x Lk tensor is ever allocated: the only extra memory is the output.
 
 The kernel
 ----------
-One program owns BLOCK_M query rows of one (batch, head) and all D output columns. It keeps its
-Q tile resident, streams K and V in BLOCK_N-row tiles, and per tile computes
-``S = Q K^T`` (fp32), the running max, ``P = exp2(S - m)`` and ``acc = acc * alpha + P V`` with
-P cast to the input dtype for the second product. Full K/V tiles run without masks; the one
-ragged tail tile (Lk not a multiple of BLOCK_N) runs a masked copy of the same step. D that is
-not a power of two is padded to BLOCK_D with masked loads. Per-(batch, head) base offsets and
-row offsets are int64, so tensors over 2^31 elements are addressed correctly.
+One program owns BLOCK_M query rows of one (batch, head) and all D output columns. Its Q tile
+stays resident (in shared memory, where wgmma reads it on sm_90); K and V stream through in
+BLOCK_N-row tiles, software-pipelined with cp.async over ``num_stages`` buffers. Per tile:
+``S = Q K^T`` (fp32), running max, ``P = exp2(S - m)``, ``acc = acc * alpha + P V`` with P
+rounded to the input dtype for the second product. K/V rows are masked only when
+Lk % BLOCK_N != 0 (EVEN_N, a heuristic on the launch), D only when it is not a power of two.
+Query rows past Lq re-read row Lq - 1 instead of being masked. Base and row offsets are int64.
+The launcher guarantees 16-byte-aligned bases and strides that are multiples of 8 elements
+(else it copies) and the kernel states this with ``tl.multiple_of``: without it Triton cannot
+prove the rows aligned and silently drops cp.async pipelining (a compile without divisibility
+hints, which is what the AOT test does, showed no async copies and half the shared memory).
 
 Design for D = 512 (the hard case) and why
 ------------------------------------------
-The fp32 accumulator is BLOCK_M x D. At BLOCK_M = 128, D = 512 that is 256 KiB: the whole
-register file of an SM, so the FlashAttention tile shape is out. The options, in numbers for one
-(Lq = Lk = L, D = 512) head, fp16, where the minimum is 4 L^2 D FLOPs:
+The fp32 accumulator is BLOCK_M x D: at the FlashAttention tile BLOCK_M = 128 that is 256 KiB,
+the whole register file of an SM. The options, for one head with Lq = Lk = L, where the
+minimum work is 4 L^2 D FLOPs:
 
-* **Split D across programs** (each owns D/s output columns, recomputes Q K^T): FLOPs
-  ``(s + 1) / 2`` of the minimum, i.e. 1.5x at s = 2 and 2.5x at s = 4. Rejected.
-* **Two passes** (row max/sum first, then P V, possibly with D split): Q K^T is computed twice,
-  1.5x the FLOPs at best. Rejected.
-* **Smaller query blocks, full D per program** (kept): BLOCK_M = 64 with 8 warps holds the
-  64 x 512 fp32 accumulator in 128 registers per thread, no recomputation. K and V are re-read
-  from L2 once per query block, so the arithmetic intensity against L2 is BLOCK_M FLOP/byte
-  (4 BLOCK_M BLOCK_N D FLOPs per 2 BLOCK_N D fp16 elements): 64 FLOP/B at BLOCK_M = 64,
-  which at H100's ~5.5 TB/s of L2 bandwidth caps at ~350 TFLOP/s, well above what the
-  memory-efficient SDPA kernel reaches at D = 512. Shared memory: Q 64 KiB + one K and one V
-  tile of 32 KiB each at BLOCK_N = 32 (fp16); each further pipeline stage costs 2 BLOCK_N D
-  bytes, so stages are limited (see ``_CONFIGS`` and the per-config numbers from the AOT test).
-  BLOCK_M = 32 with 4 warps is also in the set: at L = 4096 and B = H = 1 it launches 128
-  programs instead of 64 (H100 has 132 SMs), trading intensity for a full wave.
-* **D-chunked Q K^T** (loop over D slices inside each K tile) lowers shared memory for K but
-  not the accumulator, which is the binding constraint; Triton already splits the K = 512
-  reduction of one ``tl.dot`` into MMA steps. Not used.
+* Split D across programs (each owns D/s output columns and recomputes Q K^T): (s + 1) / 2 of
+  the minimum FLOPs, 1.5x at s = 2. Two passes (row max/sum, then P V): Q K^T twice, 1.5x at
+  best. Both rejected: they buy registers with 50% more tensor-core work.
+* D-chunked Q K^T with Q chunks re-read per K tile: tried. Before the alignment hints (no
+  pipelining) it was the only spill-free variant; with pipelining the resident-Q kernel is
+  spill-free too, and re-reading Q costs L2 traffic ((BLOCK_M + 2 BLOCK_N) D bytes per tile
+  instead of 2 BLOCK_N D). Dropped.
+* Kept: smaller query blocks, full D per program, no recomputation. BLOCK_M = 64 with 8 warps
+  holds the 64 x 512 fp32 accumulator in 128 registers per thread. Intensity against L2 is
+  BLOCK_M FLOP per byte of K/V (4 BLOCK_M BLOCK_N D FLOPs per 2 BLOCK_N D fp16 elements):
+  64 FLOP/B, ~350 TFLOP/s at H100's ~5.5 TB/s of L2 bandwidth, above what the tensor cores
+  will sustain at these tile shapes. Shared memory is Q (64 KiB) plus 2 BLOCK_N D bytes per
+  pipeline stage, which is what bounds BLOCK_N and the stage count.
 
-Autotuning: configs are keyed on (Lq, Lk, D) and drawn from a per-(BLOCK_D, element size) table;
-configs whose estimated shared memory exceeds the device's opt-in limit are pruned before
-benchmarking. Every config in the table is compiled ahead of time for sm_80 and sm_90 by the
-tests, which also check the estimate against the compiler's figure. Under TRITON_INTERPRET=1 no
-tuning happens: one fixed small config runs, so the tests stay fast.
+The D = 512 fp16/bf16 configs, as compiled here (ptxas via the AOT path; shared bytes are the
+compiler's figure):
 
-What the GPU run must measure (unmeasured here: this was written without a GPU): TFLOP/s at
+  (BLOCK_M, BLOCK_N, warps, stages): sm_90 shared / registers; sm_80 shared; why
+  (64, 32, 8, 2): 192 KiB / 255, no spill; pruned on sm_80; largest S tile (wgmma n = 32)
+  (64, 16, 8, 3): 160 KiB / 255, no spill; pruned on sm_80; deeper pipeline
+  (64, 16, 8, 2): 128 KiB / 255, no spill; 98 KiB; the one that fits sm_80
+  (32, 32, 8, 2):  98 KiB / 200, no spill; 98 KiB; twice the programs: L = 4096 at B = H = 1
+      gives 64 programs at BLOCK_M = 64 for 132 SMs, 128 at BLOCK_M = 32 (mma.sync, since
+      wgmma needs M >= 64)
+
+Autotuning: keyed on (Lq, Lk, D) over the table ``_CONFIGS`` for (BLOCK_D, element size);
+configs whose estimated shared memory (``shared_estimate``, conservative) exceeds the device's
+opt-in limit are pruned before benchmarking. Every config the pruner can keep on sm_80 or sm_90
+is compiled ahead of time for that target in the tests. Under TRITON_INTERPRET=1 nothing is
+tuned: ``_INTERPRET_CONFIG`` runs. The interpreter's bf16 ``tl.dot`` multiplies bit patterns
+(triton-lang/triton#11584), so there (only) bf16 operands are upcast to fp32 for the dots,
+which is exact for bf16 x bf16 products.
+
+What the GPU run must measure (none of this was measured: written without a GPU): TFLOP/s at
 L = 4096 and 16384, D = 512, fp16/bf16 against ``F.scaled_dot_product_attention`` (target
->= 1.5x); which D = 512 config the tuner picks at each length (BLOCK_M = 32 vs 64); register
-spills of the BLOCK_M = 64 configs; and peak memory at L = 65536 (must be the inputs plus the
-output, linear in L).
+>= 1.5x at both); which config the tuner picks at each length; whether L = 4096 at B = H = 1
+(64 programs at BLOCK_M = 64) needs a split over Lk (two programs per query block writing
+partial (acc, m, l), then a combine: 16 MiB of fp32 workspace at L = 4096, ~10% extra traffic)
+to fill the 132 SMs; and peak memory at L = 65536 (inputs plus output: linear in L).
 
 References: Dao et al., FlashAttention (2022) and FlashAttention-2 (2023); the Triton
 fused-attention tutorial; Rabe & Staats, "Self-attention does not need O(n^2) memory" (2021).
@@ -73,7 +87,6 @@ __all__ = ["attention", "attention_reference", "not_supported_reasons"]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_D, _MAX_D = 16, 512
 _LOG2E = 1.4426950408889634
-_MAX_GRID_Y = 65535
 
 
 def _interpret() -> bool:
@@ -172,8 +185,12 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One flat grid axis (2^31 programs): the query blocks of one (batch, head) are adjacent,
+    # so programs running together share that head's K and V in L2.
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     # The launcher guarantees 16-byte aligned bases and strides that are multiples of 8
@@ -321,10 +338,6 @@ _attn_fwd_tuned = triton.autotune(
 
 
 # ------------------------------------------------------------------------------ host side
-def _leading(t: torch.Tensor) -> tuple[int, int]:
-    return (t.shape[0], 1) if t.dim() == 3 else (t.shape[0], t.shape[1])
-
-
 def _input_errors(q, k, v, scale) -> list[tuple[type, str]]:
     """(exception type, message) for every way the arguments are malformed."""
     errs: list[tuple[type, str]] = []
@@ -400,11 +413,6 @@ def not_supported_reasons(q, k=None, v=None, *, scale=None) -> list[str]:
         )
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         reasons.append("an input requires grad: runs the eager reference for exact gradients")
-    b, h = _leading(q)
-    if b * h > _MAX_GRID_Y:
-        reasons.append(
-            f"B*H = {b * h} exceeds the launch grid's {_MAX_GRID_Y}: runs the eager reference"
-        )
     return reasons
 
 
@@ -478,7 +486,7 @@ def _launch(q, k, v, scale: float, config: tuple[int, ...] | None = None) -> tor
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if config is not None:
             bm, bn, w, s = config
-            grid = (triton.cdiv(lq, bm), b * h)
+            grid = (triton.cdiv(lq, bm) * b * h,)
             _attn_fwd_kernel[grid](
                 *args,
                 BLOCK_M=bm,
@@ -491,7 +499,7 @@ def _launch(q, k, v, scale: float, config: tuple[int, ...] | None = None) -> tor
         else:
 
             def grid(m):
-                return (triton.cdiv(lq, m["BLOCK_M"]), b * h)
+                return (triton.cdiv(lq, m["BLOCK_M"]) * b * h,)
 
             _attn_fwd_tuned[grid](*args, **meta)
     return out
@@ -501,8 +509,7 @@ def _forward(q, k, v, scale) -> torch.Tensor:
     """The op's implementation: the kernel where it can run, else the reference."""
     _check(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    b, h = _leading(q)
-    if (q.is_cuda or _interpret()) and b * h <= _MAX_GRID_Y:
+    if q.is_cuda or _interpret():
         return _launch(q, k, v, scale)
     return attention_reference(q, k, v, scale=scale)
 
