@@ -34,6 +34,8 @@ bool with_cuda() {
 
 TORCH_LIBRARY(sdvae, m) {
   // Op schemas are added here, one line per op (see DESIGN.md, "Public API").
+  // conv2d(F.pad(x, padding), weight, bias, stride); padding = (left, right, top, bottom).
+  m.def("pad_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride, int[] padding) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
