@@ -7,6 +7,8 @@ record come from ``sdvae bench``; this suite is for pytest-benchmark's compariso
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -29,9 +31,7 @@ def _labels() -> list[str]:
 
 @pytest.mark.parametrize("index, label", list(enumerate(_labels())))
 def test_pad_conv2d(benchmark, index, label):
-    for i, case in enumerate(cases_pad_conv2d.cases(_ctx())):
-        if i == index:
-            break
+    case = next(itertools.islice(cases_pad_conv2d.cases(_ctx()), index, None))
     benchmark.extra_info.update(flops=case.flops, nbytes=case.nbytes, label=label)
     if DEVICE.type == "cuda":
 
