@@ -31,9 +31,16 @@ def _compile_one(fn, cfg: dict, cc: int) -> dict:
     signature = dict(cfg["signature"])
     params = inspect.signature(ASTSource.__init__).parameters
     if "constexprs" in params:  # triton >= 3.3
+        # The JIT specialises 16-byte-aligned pointers (and ints divisible by 16) with a
+        # divisibility attribute that enables vectorised and pipelined loads; compile the same
+        # way, or shared memory and codegen would be those of a kernel that never runs.
+        divisible = cfg.get("divisible_by_16")
+        if divisible is None:
+            divisible = [n for n, t in signature.items() if t.startswith("*")]
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
         for name in constexprs:
             signature[name] = "constexpr"
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     else:  # triton 3.2
         src = ASTSource(fn=fn, signature=signature, constants=constexprs)
     options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 3)}
@@ -68,7 +75,8 @@ def compile_configs(module: str, kernel: str, configs: list[dict], targets=TARGE
     """Compile ``module.kernel`` once per (config, target) in a subprocess; one dict each.
 
     A config is ``{"signature": {arg: "*fp16" | "i32" | ...}, "constexprs": {...},
-    "num_warps": 4, "num_stages": 3}``. Results carry ``shared`` (bytes of shared memory the
+    "num_warps": 4, "num_stages": 3}``, optionally with ``"divisible_by_16": [arg names]``
+    (default: every pointer argument, as the JIT assumes for 16-byte-aligned tensors). Results carry ``shared`` (bytes of shared memory the
     kernel needs) beside ``shared_limit``, or ``error``.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

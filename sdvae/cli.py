@@ -18,7 +18,7 @@ def _bench(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = args.quick or device.type != "cuda"
     dtypes = tuple(_DTYPES[d] for d in args.dtype) if args.dtype else None
-    ctx = engine.Context(device=device, quick=quick, dtypes=dtypes)
+    ctx = engine.Context(device=device, quick=quick, dtypes=dtypes, compile_mode=args.compile_mode)
     names = args.bench or None
     t0 = time.perf_counter()
     engine.log(
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     b.add_argument("--dtype", action="append", choices=sorted(_DTYPES), help="restrict dtypes")
     b.add_argument("--quick", action="store_true", help="small sizes (always on for the CPU)")
+    b.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                   help="torch.compile mode for the whole-model `compile` rows")
     b.add_argument("--rep-ms", type=float, help="time budget per case for repeats (ms)")
     b.add_argument("--out", help="folder for <date>-<gpu>.csv and .md (default: print only)")
     b.set_defaults(func=_bench)

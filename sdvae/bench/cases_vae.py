@@ -1,9 +1,11 @@
 """Whole-model benches: ``decode`` and ``encode``.
 
 Providers: ``eager`` = diffusers' stock ``AutoencoderKL`` with the same (random) weights,
-``compile`` = ``torch.compile`` of that (GPU only), ``sdvae`` = ``sdvae.VAE`` (switched onto
+``compile`` = ``torch.compile`` of that (GPU only; mode ``ctx.compile_mode``, by default
+``max-autotune-no-cudagraphs``), ``sdvae`` = ``sdvae.VAE`` (switched onto
 the fused kernels by ``sdvae.optimize`` where that exists). TFLOP/s counts the model's FLOPs
-with ``torch.utils.flop_counter``.
+with ``torch.utils.flop_counter``. On a GPU, ``decode`` also reports the peak memory of a
+2048² decode for eager and sdvae.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def _run_suite(ctx: Context, which: str):
         sf = fast.config.scaling_factor
         compiled = None
         if ctx.is_cuda and akl is not None:
-            compiled = torch.compile(akl.decode if which == "decode" else akl.encode)
+            compiled = torch.compile(
+                akl.decode if which == "decode" else akl.encode, mode=ctx.compile_mode
+            )
         for size in _sizes(ctx):
             gen = torch.Generator(device="cpu").manual_seed(size)
             if which == "decode":
@@ -97,7 +101,22 @@ def _run_suite(ctx: Context, which: str):
                 providers.insert(1, ("compile", comp))
             for name, fn in providers:
                 yield Case(which, shape, dtype, "nchw", name, _inference(fn), flops=flops)
+        if which == "decode" and ctx.is_cuda and not ctx.quick:
+            yield from _decode_memory(ctx, dtype, akl, fast)
         del akl, fast, compiled
+
+
+def _decode_memory(ctx: Context, dtype, akl, fast, size: int = 2048):
+    """Peak memory of one 2048² decode (not timed): the number that decides whether a
+    large image fits at all."""
+    x = torch.randn(1, 4, size // 8, size // 8, device=ctx.device, dtype=dtype)
+    sf = fast.config.scaling_factor
+    shape = f"1x4x{size // 8}x{size // 8} -> {size}x{size} (peak memory)"
+    if akl is not None:
+        yield Case("decode", shape, dtype, "nchw", "eager",
+                   _inference(lambda: akl.decode(x / sf).sample), memory_only=True)
+    yield Case("decode", shape, dtype, "nchw", "sdvae", _inference(lambda: fast.decode(x)),
+               memory_only=True)
 
 
 def _inference(fn):

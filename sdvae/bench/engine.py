@@ -65,6 +65,7 @@ class Context:
     device: torch.device
     quick: bool  # small sizes (a CPU run, or --quick on a GPU)
     dtypes: tuple[torch.dtype, ...] | None = None  # None: each suite's defaults
+    compile_mode: str = "max-autotune-no-cudagraphs"  # torch.compile mode of whole-model rows
 
     @property
     def is_cuda(self) -> bool:
@@ -216,7 +217,8 @@ def run(
             if progress:
                 progress(f"[{name} #{i}] {label}")
             try:
-                if case.memory_only:
+                if case.memory_only:  # one warm-up call, so compiling/autotuning is not counted
+                    case.fn()
                     med = p20 = p80 = None
                 else:
                     med, p20, p80 = measure(case.fn, ctx.device, rep_ms=rep_ms, warmup_ms=rep_ms / 4)
