@@ -248,3 +248,11 @@ def test_cpu_bench_suite_runs():
         for provider in ("eager", "sdvae"):
             assert (shape, "fp32", "nchw", provider) in got
     assert all(r.median_ms and r.median_ms > 0 and r.tflops > 0 for r in rows)
+
+
+def test_kernels_registered_for_cpu_and_cuda():
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has("sdvae::pad_conv2d", "CPU")
+    # The CUDA kernel is compiled and registered whenever the extension was built with nvcc
+    # (sm_80 and sm_90 by default), with or without a GPU on the build machine.
+    assert has("sdvae::pad_conv2d", "CUDA") == _ext.with_cuda()
