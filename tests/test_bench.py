@@ -32,7 +32,10 @@ def test_unknown_suite():
         engine.run(engine.Context(CPU, quick=True), ["nope"])
 
 
-def test_decode_encode_rows_on_cpu(tmp_path):
+def test_decode_encode_rows_on_cpu(tmp_path, monkeypatch):
+    # As `make bench` runs them: without Triton's interpreter, CPU tensors take the eager
+    # reference (interpreting the full SD model would take many minutes).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     pytest.importorskip("diffusers")
     rows = engine.run(engine.Context(CPU, quick=True), ["decode", "encode", "ceiling"], rep_ms=1)
     got = {(r.bench, r.provider) for r in rows}
@@ -50,7 +53,8 @@ def test_decode_encode_rows_on_cpu(tmp_path):
     assert "| decode |" in table and "1.00x" in table
 
 
-def test_cli_bench_writes_csv_and_table(tmp_path, capsys):
+def test_cli_bench_writes_csv_and_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     pytest.importorskip("diffusers")
     assert cli.main(["bench", "encode", "--rep-ms", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
