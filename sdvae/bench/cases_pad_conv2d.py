@@ -11,7 +11,7 @@ Providers:
 * ``sdvae``: ``sdvae.ops.pad_conv2d``.
 
 GPU: fp16 and bf16 in channels_last, fp32 in NCHW, 512² and 1024² images. CPU: fp32 NCHW at the
-512²-image shapes only (the C++ CPU kernel, no Triton involved; about 45 s on 2 cores).
+512²-image shapes only (the C++ CPU kernel, no Triton involved; about 30 s on 2 cores).
 TFLOP/s counts 2·N·Cout·OH·OW·Cin·KH·KW; GB/s counts input, weight and output once.
 """
 
