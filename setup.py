@@ -62,9 +62,7 @@ def _extension():
         cuda_home, reason = _find_cuda_home()
     if cuda_home is None:
         print(f"sdvae: building the CPU extension only ({reason})", file=sys.stderr)
-        return cpp_extension.CppExtension(
-            "sdvae._C", cpp, extra_compile_args={"cxx": cxx_flags}
-        )
+        return cpp_extension.CppExtension("sdvae._C", cpp, extra_compile_args={"cxx": cxx_flags})
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

@@ -70,8 +70,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
-import types
 from typing import NamedTuple
 
 import torch
@@ -672,16 +670,3 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, *, silu=False):
     if torch.compiler.is_compiling():
         return torch.ops.sdvae.group_norm(x, num_groups, weight, bias, float(eps), bool(silu))
     return _forward(x, num_groups, weight, bias, eps, silu)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing ``sdvae.kernels.group_norm`` makes the package attribute ``group_norm`` this
-    module, not the function (Python's import system sets it after the lazy ``__getattr__`` of
-    ``sdvae.kernels``); calling the module runs the op, so ``K.group_norm(...)`` works in any
-    import order."""
-
-    def __call__(self, *args, **kwargs):
-        return group_norm(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from . import _ext
+from . import _ext  # noqa: F401  (loads sdvae._C, registering the C++ ops)
 from .config import VAEConfig
 from .diffusers_patch import patch_diffusers, unpatch_diffusers
 from .fast import optimize, unoptimize

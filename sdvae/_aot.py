@@ -76,14 +76,17 @@ def compile_configs(module: str, kernel: str, configs: list[dict], targets=TARGE
 
     A config is ``{"signature": {arg: "*fp16" | "i32" | ...}, "constexprs": {...},
     "num_warps": 4, "num_stages": 3}``, optionally with ``"divisible_by_16": [arg names]``
-    (default: every pointer argument, as the JIT assumes for 16-byte-aligned tensors). Results carry ``shared`` (bytes of shared memory the
+    (default: every pointer argument, as the JIT assumes for 16-byte-aligned tensors).
+    Results carry ``shared`` (bytes of shared memory the
     kernel needs) beside ``shared_limit``, or ``error``.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # The worker imports `module` the way this process would (tests/ included).
     env["SDVAE_AOT_WORKER"] = "1"  # tells tests/conftest.py not to turn the interpreter on
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    payload = json.dumps({"module": module, "kernel": kernel, "configs": configs, "targets": list(targets)})
+    payload = json.dumps(
+        {"module": module, "kernel": kernel, "configs": configs, "targets": list(targets)}
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "sdvae._aot"],
         input=payload,

@@ -60,8 +60,9 @@ def _run(op, case, dtype, path, reasons, fn, ref, *, tf32=False, end_to_end=Fals
         rep = compare(out, want)
         return CheckResult(op, case, dtype, path, rep.rel, rep.max_abs, tol, reasons)
     except Exception as exc:  # reported, and makes `sdvae check` exit non-zero
-        return CheckResult(op, case, dtype, path, None, None, tol, reasons,
-                           f"{type(exc).__name__}: {exc}")
+        return CheckResult(
+            op, case, dtype, path, None, None, tol, reasons, f"{type(exc).__name__}: {exc}"
+        )
 
 
 def _group_norm(device, quick):
@@ -77,10 +78,15 @@ def _group_norm(device, quick):
             b = torch.randn(c, device=device)
             reasons = not_supported_reasons(x, 32, w, b, 1e-6, silu=True)
             yield _run(
-                "group_norm", f"1x{c}x{hw}x{hw} silu {'channels_last' if cl else 'nchw'}", dtype,
-                _triton_path(device, reasons), reasons,
+                "group_norm",
+                f"1x{c}x{hw}x{hw} silu {'channels_last' if cl else 'nchw'}",
+                dtype,
+                _triton_path(device, reasons),
+                reasons,
                 lambda: group_norm(x, 32, w, b, 1e-6, silu=True),
-                lambda: group_norm_reference(x.double(), 32, w.double(), b.double(), 1e-6, silu=True),
+                lambda: group_norm_reference(
+                    x.double(), 32, w.double(), b.double(), 1e-6, silu=True
+                ),
             )
 
 
@@ -92,11 +98,15 @@ def _vae_sample(device, quick):
         noise = torch.randn(2, 4, 32, 32).to(device, dtype)
         reasons = not_supported_reasons(m, noise)
         yield _run(
-            "vae_sample", "2x8x32x32 -> 2x4x32x32, given noise", dtype,
-            _triton_path(device, reasons), reasons,
+            "vae_sample",
+            "2x8x32x32 -> 2x4x32x32, given noise",
+            dtype,
+            _triton_path(device, reasons),
+            reasons,
             lambda: vae_sample(m, noise, scaling_factor=0.18215),
-            lambda: vae_sample_reference(m.double(), noise.double(), scaling_factor=0.18215,
-                                         shift_factor=0.0, sample=True),
+            lambda: vae_sample_reference(
+                m.double(), noise.double(), scaling_factor=0.18215, shift_factor=0.0, sample=True
+            ),
         )
 
 
@@ -108,7 +118,11 @@ def _attention(device, quick):
         q, k, v = (torch.randn(1, L, D).to(device, dtype) for _ in range(3))
         reasons = not_supported_reasons(q, k, v)
         yield _run(
-            "attention", f"1x{L}x{D}", dtype, _triton_path(device, reasons), reasons,
+            "attention",
+            f"1x{L}x{D}",
+            dtype,
+            _triton_path(device, reasons),
+            reasons,
             lambda: attention(q, k, v),
             lambda: attention_reference(q.double(), k.double(), v.double()),
         )
@@ -127,9 +141,17 @@ def _pad_conv2d(device, quick):
         w = (torch.randn(c, c, 3, 3) / (3 * c**0.5)).to(device, dtype)
         b = torch.randn(c).to(device, dtype)
         reasons = ops.not_supported_reasons(x, w, b)
-        path = "eager reference" if reasons else f"C++ {'CUDA' if device.type == 'cuda' else 'CPU'} kernel"
+        path = (
+            "eager reference"
+            if reasons
+            else f"C++ {'CUDA' if device.type == 'cuda' else 'CPU'} kernel"
+        )
         yield _run(
-            "pad_conv2d", f"1x{c}x{hw}x{hw} 3x3 stride 2 pad (0,1,0,1)", dtype, path, reasons,
+            "pad_conv2d",
+            f"1x{c}x{hw}x{hw} 3x3 stride 2 pad (0,1,0,1)",
+            dtype,
+            path,
+            reasons,
             lambda: ops.pad_conv2d(x, w, b),
             lambda: F.conv2d(F.pad(x.double(), (0, 1, 0, 1)), w.double(), b.double(), stride=2),
             tf32=False,
@@ -148,16 +170,33 @@ def _model(device, quick):
         reasons = [f"{op}: {'; '.join(r)}" for op, r in fast.fused_reasons.items()]
         x = torch.rand(1, 3, size, size, device=device, dtype=torch.float64) * 2 - 1
         f = cfg.downsample_factor
-        z = torch.randn(1, cfg.latent_channels, size // f, size // f, device=device,
-                        dtype=torch.float64)
+        z = torch.randn(
+            1, cfg.latent_channels, size // f, size // f, device=device, dtype=torch.float64
+        )
         tf32 = device.type == "cuda" and dtype == torch.float32
         path = "optimize()" + (" (partly eager)" if reasons else "")
-        yield _run("model", f"encode {size}x{size}", dtype, path, reasons,
-                   lambda: fast.encode(x.to(dtype), sample=False),
-                   lambda: ref.encode(x, sample=False), tf32=tf32, end_to_end=True)
-        yield _run("model", f"decode {size // f}x{size // f}", dtype, path, reasons,
-                   lambda: fast.decode(z.to(dtype)), lambda: ref.decode(z), tf32=tf32,
-                   end_to_end=True)
+        yield _run(
+            "model",
+            f"encode {size}x{size}",
+            dtype,
+            path,
+            reasons,
+            lambda: fast.encode(x.to(dtype), sample=False),
+            lambda: ref.encode(x, sample=False),
+            tf32=tf32,
+            end_to_end=True,
+        )
+        yield _run(
+            "model",
+            f"decode {size // f}x{size // f}",
+            dtype,
+            path,
+            reasons,
+            lambda: fast.decode(z.to(dtype)),
+            lambda: ref.decode(z),
+            tf32=tf32,
+            end_to_end=True,
+        )
 
 
 CHECKS = {
@@ -177,8 +216,19 @@ def run_checks(device: torch.device, *, quick: bool | None = None) -> list[Check
         try:
             results.extend(fn(device, quick))
         except Exception as exc:  # an op that cannot even be set up is a failed check
-            results.append(CheckResult(op, "set-up", torch.float32, "-", None, None, 0.0, [],
-                                       f"{type(exc).__name__}: {exc}"))
+            results.append(
+                CheckResult(
+                    op,
+                    "set-up",
+                    torch.float32,
+                    "-",
+                    None,
+                    None,
+                    0.0,
+                    [],
+                    f"{type(exc).__name__}: {exc}",
+                )
+            )
     return results
 
 
@@ -192,8 +242,10 @@ def format_results(results: list[CheckResult]) -> str:
     for r in results:
         rel = f"{r.rel:.2e}" if r.rel is not None else "-"
         mx = f"{r.max_abs:.2e}" if r.max_abs is not None else "-"
-        lines.append(f"| {r.op} | {r.case} | {names.get(r.dtype, r.dtype)} | {r.path} | {rel} | "
-                     f"{mx} | {r.tol:.0e} | {'yes' if r.ok else 'NO'} |")
+        lines.append(
+            f"| {r.op} | {r.case} | {names.get(r.dtype, r.dtype)} | {r.path} | {rel} | "
+            f"{mx} | {r.tol:.0e} | {'yes' if r.ok else 'NO'} |"
+        )
         for reason in r.reasons:
             note = f"- {r.op}: falls back: {reason}"
             if note not in notes:

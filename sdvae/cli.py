@@ -23,7 +23,11 @@ def _bench(args) -> int:
     t0 = time.perf_counter()
     engine.log(
         f"sdvae bench on {engine.device_name(device)}"
-        + (" (small CPU sizes: GPU numbers are the ones that count)" if device.type != "cuda" else "")
+        + (
+            " (small CPU sizes: GPU numbers are the ones that count)"
+            if device.type != "cuda"
+            else ""
+        )
     )
     rows = engine.run(ctx, names, progress=engine.log, rep_ms=args.rep_ms)
     table = engine.markdown(rows, device)
@@ -46,8 +50,10 @@ def _check(args) -> int:
     from .check import format_results, run_checks
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"sdvae check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
-          f" | TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} | {_ext.build_info()}")
+    print(
+        f"sdvae check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
+        f" | TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} | {_ext.build_info()}"
+    )
     results = run_checks(device, quick=args.quick or None)
     print(format_results(results))
     bad = [r for r in results if not r.ok]
@@ -79,8 +85,10 @@ def _profile(args) -> int:
     models = profile.build_models(vae)
     result = profile.profile_models(models, x, z, args.out)
     unit = "GPU ms" if device.type == "cuda" else "CPU ms"
-    print(f"encode + decode of one {size}x{size} image, {args.dtype or 'fp32'}, "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}")
+    print(
+        f"encode + decode of one {size}x{size} image, {args.dtype or 'fp32'}, "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
+    )
     print(profile.format_table(result, unit))
     print(f"Chrome traces: {', '.join(os.path.join(args.out, p + '.trace.json') for p in models)}")
     return 0
@@ -106,8 +114,14 @@ def _encode(args) -> int:
     from .io import encode_files
 
     vae = _load_model(args, args.images)
-    out = encode_files(vae, args.images, args.output, batch_size=args.batch_size,
-                       sample=args.sample, seed=args.seed)
+    out = encode_files(
+        vae,
+        args.images,
+        args.output,
+        batch_size=args.batch_size,
+        sample=args.sample,
+        seed=args.seed,
+    )
     print(f"wrote {len(out)} latent files to {args.output}")
     return 0
 
@@ -123,8 +137,11 @@ def _decode(args) -> int:
 
 def _model_args(p):
     p.add_argument("--weights", required=True, help="checkpoint file or diffusers folder")
-    p.add_argument("--config", choices=_CONFIGS,
-                   help="model config (default: the folder's config.json, else sd)")
+    p.add_argument(
+        "--config",
+        choices=_CONFIGS,
+        help="model config (default: the folder's config.json, else sd)",
+    )
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default fp16 on cuda, fp32 on cpu")
@@ -141,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     b.add_argument("--dtype", action="append", choices=sorted(_DTYPES), help="restrict dtypes")
     b.add_argument("--quick", action="store_true", help="small sizes (always on for the CPU)")
-    b.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
-                   help="torch.compile mode for the whole-model `compile` rows")
+    b.add_argument(
+        "--compile-mode",
+        default="max-autotune-no-cudagraphs",
+        help="torch.compile mode for the whole-model `compile` rows",
+    )
     b.add_argument("--rep-ms", type=float, help="time budget per case for repeats (ms)")
     b.add_argument("--out", help="folder for <date>-<gpu>.csv and .md (default: print only)")
     b.set_defaults(func=_bench)
@@ -164,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("encode", help="PNG images -> safetensors latents (one file per image)")
     e.add_argument("images", nargs="+")
     _model_args(e)
-    e.add_argument("--sample", action="store_true",
-                   help="sample the posterior (default: its mean)")
+    e.add_argument("--sample", action="store_true", help="sample the posterior (default: its mean)")
     e.add_argument("--seed", type=int, help="seed for --sample")
     e.set_defaults(func=_encode)
 

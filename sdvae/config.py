@@ -30,7 +30,9 @@ class VAEConfig:
     sample_size: int = 512
 
     def __post_init__(self):
-        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        object.__setattr__(
+            self, "block_out_channels", tuple(int(c) for c in self.block_out_channels)
+        )
         ints = {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,

@@ -89,8 +89,16 @@ class FusedAttnProcessor:
     def __init__(self, fallback):
         self.fallback = fallback
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
         if (
             encoder_hidden_states is not None
             or attention_mask is not None
@@ -100,8 +108,9 @@ class FusedAttnProcessor:
             or attn.norm_q is not None
             or attn.norm_k is not None
         ):
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                 temb, *args, **kwargs)
+            return self.fallback(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
         from . import kernels
 
         b, c, h, w = hidden_states.shape
@@ -136,10 +145,14 @@ def _fused_distribution_class(base):
 
             seed = None
             if generator is not None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=generator,
-                                         device=generator.device).item())
-            return kernels.vae_sample(self.parameters, None, scaling_factor=1.0,
-                                      shift_factor=0.0, seed=seed, sample=True)
+                seed = int(
+                    torch.randint(
+                        0, 2**62, (1,), generator=generator, device=generator.device
+                    ).item()
+                )
+            return kernels.vae_sample(
+                self.parameters, None, scaling_factor=1.0, shift_factor=0.0, seed=seed, sample=True
+            )
 
     return FusedDiagonalGaussian
 
@@ -174,7 +187,11 @@ def patch_diffusers(autoencoder_kl):
     status = op_status()
     patched = []
     for module in autoencoder_kl.modules():
-        if isinstance(module, ResnetBlock2D) and not status["group_norm"] and _resnet_supported(module):
+        if (
+            isinstance(module, ResnetBlock2D)
+            and not status["group_norm"]
+            and _resnet_supported(module)
+        ):
             setattr(module, _ORIG, module.forward)
             module.forward = types.MethodType(_resnet_forward, module)
             patched.append(module)
@@ -194,7 +211,9 @@ def patch_diffusers(autoencoder_kl):
             patched.append(module)
     if not status["group_norm"]:
         for part in (autoencoder_kl.encoder, autoencoder_kl.decoder):
-            if isinstance(part.conv_act, torch.nn.SiLU) and isinstance(part.conv_norm_out, torch.nn.GroupNorm):
+            if isinstance(part.conv_act, torch.nn.SiLU) and isinstance(
+                part.conv_norm_out, torch.nn.GroupNorm
+            ):
                 norm = part.conv_norm_out
                 setattr(norm, _ORIG, norm.forward)
                 norm.forward = types.MethodType(_gn_silu_forward, norm)

@@ -53,8 +53,12 @@ class _Progress:
         width = 30
         filled = int(width * self.done / max(self.total, 1))
         line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
-        print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr,
-              flush=True)
+        print(
+            ("\r" if self.tty else "") + line,
+            end="" if self.tty else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
         if self.tty and self.done >= self.total:
             print(file=sys.stderr)
 
@@ -136,7 +140,8 @@ def decode_files(vae, paths, out_dir, *, batch_size=4) -> list[str]:
             z = z[0]
         if z.dim() != 3 or z.shape[0] != vae.config.latent_channels:
             raise ValueError(
-                f"{path}: latents must be ({vae.config.latent_channels}, h, w), got {tuple(z.shape)}"
+                f"{path}: latents must be ({vae.config.latent_channels}, h, w), "
+                f"got {tuple(z.shape)}"
             )
         items.append((path, tgt, z))
     progress = _Progress(len(items), "decode")

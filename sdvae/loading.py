@@ -66,7 +66,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"path {path!r} is not a readable safetensors file: {exc}") from exc
+            raise CheckpointError(
+                f"path {path!r} is not a readable safetensors file: {exc}"
+            ) from exc
     if lower.endswith(PICKLE_SUFFIXES):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -123,7 +125,13 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 _RESNET_RENAME = {"nin_shortcut": "conv_shortcut"}
-_ATTN_COMPVIS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_ATTN_COMPVIS = {
+    "norm": "group_norm",
+    "q": "to_q",
+    "k": "to_k",
+    "v": "to_v",
+    "proj_out": "to_out.0",
+}
 _ATTN_LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -169,7 +177,12 @@ def detect_format(keys) -> str:
     keys = list(keys)
     if any(re.match(r"^(encoder\.down\.|decoder\.up\.|(encoder|decoder)\.mid\.)", k) for k in keys):
         return "compvis"
-    if any(re.match(r"^(encoder\.down_blocks\.|decoder\.up_blocks\.|(encoder|decoder)\.mid_block\.)", k) for k in keys):
+    if any(
+        re.match(
+            r"^(encoder\.down_blocks\.|decoder\.up_blocks\.|(encoder|decoder)\.mid_block\.)", k
+        )
+        for k in keys
+    ):
         return "diffusers"
     raise CheckpointError(
         "the state dict holds no VAE encoder/decoder keys (neither CompVis 'encoder.down.*' "
@@ -189,7 +202,9 @@ def convert_state_dict(
         new = _compvis_key(key, levels) if fmt == "compvis" else _legacy_diffusers_key(key)
         if ".attentions.0.to_" in new and new.endswith(".weight") and value.dim() == 4:
             if value.shape[2:] != (1, 1):
-                raise CheckpointError(f"{key}: attention weight must be 1x1, got {tuple(value.shape)}")
+                raise CheckpointError(
+                    f"{key}: attention weight must be 1x1, got {tuple(value.shape)}"
+                )
             value = value[:, :, 0, 0]  # CompVis 1x1 conv -> linear
         if new in out:
             raise CheckpointError(f"two checkpoint keys map onto {new!r} (one is {key!r})")

@@ -168,7 +168,10 @@ class MidBlock(nn.Module):
     def __init__(self, channels: int, groups: int, eps: float, attention: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock(channels, channels, groups, eps), ResnetBlock(channels, channels, groups, eps)]
+            [
+                ResnetBlock(channels, channels, groups, eps),
+                ResnetBlock(channels, channels, groups, eps),
+            ]
         )
         self.attentions = (
             nn.ModuleList([AttentionBlock(channels, groups, eps)]) if attention else None
@@ -372,7 +375,9 @@ class VAE(nn.Module):
 
     # ------------------------------------------------------------- decode
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images (nominally in [-1, 1]; not clamped). Never modifies ``latents``."""
+        """Scaled latents -> images (nominally in [-1, 1]; not clamped).
+
+        Never modifies ``latents``."""
         self._check_input("latents", latents, self.config.latent_channels)
         z = latents / self.config.scaling_factor + self.config.shift_factor
         if self.post_quant_conv is not None:

@@ -39,7 +39,12 @@ def test_decode_encode_rows_on_cpu(tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
     rows = engine.run(engine.Context(CPU, quick=True), ["decode", "encode", "ceiling"], rep_ms=1)
     got = {(r.bench, r.provider) for r in rows}
-    assert got == {("decode", "eager"), ("decode", "sdvae"), ("encode", "eager"), ("encode", "sdvae")}
+    assert got == {
+        ("decode", "eager"),
+        ("decode", "sdvae"),
+        ("encode", "eager"),
+        ("encode", "sdvae"),
+    }
     for r in rows:
         assert r.median_ms > 0 and r.p20_ms <= r.median_ms <= r.p80_ms
         assert r.tflops > 0  # FLOPs counted by torch's flop counter

@@ -20,7 +20,9 @@ def test_kernels_is_a_subpackage_not_a_top_level_package():
     assert os.path.basename(os.path.dirname(k.__file__)) == "kernels"
     # The unrelated top-level `kernels` package (which diffusers probes for) is not ours.
     top = sys.modules.get("kernels")
-    assert top is None or not os.path.samefile(os.path.dirname(top.__file__), os.path.dirname(k.__file__))
+    assert top is None or not os.path.samefile(
+        os.path.dirname(top.__file__), os.path.dirname(k.__file__)
+    )
 
 
 def test_extension_loads_and_reports_its_build():
@@ -34,7 +36,11 @@ def test_extension_loads_and_reports_its_build():
 def test_extension_is_built_with_cuda_when_torch_and_nvcc_allow():
     import shutil
 
-    if torch.version.cuda is None or shutil.which("nvcc") is None or os.environ.get("SDVAE_NO_CUDA"):
+    if (
+        torch.version.cuda is None
+        or shutil.which("nvcc") is None
+        or os.environ.get("SDVAE_NO_CUDA")
+    ):
         pytest.skip("CPU-only torch or no nvcc: the CUDA sources are skipped by design")
     assert _ext.with_cuda(), _ext.build_info()
 
@@ -69,7 +75,12 @@ def test_aot_helper_compiles_for_sm80_and_sm90():
     res = aot_compile(
         "test_build",
         "_scale_kernel",
-        [{"signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}, "constexprs": {"BLOCK": 256}}],
+        [
+            {
+                "signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"},
+                "constexprs": {"BLOCK": 256},
+            }
+        ],
     )
     assert sorted(r["cc"] for r in res) == [80, 90]
 
@@ -79,7 +90,12 @@ def test_aot_helper_reports_compile_errors():
         aot_compile(
             "test_build",
             "_scale_kernel",
-            [{"signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}, "constexprs": {"BLOCK": 100}}],
+            [
+                {
+                    "signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"},
+                    "constexprs": {"BLOCK": 100},
+                }
+            ],
         )
 
 

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 import sdvae
 from sdvae import cli
 from sdvae.io import read_image, write_image
+from sdvae.loading import CheckpointError
 
 PIL = pytest.importorskip("PIL.Image")
 CFG = sdvae.VAEConfig.tiny()
@@ -44,7 +45,7 @@ def test_encode_then_decode(tmp_path, weights, capsys):
         _png(tmp_path / f"img{i}.png", h, wd, i)
     imgs = [str(tmp_path / f"img{i}.png") for i in range(3)]
     args = ["--weights", str(w), "--config", "sd", "--batch-size", "2", "--device", "cpu"]
-    with pytest.raises(Exception):  # tiny weights do not fit the SD config: refused
+    with pytest.raises(CheckpointError):  # tiny weights do not fit the SD config: refused
         cli.main(["encode", *imgs, *args, "-o", str(tmp_path / "lat")])
     args = ["--weights", str(w), "--batch-size", "2", "--device", "cpu", "--no-fuse"]
     # A bare file with tiny weights needs the tiny config: give it through a diffusers folder.
@@ -53,7 +54,11 @@ def test_encode_then_decode(tmp_path, weights, capsys):
     args[1] = str(folder)
     assert cli.main(["encode", *imgs, *args, "-o", str(tmp_path / "lat")]) == 0
     lat_files = sorted((tmp_path / "lat").iterdir())
-    assert [p.name for p in lat_files] == ["img0.safetensors", "img1.safetensors", "img2.safetensors"]
+    assert [p.name for p in lat_files] == [
+        "img0.safetensors",
+        "img1.safetensors",
+        "img2.safetensors",
+    ]
     with safe_open(lat_files[2], "pt") as fh:
         z = fh.get_tensor("latents")
         assert fh.metadata()["source"] == "img2.png"
@@ -71,5 +76,15 @@ def test_encode_then_decode(tmp_path, weights, capsys):
 def test_missing_input(tmp_path, weights):
     _, w = weights
     with pytest.raises(FileNotFoundError, match="inputs not found"):
-        cli.main(["decode", str(tmp_path / "nope.safetensors"), "--weights", str(w),
-                  "--config", "sd", "-o", str(tmp_path)])
+        cli.main(
+            [
+                "decode",
+                str(tmp_path / "nope.safetensors"),
+                "--weights",
+                str(w),
+                "--config",
+                "sd",
+                "-o",
+                str(tmp_path),
+            ]
+        )

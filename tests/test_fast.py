@@ -138,8 +138,9 @@ def test_patch_diffusers_with_slicing_and_tiling():
         model.disable_slicing()
         model.enable_tiling()
     # Tiling changes the result (overlapping tiles are blended): compare tiled with tiled.
-    assert_close(patched.encode(x).latent_dist.mode(), akl.encode(x).latent_dist.mode(),
-                 name="tiled encode")
+    assert_close(
+        patched.encode(x).latent_dist.mode(), akl.encode(x).latent_dist.mode(), name="tiled encode"
+    )
     assert_close(patched.decode(z).sample, akl.decode(z).sample, name="tiled decode")
 
 
@@ -172,8 +173,13 @@ def test_sd_512_on_gpu_within_end_to_end_tolerance(dtype):
     ref = VAE(VAEConfig()).eval().to("cuda", torch.float64)  # float64: no TF32 in the reference
     fast = sdvae.optimize(copy.deepcopy(ref).to(dtype))
     x = torch.rand(1, 3, 512, 512, device="cuda", dtype=torch.float64) * 2 - 1
-    assert_close(fast.encode(x.to(dtype), sample=False), ref.encode(x, sample=False),
-                 dtype, end_to_end=True, name="encode")
+    assert_close(
+        fast.encode(x.to(dtype), sample=False),
+        ref.encode(x, sample=False),
+        dtype,
+        end_to_end=True,
+        name="encode",
+    )
     z = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float64)
     assert_close(fast.decode(z.to(dtype)), ref.decode(z), dtype, end_to_end=True, name="decode")
 

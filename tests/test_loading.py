@@ -37,8 +37,12 @@ def _diffusers_to_compvis(sd, levels):
     out = {}
     for k, v in sd.items():
         n = k
-        n = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", n)
-        n = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", n)
+        n = re.sub(
+            r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", n
+        )
+        n = re.sub(
+            r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", n
+        )
         n = re.sub(
             r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
             lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.{m.group(2)}.",
@@ -49,7 +53,9 @@ def _diffusers_to_compvis(sd, levels):
             lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.",
             n,
         )
-        n = re.sub(r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m.group(1)) + 1}.", n)
+        n = re.sub(
+            r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m.group(1)) + 1}.", n
+        )
         n = n.replace(".conv_shortcut.", ".nin_shortcut.").replace(".conv_norm_out.", ".norm_out.")
         attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
         m = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", n)
@@ -129,7 +135,9 @@ def test_diffusers_single_safetensors_file(source, tmp_path):
 
 def test_legacy_diffusers_attention_names(source, tmp_path):
     legacy = {
-        k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
+        k.replace(".to_q.", ".query.")
+        .replace(".to_k.", ".key.")
+        .replace(".to_v.", ".value.")
         .replace(".to_out.0.", ".proj_attn."): v
         for k, v in source.state_dict().items()
     }

@@ -18,10 +18,16 @@ diffusers = pytest.importorskip("diffusers")
 
 CONFIGS = {
     "tiny": VAEConfig.tiny(),
-    "tiny-sd3": VAEConfig.tiny(latent_channels=3, scaling_factor=1.5, shift_factor=0.1,
-                               use_quant_conv=False, use_post_quant_conv=False),
-    "tiny-3level-noattn": VAEConfig.tiny(block_out_channels=(8, 8, 16), layers_per_block=2,
-                                         mid_block_add_attention=False),
+    "tiny-sd3": VAEConfig.tiny(
+        latent_channels=3,
+        scaling_factor=1.5,
+        shift_factor=0.1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+    "tiny-3level-noattn": VAEConfig.tiny(
+        block_out_channels=(8, 8, 16), layers_per_block=2, mid_block_add_attention=False
+    ),
     "sd": VAEConfig(),
 }
 # (H, W) of the images: square, non-square, odd.
@@ -142,8 +148,9 @@ def test_sample_reference_clamps_logvar():
     mean = torch.randn(1, 2, 3, 3, dtype=torch.float64)
     logvar = torch.tensor([-100.0, 100.0]).view(1, 2, 1, 1).expand(1, 2, 3, 3)
     noise = torch.randn(1, 2, 3, 3, dtype=torch.float64)
-    out = sample_reference(torch.cat([mean, logvar], 1), noise, scaling_factor=2.0,
-                           shift_factor=0.5, sample=True)
+    out = sample_reference(
+        torch.cat([mean, logvar], 1), noise, scaling_factor=2.0, shift_factor=0.5, sample=True
+    )
     std = torch.exp(0.5 * torch.tensor([-30.0, 20.0], dtype=torch.float64)).view(1, 2, 1, 1)
     torch.testing.assert_close(out, (mean + std * noise - 0.5) * 2.0)
 

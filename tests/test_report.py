@@ -14,16 +14,42 @@ def _write(path, gpu, date, rows):
         w = csv.writer(fh)
         w.writerow(COLS)
         for bench, shape, dtype, layout, provider, ms, mem in rows:
-            w.writerow([date, gpu, "2.11", "3.6", "abc", bench, shape, dtype, layout, provider,
-                        ms, ms, ms, "", "", mem])
+            w.writerow(
+                [
+                    date,
+                    gpu,
+                    "2.11",
+                    "3.6",
+                    "abc",
+                    bench,
+                    shape,
+                    dtype,
+                    layout,
+                    provider,
+                    ms,
+                    ms,
+                    ms,
+                    "",
+                    "",
+                    mem,
+                ]
+            )
 
 
 def test_newest_gpu_csv_ignores_cpu_runs(tmp_path):
     _write(tmp_path / "2026-01-01-H100.csv", "NVIDIA H100", "2026-01-01", [])
-    _write(tmp_path / "2026-01-02-H100.csv", "NVIDIA H100", "2026-01-02",
-           [("decode", "s", "fp16", "nchw", "eager", "2", "")])
-    _write(tmp_path / "2026-01-03-cpu.csv", "cpu-2core", "2026-01-03",
-           [("decode", "s", "fp32", "nchw", "eager", "2", "")])
+    _write(
+        tmp_path / "2026-01-02-H100.csv",
+        "NVIDIA H100",
+        "2026-01-02",
+        [("decode", "s", "fp16", "nchw", "eager", "2", "")],
+    )
+    _write(
+        tmp_path / "2026-01-03-cpu.csv",
+        "cpu-2core",
+        "2026-01-03",
+        [("decode", "s", "fp32", "nchw", "eager", "2", "")],
+    )
     assert report.newest_gpu_csv(str(tmp_path)).endswith("2026-01-02-H100.csv")
 
 
@@ -31,14 +57,19 @@ def test_readme_block_is_rewritten(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "results"
     results.mkdir()
-    _write(results / "2026-01-02-H100.csv", "NVIDIA H100", "2026-01-02", [
-        ("decode", "1x4x64x64", "fp16", "nchw", "eager", "10", ""),
-        ("decode", "1x4x64x64", "fp16", "nchw", "compile", "8", ""),
-        ("decode", "1x4x64x64", "fp16", "nchw", "sdvae", "5", ""),
-        ("group_norm_silu", "1x512x64x64", "fp16", "channels_last", "sdvae", "0.5", ""),
-        ("group_norm_silu", "1x512x64x64", "fp16", "nchw", "eager", "1.0", ""),
-        ("decode", "2048", "fp16", "nchw", "sdvae", "", "1234"),
-    ])
+    _write(
+        results / "2026-01-02-H100.csv",
+        "NVIDIA H100",
+        "2026-01-02",
+        [
+            ("decode", "1x4x64x64", "fp16", "nchw", "eager", "10", ""),
+            ("decode", "1x4x64x64", "fp16", "nchw", "compile", "8", ""),
+            ("decode", "1x4x64x64", "fp16", "nchw", "sdvae", "5", ""),
+            ("group_norm_silu", "1x512x64x64", "fp16", "channels_last", "sdvae", "0.5", ""),
+            ("group_norm_silu", "1x512x64x64", "fp16", "nchw", "eager", "1.0", ""),
+            ("decode", "2048", "fp16", "nchw", "sdvae", "", "1234"),
+        ],
+    )
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{report.START}\nold numbers\n{report.END}\n\ntail\n")
     body = report.update_readme(str(readme), str(results))

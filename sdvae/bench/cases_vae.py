@@ -70,10 +70,10 @@ def _run_suite(ctx: Context, which: str):
                 x = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(ctx.device, dtype)
                 shape = f"1x4x{size // 8}x{size // 8} -> {size}x{size}"
 
-                def eager(m=akl, x=x):
+                def eager(m=akl, x=x, sf=sf):
                     return m.decode(x / sf).sample
 
-                def comp(m=compiled, x=x):
+                def comp(m=compiled, x=x, sf=sf):
                     return m(x / sf).sample
 
                 def ours(m=fast, x=x):
@@ -83,10 +83,10 @@ def _run_suite(ctx: Context, which: str):
                 x = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(ctx.device, dtype)
                 shape = f"1x3x{size}x{size} -> {size // 8}x{size // 8}"
 
-                def eager(m=akl, x=x):
+                def eager(m=akl, x=x, sf=sf):
                     return m.encode(x).latent_dist.sample() * sf
 
-                def comp(m=compiled, x=x):
+                def comp(m=compiled, x=x, sf=sf):
                     return m(x).latent_dist.sample() * sf
 
                 def ours(m=fast, x=x):
@@ -113,10 +113,24 @@ def _decode_memory(ctx: Context, dtype, akl, fast, size: int = 2048):
     sf = fast.config.scaling_factor
     shape = f"1x4x{size // 8}x{size // 8} -> {size}x{size} (peak memory)"
     if akl is not None:
-        yield Case("decode", shape, dtype, "nchw", "eager",
-                   _inference(lambda: akl.decode(x / sf).sample), memory_only=True)
-    yield Case("decode", shape, dtype, "nchw", "sdvae", _inference(lambda: fast.decode(x)),
-               memory_only=True)
+        yield Case(
+            "decode",
+            shape,
+            dtype,
+            "nchw",
+            "eager",
+            _inference(lambda: akl.decode(x / sf).sample),
+            memory_only=True,
+        )
+    yield Case(
+        "decode",
+        shape,
+        dtype,
+        "nchw",
+        "sdvae",
+        _inference(lambda: fast.decode(x)),
+        memory_only=True,
+    )
 
 
 def _inference(fn):

@@ -213,7 +213,8 @@ def run(
             except StopIteration:
                 break
             i += 1
-            label = f"{case.bench} {case.shape} {DTYPE_NAMES.get(case.dtype, case.dtype)} {case.layout} {case.provider}"
+            dname = DTYPE_NAMES.get(case.dtype, case.dtype)
+            label = f"{case.bench} {case.shape} {dname} {case.layout} {case.provider}"
             if progress:
                 progress(f"[{name} #{i}] {label}")
             try:
@@ -221,7 +222,9 @@ def run(
                     case.fn()
                     med = p20 = p80 = None
                 else:
-                    med, p20, p80 = measure(case.fn, ctx.device, rep_ms=rep_ms, warmup_ms=rep_ms / 4)
+                    med, p20, p80 = measure(
+                        case.fn, ctx.device, rep_ms=rep_ms, warmup_ms=rep_ms / 4
+                    )
                 peak = _peak_mb(case.fn, ctx.device)
             except torch.cuda.OutOfMemoryError as exc:  # a real result at 2048², not a crash
                 if progress:
@@ -254,7 +257,11 @@ def _commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -322,15 +329,19 @@ def markdown(rows: list[Row], device: torch.device) -> str:
             eager.setdefault((r.bench, r.shape, r.dtype), r.median_ms)
     head = (
         f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}\n\n"
-        "| bench | shape | dtype | layout | provider | median ms | p20 ms | p80 ms | GB/s | TFLOP/s | peak MB | vs eager |\n"
+        "| bench | shape | dtype | layout | provider | median ms | p20 ms | p80 ms "
+        "| GB/s | TFLOP/s | peak MB | vs eager |\n"
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
-        base = eager.get((r.bench, r.shape, r.dtype, r.layout)) or eager.get((r.bench, r.shape, r.dtype))
+        base = eager.get((r.bench, r.shape, r.dtype, r.layout)) or eager.get(
+            (r.bench, r.shape, r.dtype)
+        )
         ratio = f"{base / r.median_ms:.2f}x" if (base and r.median_ms) else ""
         lines.append(
-            f"| {r.bench} | {r.shape} | {r.dtype} | {r.layout} | {r.provider} | {_fmt(r.median_ms)} | "
+            f"| {r.bench} | {r.shape} | {r.dtype} | {r.layout} | {r.provider} | "
+            f"{_fmt(r.median_ms)} | "
             f"{_fmt(r.p20_ms)} | {_fmt(r.p80_ms)} | {_fmt(r.gbps)} | {_fmt(r.tflops)} | "
             f"{_fmt(r.peak_mem_mb)} | {ratio} |"
         )
