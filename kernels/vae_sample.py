@@ -194,9 +194,12 @@ def _check_args(moments, noise, scaling_factor, shift_factor, seed, sample) -> N
     for name, val in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)):
         if isinstance(val, bool) or not isinstance(val, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(val).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+    symbolic = isinstance(seed, torch.SymInt)  # a seed that varies under torch.compile
+    if seed is not None and not symbolic and (
+        isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+    ):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if seed is not None and not -(2**63) <= int(seed) < 2**64:
+    if seed is not None and not symbolic and not -(2**63) <= int(seed) < 2**64:
         raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
     if noise is None:
         return
@@ -272,8 +275,8 @@ def _memory_format(moments: torch.Tensor) -> torch.memory_format:
 
 def _signed_seed(seed: int | None) -> int | None:
     """``seed`` mod 2**64 as a signed 64-bit int (what the op schema's ``int`` holds)."""
-    if seed is None:
-        return None
+    if seed is None or isinstance(seed, torch.SymInt):
+        return seed  # symbolic (torch.compile): passed through as the schema's int64
     seed = int(seed) % 2**64
     return seed - 2**64 if seed >= 2**63 else seed
 

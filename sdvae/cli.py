@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -29,17 +30,41 @@ def _bench(args) -> int:
             else ""
         )
     )
-    rows = engine.run(ctx, names, progress=engine.log, rep_ms=args.rep_ms)
-    table = engine.markdown(rows, device)
+    writer = None
     if args.out:
-        path = os.path.join(args.out, engine.default_csv_name(device))
-        engine.write_csv(rows, path, device)
-        engine.log(f"wrote {path}")
-        with open(os.path.splitext(path)[0] + ".md", "w") as fh:
-            fh.write(table)
-    engine.log(f"{len(rows)} rows in {time.perf_counter() - t0:.1f} s")
-    print(table)
-    return 0
+        writer = engine.CsvWriter(os.path.join(args.out, engine.default_csv_name(device)), device)
+    rows: list = []
+    errors: list[str] = []
+
+    def on_row(row):
+        rows.append(row)
+        if writer is not None:
+            writer.write(row)
+
+    def stop(signum, frame):  # `timeout` sends SIGTERM: keep what was measured
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        engine.run(
+            ctx, names, progress=engine.log, rep_ms=args.rep_ms, on_row=on_row, errors=errors
+        )
+    except KeyboardInterrupt as exc:
+        errors.append(f"interrupted ({exc}) after {len(rows)} rows")
+        engine.log(f"INTERRUPTED after {len(rows)} rows")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        table = engine.markdown(rows, device)
+        if writer is not None:
+            writer.close()
+            engine.log(f"wrote {writer.path}")
+            with open(os.path.splitext(writer.path)[0] + ".md", "w") as fh:
+                fh.write(table)
+        engine.log(f"{len(rows)} rows in {time.perf_counter() - t0:.1f} s")
+        print(table, flush=True)
+    for e in errors:
+        engine.log(f"ERROR {e}")
+    return 1 if errors else 0
 
 
 _CONFIGS = ("sd", "sdxl", "sd3", "flux")

@@ -78,9 +78,10 @@ def _gn_silu_forward(self, x):
 def _downsample_forward(self, hidden_states, *args, **kwargs):
     from . import ops
 
-    return ops.pad_conv2d(
-        hidden_states, self.conv.weight, self.conv.bias, stride=2, padding=(0, 1, 0, 1)
-    )
+    w, b = self.conv.weight, self.conv.bias
+    if w.dtype != hidden_states.dtype:  # under autocast, as autocast's own conv would
+        w, b = w.to(hidden_states.dtype), (b.to(hidden_states.dtype) if b is not None else None)
+    return ops.pad_conv2d(hidden_states, w, b, stride=2, padding=(0, 1, 0, 1))
 
 
 class FusedAttnProcessor:
@@ -175,8 +176,56 @@ def is_patched(autoencoder_kl) -> bool:
     return bool(getattr(autoencoder_kl, "_sdvae_patched", False))
 
 
+class _Usable:
+    """Asks each op's ``not_supported_reasons`` about an input of a block's own shape, on the
+    model's device and dtype, and collects the reasons of the blocks left stock."""
+
+    def __init__(self, device, dtype):
+        self.status = op_status()
+        self.device, self.dtype = device, dtype
+        self.reasons: dict[str, list[str]] = {op: list(r) for op, r in self.status.items() if r}
+
+    def __call__(self, op: str, why_fn) -> bool:
+        if self.status[op]:
+            return False
+        with torch.no_grad():
+            why = why_fn()
+        for r in why:
+            if r not in self.reasons.setdefault(op, []):
+                self.reasons[op].append(r)
+        return not why
+
+    def empty(self, *shape):
+        return torch.empty(*shape, device=self.device, dtype=self.dtype)
+
+    def group_norm(self, norm):
+        from .kernels.group_norm import not_supported_reasons
+
+        x = self.empty(1, norm.num_channels, 2, 2)
+        return not_supported_reasons(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+    def attention(self, attn):
+        from .kernels.attention import not_supported_reasons
+
+        q = self.empty(1, attn.heads, 4, attn.inner_dim // attn.heads)
+        return not_supported_reasons(q, q, q, scale=attn.scale)
+
+    def pad_conv2d(self, conv):
+        from .ops import not_supported_reasons
+
+        return not_supported_reasons(self.empty(1, conv.in_channels, 4, 4), conv.weight, conv.bias)
+
+    def vae_sample(self, latent_channels):
+        from .kernels.vae_sample import not_supported_reasons
+
+        return not_supported_reasons(self.empty(1, 2 * latent_channels, 2, 2))
+
+
 def patch_diffusers(autoencoder_kl):
-    """Put sdvae's kernels inside a diffusers ``AutoencoderKL`` in place; returns it."""
+    """Put sdvae's kernels inside a diffusers ``AutoencoderKL`` in place; returns it.
+
+    Call it after moving the model to its device and dtype: each block is patched only where
+    its op runs the fused kernel there; ``autoencoder_kl._sdvae_reasons`` lists the others."""
     AutoencoderKL, Attention, DiagonalGaussian, Downsample2D, ResnetBlock2D = _diffusers()
     if not isinstance(autoencoder_kl, AutoencoderKL):
         raise TypeError(
@@ -184,49 +233,57 @@ def patch_diffusers(autoencoder_kl):
         )
     if is_patched(autoencoder_kl):
         return autoencoder_kl
-    status = op_status()
+    p = next(autoencoder_kl.parameters())
+    usable = _Usable(p.device, p.dtype)
     patched = []
     for module in autoencoder_kl.modules():
         if (
             isinstance(module, ResnetBlock2D)
-            and not status["group_norm"]
             and _resnet_supported(module)
+            and usable(
+                "group_norm",
+                lambda m=module: usable.group_norm(m.norm1) + usable.group_norm(m.norm2),
+            )
         ):
             setattr(module, _ORIG, module.forward)
             module.forward = types.MethodType(_resnet_forward, module)
             patched.append(module)
         elif (
             isinstance(module, Downsample2D)
-            and not status["pad_conv2d"]
             and module.use_conv
             and module.padding == 0
             and module.norm is None
+            and usable("pad_conv2d", lambda m=module: usable.pad_conv2d(m.conv))
         ):
             setattr(module, _ORIG, module.forward)
             module.forward = types.MethodType(_downsample_forward, module)
             patched.append(module)
-        elif isinstance(module, Attention) and not status["attention"]:
+        elif isinstance(module, Attention) and usable(
+            "attention", lambda m=module: usable.attention(m)
+        ):
             module._sdvae_original_processor = module.processor
             module.set_processor(FusedAttnProcessor(module.processor))
             patched.append(module)
-    if not status["group_norm"]:
-        for part in (autoencoder_kl.encoder, autoencoder_kl.decoder):
-            if isinstance(part.conv_act, torch.nn.SiLU) and isinstance(
-                part.conv_norm_out, torch.nn.GroupNorm
-            ):
-                norm = part.conv_norm_out
-                setattr(norm, _ORIG, norm.forward)
-                norm.forward = types.MethodType(_gn_silu_forward, norm)
-                part._sdvae_original_act = part.conv_act
-                part.conv_act = torch.nn.Identity()
-                patched.append(norm)
-    if not status["vae_sample"]:
+    for part in (autoencoder_kl.encoder, autoencoder_kl.decoder):
+        norm = part.conv_norm_out
+        if (
+            isinstance(part.conv_act, torch.nn.SiLU)
+            and isinstance(norm, torch.nn.GroupNorm)
+            and usable("group_norm", lambda n=norm: usable.group_norm(n))
+        ):
+            setattr(norm, _ORIG, norm.forward)
+            norm.forward = types.MethodType(_gn_silu_forward, norm)
+            part._sdvae_original_act = part.conv_act
+            part.conv_act = torch.nn.Identity()
+            patched.append(norm)
+    latent_channels = autoencoder_kl.config.latent_channels
+    if usable("vae_sample", lambda: usable.vae_sample(latent_channels)):
         autoencoder_kl._sdvae_original_encode = autoencoder_kl.encode
         autoencoder_kl.encode = _encode_wrapper(
             autoencoder_kl, autoencoder_kl.encode, _fused_distribution_class(DiagonalGaussian)
         )
     autoencoder_kl._sdvae_patched = patched
-    autoencoder_kl._sdvae_reasons = {op: r for op, r in status.items() if r}
+    autoencoder_kl._sdvae_reasons = usable.reasons
     return autoencoder_kl
 
 

@@ -3,7 +3,11 @@
 The switch is a set of flags on the reference model's own modules (``GroupNorm.fused``,
 ``AttentionBlock.fused``, ``Downsample.fused``, ``VAE.fused_sampling``), so there is one model,
 never a copy. Each op is switched on only where it can run; otherwise the module stays on
-eager PyTorch and the reason is kept in ``vae.fused_reasons`` (``sdvae check`` prints it).
+eager PyTorch and the reason is kept in ``vae.fused_reasons`` (``sdvae check`` prints it):
+each module asks its op's ``not_supported_reasons`` about an input of its own shape, device
+and dtype (so e.g. an attention block whose head dim the kernel cannot take stays eager, and
+on a CPU without Triton's interpreter the Triton ops stay eager, which is what they would run
+anyway).
 
 What runs where, once switched:
 * GroupNorm (+SiLU) -> ``sdvae.kernels.group_norm(silu=...)``.
@@ -25,7 +29,7 @@ import torch
 
 from .model import VAE, AttentionBlock, Downsample, GroupNorm
 
-__all__ = ["optimize", "unoptimize", "op_status"]
+__all__ = ["optimize", "unoptimize", "op_status", "module_reasons"]
 
 
 def _import_reasons(module: str, name: str) -> list[str]:
@@ -53,27 +57,69 @@ def op_status() -> dict[str, list[str]]:
     return status
 
 
+def module_reasons(module, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why ``module`` (a GroupNorm, AttentionBlock or Downsample of the model) cannot run its
+    fused op on ``device``/``dtype`` -- the op's own ``not_supported_reasons`` for an input of
+    the module's shape, outside grad mode ([] when it can)."""
+    with torch.no_grad():
+        if isinstance(module, GroupNorm):
+            from .kernels.group_norm import not_supported_reasons
+
+            x = torch.empty(1, module.num_channels, 2, 2, device=device, dtype=dtype)
+            return not_supported_reasons(
+                x, module.num_groups, module.weight, module.bias, module.eps, silu=module.silu
+            )
+        if isinstance(module, AttentionBlock):
+            from .kernels.attention import not_supported_reasons
+
+            c = module.to_q.in_features
+            q = torch.empty(1, 4, c, device=device, dtype=dtype)
+            return not_supported_reasons(q, q, q, scale=c**-0.5)
+        if isinstance(module, Downsample):
+            from .ops import not_supported_reasons
+
+            c = module.conv.in_channels
+            x = torch.empty(1, c, 4, 4, device=device, dtype=dtype)
+            return not_supported_reasons(x, module.conv.weight, module.conv.bias)
+    raise TypeError(f"no fused op for {type(module).__name__}")
+
+
 def optimize(vae: VAE, *, channels_last: bool | None = None) -> VAE:
     """Switch ``vae`` onto the fused kernels in place and return it.
 
+    Call it after moving the model to its device and dtype: each module is switched on only
+    where its op runs the fused kernel there (``vae.fused_reasons`` lists the others and why).
     ``channels_last=None`` moves the model to channels_last on CUDA and leaves it as it is on
     the CPU.
     """
     if not isinstance(vae, VAE):
         raise TypeError(f"vae must be a sdvae.VAE, got {type(vae).__name__}")
+    p = next(vae.parameters())
     status = op_status()
-    on = {op: not reasons for op, reasons in status.items()}
+    reasons: dict[str, list[str]] = {op: list(r) for op, r in status.items() if r}
+    kinds = {GroupNorm: "group_norm", AttentionBlock: "attention", Downsample: "pad_conv2d"}
     for m in vae.modules():
-        if isinstance(m, GroupNorm):
-            m.fused = on["group_norm"]
-        elif isinstance(m, AttentionBlock):
-            m.fused = on["attention"]
-        elif isinstance(m, Downsample):
-            m.fused = on["pad_conv2d"]
-    vae.fused_sampling = on["vae_sample"]
-    vae.fused_reasons = {op: r for op, r in status.items() if r}
+        op = kinds.get(type(m))
+        if op is None:
+            continue
+        why = status[op] or module_reasons(m, p.device, p.dtype)
+        m.fused = not why
+        for r in why:
+            if r not in reasons.setdefault(op, []):
+                reasons[op].append(r)
+    if not status["vae_sample"]:
+        from .kernels.vae_sample import not_supported_reasons
+
+        c2 = 2 * vae.config.latent_channels
+        m = torch.empty(1, c2, 2, 2, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            why = not_supported_reasons(m)
+        if why:
+            reasons.setdefault("vae_sample", []).extend(why)
+    vae.fused_sampling = "vae_sample" not in reasons
+    vae.fused_reasons = reasons
     if channels_last is None:
-        channels_last = next(vae.parameters()).device.type == "cuda"
+        channels_last = p.device.type == "cuda"
     if channels_last:
         vae.to(memory_format=torch.channels_last)
     return vae

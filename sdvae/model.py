@@ -126,9 +126,10 @@ class Downsample(nn.Module):
         if self.fused:
             from . import ops
 
-            return ops.pad_conv2d(
-                x, self.conv.weight, self.conv.bias, stride=2, padding=self.padding
-            )
+            w, b = self.conv.weight, self.conv.bias
+            if w.dtype != x.dtype:  # under autocast, as autocast's own conv would
+                w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
+            return ops.pad_conv2d(x, w, b, stride=2, padding=self.padding)
         return self.conv(F.pad(x, self.padding))
 
 
@@ -325,6 +326,10 @@ class VAE(nn.Module):
         ``sample=False`` returns the scaled mean (the distribution's mode). Otherwise ``noise``
         (standard normal, shape of the latents) is used when given; else noise is drawn from a
         generator seeded with ``seed``, or from torch's default generator when ``seed`` is None.
+
+        The same ``seed`` reproduces the same latents on the same path; the fused path
+        (``sdvae.optimize``) draws its noise inside the kernel (Philox), so its latents for a
+        seed differ from the unfused model's (same distribution, other draws).
         """
         if noise is not None and seed is not None:
             raise ValueError("give either noise or seed, not both")

@@ -9,6 +9,9 @@ On CUDA, a call is timed with CUDA events after a warm-up, the L2 cache flushed 
 repeat (a 256 MiB write, outside the events), and the median and p20/p80 of the repeats are
 kept. On the CPU (the C++ CPU path, and ``make bench`` on a machine without a GPU) the host
 clock times each call.
+
+Peak memory (``peak_mem_mb``, CUDA only) is what one call allocates beyond what was allocated
+just before it: weights and inputs excluded, the output and every intermediate included.
 """
 
 from __future__ import annotations
@@ -179,13 +182,17 @@ def measure(
 
 
 def _peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory one call allocates beyond what was allocated before it (weights and inputs
+    excluded, its output included), in MiB; CUDA only."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    fn()
+    out = fn()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    del out
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def run(
@@ -194,8 +201,15 @@ def run(
     *,
     progress: Callable[[str], None] | None = None,
     rep_ms: float | None = None,
+    on_row: Callable[[Row], None] | None = None,
+    errors: list[str] | None = None,
 ) -> list[Row]:
-    """Time every case of the named suites (all when ``names`` is None)."""
+    """Time every case of the named suites (all when ``names`` is None).
+
+    ``on_row`` sees each row as soon as it is measured (the CLI appends it to the CSV, so a
+    run cut short keeps what it measured). A case that raises is reported through
+    ``progress`` and appended to ``errors`` (when given, else it propagates); out-of-memory is
+    a result (empty row), not an error."""
     table = suites()
     names = list(table) if names is None else list(names)
     unknown = [n for n in names if n not in table]
@@ -219,6 +233,8 @@ def run(
                 progress(f"[{name} #{i}] {label}")
             try:
                 if case.memory_only:  # one warm-up call, so compiling/autotuning is not counted
+                    global _FLUSH
+                    _FLUSH = None  # the L2-flush buffer is not part of anyone's peak
                     case.fn()
                     med = p20 = p80 = None
                 else:
@@ -231,6 +247,14 @@ def run(
                     progress(f"    out of memory: {str(exc).splitlines()[0]}")
                 med = p20 = p80 = peak = None
                 torch.cuda.empty_cache()
+            except Exception as exc:
+                if errors is None:
+                    raise
+                msg = f"{label}: {type(exc).__name__}: {exc}"
+                errors.append(msg)
+                if progress:
+                    progress(f"    ERROR {msg}")
+                continue
             rows.append(
                 Row(
                     bench=case.bench,
@@ -246,6 +270,8 @@ def run(
                     peak_mem_mb=peak,
                 )
             )
+            if on_row:
+                on_row(rows[-1])
             del case
         if ctx.is_cuda:
             torch.cuda.empty_cache()
@@ -296,19 +322,39 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+class CsvWriter:
+    """DESIGN.md's CSV, one flushed line per row as it is measured."""
+
+    def __init__(self, path: str, device: torch.device):
+        self.path = path
+        self.env = environment(device)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._fh = open(path, "w", newline="")  # noqa: SIM115 (closed in close())
+        self._w = csv.writer(self._fh)
+        self._w.writerow(CSV_COLUMNS)
+        self._fh.flush()
+
+    def write(self, r: Row) -> None:
+        env = self.env
+        self._w.writerow(
+            [env["date"], env["gpu"], env["torch"], env["triton"], env["commit"]]
+            + [r.bench, r.shape, r.dtype, r.layout, r.provider]
+            + [_fmt(r.median_ms, 6), _fmt(r.p20_ms, 6), _fmt(r.p80_ms, 6)]
+            + [_fmt(r.gbps, 6), _fmt(r.tflops, 6), _fmt(r.peak_mem_mb, 6)]
+        )
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
 def write_csv(rows: list[Row], path: str, device: torch.device) -> str:
-    env = environment(device)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(CSV_COLUMNS)
+    w = CsvWriter(path, device)
+    try:
         for r in rows:
-            w.writerow(
-                [env["date"], env["gpu"], env["torch"], env["triton"], env["commit"]]
-                + [r.bench, r.shape, r.dtype, r.layout, r.provider]
-                + [_fmt(r.median_ms, 6), _fmt(r.p20_ms, 6), _fmt(r.p80_ms, 6)]
-                + [_fmt(r.gbps, 6), _fmt(r.tflops, 6), _fmt(r.peak_mem_mb, 6)]
-            )
+            w.write(r)
+    finally:
+        w.close()
     return path
 
 
