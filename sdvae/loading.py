@@ -246,7 +246,9 @@ def _build(config: VAEConfig, sd: Mapping[str, torch.Tensor], dtype, device) -> 
     with torch.device("meta"):
         model = VAE(config)
     _check_against(model, sd)
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    # copy=True: the model never shares storage with the caller's tensors (from_diffusers,
+    # a state dict), so changing one never changes the other.
+    sd = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
 

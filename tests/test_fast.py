@@ -194,3 +194,36 @@ def test_compile_fullgraph_on_gpu():
     lat = enc(x)
     assert_close(lat, fast.encode(x, sample=False), torch.float16)
     assert_close(dec(lat), fast.decode(lat), torch.float16)
+
+
+# ----------------------------------------------------------------------- review regressions
+@torch.no_grad()
+def test_compile_with_a_seed_that_changes():
+    # Dynamo turns a changing int argument into a SymInt; the fused sampling must accept it.
+    _, fast = _pair()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    enc = torch.compile(lambda t, s: fast.encode(t, seed=s), fullgraph=True, backend="aot_eager")
+    a, b, c = enc(x, 3), enc(x, 4), enc(x, 3)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+    assert torch.equal(a, fast.encode(x, seed=3))
+
+
+@torch.no_grad()
+def test_unsupported_head_dim_stays_eager_with_a_reason():
+    cfg = VAEConfig.tiny(block_out_channels=(8,), norm_num_groups=4)  # attention head dim 8
+    ref, fast = _pair(cfg)
+    attn = [m for m in fast.modules() if isinstance(m, AttentionBlock)]
+    assert attn and not any(m.fused for m in attn)
+    assert any("head dim" in r for r in fast.fused_reasons["attention"])
+    z = torch.randn(1, 4, 6, 5)
+    assert_close(fast.decode(z), ref.decode(z))
+
+
+@torch.no_grad()
+def test_fused_model_under_autocast():
+    ref, fast = _pair()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    want = ref.encode(x, sample=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast.encode(x, sample=False)
+    assert_close(got, want, torch.bfloat16, end_to_end=True)

@@ -297,3 +297,14 @@ def test_bad_argument_types(source):
         sdvae.load(source.state_dict(), CFG, dtype=torch.int8)
     with pytest.raises(TypeError, match="autoencoder_kl"):
         sdvae.from_diffusers(source.state_dict())
+
+
+def test_loaded_model_does_not_share_memory_with_its_source(source):
+    vae = sdvae.load(source.state_dict(), CFG)
+    with torch.no_grad():
+        next(vae.parameters()).add_(1.0)
+    _ = sdvae.from_diffusers(sdvae.to_diffusers(source))
+    a = dict(source.named_parameters())
+    b = dict(vae.named_parameters())
+    name = next(iter(b))
+    assert not torch.equal(a[name], b[name])
