@@ -6,9 +6,31 @@
 // whole padded activation to memory just to add one row and one column of zeros. Here the border
 // is produced while the input is read, so the padded tensor never exists.
 //
-// CPU strategy (this file): an explicit GEMM over output tiles. The output pixels of one image are
-// cut into tiles of P consecutive pixels. Tiles go in chunks of T (a multiple of the thread count,
-// about 8 MiB of im2col per chunk, so each parallel region and BLAS call has enough work):
+// CPU strategy (this file). Outputs of at least 4x4 pixels: ATen's own convolution of x itself
+// (at::conv2d, which runs oneDNN on the CPU like eager does) with a symmetric padding that oneDNN
+// applies inside the convolution, chosen congruent to (top, left) modulo the stride and at least
+// as large as every side, so that its outputs are a superset of ours on the same grid; our
+// outputs are then copied out of it (no copy when the padding is already symmetric). For the
+// encoder's (0, 1, 0, 1) and stride 2 that is padding 2: one extra output row and column
+// (0.4-1.6 % more work) and one output-sized copy (a quarter of the input), against eager's
+// padded copy of the whole input. The padded input is never written anywhere.
+//   Measured against eager (F.pad + F.conv2d) on the encoder's fp32 NCHW shapes (128ch 512²,
+// 256ch 256², 512ch 128²), 2-core VM shared with other jobs, `sdvae bench pad_conv2d
+// --rep-ms 2000` twice: 1.27x / 1.14x / 1.18x and 1.20x / 1.18x / 1.16x. Interleaved by hand:
+// 1.34x / 1.25x / 1.17x fp32 NCHW, 1.46x / 1.33x / 1.14x fp32 channels_last, 1.55x / 1.45x /
+// 1.32x bf16 channels_last, 1.20x / 1.46x / 1.22x bf16 NCHW. The
+// tiled im2col kernel below, which these replaced on such shapes, measured 0.61-0.73x: oneDNN's
+// convolution is simply much faster than im2col + GEMM here.
+//   An interior/border split was also built and measured: ATen on the outputs whose receptive
+// field lies inside x (padding 0, then the same copy), the last row and column through the tiled
+// kernel. It reached 1.01-1.23x and lost to the padded ATen call in interleaved runs by 5-15 %:
+// the border GEMM runs far below oneDNN's rate and its parallel regions each cost milliseconds
+// of thread wake-up on this VM, more than one extra row and column of oneDNN work.
+//
+// Smaller outputs, or paddings so lopsided that ATen would do over twice our work: an explicit
+// GEMM over output tiles. The output pixels of one image are cut into tiles of P consecutive
+// pixels. Tiles go in chunks of T (a multiple of the thread count, about 8 MiB of im2col per
+// chunk, so each parallel region and BLAS call has enough work):
 // at::parallel_for gathers the im2col matrix of each tile of the chunk (taps that fall in the
 // padding are written as zeros; nothing outside the tile is read), one at::mm multiplies the
 // chunk's columns with the weight matrix, and at::parallel_for again adds the bias and writes each
@@ -276,6 +298,30 @@ void pad_conv2d_cpu_kernel(const at::Tensor& x, const at::Tensor& wmat, const fl
   }
 }
 
+// ATen's convolution of the whole, unpadded x with symmetric padding `pad` along one dimension
+// (rows or columns): its output j reads from j * s - pad, our output o from o * s - lo. With pad
+// congruent to lo modulo s, its output j is our output j - skip, skip = (pad - lo) / s, and as
+// both read zeros outside x, each of its outputs that is one of ours is exact. pad is the
+// smallest such value that is >= lo and >= hi; then its outputs include all of ours, plus `skip`
+// leading ones and at most one trailing one that are not: about |hi - lo| / s rows or columns.
+struct Cover {
+  int64_t pad;   // symmetric padding handed to at::conv2d
+  int64_t skip;  // its leading outputs that are not ours
+  int64_t size;  // its output size
+};
+
+Cover aten_cover(int64_t size, int64_t k, int64_t s, int64_t lo, int64_t hi) {
+  const int64_t pad = lo + s * ((std::max<int64_t>(hi - lo, 0) + s - 1) / s);
+  return {pad, (pad - lo) / s, (size + 2 * pad - k) / s + 1};
+}
+
+// ATen's convolution is used when our output is at least this many pixels high and wide and
+// ATen's outputs that are not ours at most double the work. Smaller outputs go to the tiled
+// kernel: there a library call does not pay, and this keeps oneDNN off degenerate shapes (this
+// torch build's bf16 stride-2 convolution returns garbage for one-pixel-wide outputs, e.g.
+// 1x64x31x3 -> 15x1).
+constexpr int64_t kMinAtenOutput = 4;
+
 at::Tensor pad_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, int64_t stride,
                           at::IntArrayRef padding) {
@@ -286,6 +332,18 @@ at::Tensor pad_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                        : at::MemoryFormat::Contiguous);
   at::Tensor out = empty_output(g, x);
   if (out.numel() == 0) return out;
+  const Cover rows = aten_cover(g.H, g.KH, g.stride, g.pt, g.pb);
+  const Cover cols = aten_cover(g.W, g.KW, g.stride, g.pl, g.pr);
+  if (g.OH >= kMinAtenOutput && g.OW >= kMinAtenOutput &&
+      rows.size * cols.size <= 2 * g.OH * g.OW) {
+    // ATen's own convolution of x (oneDNN on the CPU, as eager uses), padded inside the
+    // convolution; then our outputs out of its own. It is inference only, whatever the grad mode.
+    const at::NoGradGuard no_grad;
+    const at::Tensor y = at::conv2d(x, weight, bias, {g.stride, g.stride}, {rows.pad, cols.pad});
+    if (y.sizes() == out.sizes() && y.strides() == out.strides()) return y;
+    out.copy_(y.narrow(2, rows.skip, g.OH).narrow(3, cols.skip, g.OW));
+    return out;
+  }
   const int64_t K = g.C * g.KH * g.KW;
   // Weight as an fp32 GEMM operand: [Cout, K] with K = (c, kh, kw) for NCHW tiles, [K, Cout]
   // with K = (kh, kw, c) for NHWC tiles. Small next to the activations; built once per call.

@@ -89,6 +89,35 @@ def test_many_tiles_and_batch(device):
     assert_close(out, _ref64(x, w, b, 1, (1, 2, 0, 3)), torch.float32)
 
 
+# Outputs of 4x4 and more: on the CPU these take ATen's convolution with the padding inside it
+# (the smaller ones above take the tiled kernel), with the outputs it computes beyond ours
+# dropped; every padding, stride and kernel size, both layouts.
+LARGE_SHAPES = [(2, 5, 23, 19, 7, 3), (1, 6, 17, 20, 4, 4), (2, 3, 12, 13, 5, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("shape", LARGE_SHAPES)
+def test_large_outputs_match_float64_reference(device, shape, stride, padding, layout, dtype):
+    x, w, b = _inputs(shape, dtype, device, FORMATS[layout], stride != 2)
+    out = pad_conv2d(x, w, b, stride=stride, padding=padding)
+    assert_close(out, _ref64(x, w, b, stride, padding), dtype, name=f"{shape} s{stride} {padding}")
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_tiled_kernel_many_tiles(device, layout):
+    # Two output columns (the CPU's tiled kernel) but 4002 output pixels per image: several
+    # tiles per image, and a short last tile.
+    x, w, b = _inputs((3, 24, 2000, 3, 136, 3), torch.float32, device, FORMATS[layout], True)
+    out = pad_conv2d(x, w, b, stride=1, padding=(0, 1, 2, 1))
+    assert out.shape == (3, 136, 2001, 2)
+    assert_close(out, _ref64(x, w, b, 1, (0, 1, 2, 1)), torch.float32)
+
+
 def test_non_contiguous_input_is_made_contiguous(device):
     x, w, b = _inputs((2, 6, 12, 10, 5, 3), torch.float32, device, torch.contiguous_format, True)
     xs = x[:, :, 1:-1, ::2]  # neither NCHW- nor NHWC-contiguous
