@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sdvae.model import LOGVAR_MAX, LOGVAR_MIN
+from sdvae.model import sample_reference
 
 __all__ = ["vae_sample", "vae_sample_reference", "not_supported_reasons"]
 
@@ -158,15 +158,10 @@ def vae_sample_reference(
 ) -> torch.Tensor:
     """The seed's op chain, op by op (``sdvae.model.sample_reference``): chunk, clamp(-30, 20),
     exp(0.5 * logvar), mean + std * noise, (z - shift) * scale. ``noise`` is used only when
-    ``sample`` is true."""
-    mean, logvar = torch.chunk(moments, 2, dim=1)
-    if sample:
-        logvar = torch.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX)
-        std = torch.exp(0.5 * logvar)
-        z = mean + std * noise
-    else:
-        z = mean
-    return (z - shift_factor) * scaling_factor
+    ``sample`` is true. One definition serves the model's unfused path and this op."""
+    return sample_reference(
+        moments, noise, scaling_factor=scaling_factor, shift_factor=shift_factor, sample=sample
+    )
 
 
 # ------------------------------------------------------------------------------ checks
