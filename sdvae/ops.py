@@ -7,8 +7,10 @@ encoder pads by one column right and one row bottom before each stride-2 downsam
 
 Kernels (``torch.ops.sdvae.pad_conv2d``, schema in csrc/sdvae.cpp):
 
-* CPU (csrc/pad_conv2d.cpp): im2col of one output tile at a time into a GEMM, parallel over
-  tiles; fp32 / fp16 / bf16, NCHW and channels_last, fp32 accumulation.
+* CPU (csrc/pad_conv2d.cpp): for outputs of at least 4x4, ATen's convolution (oneDNN) of x
+  itself with a symmetric in-convolution padding that covers the asymmetric one, then one copy
+  of the wanted outputs (a quarter of the input for stride 2); otherwise im2col of one output
+  tile at a time into a GEMM, parallel over tiles. fp32 / fp16 / bf16, NCHW and channels_last.
 * CUDA (csrc/cuda/pad_conv2d.cu): fp16 / bf16 run an implicit GEMM on tensor cores (WMMA, fp32
   accumulation) with the padding done by predicated (zero-filling) loads, NHWC first-class and
   NCHW through strided loads; fp32 runs a plain direct convolution (correct, not tuned).
