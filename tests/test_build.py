@@ -45,6 +45,46 @@ def test_extension_is_built_with_cuda_when_torch_and_nvcc_allow():
     assert _ext.with_cuda(), _ext.build_info()
 
 
+def _cuobjdump():
+    import glob
+    import shutil
+
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    # Triton's NVIDIA backend ships one; the toolkit on this kind of machine may not.
+    here = os.path.dirname(triton.__file__)
+    cands = glob.glob(os.path.join(here, "backends", "nvidia", "bin", "cuobjdump"))
+    return cands[0] if cands else None
+
+
+def test_cuda_kernels_are_in_the_binary_for_sm80_and_sm90_without_spills():
+    import re
+    import subprocess
+
+    if not _ext.with_cuda():
+        pytest.skip(f"the extension has no CUDA kernels ({_ext.build_info()})")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's NVIDIA backend) to read the binary")
+    so = _ext._C.__file__
+    elves = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True, check=True)
+    assert "pad_conv2d.sm_80.cubin" in elves.stdout and "pad_conv2d.sm_90.cubin" in elves.stdout
+    res = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True)
+    # "Function <mangled>:\n  REG:n STACK:n SHARED:n LOCAL:n ..." per kernel and architecture.
+    found = re.findall(
+        r"Function (\S*pad_conv2d_(?:tc|f32)_kernel\S*):\s*\n\s*(REG:.*)", res.stdout
+    )
+    assert len(found) == 12, res.stdout  # (4 tensor-core + 2 fp32 variants) x 2 architectures
+    for name, usage in found:
+        fields = dict(f.split(":") for f in usage.split())
+        assert int(fields["LOCAL"]) == 0, f"{name} spills to local memory: {usage}"
+        assert int(fields["STACK"]) == 0, f"{name} uses a stack: {usage}"
+        assert int(fields["SHARED"]) <= 48 * 1024, f"{name}: static shared memory {usage}"
+        # 256 threads x REG must leave room for 2 blocks per SM (64K registers).
+        assert int(fields["REG"]) <= 128, f"{name}: {usage}"
+
+
 def test_torch_library_namespace_exists():
     assert hasattr(torch.ops, "sdvae")
 

@@ -1,327 +1,33 @@
-// CUDA kernels of sdvae::pad_conv2d: conv2d(F.pad(x, (left, right, top, bottom)), w, b, stride)
-// with the zero border produced by predicated loads, so the padded input is never written.
-//
-// fp16 / bf16: an implicit GEMM on tensor cores (WMMA 16x16x16, fp32 accumulation).
-//   GEMM view: M = N*OH*OW output pixels, N = Cout, K = KH*KW*C ordered (kh, kw, c). The weight is
-//   reordered once per call to [Cout, KH, KW, C] (small), so a K slice of 8 consecutive values is
-//   8 channels of one tap. One block of 8 warps computes a 128x128 output tile; each warp holds a
-//   64x32 sub-tile in 4x2 accumulator fragments. K advances 32 at a time through a two-stage
-//   shared-memory pipeline (40 KiB, rows padded to 40 elements so WMMA loads stay 32-byte aligned).
-//   * NHWC input with C % 8 == 0 (the encoder's case, first-class): each thread issues 16-byte
-//     cp.async copies straight into shared memory; a tap in the padding (or past M or K) is a
-//     cp.async with src-size 0, which writes zeros — that is the whole padding logic.
-//   * any other layout (NCHW included) or channel count: the same tile loop with predicated
-//     scalar loads through the input's strides.
-//   The epilogue adds the bias in fp32, rounds once and writes NHWC or NCHW by output strides.
-// fp32: a direct convolution, one thread per output, fp32 FMAs in the input's layout — simply
-//   correct (no TF32), not tuned.
-// All offsets are int64; launches use the current stream and are checked.
-//
-// References: NVIDIA CUTLASS "Implicit GEMM Convolution" (docs/implicit_gemm_convolution.md);
-// CUDA C++ Programming Guide, "Warp Matrix Functions" (WMMA) and "Asynchronous Data Copies".
-#include <ATen/ATen.h>
+// CUDA launches of sdvae::pad_conv2d; the kernels and their design notes are in
+// pad_conv2d_kernels.cuh. Launches use the current stream and are checked.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
 
-#include <cstdint>
-#include <optional>
+#include "pad_conv2d_kernels.cuh"
 
 namespace sdvae {
 
+using pad_conv2d_detail::Launch;
+using pad_conv2d_detail::Path;
+
 namespace {
 
-struct ConvParams {
-  int64_t N, C, H, W;              // input sizes
-  int64_t Cout, KH, KW, OH, OW;    // weight / output sizes
-  int64_t stride, pl, pt;          // stride, left and top padding
-  int64_t xs_n, xs_c, xs_h, xs_w;  // input strides, elements
-  int64_t os_n, os_c, os_h, os_w;  // output strides, elements
-  int64_t M;                       // N * OH * OW
-  int64_t K;                       // KH * KW * C
-};
-
-constexpr int kBM = 128;
-constexpr int kBN = 128;
-constexpr int kBK = 32;
-constexpr int kLds = kBK + 8;  // shared-memory row length (elements); multiple of 8 for WMMA
-constexpr int kThreads = 256;
-
 template <typename T>
-struct Cvt;
-template <>
-struct Cvt<__half> {
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
-    return __float2bfloat16_rn(v);
-  }
-};
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Implicit-GEMM tile kernel.
-//   x:    input, [N, C, H, W] at strides p.xs_* (NHWC contiguous when VEC)
-//   w:    weight reordered to [Cout, KH, KW, C], contiguous
-//   bias: [Cout] fp32, or nullptr
-//   out:  [N, Cout, OH, OW] at strides p.os_*
-// VEC: x is NHWC with C % 8 == 0 and 16-byte aligned (16-byte cp.async for A and B tiles).
-template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads)
-    pad_conv2d_tc_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                         const float* __restrict__ bias, T* __restrict__ out, ConvParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  namespace wmma = nvcuda::wmma;
-  __shared__ __align__(128) unsigned char smem_raw[2 * (kBM + kBN) * kLds * sizeof(T)];
-  T* As = reinterpret_cast<T*>(smem_raw);  // [2][kBM][kLds]
-  T* Bs = As + 2 * kBM * kLds;             // [2][kBN][kLds]
-
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
-  const int lane = tid % 32;
-  const int warp_m = warp / 4;  // 0..1: rows warp_m*64 .. +64
-  const int warp_n = warp % 4;  // 0..3: cols warp_n*32 .. +32
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
-  const int Cin = static_cast<int>(p.C);
-  const int KW = static_cast<int>(p.KW);
-  const int K = static_cast<int>(p.K);
-  const int OHW = static_cast<int>(p.OH * p.OW);
-  const T zero = Cvt<T>::from_float(0.0f);
-
-  // VEC: this thread's two 8-element chunks of each A / B tile: row = id / 4, k-chunk = id % 4.
-  int64_t a_base[2];
-  int a_ih0[2], a_iw0[2];
-  bool a_ok[2];
-  if constexpr (VEC) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int id = tid + i * kThreads;
-      const int64_t m = m0 + id / 4;
-      a_ok[i] = m < p.M;
-      const int64_t mm = a_ok[i] ? m : 0;
-      const int64_t img = mm / OHW;
-      const int q = static_cast<int>(mm - img * OHW);
-      const int oh = q / static_cast<int>(p.OW);
-      const int ow = q - oh * static_cast<int>(p.OW);
-      a_base[i] = img * p.xs_n;
-      a_ih0[i] = oh * static_cast<int>(p.stride) - static_cast<int>(p.pt);
-      a_iw0[i] = ow * static_cast<int>(p.stride) - static_cast<int>(p.pl);
-    }
-  }
-
-  auto load_tiles = [&](int kt, int stage) {
-    T* as = As + stage * kBM * kLds;
-    T* bs = Bs + stage * kBN * kLds;
-    if constexpr (VEC) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int id = tid + i * kThreads;
-        const int row = id / 4;
-        const int kc = (id % 4) * 8;
-        const int k = kt * kBK + kc;
-        // A: 8 channels of one tap of one output pixel; zeros (src-size 0) in the padding.
-        const int rs = k / Cin;
-        const int c = k - rs * Cin;
-        const int r = rs / KW;
-        const int s = rs - r * KW;
-        const int ih = a_ih0[i] + r;
-        const int iw = a_iw0[i] + s;
-        const bool ok = a_ok[i] && k < K && ih >= 0 && ih < p.H && iw >= 0 && iw < p.W;
-        const T* src = ok ? x + a_base[i] + ih * p.xs_h + iw * p.xs_w + c : x;
-        cp_async_16(as + row * kLds + kc, src, ok ? 16 : 0);
-        // B: 8 consecutive K values of one output channel.
-        const int64_t co = n0 + row;
-        const bool okb = co < p.Cout && k < K;
-        cp_async_16(bs + row * kLds + kc, okb ? w + co * p.K + k : w, okb ? 16 : 0);
-      }
-    } else {
-#pragma unroll 4
-      for (int i = 0; i < (kBM * kBK) / kThreads; ++i) {
-        const int id = tid + i * kThreads;
-        const int row = id % kBM;  // consecutive threads: consecutive pixels
-        const int kk = id / kBM;
-        const int k = kt * kBK + kk;
-        const int64_t m = m0 + row;
-        T v = zero;
-        if (m < p.M && k < K) {
-          const int64_t img = m / OHW;
-          const int q = static_cast<int>(m - img * OHW);
-          const int oh = q / static_cast<int>(p.OW);
-          const int ow = q - oh * static_cast<int>(p.OW);
-          const int rs = k / Cin;
-          const int c = k - rs * Cin;
-          const int r = rs / KW;
-          const int s = rs - r * KW;
-          const int64_t ih = static_cast<int64_t>(oh) * p.stride + r - p.pt;
-          const int64_t iw = static_cast<int64_t>(ow) * p.stride + s - p.pl;
-          if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) {
-            v = x[img * p.xs_n + c * p.xs_c + ih * p.xs_h + iw * p.xs_w];
-          }
-        }
-        as[row * kLds + kk] = v;
-      }
-#pragma unroll 4
-      for (int i = 0; i < (kBN * kBK) / kThreads; ++i) {
-        const int id = tid + i * kThreads;
-        const int row = id / kBK;  // consecutive threads: consecutive K of one channel
-        const int kk = id % kBK;
-        const int k = kt * kBK + kk;
-        const int64_t co = n0 + row;
-        bs[row * kLds + kk] = (co < p.Cout && k < K) ? w[co * p.K + k] : zero;
-      }
-    }
-  };
-
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-  }
-
-  const int KT = (K + kBK - 1) / kBK;
-  load_tiles(0, 0);
-  cp_async_commit();
-  for (int kt = 0; kt < KT; ++kt) {
-    if (kt + 1 < KT) {
-      load_tiles(kt + 1, (kt + 1) & 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const T* as = As + (kt & 1) * kBM * kLds + warp_m * 64 * kLds;
-    const T* bs = Bs + (kt & 1) * kBN * kLds + warp_n * 32 * kLds;
-#pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], as + i * 16 * kLds + kk, kLds);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], bs + j * 16 * kLds + kk, kLds);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-      }
-    }
-    __syncthreads();
-  }
-
-  // Epilogue: each warp stages one 16x16 fragment at a time in its own 1 KiB of shared memory
-  // (the pipeline buffers are free now), then lane l writes row l/2, columns (l%2)*8 .. +8.
-  float* scratch = reinterpret_cast<float*>(smem_raw) + warp * 256;
-  const int er = lane / 2;
-  const int ec = (lane % 2) * 8;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
-      __syncwarp();
-      const int64_t m = m0 + warp_m * 64 + i * 16 + er;
-      if (m < p.M) {
-        const int64_t img = m / OHW;
-        const int q = static_cast<int>(m - img * OHW);
-        const int oh = q / static_cast<int>(p.OW);
-        const int ow = q - oh * static_cast<int>(p.OW);
-        T* o = out + img * p.os_n + oh * p.os_h + ow * p.os_w;
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const int64_t co = n0 + warp_n * 32 + j * 16 + ec + c;
-          if (co < p.Cout) {
-            float v = scratch[er * 16 + ec + c];
-            if (bias != nullptr) v += bias[co];
-            o[co * p.os_c] = Cvt<T>::from_float(v);
-          }
-        }
-      }
-      __syncwarp();
-    }
-  }
-#else
-  __trap();  // tensor-core path needs sm_80+; the host never launches it below that
-#endif
-}
-
-// Direct fp32 convolution, one thread per output element (grid-stride, int64 indices).
-//   x: [N, C, H, W] at strides p.xs_*; w: [Cout, C, KH, KW] contiguous; bias: [Cout] or nullptr;
-//   out: [N, Cout, OH, OW] at strides p.os_*. OUT_CL: enumerate outputs in NHWC order.
-template <bool OUT_CL>
-__global__ void pad_conv2d_f32_kernel(const float* __restrict__ x, const float* __restrict__ w,
-                                      const float* __restrict__ bias, float* __restrict__ out,
-                                      ConvParams p) {
-  const int64_t total = p.N * p.Cout * p.OH * p.OW;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, co, oh, ow, rest = idx;
-    if (OUT_CL) {
-      co = rest % p.Cout;
-      rest /= p.Cout;
-      ow = rest % p.OW;
-      rest /= p.OW;
-      oh = rest % p.OH;
-      n = rest / p.OH;
-    } else {
-      ow = rest % p.OW;
-      rest /= p.OW;
-      oh = rest % p.OH;
-      rest /= p.OH;
-      co = rest % p.Cout;
-      n = rest / p.Cout;
-    }
-    float acc = bias != nullptr ? bias[co] : 0.0f;
-    const float* wc = w + co * p.C * p.KH * p.KW;
-    for (int64_t c = 0; c < p.C; ++c) {
-      const float* xc = x + n * p.xs_n + c * p.xs_c;
-      for (int64_t r = 0; r < p.KH; ++r) {
-        const int64_t ih = oh * p.stride + r - p.pt;
-        if (ih < 0 || ih >= p.H) continue;
-        for (int64_t s = 0; s < p.KW; ++s) {
-          const int64_t iw = ow * p.stride + s - p.pl;
-          if (iw < 0 || iw >= p.W) continue;
-          acc = fmaf(xc[ih * p.xs_h + iw * p.xs_w], wc[(c * p.KH + r) * p.KW + s], acc);
-        }
-      }
-    }
-    out[n * p.os_n + co * p.os_c + oh * p.os_h + ow * p.os_w] = acc;
-  }
-}
-
-template <typename T>
-void launch_tc(const at::Tensor& x, const at::Tensor& wk, const float* bias, at::Tensor& out,
-               const ConvParams& p, bool vec, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.M + kBM - 1) / kBM),
-                  static_cast<unsigned>((p.Cout + kBN - 1) / kBN));
+void launch_tc(const at::Tensor& x, const Launch& l, const float* bias, at::Tensor& out,
+               cudaStream_t stream) {
   const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
-  const T* wp = reinterpret_cast<const T*>(wk.const_data_ptr());
+  const T* wp = reinterpret_cast<const T*>(l.wk.const_data_ptr());
   T* op = reinterpret_cast<T*>(out.mutable_data_ptr());
-  if (vec) {
-    pad_conv2d_tc_kernel<T, true><<<grid, kThreads, 0, stream>>>(xp, wp, bias, op, p);
+  if (l.path == Path::kTensorCoreVec) {
+    pad_conv2d_detail::pad_conv2d_tc_kernel<T, true>
+        <<<l.grid, l.threads, 0, stream>>>(xp, wp, bias, op, l.p);
   } else {
-    pad_conv2d_tc_kernel<T, false><<<grid, kThreads, 0, stream>>>(xp, wp, bias, op, p);
+    pad_conv2d_detail::pad_conv2d_tc_kernel<T, false>
+        <<<l.grid, l.threads, 0, stream>>>(xp, wp, bias, op, l.p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace
 
@@ -334,73 +40,37 @@ void pad_conv2d_cuda_launch(const at::Tensor& x, const at::Tensor& weight,
   // c10's current stream is what at::cuda::getCurrentCUDAStream returns; this header avoids
   // ATen/cuda/CUDAContext.h, which needs the cuBLAS/cuSPARSE headers at build time.
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
-  ConvParams p{};
-  p.N = x.size(0);
-  p.C = x.size(1);
-  p.H = x.size(2);
-  p.W = x.size(3);
-  p.Cout = weight.size(0);
-  p.KH = weight.size(2);
-  p.KW = weight.size(3);
-  p.OH = out.size(2);
-  p.OW = out.size(3);
-  p.stride = stride;
-  p.pl = pad_left;
-  p.pt = pad_top;
-  p.xs_n = x.stride(0);
-  p.xs_c = x.stride(1);
-  p.xs_h = x.stride(2);
-  p.xs_w = x.stride(3);
-  p.os_n = out.stride(0);
-  p.os_c = out.stride(1);
-  p.os_h = out.stride(2);
-  p.os_w = out.stride(3);
-  p.M = p.N * p.OH * p.OW;
-  p.K = p.KH * p.KW * p.C;
-
-  at::Tensor b32;
-  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
-  const float* bp = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
-
-  if (x.scalar_type() == at::kFloat) {
-    const at::Tensor wc = weight.contiguous();
-    const int64_t total = p.N * p.Cout * p.OH * p.OW;
-    const int threads = 256;
-    const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, int64_t{1} << 20);
-    const bool out_cl = p.os_c == 1 && p.Cout > 1;
-    if (out_cl) {
-      pad_conv2d_f32_kernel<true><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-          x.const_data_ptr<float>(), wc.const_data_ptr<float>(), bp, out.mutable_data_ptr<float>(),
-          p);
-    } else {
-      pad_conv2d_f32_kernel<false><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-          x.const_data_ptr<float>(), wc.const_data_ptr<float>(), bp, out.mutable_data_ptr<float>(),
-          p);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+  if (x.scalar_type() != at::kFloat) {
+    int cc_major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor,
+                                          x.device().index()));
+    TORCH_CHECK(cc_major >= 8, "pad_conv2d: the fp16/bf16 CUDA kernel needs compute capability "
+                "8.0 or newer, this GPU is sm_", cc_major, "x");
   }
-
-  int cc_major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor,
-                                        x.device().index()));
-  TORCH_CHECK(cc_major >= 8, "pad_conv2d: the fp16/bf16 CUDA kernel needs compute capability "
-              "8.0 or newer, this GPU is sm_", cc_major, "x");
-  TORCH_CHECK(p.K < (int64_t{1} << 31) && p.OH * p.OW < (int64_t{1} << 31) &&
-                  p.H < (int64_t{1} << 31) && p.W < (int64_t{1} << 31),
-              "pad_conv2d: per-image sizes beyond 2^31 are not supported");
-  TORCH_CHECK((p.M + kBM - 1) / kBM < (int64_t{1} << 31) && (p.Cout + kBN - 1) / kBN < 65536,
-              "pad_conv2d: output too large for one launch");
-  // [Cout, KH, KW, C]: K ordered (kh, kw, c), matching the im2col order of the A tile.
-  const at::Tensor wk = weight.permute({0, 2, 3, 1}).contiguous();
-  const bool vec = p.xs_c == 1 && p.C % 8 == 0 && aligned16(x.const_data_ptr()) &&
-                   aligned16(wk.const_data_ptr());
-  if (x.scalar_type() == at::kHalf) {
-    launch_tc<__half>(x, wk, bp, out, p, vec, stream);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "pad_conv2d: unsupported dtype ",
-                x.scalar_type());
-    launch_tc<__nv_bfloat16>(x, wk, bp, out, p, vec, stream);
+  const Launch l = pad_conv2d_detail::prepare_launch(x, weight, bias, out, stride, pad_left,
+                                                     pad_top);
+  const float* bp = l.b32.defined() ? l.b32.const_data_ptr<float>() : nullptr;
+  switch (l.path) {
+    case Path::kF32Direct:
+      if (l.out_cl) {
+        pad_conv2d_detail::pad_conv2d_f32_kernel<true><<<l.grid, l.threads, 0, stream>>>(
+            x.const_data_ptr<float>(), l.wk.const_data_ptr<float>(), bp,
+            out.mutable_data_ptr<float>(), l.p);
+      } else {
+        pad_conv2d_detail::pad_conv2d_f32_kernel<false><<<l.grid, l.threads, 0, stream>>>(
+            x.const_data_ptr<float>(), l.wk.const_data_ptr<float>(), bp,
+            out.mutable_data_ptr<float>(), l.p);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      break;
+    case Path::kTensorCoreVec:
+    case Path::kTensorCoreScalar:
+      if (x.scalar_type() == at::kHalf) {
+        launch_tc<__half>(x, l, bp, out, stream);
+      } else {
+        launch_tc<__nv_bfloat16>(x, l, bp, out, stream);
+      }
+      break;
   }
 }
 

@@ -1,0 +1,265 @@
+"""The CUDA kernels of pad_conv2d, run on the CPU through a host emulation of CUDA.
+
+``csrc/cuda/pad_conv2d_kernels.cuh`` is compiled unchanged as host C++ against
+``tests/cuda_emu/cuda_emu.h`` (one std::thread per CUDA thread, real barriers, cp.async queued
+until its wait_group, warp-level WMMA with the documented alignment checks). The launch is
+prepared by the same host code as the real one (``prepare_launch``), so these tests cover the
+path choice, the implicit-GEMM indexing, the padding predicates, the cp.async pipeline, the
+epilogue and the fp32 direct kernel; they say nothing about speed, and they are no substitute
+for ``tests/test_pad_conv2d.py`` on a GPU (the ``cuda`` cases), which runs the real thing.
+
+Buffers are surrounded by guards: NaN around the input (a stray plain load shows up in the
+result), a sentinel around the output (a stray store is caught), NaN inside the output (a
+missed store is caught). The last tests plant bugs in a copy of the kernel source and check the
+emulator catches each one.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "tests" / "cuda_emu"
+KERNELS = ROOT / "csrc" / "cuda" / "pad_conv2d_kernels.cuh"
+GUARD = 64  # elements of guard on each side; a multiple of 8 keeps 16-byte alignment
+SENTINEL = 77.0
+
+
+def _cuda_include():
+    """The CUDA toolkit's include folder (for cuda_fp16.h / cuda_bf16.h), or None."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    cands += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+    for c in cands:
+        if c and os.path.isfile(os.path.join(c, "include", "cuda_bf16.h")):
+            return os.path.join(c, "include")
+    return None
+
+
+def _build(namespace: str, kernel_dir: Path):
+    """Build the emulator against the kernel header in ``kernel_dir`` with its ops under
+    ``torch.ops.<namespace>``; cached by content."""
+    from torch.utils import cpp_extension
+
+    inc = _cuda_include()
+    if inc is None:
+        pytest.skip("the CUDA toolkit headers (cuda_fp16.h, cuda_bf16.h) were not found")
+    venv_bin = os.path.dirname(sys.executable)  # the ninja `pip install ninja` put beside python
+    if shutil.which("ninja") is None and os.path.exists(os.path.join(venv_bin, "ninja")):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    files = [EMU / "pad_conv2d_emu.cpp", EMU / "cuda_emu.h", kernel_dir / KERNELS.name]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files) + torch.__version__.encode())
+    full = f"{namespace}_{digest.hexdigest()[:12]}"
+    build = Path(os.environ.get("SDVAE_EMU_CACHE", Path.home() / ".cache" / "sdvae_cuda_emu"))
+    build = build / full
+    build.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=full,
+        sources=[str(EMU / "pad_conv2d_emu.cpp")],
+        extra_include_paths=[str(kernel_dir), str(EMU), inc],
+        extra_cflags=[
+            "-O2",
+            "-DSDVAE_CUDA_EMU",
+            f"-DSDVAE_EMU_NS={namespace}",
+            "-Wno-unknown-pragmas",
+        ],
+        extra_ldflags=["-pthread"],
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=False,
+    )
+    return getattr(torch.ops, namespace)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return _build("sdvae_cuda_emu", KERNELS.parent)
+
+
+def _guarded(n, c, h, w, dtype, fmt, fill, interior=None, shift=0):
+    """An (n, c, h, w) tensor in ``fmt`` inside a flat buffer of ``fill`` with GUARD elements
+    either side; ``shift`` moves it off 16-byte alignment. Returns (view, buffer)."""
+    numel = n * c * h * w
+    buf = torch.full((numel + 2 * GUARD + shift,), fill, dtype=dtype)
+    if fmt == "nhwc":
+        strides = (h * w * c, 1, w * c, c)
+    else:
+        strides = (c * h * w, h * w, w, 1)
+    view = buf.as_strided((n, c, h, w), strides, GUARD + shift)
+    if interior is not None:
+        view.copy_(interior)
+    return view, buf
+
+
+def emulate(ops, x, wt, b, stride, padding, fmt, shift=0):
+    """Run the CUDA launch path on the emulator. Returns (out, path); fails on any error the
+    emulator recorded and on any store outside the output."""
+    n, c, h, w = x.shape
+    cout, _, kh, kw = wt.shape
+    left, right, top, bottom = padding
+    oh = (h + top + bottom - kh) // stride + 1
+    ow = (w + left + right - kw) // stride + 1
+    xg, _ = _guarded(n, c, h, w, x.dtype, fmt, float("nan"), interior=x, shift=shift)
+    out, obuf = _guarded(n, cout, oh, ow, x.dtype, fmt, SENTINEL)
+    out.fill_(float("nan"))
+    res = ops.pad_conv2d(xg, wt, b, out, stride, left, top)
+    path, _, errors = res.partition(": ")
+    assert not errors, f"emulator: {errors}"
+    guards = torch.cat([obuf[:GUARD], obuf[-GUARD:]])
+    assert (guards == SENTINEL).all(), "the kernel stored outside its output"
+    return out, path
+
+
+def _inputs(shape, dtype, with_bias=True, seed=0):
+    n, c, h, w, cout, k = shape
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=g) + 0.3).to(dtype)
+    wt = (torch.randn(cout, c, k, k, generator=g) / (c * k * k) ** 0.5).to(dtype)
+    b = torch.randn(cout, generator=g).to(dtype) if with_bias else None
+    return x, wt, b
+
+
+def _ref64(x, wt, b, stride, padding):
+    b64 = None if b is None else b.double()
+    return F.conv2d(F.pad(x.double(), padding), wt.double(), b64, stride=stride)
+
+
+def _expected_path(dtype, fmt, c, shift=0, out=None):
+    if dtype == torch.float32:
+        # Outputs are enumerated channel-fastest when the output's channel stride is 1: NHWC,
+        # or NCHW with a 1x1 output, where the two orders are the same.
+        one_pixel = out is not None and out.shape[2] * out.shape[3] == 1 and out.shape[1] > 1
+        return "f32_direct_nhwc" if fmt == "nhwc" or one_pixel else "f32_direct_nchw"
+    vec = fmt == "nhwc" and c % 8 == 0 and shift == 0
+    return "tensor_core_vec" if vec else "tensor_core_scalar"
+
+
+# (N, C, H, W, Cout, K), chosen against the tile kernel's edges: K = KH*KW*C below, at and
+# above one 32-wide K step and not a multiple of it; M = N*OH*OW under one 128-row block and
+# over several; Cout under 128 and over it (a partial second column block); C % 8 == 0 (the
+# vector path, one 8-channel chunk per tap at C = 8) and not; 1x1, 3x3 and 4x4 kernels.
+SHAPES = [
+    (1, 3, 8, 8, 4, 3),
+    (2, 5, 7, 9, 6, 3),
+    (2, 8, 9, 7, 16, 4),
+    (1, 16, 2, 2, 8, 3),
+    (1, 24, 11, 6, 200, 1),
+    (3, 8, 13, 12, 24, 3),
+    (1, 32, 10, 19, 136, 3),
+]
+PADDINGS = [(0, 1, 0, 1), (0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 3, 1), (5, 4, 0, 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernels_match_float64_reference(emu, shape, stride, padding, fmt, dtype):
+    n, c, h, w, cout, k = shape
+    if h + padding[2] + padding[3] < k or w + padding[0] + padding[1] < k:
+        pytest.skip("the padded input is smaller than the kernel (the op refuses it)")
+    x, wt, b = _inputs(shape, dtype, with_bias=stride != 3)
+    out, path = emulate(emu, x, wt, b, stride, padding, fmt)
+    assert path == _expected_path(dtype, fmt, c, out=out)
+    assert_close(out, _ref64(x, wt, b, stride, padding), dtype, name=f"{path} {shape} s{stride}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("size", [32, 33])
+def test_encoder_downsample(emu, size, fmt, dtype):
+    # The encoder's downsample (3x3, stride 2, pad (0, 1, 0, 1), Cin = Cout) at a small size:
+    # 64 channels in NHWC take the cp.async vector path, the first-class case; several blocks.
+    x, wt, b = _inputs((2, 64, size, size, 64, 3), dtype)
+    out, path = emulate(emu, x, wt, b, 2, (0, 1, 0, 1), fmt)
+    assert path == _expected_path(dtype, fmt, 64)
+    assert_close(out, _ref64(x, wt, b, 2, (0, 1, 0, 1)), dtype, name=path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_misaligned_input_takes_the_scalar_path(emu, dtype):
+    x, wt, b = _inputs((1, 16, 9, 9, 16, 3), dtype)
+    out, path = emulate(emu, x, wt, b, 2, (0, 1, 0, 1), "nhwc", shift=1)
+    assert path == "tensor_core_scalar"
+    assert_close(out, _ref64(x, wt, b, 2, (0, 1, 0, 1)), dtype, name=path)
+
+
+def test_extreme_values_round_once(emu):
+    # Large-magnitude fp16 inputs whose fp32 sum is exact: the result must be the exact sum
+    # rounded once (fp32 accumulation, one rounding in the epilogue).
+    x = torch.full((1, 8, 4, 4), 256.0, dtype=torch.float16)
+    wt = torch.full((8, 8, 3, 3), 8.0, dtype=torch.float16)
+    out, path = emulate(emu, x, wt, None, 1, (1, 1, 1, 1), "nhwc")
+    assert path == "tensor_core_vec"
+    ref = _ref64(x, wt, None, 1, (1, 1, 1, 1)).half()  # max 9*8*256*8 = 147456 -> inf in fp16
+    assert torch.equal(out, ref)
+
+
+# ---- the emulator catches planted bugs ---------------------------------------------------------
+# Each mutant edits one line of a copy of the kernel header so that it misbehaves only when
+# cuda_emu::mutant() selects it; the unmutated path must still pass in the same build.
+MUTANTS = {
+    1: (
+        "cp_async_wait<1>();",
+        "if (cuda_emu::mutant() == 1) cp_async_wait<2>(); else cp_async_wait<1>();",
+    ),
+    2: (
+        "ih < p.H && iw >= 0 && iw < p.W;",
+        "ih < p.H && iw >= 0 && (cuda_emu::mutant() == 2 ? iw <= p.W : iw < p.W);",
+    ),
+    3: (
+        "if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) {\n            v = x",
+        "if (ih >= 0 && (cuda_emu::mutant() == 3 ? ih <= p.H : ih < p.H) && iw >= 0 && "
+        "iw < p.W) {\n            v = x",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def mutant_emu(emu, tmp_path_factory):
+    src = KERNELS.read_text()
+    for m, (old, new) in MUTANTS.items():
+        assert src.count(old) == 1, f"mutant {m}: the kernel line it edits changed: {old!r}"
+        src = src.replace(old, new)
+    d = tmp_path_factory.mktemp("mutant")
+    (d / KERNELS.name).write_text(src)
+    return _build("sdvae_cuda_emu_mutant", d)
+
+
+@pytest.mark.parametrize(
+    "mutant, fmt, padding",
+    [
+        (0, "nhwc", (0, 1, 0, 1)),  # control: the unmutated kernel in the mutant build
+        (1, "nhwc", (0, 1, 0, 1)),  # reads a pipeline stage before its cp.async landed
+        (2, "nhwc", (0, 1, 0, 1)),  # vector path reads one column into the right padding
+        (3, "nchw", (0, 1, 0, 1)),  # scalar path reads one row into the bottom padding
+    ],
+)
+def test_emulator_catches_planted_bugs(mutant_emu, mutant, fmt, padding):
+    x, wt, b = _inputs((2, 64, 16, 16, 64, 3), torch.float16)
+    mutant_emu.set_mutant(mutant)
+    try:
+        out, path = emulate(mutant_emu, x, wt, b, 2, padding, fmt)
+    except AssertionError as e:  # an emulator error (bad cp.async) or a stray store
+        assert mutant != 0, f"the unmutated kernel failed in the mutant build: {e}"
+        return
+    finally:
+        mutant_emu.set_mutant(0)
+    err = (out.double() - _ref64(x, wt, b, 2, padding)).abs().max().item()
+    if mutant == 0:
+        assert path == _expected_path(torch.float16, fmt, 64) and err < 0.05, (path, err)
+    else:
+        assert not err < 0.1, f"mutant {mutant} ({path}) went unnoticed: max abs error {err}"
