@@ -66,3 +66,22 @@ def test_cli_bench_writes_csv_and_table(tmp_path, capsys, monkeypatch):
     assert "| encode |" in out
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and files[0].endswith(".csv") and files[1].endswith(".md")
+
+
+@pytest.mark.parametrize("size", [16, 17])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_pad_conv2d_bench_providers_compute_the_op(size, fmt):
+    # The GPU rows compare providers; each must compute the same op as eager (cudnn_nopad
+    # excepted: it is the floor, one output row and column short by design).
+    from sdvae.bench import cases_pad_conv2d as cp
+
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(2, 8, size, size, generator=g).double().contiguous(memory_format=fmt)
+    w = torch.randn(8, 8, 3, 3, generator=g).double()
+    b = torch.randn(8, generator=g).double()
+    ref = cp._eager(x, w, b)
+    cover = cp._cover(x, w, b)
+    assert cover.shape == ref.shape and torch.allclose(cover, ref, rtol=0, atol=1e-12)
+    assert cover.is_contiguous(memory_format=fmt)
+    nopad = cp._nopad(x, w, b)
+    assert torch.allclose(nopad, ref[:, :, : nopad.shape[2], : nopad.shape[3]], atol=1e-12)

@@ -7,6 +7,11 @@ Providers:
 * ``eager``: ``F.pad`` + ``F.conv2d`` (cuDNN on a GPU, oneDNN on the CPU);
 * ``cudnn_nopad`` (GPU): ``F.conv2d`` on the unpadded input with padding 0 — one output row and
   column fewer, the same kernel otherwise: the floor this op can hope to reach;
+* ``cudnn_cover`` (GPU): cuDNN on the unpadded input with a symmetric padding that covers
+  (0, 1, 0, 1) (2, so the windows line up with stride 2), then the first row and column dropped
+  and the result made dense: the other way to avoid the padded copy (the C++ CPU path's way);
+  it computes (OH+1)(OW+1) outputs and copies the output once. Measured so the GPU run shows
+  whether the tensor-core kernel beats it;
 * ``compile`` (GPU): ``torch.compile`` of the eager code;
 * ``sdvae``: ``sdvae.ops.pad_conv2d``.
 
@@ -34,6 +39,14 @@ def _nopad(x, w, b):
     return F.conv2d(x, w, b, stride=_STRIDE)
 
 
+def _cover(x, w, b):
+    oh = (x.shape[2] + 1 - w.shape[2]) // _STRIDE + 1
+    ow = (x.shape[3] + 1 - w.shape[3]) // _STRIDE + 1
+    y = F.conv2d(x, w, b, stride=_STRIDE, padding=2)[:, :, 1 : 1 + oh, 1 : 1 + ow]
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+    return y.contiguous(memory_format=fmt or torch.contiguous_format)
+
+
 def _shapes(ctx: Context):
     """(channels, input size) pairs."""
     small = [(128, 512), (256, 256), (512, 128)]
@@ -59,7 +72,10 @@ def _variants(ctx: Context):
 def cases(ctx: Context):
     from .. import ops
 
-    providers = ["eager", "cudnn_nopad", "compile", "sdvae"] if ctx.is_cuda else ["eager", "sdvae"]
+    if ctx.is_cuda:
+        providers = ["eager", "cudnn_nopad", "cudnn_cover", "compile", "sdvae"]
+    else:
+        providers = ["eager", "sdvae"]
     for c, size in _shapes(ctx):
         for dtype, fmt, layout in _variants(ctx):
             gen = torch.Generator(device="cpu").manual_seed(c * 10007 + size)
@@ -78,6 +94,8 @@ def cases(ctx: Context):
                     fn = lambda x=x, w=w, b=b: _eager(x, w, b)
                 elif provider == "cudnn_nopad":
                     fn = lambda x=x, w=w, b=b: _nopad(x, w, b)
+                elif provider == "cudnn_cover":
+                    fn = lambda x=x, w=w, b=b: _cover(x, w, b)
                 elif provider == "compile":
                     torch._dynamo.reset()  # one shape per compile: no recompile limit to hit
                     compiled = torch.compile(_eager)
