@@ -15,8 +15,9 @@ Providers:
 * ``compile`` (GPU): ``torch.compile`` of the eager code;
 * ``sdvae``: ``sdvae.ops.pad_conv2d``.
 
-GPU: fp16 and bf16 in channels_last, fp32 in NCHW, 512² and 1024² images. CPU: fp32 NCHW at the
-512²-image shapes only (the C++ CPU kernel, no Triton involved; about 30 s on 2 cores).
+GPU: fp16 and bf16 in channels_last, fp32 in NCHW, 512² and 1024² images. CPU: fp32 NCHW and
+bf16 channels_last at the 512²-image shapes only (the C++ CPU path, no Triton involved; about
+40 s on 2 cores).
 TFLOP/s counts 2·N·Cout·OH·OW·Cin·KH·KW; GB/s counts input, weight and output once.
 """
 
@@ -64,7 +65,10 @@ def _variants(ctx: Context):
             (torch.float32, torch.contiguous_format, "nchw"),
         ]
     else:
-        default = [(torch.float32, torch.contiguous_format, "nchw")]
+        default = [
+            (torch.float32, torch.contiguous_format, "nchw"),
+            (torch.bfloat16, torch.channels_last, "nhwc"),
+        ]
     return [v for v in default if ctx.wants(v[0])]
 
 
