@@ -21,6 +21,8 @@ import hashlib
 import os
 import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -62,9 +64,16 @@ def _build(namespace: str, kernel_dir: Path):
     files = [EMU / "pad_conv2d_emu.cpp", EMU / "cuda_emu.h", kernel_dir / KERNELS.name]
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files) + torch.__version__.encode())
     full = f"{namespace}_{digest.hexdigest()[:12]}"
-    build = Path(os.environ.get("SDVAE_EMU_CACHE", Path.home() / ".cache" / "sdvae_cuda_emu"))
-    build = build / full
-    build.mkdir(parents=True, exist_ok=True)
+    root = Path(os.environ.get("SDVAE_EMU_CACHE", Path.home() / ".cache" / "sdvae_cuda_emu"))
+    try:
+        (root / full).mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable home: build in the temp folder
+        root = Path(tempfile.gettempdir()) / "sdvae_cuda_emu"
+        (root / full).mkdir(parents=True, exist_ok=True)
+    build = root / full
+    lock = build / "lock"  # torch's build lock; a build killed mid-way leaves it behind
+    if lock.exists() and time.time() - lock.stat().st_mtime > 600:
+        lock.unlink()
     cpp_extension.load(
         name=full,
         sources=[str(EMU / "pad_conv2d_emu.cpp")],
