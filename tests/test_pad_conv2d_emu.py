@@ -131,11 +131,16 @@ def emulate(ops, x, wt, b, stride, padding, fmt, shift=0):
     return out, path
 
 
+def _kernel_hw(k):
+    return (k, k) if isinstance(k, int) else k
+
+
 def _inputs(shape, dtype, with_bias=True, seed=0):
     n, c, h, w, cout, k = shape
+    kh, kw = _kernel_hw(k)
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, c, h, w, generator=g) + 0.3).to(dtype)
-    wt = (torch.randn(cout, c, k, k, generator=g) / (c * k * k) ** 0.5).to(dtype)
+    wt = (torch.randn(cout, c, kh, kw, generator=g) / (c * kh * kw) ** 0.5).to(dtype)
     b = torch.randn(cout, generator=g).to(dtype) if with_bias else None
     return x, wt, b
 
@@ -145,20 +150,49 @@ def _ref64(x, wt, b, stride, padding):
     return F.conv2d(F.pad(x.double(), padding), wt.double(), b64, stride=stride)
 
 
-def _expected_path(dtype, fmt, c, shift=0, out=None):
+def assert_within_rounding(out, x, wt, b, stride, padding):
+    """Every element, not just the tensor's relative error: the kernels multiply exactly (16-bit
+    inputs) or with fp32 FMAs and accumulate in fp32, then round once to out.dtype. So each
+    element lies within K * 2^-24 * sum|x*w| (fp32 accumulation, generously) plus one unit in
+    the last place of out.dtype (the final rounding, allowing a binade change) of the float64
+    result."""
+    ref = _ref64(x, wt, b, stride, padding)
+    absb = None if b is None else b.double().abs()
+    mag = F.conv2d(F.pad(x.double().abs(), padding), wt.double().abs(), absb, stride=stride)
+    k = wt.shape[1] * wt.shape[2] * wt.shape[3]
+    acc_err = (k + 2) * 2.0**-24 * mag
+    if out.dtype == torch.float32:
+        bound = acc_err + 2.0**-24 * ref.abs()
+    else:
+        eps = torch.finfo(out.dtype).eps  # ulp of 1.0
+        tiny = torch.finfo(out.dtype).smallest_normal
+        binade = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(tiny))))
+        bound = acc_err + eps * binade + eps * tiny
+    err = (out.double() - ref).abs()
+    bad = ~(err <= bound)  # NaN counts as bad
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {out.numel()} elements outside the rounding bound; first at "
+        f"{tuple(int(i) for i in bad.nonzero()[0])}: error {err[bad][0]:.3g} > {bound[bad][0]:.3g}"
+    )
+
+
+def _expected_path(dtype, fmt, x, shift=0, out=None):
     if dtype == torch.float32:
         # Outputs are enumerated channel-fastest when the output's channel stride is 1: NHWC,
         # or NCHW with a 1x1 output, where the two orders are the same.
         one_pixel = out is not None and out.shape[2] * out.shape[3] == 1 and out.shape[1] > 1
         return "f32_direct_nhwc" if fmt == "nhwc" or one_pixel else "f32_direct_nchw"
-    vec = fmt == "nhwc" and c % 8 == 0 and shift == 0
+    # The vector path needs channels at stride 1: NHWC, or NCHW with a 1x1 input.
+    channels_inner = fmt == "nhwc" or x.shape[2] * x.shape[3] == 1
+    vec = channels_inner and x.shape[1] % 8 == 0 and shift == 0
     return "tensor_core_vec" if vec else "tensor_core_scalar"
 
 
 # (N, C, H, W, Cout, K), chosen against the tile kernel's edges: K = KH*KW*C below, at and
 # above one 32-wide K step and not a multiple of it; M = N*OH*OW under one 128-row block and
-# over several; Cout under 128 and over it (a partial second column block); C % 8 == 0 (the
-# vector path, one 8-channel chunk per tap at C = 8) and not; 1x1, 3x3 and 4x4 kernels.
+# over several; Cout under 128 and over it (partial second and third column blocks); C % 8 == 0
+# (the vector path, one 8-channel chunk per tap at C = 8) and not; 1x1, 3x3, 4x4 and
+# non-square (KH, KW) kernels, so that rows and columns cannot be swapped unnoticed; a 1x1 input.
 SHAPES = [
     (1, 3, 8, 8, 4, 3),
     (2, 5, 7, 9, 6, 3),
@@ -167,6 +201,10 @@ SHAPES = [
     (1, 24, 11, 6, 200, 1),
     (3, 8, 13, 12, 24, 3),
     (1, 32, 10, 19, 136, 3),
+    (2, 8, 9, 11, 300, (1, 3)),
+    (1, 16, 12, 7, 24, (3, 1)),
+    (2, 5, 8, 10, 7, (2, 3)),
+    (2, 16, 1, 1, 8, 1),
 ]
 PADDINGS = [(0, 1, 0, 1), (0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 3, 1), (5, 4, 0, 6)]
 
@@ -178,12 +216,14 @@ PADDINGS = [(0, 1, 0, 1), (0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 3, 1), (5, 4, 0, 6)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernels_match_float64_reference(emu, shape, stride, padding, fmt, dtype):
     n, c, h, w, cout, k = shape
-    if h + padding[2] + padding[3] < k or w + padding[0] + padding[1] < k:
+    kh, kw = _kernel_hw(k)
+    if h + padding[2] + padding[3] < kh or w + padding[0] + padding[1] < kw:
         pytest.skip("the padded input is smaller than the kernel (the op refuses it)")
     x, wt, b = _inputs(shape, dtype, with_bias=stride != 3)
     out, path = emulate(emu, x, wt, b, stride, padding, fmt)
-    assert path == _expected_path(dtype, fmt, c, out=out)
+    assert path == _expected_path(dtype, fmt, x, out=out)
     assert_close(out, _ref64(x, wt, b, stride, padding), dtype, name=f"{path} {shape} s{stride}")
+    assert_within_rounding(out, x, wt, b, stride, padding)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -194,8 +234,9 @@ def test_encoder_downsample(emu, size, fmt, dtype):
     # 64 channels in NHWC take the cp.async vector path, the first-class case; several blocks.
     x, wt, b = _inputs((2, 64, size, size, 64, 3), dtype)
     out, path = emulate(emu, x, wt, b, 2, (0, 1, 0, 1), fmt)
-    assert path == _expected_path(dtype, fmt, 64)
+    assert path == _expected_path(dtype, fmt, x)
     assert_close(out, _ref64(x, wt, b, 2, (0, 1, 0, 1)), dtype, name=path)
+    assert_within_rounding(out, x, wt, b, 2, (0, 1, 0, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -204,17 +245,23 @@ def test_misaligned_input_takes_the_scalar_path(emu, dtype):
     out, path = emulate(emu, x, wt, b, 2, (0, 1, 0, 1), "nhwc", shift=1)
     assert path == "tensor_core_scalar"
     assert_close(out, _ref64(x, wt, b, 2, (0, 1, 0, 1)), dtype, name=path)
+    assert_within_rounding(out, x, wt, b, 2, (0, 1, 0, 1))
 
 
-def test_extreme_values_round_once(emu):
-    # Large-magnitude fp16 inputs whose fp32 sum is exact: the result must be the exact sum
-    # rounded once (fp32 accumulation, one rounding in the epilogue).
-    x = torch.full((1, 8, 4, 4), 256.0, dtype=torch.float16)
-    wt = torch.full((8, 8, 3, 3), 8.0, dtype=torch.float16)
-    out, path = emulate(emu, x, wt, None, 1, (1, 1, 1, 1), "nhwc")
-    assert path == "tensor_core_vec"
-    ref = _ref64(x, wt, None, 1, (1, 1, 1, 1)).half()  # max 9*8*256*8 = 147456 -> inf in fp16
-    assert torch.equal(out, ref)
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+def test_accumulates_in_fp32_and_rounds_once(emu, fmt):
+    # fp16 partial sums far beyond the fp16 range (65504) that cancel to 512: 4 taps of
+    # +256*32 per channel, 4 of -256*32, one of 256*0.125, over 16 channels, plus a bias of
+    # 0.3. Accumulating in fp16 (or storing a partial sum in fp16) gives inf or garbage; fp32
+    # accumulation gives exactly 512, and 512 + 0.3 rounds once to 512.5 in fp16.
+    x = torch.full((1, 16, 3, 3), 256.0, dtype=torch.float16)
+    taps = torch.tensor([32.0] * 4 + [-32.0] * 4 + [0.125]).reshape(1, 1, 3, 3)
+    wt = taps.expand(8, 16, 3, 3).to(torch.float16).contiguous()
+    b = torch.full((8,), 0.3, dtype=torch.float16)
+    out, path = emulate(emu, x, wt, b, 1, (0, 0, 0, 0), fmt)
+    assert path == _expected_path(torch.float16, fmt, x)
+    assert out.shape == (1, 8, 1, 1)
+    assert torch.equal(out, torch.full_like(out, 512.5)), out.flatten().tolist()
 
 
 # ---- the emulator catches planted bugs ---------------------------------------------------------
@@ -234,7 +281,24 @@ MUTANTS = {
         "if (ih >= 0 && (cuda_emu::mutant() == 3 ? ih <= p.H : ih < p.H) && iw >= 0 && "
         "iw < p.W) {\n            v = x",
     ),
+    4: (
+        "cp_async_16(as + row * kLds + kc, src, ok ? 16 : 0);",
+        "if (cuda_emu::mutant() != 4 || ok) cp_async_16(as + row * kLds + kc, src, ok ? 16 : 0);",
+    ),
+    5: (
+        "      }\n    }\n    __syncthreads();\n  }\n\n  // Epilogue",
+        "      }\n    }\n    if (cuda_emu::mutant() != 5) __syncthreads();\n  }\n\n  // Epilogue",
+    ),
+    6: (
+        "wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);\n"
+        "      __syncwarp();",
+        "wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);\n"
+        "      if (cuda_emu::mutant() != 6) __syncwarp();",
+    ),
 }
+# Mutants 5 and 6 are races: whether one shows depends on how the threads are scheduled, so
+# they get several tries (and the test asks that at least one catches the bug).
+RACY = {5, 6}
 
 
 @pytest.fixture(scope="module")
@@ -255,20 +319,28 @@ def mutant_emu(emu, tmp_path_factory):
         (1, "nhwc", (0, 1, 0, 1)),  # reads a pipeline stage before its cp.async landed
         (2, "nhwc", (0, 1, 0, 1)),  # vector path reads one column into the right padding
         (3, "nchw", (0, 1, 0, 1)),  # scalar path reads one row into the bottom padding
+        (4, "nhwc", (0, 1, 0, 1)),  # vector path skips the copy (zero fill) for padding taps
+        (5, "nhwc", (0, 1, 0, 1)),  # no barrier before the next loads overwrite a stage
+        (6, "nhwc", (0, 1, 0, 1)),  # lanes read the epilogue scratch before the store lands
     ],
 )
 def test_emulator_catches_planted_bugs(mutant_emu, mutant, fmt, padding):
     x, wt, b = _inputs((2, 64, 16, 16, 64, 3), torch.float16)
-    mutant_emu.set_mutant(mutant)
-    try:
-        out, path = emulate(mutant_emu, x, wt, b, 2, padding, fmt)
-    except AssertionError as e:  # an emulator error (bad cp.async) or a stray store
-        assert mutant != 0, f"the unmutated kernel failed in the mutant build: {e}"
-        return
-    finally:
-        mutant_emu.set_mutant(0)
-    err = (out.double() - _ref64(x, wt, b, 2, padding)).abs().max().item()
-    if mutant == 0:
-        assert path == _expected_path(torch.float16, fmt, 64) and err < 0.05, (path, err)
-    else:
-        assert not err < 0.1, f"mutant {mutant} ({path}) went unnoticed: max abs error {err}"
+    outcomes = []
+    for _ in range(5 if mutant in RACY else 1):
+        mutant_emu.set_mutant(mutant)
+        try:
+            out, path = emulate(mutant_emu, x, wt, b, 2, padding, fmt)
+        except AssertionError as e:  # an emulator error (bad cp.async) or a stray store
+            assert mutant != 0, f"the unmutated kernel failed in the mutant build: {e}"
+            return
+        finally:
+            mutant_emu.set_mutant(0)
+        err = (out.double() - _ref64(x, wt, b, 2, padding)).abs().max().item()
+        if mutant == 0:
+            assert path == _expected_path(torch.float16, fmt, x) and err < 0.05, (path, err)
+            return
+        if not err < 0.1:  # a large error or NaN: caught
+            return
+        outcomes.append(f"{path}: max abs error {err:.3g}")
+    pytest.fail(f"mutant {mutant} went unnoticed: {outcomes}")

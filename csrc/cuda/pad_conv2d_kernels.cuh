@@ -70,6 +70,17 @@ constexpr int kBN = 128;
 constexpr int kBK = 32;
 constexpr int kLds = kBK + 8;  // shared-memory row length (elements); multiple of 8 for WMMA
 constexpr int kThreads = 256;
+// The tile kernel's index maths is written for exactly this geometry: 8 warps in a 2 x 4 grid of
+// 64 x 32 warp tiles, two 8-element chunks per thread per A / B tile, 16-wide WMMA steps.
+static_assert(kBM == 128 && kBN == 128 && kThreads == 256, "warp layout assumes 128x128 / 8 warps");
+static_assert(kBM * kBK == 2 * 8 * kThreads && kBN * kBK == 2 * 8 * kThreads, "2 chunks/thread");
+static_assert(kBK % 16 == 0 && kLds % 8 == 0, "WMMA steps and 16-byte shared-memory rows");
+
+// Shared memory of the tile kernel. The host emulator (tests/cuda_emu) defines its own, which
+// hands every block a fresh, poisoned buffer; on the GPU it is a plain static array.
+#ifndef SDVAE_SHARED_BYTES
+#define SDVAE_SHARED_BYTES(name, bytes) __shared__ __align__(128) unsigned char name[bytes]
+#endif
 
 template <typename T>
 struct Cvt;
@@ -96,7 +107,7 @@ __global__ void __launch_bounds__(kThreads)
                          const float* __restrict__ bias, T* __restrict__ out, ConvParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
-  __shared__ __align__(128) unsigned char smem_raw[2 * (kBM + kBN) * kLds * sizeof(T)];
+  SDVAE_SHARED_BYTES(smem_raw, 2 * (kBM + kBN) * kLds * sizeof(T));
   T* As = reinterpret_cast<T*>(smem_raw);  // [2][kBM][kLds]
   T* Bs = As + 2 * kBM * kLds;             // [2][kBN][kLds]
 
@@ -374,15 +385,23 @@ inline Launch prepare_launch(const at::Tensor& x, const at::Tensor& weight,
   }
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "pad_conv2d: unsupported dtype ", x.scalar_type());
-  TORCH_CHECK(p.K < (int64_t{1} << 31) && p.OH * p.OW < (int64_t{1} << 31) &&
-                  p.H < (int64_t{1} << 31) && p.W < (int64_t{1} << 31),
+  constexpr int64_t kInt = int64_t{1} << 31;
+  TORCH_CHECK(p.K < kInt && p.OH * p.OW < kInt && p.H < kInt && p.W < kInt,
               "pad_conv2d: per-image sizes beyond 2^31 are not supported");
+  // The vector path keeps the first input row / column of a pixel's window in int32.
+  TORCH_CHECK(p.OH * p.stride + p.KH < kInt && p.OW * p.stride + p.KW < kInt && p.pt < kInt &&
+                  p.pl < kInt,
+              "pad_conv2d: padding or stride too large");
   TORCH_CHECK((p.M + kBM - 1) / kBM < (int64_t{1} << 31) && (p.Cout + kBN - 1) / kBN < 65536,
               "pad_conv2d: output too large for one launch");
   // [Cout, KH, KW, C]: K ordered (kh, kw, c), matching the im2col order of the A tile.
   l.wk = weight.permute({0, 2, 3, 1}).contiguous();
-  const bool vec = p.xs_c == 1 && p.C % 8 == 0 && aligned16(x.const_data_ptr()) &&
-                   aligned16(l.wk.const_data_ptr());
+  // 16-byte cp.async of 8 channels: channels contiguous, every pixel's first channel 16-byte
+  // aligned (strides of dimensions with more than one element a multiple of 8 elements).
+  auto stride_ok = [](int64_t size, int64_t stride) { return size == 1 || stride % 8 == 0; };
+  const bool vec = p.xs_c == 1 && p.C % 8 == 0 && stride_ok(p.N, p.xs_n) &&
+                   stride_ok(p.H, p.xs_h) && stride_ok(p.W, p.xs_w) &&
+                   aligned16(x.const_data_ptr()) && aligned16(l.wk.const_data_ptr());
   l.path = vec ? Path::kTensorCoreVec : Path::kTensorCoreScalar;
   l.threads = kThreads;
   l.grid = dim3(static_cast<unsigned>((p.M + kBM - 1) / kBM),

@@ -7,10 +7,12 @@
 //     one block at a time;
 //   * __syncthreads / __syncwarp: real barriers over the block / the 32 lanes of a warp; a
 //     barrier that not every thread reaches within a timeout is reported, not hung on;
-//   * cp.async: each copy is queued and performed as late as the program allows (at the
-//     cp.async.wait_group that retires its group), so reading a stage before waiting for it reads
-//     stale data; addresses must be 16-byte aligned and a copy with src-size > 0 must lie inside
-//     a buffer registered as readable;
+//   * shared memory (SDVAE_SHARED_BYTES in the kernel): a fresh buffer per block, poisoned with
+//     0xFF bytes (NaN) before the block starts;
+//   * cp.async: a copy poisons its 16 destination bytes when issued and lands only at the
+//     cp.async.wait_group that retires its group, so reading a stage before waiting for it, or
+//     issuing a copy into a stage another warp still reads, gives NaN; addresses must be 16-byte
+//     aligned and a copy with src-size > 0 must lie inside a buffer registered as readable;
 //   * WMMA 16x16x16: a fragment is warp-level state held by lane 0; load/mma/store check the
 //     documented pointer alignment (32 bytes) and leading dimension; products are exact and
 //     accumulate in fp32, as on the tensor cores (summation order aside).
@@ -125,8 +127,12 @@ struct Copy {
   int src_bytes;
 };
 
+// Shared memory of one block: fresh for every block and filled with 0xFF bytes (NaN in fp16,
+// bf16 and fp32) before it starts, as on a GPU, where it starts as garbage.
+constexpr size_t kSharedBytes = 48 * 1024;  // the static shared-memory limit per block
+
 struct BlockState {
-  explicit BlockState(int threads) : block(threads) {
+  explicit BlockState(int threads) : block(threads), shared(kSharedBytes + 128) {
     for (int w = 0; w < (threads + 31) / 32; ++w) {
       const int lanes = std::min(32, threads - 32 * w);
       warps.emplace_back(new Barrier(lanes));
@@ -134,6 +140,11 @@ struct BlockState {
   }
   Barrier block;
   std::vector<std::unique_ptr<Barrier>> warps;
+  std::vector<unsigned char> shared;
+  unsigned char* shared_base() {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(shared.data());
+    return shared.data() + (128 - p % 128) % 128;  // 128-byte aligned, as the kernel asks
+  }
 };
 
 struct ThreadState {
@@ -153,6 +164,10 @@ inline int lane() { return tls()->linear % 32; }
 inline void syncthreads() { tls()->block->block.arrive_and_wait("__syncthreads"); }
 inline void syncwarp() { tls()->block->warps[tls()->linear / 32]->arrive_and_wait("__syncwarp"); }
 inline void trap() { report("__trap() was executed"); }
+inline unsigned char* block_shared(size_t bytes) {
+  if (bytes > kSharedBytes) report("static shared memory over 48 KiB");
+  return tls()->block->shared_base();
+}
 
 // ---- cp.async --------------------------------------------------------------------------------
 inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
@@ -168,6 +183,10 @@ inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
     report("cp.async: reads outside every input buffer");
     return;
   }
+  // The copy may land any time before its wait_group: until then the destination holds
+  // neither its old contents nor the new ones (0xFF bytes: NaN), so a stage that is still being
+  // read when the next copy into it is issued shows up as NaN.
+  std::memset(smem, 0xFF, 16);
   tls()->open.push_back({smem, gmem, src_bytes});
 }
 inline void cp_async_commit() {
@@ -206,6 +225,8 @@ void launch(dim3 grid, dim3 block, Kernel&& kernel) {
       ts.block = &bs;
       tls() = &ts;
       for (uint64_t b = 0; b < blocks; ++b) {
+        if (t == 0) std::memset(bs.shared.data(), 0xFF, bs.shared.size());
+        between_blocks.arrive_and_wait("start of block");
         const uint64_t plane = static_cast<uint64_t>(grid.x) * grid.y;
         ts.block_idx = make_uint3(static_cast<unsigned>(b % grid.x),
                                   static_cast<unsigned>((b / grid.x) % grid.y),
@@ -320,7 +341,8 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 // ---- the CUDA keywords, for kernel source compiled as host C++ ---------------------------------
 // Included after cuda_fp16.h / cuda_bf16.h, whose host paths must not see __CUDA_ARCH__.
 #undef __shared__
-#define __shared__ static
+#define __shared__ static  // not poisoned: kernels here declare shared memory with the macro below
+#define SDVAE_SHARED_BYTES(name, bytes) unsigned char* name = cuda_emu::block_shared(bytes)
 #define __launch_bounds__(...)
 #define __CUDA_ARCH__ 800
 #define threadIdx (cuda_emu::tls()->thread_idx)
