@@ -85,6 +85,42 @@ def test_cuda_kernels_are_in_the_binary_for_sm80_and_sm90_without_spills():
         assert int(fields["REG"]) <= 128, f"{name}: {usage}"
 
 
+def test_cuda_kernels_use_tensor_cores_and_cp_async():
+    # What the machine code does, per architecture: the fp16/bf16 kernels multiply on tensor
+    # cores with fp32 accumulation (HMMA.*.F32), the vector variants load with 16-byte cp.async
+    # (LDGSTS.*.128, zero-filling for the padding), and the fp32 kernel stays off the tensor
+    # cores (no TF32) with plain FMAs.
+    import subprocess
+
+    if not _ext.with_cuda():
+        pytest.skip(f"the extension has no CUDA kernels ({_ext.build_info()})")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's NVIDIA backend) to read the binary")
+    sass = subprocess.run(
+        [tool, "-sass", _ext._C.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    arch, name, body = None, None, {}
+    for line in sass.splitlines():
+        if line.startswith("arch = "):  # a new ELF: its functions follow
+            arch, name = line.split("=")[1].strip(), None
+        elif "Function :" in line:
+            name = line.split("Function :")[1].strip()
+            body[(arch, name)] = []
+        elif name is not None:
+            body[(arch, name)].append(line)
+    kernels = {k: "\n".join(v) for k, v in body.items() if "pad_conv2d_" in k[1]}
+    assert {a for a, _ in kernels} == {"sm_80", "sm_90"}, sorted(kernels)
+    for (arch, name), code in kernels.items():
+        if "tc_kernel" in name:
+            assert "HMMA.16816.F32" in code, f"{arch} {name}: no fp32-accumulating HMMA"
+            if "Lb1E" in name:  # the VEC=true instantiation
+                assert "LDGSTS.E.BYPASS.128" in code, f"{arch} {name}: no 16-byte cp.async"
+                assert "ZFILL" in code, f"{arch} {name}: no zero-filling cp.async"
+        else:
+            assert "HMMA" not in code and "FFMA" in code, f"{arch} {name}"
+
+
 def test_torch_library_namespace_exists():
     assert hasattr(torch.ops, "sdvae")
 
