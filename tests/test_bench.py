@@ -85,3 +85,16 @@ def test_pad_conv2d_bench_providers_compute_the_op(size, fmt):
     assert cover.is_contiguous(memory_format=fmt)
     nopad = cp._nopad(x, w, b)
     assert torch.allclose(nopad, ref[:, :, : nopad.shape[2], : nopad.shape[3]], atol=1e-12)
+
+
+def test_pad_conv2d_depth_provider_sets_and_restores_the_env(monkeypatch):
+    import os
+
+    from sdvae.bench import cases_pad_conv2d as cp
+
+    monkeypatch.delenv("SDVAE_PAD_CONV2D_STAGES", raising=False)
+    assert cp._at_depth(2, lambda: os.environ["SDVAE_PAD_CONV2D_STAGES"])() == "2"
+    assert "SDVAE_PAD_CONV2D_STAGES" not in os.environ
+    monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", "3")
+    assert cp._at_depth(4, lambda: os.environ["SDVAE_PAD_CONV2D_STAGES"])() == "4"
+    assert os.environ["SDVAE_PAD_CONV2D_STAGES"] == "3"

@@ -35,6 +35,7 @@ EMU = ROOT / "tests" / "cuda_emu"
 KERNELS = ROOT / "csrc" / "cuda" / "pad_conv2d_kernels.cuh"
 GUARD = 64  # elements of guard on each side; a multiple of 8 keeps 16-byte alignment
 SENTINEL = 77.0
+DEFAULT_STAGES = 3  # kDefaultStages in the kernel header
 
 
 def _cuda_include():
@@ -112,9 +113,10 @@ def _guarded(n, c, h, w, dtype, fmt, fill, interior=None, shift=0):
     return view, buf
 
 
-def emulate(ops, x, wt, b, stride, padding, fmt, shift=0):
-    """Run the CUDA launch path on the emulator. Returns (out, path); fails on any error the
-    emulator recorded and on any store outside the output."""
+def emulate(ops, x, wt, b, stride, padding, fmt, shift=0, stages=0):
+    """Run the CUDA launch path on the emulator (``stages`` 0: the default pipeline depth).
+    Returns (out, path); fails on any error the emulator recorded, on any store outside the
+    output, and on a tile kernel run at another depth than asked."""
     n, c, h, w = x.shape
     cout, _, kh, kw = wt.shape
     left, right, top, bottom = padding
@@ -123,9 +125,12 @@ def emulate(ops, x, wt, b, stride, padding, fmt, shift=0):
     xg, _ = _guarded(n, c, h, w, x.dtype, fmt, float("nan"), interior=x, shift=shift)
     out, obuf = _guarded(n, cout, oh, ow, x.dtype, fmt, SENTINEL)
     out.fill_(float("nan"))
-    res = ops.pad_conv2d(xg, wt, b, out, stride, left, top)
+    res = ops.pad_conv2d(xg, wt, b, out, stride, left, top, stages)
     path, _, errors = res.partition(": ")
     assert not errors, f"emulator: {errors}"
+    if path.startswith("tensor_core"):
+        path, _, depth = path.partition("/")
+        assert depth == f"{stages or DEFAULT_STAGES}stages", depth
     guards = torch.cat([obuf[:GUARD], obuf[-GUARD:]])
     assert (guards == SENTINEL).all(), "the kernel stored outside its output"
     return out, path
@@ -248,6 +253,45 @@ def test_misaligned_input_takes_the_scalar_path(emu, dtype):
     assert_within_rounding(out, x, wt, b, 2, (0, 1, 0, 1))
 
 
+def test_default_depth_matches_the_header():
+    assert f"kDefaultStages = {DEFAULT_STAGES};" in KERNELS.read_text()
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize(
+    "shape, fmt",
+    [
+        ((2, 64, 16, 16, 64, 3), "nhwc"),  # vector path, 18 K steps
+        ((1, 24, 11, 9, 136, 3), "nhwc"),  # vector path, K tail (216 = 6.75 steps), 2 col blocks
+        ((1, 8, 5, 5, 16, 1), "nhwc"),  # a single K step: fewer steps than stages
+        ((2, 5, 7, 9, 6, 3), "nchw"),  # scalar path
+    ],
+)
+def test_every_pipeline_depth(emu, shape, fmt, stages):
+    x, wt, b = _inputs(shape, torch.bfloat16)
+    out, path = emulate(emu, x, wt, b, 2, (0, 1, 0, 1), fmt, stages=stages)
+    assert path == _expected_path(torch.bfloat16, fmt, x)
+    assert_within_rounding(out, x, wt, b, 2, (0, 1, 0, 1))
+
+
+def test_pipeline_depth_from_the_environment(emu, monkeypatch):
+    # stages=0 takes SDVAE_PAD_CONV2D_STAGES (the benchmark's knob), as the real launcher does.
+    x, wt, b = _inputs((1, 8, 5, 5, 8, 3), torch.float16)
+    out = torch.empty(1, 8, 2, 2, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", "2")
+    assert emu.pad_conv2d(xl, wt, b, out, 2, 0, 0, 0) == "tensor_core_vec/2stages"
+    monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", "7")
+    with pytest.raises(RuntimeError, match="SDVAE_PAD_CONV2D_STAGES"):
+        emu.pad_conv2d(xl, wt, b, out, 2, 0, 0, 0)
+
+
+def test_pipeline_depth_is_checked(emu):
+    x, wt, b = _inputs((1, 8, 5, 5, 8, 3), torch.float16)
+    with pytest.raises(RuntimeError, match="must be 2, 3 or 4"):
+        emulate(emu, x, wt, b, 2, (0, 1, 0, 1), "nhwc", stages=5)
+
+
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 def test_accumulates_in_fp32_and_rounds_once(emu, fmt):
     # fp16 partial sums far beyond the fp16 range (65504) that cancel to 512: 4 taps of
@@ -269,8 +313,9 @@ def test_accumulates_in_fp32_and_rounds_once(emu, fmt):
 # cuda_emu::mutant() selects it; the unmutated path must still pass in the same build.
 MUTANTS = {
     1: (
-        "cp_async_wait<1>();",
-        "if (cuda_emu::mutant() == 1) cp_async_wait<2>(); else cp_async_wait<1>();",
+        "    cp_async_wait<STAGES - 2>();\n",
+        "    if (cuda_emu::mutant() == 1) cp_async_wait<STAGES - 1>(); "
+        "else cp_async_wait<STAGES - 2>();\n",
     ),
     2: (
         "ih < p.H && iw >= 0 && iw < p.W;",
@@ -286,8 +331,8 @@ MUTANTS = {
         "if (cuda_emu::mutant() != 4 || ok) cp_async_16(as + row * kLds + kc, src, ok ? 16 : 0);",
     ),
     5: (
-        "      }\n    }\n    __syncthreads();\n  }\n\n  // Epilogue",
-        "      }\n    }\n    if (cuda_emu::mutant() != 5) __syncthreads();\n  }\n\n  // Epilogue",
+        "    __syncthreads();\n    const int next = kt + STAGES - 1;",
+        "    if (cuda_emu::mutant() != 5) __syncthreads();\n    const int next = kt + STAGES - 1;",
     ),
     6: (
         "wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);\n"
@@ -320,7 +365,7 @@ def mutant_emu(emu, tmp_path_factory):
         (2, "nhwc", (0, 1, 0, 1)),  # vector path reads one column into the right padding
         (3, "nchw", (0, 1, 0, 1)),  # scalar path reads one row into the bottom padding
         (4, "nhwc", (0, 1, 0, 1)),  # vector path skips the copy (zero fill) for padding taps
-        (5, "nhwc", (0, 1, 0, 1)),  # no barrier before the next loads overwrite a stage
+        (5, "nhwc", (0, 1, 0, 1)),  # no barrier between the pipeline's loads and its reads
         (6, "nhwc", (0, 1, 0, 1)),  # lanes read the epilogue scratch before the store lands
     ],
 )

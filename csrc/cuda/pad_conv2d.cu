@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
+
 #include "pad_conv2d_kernels.cuh"
 
 namespace sdvae {
@@ -13,20 +15,53 @@ using pad_conv2d_detail::Path;
 
 namespace {
 
+// Opts the kernel in to more than 48 KiB of dynamic shared memory, once per kernel and device.
+template <typename Kernel>
+void allow_shared(Kernel kernel, int bytes, int device) {
+  static std::atomic<int> done[64];  // the bytes already allowed, per device
+  if (device >= 0 && device < 64 && done[device].load() >= bytes) return;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (device >= 0 && device < 64) done[device].store(bytes);
+}
+
+template <typename T, bool VEC, int STAGES>
+void launch_tc_kernel(const T* xp, const T* wp, const float* bias, T* op, const Launch& l,
+                      int device, cudaStream_t stream) {
+  const auto kernel = pad_conv2d_detail::pad_conv2d_tc_kernel<T, VEC, STAGES>;
+  allow_shared(kernel, l.smem_bytes, device);
+  kernel<<<l.grid, l.threads, l.smem_bytes, stream>>>(xp, wp, bias, op, l.p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool VEC>
+void launch_tc_stages(const T* xp, const T* wp, const float* bias, T* op, const Launch& l,
+                      int device, cudaStream_t stream) {
+  switch (l.stages) {
+    case 2:
+      launch_tc_kernel<T, VEC, 2>(xp, wp, bias, op, l, device, stream);
+      break;
+    case 3:
+      launch_tc_kernel<T, VEC, 3>(xp, wp, bias, op, l, device, stream);
+      break;
+    default:
+      launch_tc_kernel<T, VEC, 4>(xp, wp, bias, op, l, device, stream);
+      break;
+  }
+}
+
 template <typename T>
 void launch_tc(const at::Tensor& x, const Launch& l, const float* bias, at::Tensor& out,
                cudaStream_t stream) {
   const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
   const T* wp = reinterpret_cast<const T*>(l.wk.const_data_ptr());
   T* op = reinterpret_cast<T*>(out.mutable_data_ptr());
+  const int device = x.device().index();
   if (l.path == Path::kTensorCoreVec) {
-    pad_conv2d_detail::pad_conv2d_tc_kernel<T, true>
-        <<<l.grid, l.threads, 0, stream>>>(xp, wp, bias, op, l.p);
+    launch_tc_stages<T, true>(xp, wp, bias, op, l, device, stream);
   } else {
-    pad_conv2d_detail::pad_conv2d_tc_kernel<T, false>
-        <<<l.grid, l.threads, 0, stream>>>(xp, wp, bias, op, l.p);
+    launch_tc_stages<T, false>(xp, wp, bias, op, l, device, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

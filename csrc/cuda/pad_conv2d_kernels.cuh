@@ -6,8 +6,11 @@
 //   GEMM view: M = N*OH*OW output pixels, N = Cout, K = KH*KW*C ordered (kh, kw, c). The weight is
 //   reordered once per call to [Cout, KH, KW, C] (small), so a K slice of 8 consecutive values is
 //   8 channels of one tap. One block of 8 warps computes a 128x128 output tile; each warp holds a
-//   64x32 sub-tile in 4x2 accumulator fragments. K advances 32 at a time through a two-stage
-//   shared-memory pipeline (40 KiB, rows padded to 40 elements so WMMA loads stay 32-byte aligned).
+//   64x32 sub-tile in 4x2 accumulator fragments. K advances 32 at a time through a cp.async
+//   pipeline of STAGES shared-memory buffers (20 KiB each; default 3 stages, 60 KiB, so two
+//   blocks fit an SM on sm_80 and sm_90; rows padded to 40 elements so WMMA loads stay 32-byte
+//   aligned). Three stages is CUTLASS's usual depth for this tile on sm_80; whether 2 or 4 is
+//   faster on a given GPU is for the benchmark (SDVAE_PAD_CONV2D_STAGES, sdvae bench).
 //   * NHWC input with C % 8 == 0 (the encoder's case, first-class): each thread issues 16-byte
 //     cp.async copies straight into shared memory; a tap in the padding (or past M or K) is a
 //     cp.async with src-size 0, which writes zeros — that is the whole padding logic.
@@ -32,6 +35,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 
 #ifndef SDVAE_CUDA_EMU
@@ -76,11 +80,21 @@ static_assert(kBM == 128 && kBN == 128 && kThreads == 256, "warp layout assumes 
 static_assert(kBM * kBK == 2 * 8 * kThreads && kBN * kBK == 2 * 8 * kThreads, "2 chunks/thread");
 static_assert(kBK % 16 == 0 && kLds % 8 == 0, "WMMA steps and 16-byte shared-memory rows");
 
-// Shared memory of the tile kernel. The host emulator (tests/cuda_emu) defines its own, which
-// hands every block a fresh, poisoned buffer; on the GPU it is a plain static array.
-#ifndef SDVAE_SHARED_BYTES
-#define SDVAE_SHARED_BYTES(name, bytes) __shared__ __align__(128) unsigned char name[bytes]
+// Shared memory of the tile kernel (dynamic: 3 or 4 stages need more than the 48 KiB a static
+// array may have). The host emulator (tests/cuda_emu) defines its own, which hands every block
+// a fresh, poisoned buffer.
+#ifndef SDVAE_DYNAMIC_SHARED
+#define SDVAE_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
+constexpr int kDefaultStages = 3;
+
+// Bytes of dynamic shared memory the tile kernel needs: the pipeline buffers, which the
+// epilogue's 8 KiB of scratch reuses.
+template <typename T>
+constexpr int tc_shared_bytes(int stages) {
+  return stages * (kBM + kBN) * kLds * static_cast<int>(sizeof(T));
+}
+static_assert(tc_shared_bytes<__half>(2) >= kThreads / 32 * 256 * 4, "epilogue scratch fits");
 
 template <typename T>
 struct Cvt;
@@ -101,15 +115,18 @@ struct Cvt<__nv_bfloat16> {
 //   bias: [Cout] fp32, or nullptr
 //   out:  [N, Cout, OH, OW] at strides p.os_*
 // VEC: x is NHWC with C % 8 == 0 and 16-byte aligned (16-byte cp.async for A and B tiles).
-template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads)
+// STAGES: shared-memory pipeline depth (2..4); dynamic shared memory of tc_shared_bytes<T>(STAGES).
+// __launch_bounds__(256, 2): at most 128 registers a thread, so two blocks share an SM.
+template <typename T, bool VEC, int STAGES>
+__global__ void __launch_bounds__(kThreads, 2)
     pad_conv2d_tc_kernel(const T* __restrict__ x, const T* __restrict__ w,
                          const float* __restrict__ bias, T* __restrict__ out, ConvParams p) {
+  static_assert(STAGES >= 2 && STAGES <= 4, "pipeline depth");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
-  SDVAE_SHARED_BYTES(smem_raw, 2 * (kBM + kBN) * kLds * sizeof(T));
-  T* As = reinterpret_cast<T*>(smem_raw);  // [2][kBM][kLds]
-  T* Bs = As + 2 * kBM * kLds;             // [2][kBN][kLds]
+  SDVAE_DYNAMIC_SHARED(smem_raw);
+  T* As = reinterpret_cast<T*>(smem_raw);  // [STAGES][kBM][kLds]
+  T* Bs = As + STAGES * kBM * kLds;        // [STAGES][kBN][kLds]
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -215,20 +232,25 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   }
 
+  // Multistage pipeline: tiles kt+1 .. kt+STAGES-1 are in flight while tile kt is multiplied.
+  // One commit group per tile (empty past the last), so "tile kt has landed" is always
+  // wait_group<STAGES-2>. The one barrier per step both publishes tile kt to every warp and
+  // tells every warp that all others are done with tile kt-1, whose stage is refilled next.
   const int KT = (K + kBK - 1) / kBK;
-  load_tiles(0, 0);
-  cp_async_commit();
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < KT) load_tiles(s, s);
+    cp_async_commit();
+  }
   for (int kt = 0; kt < KT; ++kt) {
-    if (kt + 1 < KT) {
-      load_tiles(kt + 1, (kt + 1) & 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    cp_async_wait<STAGES - 2>();
     __syncthreads();
-    const T* as = As + (kt & 1) * kBM * kLds + warp_m * 64 * kLds;
-    const T* bs = Bs + (kt & 1) * kBN * kLds + warp_n * 32 * kLds;
+    const int next = kt + STAGES - 1;
+    if (next < KT) load_tiles(next, next % STAGES);
+    cp_async_commit();
+    const int stage = kt % STAGES;
+    const T* as = As + stage * kBM * kLds + warp_m * 64 * kLds;
+    const T* bs = Bs + stage * kBN * kLds + warp_n * 32 * kLds;
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
@@ -243,8 +265,9 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
       }
     }
-    __syncthreads();
   }
+  cp_async_wait<0>();  // only empty groups remain; drained before shared memory is reused
+  __syncthreads();     // every warp is done with the last tile
 
   // Epilogue: each warp stages one 16x16 fragment at a time in its own 1 KiB of shared memory
   // (the pipeline buffers are free now), then lane l writes row l/2, columns (l%2)*8 .. +8.
@@ -338,15 +361,32 @@ struct Launch {
   at::Tensor b32;   // bias in fp32, or undefined
   Path path;
   bool out_cl;      // f32 kernel: enumerate outputs in NHWC order
+  int stages;       // tile kernel: pipeline depth
+  int smem_bytes;   // tile kernel: dynamic shared memory
   dim3 grid;
   unsigned threads;
 };
 
+// The tile kernel's pipeline depth: `requested` if non-zero, else SDVAE_PAD_CONV2D_STAGES from
+// the environment (a benchmarking knob), else kDefaultStages.
+inline int pick_stages(int requested) {
+  int stages = requested;
+  if (stages == 0) {
+    const char* env = std::getenv("SDVAE_PAD_CONV2D_STAGES");
+    stages = env != nullptr && env[0] != '\0' ? std::atoi(env) : kDefaultStages;
+  }
+  TORCH_CHECK(stages >= 2 && stages <= 4,
+              "pad_conv2d: the pipeline depth (SDVAE_PAD_CONV2D_STAGES) must be 2, 3 or 4, got ",
+              stages);
+  return stages;
+}
+
 // `x` is NCHW- or NHWC-contiguous and `out` is allocated in the same memory format (both checked
-// by csrc/pad_conv2d.cpp). Checks the limits the kernels' int32 indexing relies on.
+// by csrc/pad_conv2d.cpp). Checks the limits the kernels' int32 indexing relies on. `stages`:
+// see pick_stages.
 inline Launch prepare_launch(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const at::Tensor& out,
-                             int64_t stride, int64_t pad_left, int64_t pad_top) {
+                             int64_t stride, int64_t pad_left, int64_t pad_top, int stages = 0) {
   Launch l{};
   ConvParams& p = l.p;
   p.N = x.size(0);
@@ -403,6 +443,8 @@ inline Launch prepare_launch(const at::Tensor& x, const at::Tensor& weight,
                    stride_ok(p.H, p.xs_h) && stride_ok(p.W, p.xs_w) &&
                    aligned16(x.const_data_ptr()) && aligned16(l.wk.const_data_ptr());
   l.path = vec ? Path::kTensorCoreVec : Path::kTensorCoreScalar;
+  l.stages = pick_stages(stages);
+  l.smem_bytes = tc_shared_bytes<__half>(l.stages);  // 2-byte types: the same for bf16
   l.threads = kThreads;
   l.grid = dim3(static_cast<unsigned>((p.M + kBM - 1) / kBM),
                 static_cast<unsigned>((p.Cout + kBN - 1) / kBN), 1);

@@ -13,7 +13,10 @@ Providers:
   it computes (OH+1)(OW+1) outputs and copies the output once. Measured so the GPU run shows
   whether the tensor-core kernel beats it;
 * ``compile`` (GPU): ``torch.compile`` of the eager code;
-* ``sdvae``: ``sdvae.ops.pad_conv2d``.
+* ``sdvae``: ``sdvae.ops.pad_conv2d``;
+* ``sdvae_2stage`` / ``sdvae_4stage`` (GPU, fp16/bf16): the same with the tensor-core kernel's
+  pipeline 2 or 4 deep instead of the default 3 (``SDVAE_PAD_CONV2D_STAGES``), so one GPU run
+  says which depth to keep.
 
 GPU: fp16 and bf16 in channels_last, fp32 in NCHW, 512² and 1024² images. CPU: fp32 NCHW and
 bf16 channels_last at the 512²-image shapes only (the C++ CPU path, no Triton involved; about
@@ -22,6 +25,8 @@ TFLOP/s counts 2·N·Cout·OH·OW·Cin·KH·KW; GB/s counts input, weight and ou
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +51,25 @@ def _cover(x, w, b):
     y = F.conv2d(x, w, b, stride=_STRIDE, padding=2)[:, :, 1 : 1 + oh, 1 : 1 + ow]
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
     return y.contiguous(memory_format=fmt or torch.contiguous_format)
+
+
+def _at_depth(stages: int, fn):
+    """``fn`` run with the tile kernel's pipeline depth set through SDVAE_PAD_CONV2D_STAGES,
+    which the extension reads at every call (the cost of setting it is a few microseconds
+    against kernels of tens to hundreds)."""
+
+    def run():
+        old = os.environ.get("SDVAE_PAD_CONV2D_STAGES")
+        os.environ["SDVAE_PAD_CONV2D_STAGES"] = str(stages)
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["SDVAE_PAD_CONV2D_STAGES"]
+            else:
+                os.environ["SDVAE_PAD_CONV2D_STAGES"] = old
+
+    return run
 
 
 def _shapes(ctx: Context):
@@ -93,7 +117,10 @@ def cases(ctx: Context):
             shape = f"1x{c}x{size}x{size} -> {out}x{out}"
             flops = 2.0 * c * out * out * c * 9
             nbytes = (x.numel() + w.numel() + c * out * out) * x.element_size()
-            for provider in providers:
+            extra = (
+                ["sdvae_2stage", "sdvae_4stage"] if ctx.is_cuda and dtype != torch.float32 else []
+            )
+            for provider in providers + extra:
                 if provider == "eager":
                     fn = lambda x=x, w=w, b=b: _eager(x, w, b)
                 elif provider == "cudnn_nopad":
@@ -104,8 +131,14 @@ def cases(ctx: Context):
                     torch._dynamo.reset()  # one shape per compile: no recompile limit to hit
                     compiled = torch.compile(_eager)
                     fn = lambda x=x, w=w, b=b, f=compiled: f(x, w, b)
-                else:
+                elif provider == "sdvae":
                     fn = lambda x=x, w=w, b=b: ops.pad_conv2d(x, w, b, stride=_STRIDE, padding=_PAD)
+                else:
+                    depth = int(provider.split("_")[1][0])
+                    fn = _at_depth(
+                        depth,
+                        lambda x=x, w=w, b=b: ops.pad_conv2d(x, w, b, stride=_STRIDE, padding=_PAD),
+                    )
                 yield Case(
                     "pad_conv2d", shape, dtype, layout, provider, fn, nbytes=nbytes, flops=flops
                 )

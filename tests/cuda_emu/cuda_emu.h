@@ -7,8 +7,8 @@
 //     one block at a time;
 //   * __syncthreads / __syncwarp: real barriers over the block / the 32 lanes of a warp; a
 //     barrier that not every thread reaches within a timeout is reported, not hung on;
-//   * shared memory (SDVAE_SHARED_BYTES in the kernel): a fresh buffer per block, poisoned with
-//     0xFF bytes (NaN) before the block starts;
+//   * dynamic shared memory (SDVAE_DYNAMIC_SHARED in the kernel): the launch's byte count,
+//     poisoned with 0xFF bytes (NaN) before every block starts;
 //   * cp.async: a copy poisons its 16 destination bytes when issued and lands only at the
 //     cp.async.wait_group that retires its group, so reading a stage before waiting for it, or
 //     issuing a copy into a stage another warp still reads, gives NaN; addresses must be 16-byte
@@ -127,12 +127,12 @@ struct Copy {
   int src_bytes;
 };
 
-// Shared memory of one block: fresh for every block and filled with 0xFF bytes (NaN in fp16,
-// bf16 and fp32) before it starts, as on a GPU, where it starts as garbage.
-constexpr size_t kSharedBytes = 48 * 1024;  // the static shared-memory limit per block
+// Shared memory of one block: the launch's dynamic shared memory, filled with 0xFF bytes (NaN
+// in fp16, bf16 and fp32) before every block starts, as on a GPU, where it starts as garbage.
+constexpr size_t kMaxSharedBytes = 166912;  // sm_80's opt-in limit per block (sm_90: 232448)
 
 struct BlockState {
-  explicit BlockState(int threads) : block(threads), shared(kSharedBytes + 128) {
+  BlockState(int threads, size_t shared_bytes) : block(threads), shared(shared_bytes + 128) {
     for (int w = 0; w < (threads + 31) / 32; ++w) {
       const int lanes = std::min(32, threads - 32 * w);
       warps.emplace_back(new Barrier(lanes));
@@ -164,10 +164,7 @@ inline int lane() { return tls()->linear % 32; }
 inline void syncthreads() { tls()->block->block.arrive_and_wait("__syncthreads"); }
 inline void syncwarp() { tls()->block->warps[tls()->linear / 32]->arrive_and_wait("__syncwarp"); }
 inline void trap() { report("__trap() was executed"); }
-inline unsigned char* block_shared(size_t bytes) {
-  if (bytes > kSharedBytes) report("static shared memory over 48 KiB");
-  return tls()->block->shared_base();
-}
+inline unsigned char* block_shared() { return tls()->block->shared_base(); }
 
 // ---- cp.async --------------------------------------------------------------------------------
 inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
@@ -208,10 +205,11 @@ inline void cp_async_wait() {
 
 // ---- launch: one std::thread per CUDA thread of a block; the blocks run one after another ----
 template <typename Kernel>
-void launch(dim3 grid, dim3 block, Kernel&& kernel) {
+void launch(dim3 grid, dim3 block, size_t shared_bytes, Kernel&& kernel) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
-  BlockState bs(threads);
+  if (shared_bytes > kMaxSharedBytes) report("dynamic shared memory over sm_80's 163 KiB");
+  BlockState bs(threads, shared_bytes);
   Barrier between_blocks(threads);  // no thread starts block b+1 while b runs (shared memory)
   std::vector<std::thread> pool;
   pool.reserve(threads);
@@ -342,7 +340,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 // Included after cuda_fp16.h / cuda_bf16.h, whose host paths must not see __CUDA_ARCH__.
 #undef __shared__
 #define __shared__ static  // not poisoned: kernels here declare shared memory with the macro below
-#define SDVAE_SHARED_BYTES(name, bytes) unsigned char* name = cuda_emu::block_shared(bytes)
+#define SDVAE_DYNAMIC_SHARED(name) unsigned char* name = cuda_emu::block_shared()
 #define __launch_bounds__(...)
 #define __CUDA_ARCH__ 800
 #define threadIdx (cuda_emu::tls()->thread_idx)

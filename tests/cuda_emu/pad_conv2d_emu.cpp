@@ -1,7 +1,8 @@
 // Runs csrc/cuda/pad_conv2d_kernels.cuh, unchanged, on the CPU through cuda_emu.h.
-// Op: <ns>::pad_conv2d(x, weight, bias, out, stride, pad_left, pad_top) -> str
+// Op: <ns>::pad_conv2d(x, weight, bias, out, stride, pad_left, pad_top, stages=0) -> str
 //   does what csrc/cuda/pad_conv2d.cu's launcher does (prepare_launch, then the kernel the
-//   launch picks) and returns "<path>" or "<path>: <errors the emulator recorded>".
+//   launch picks; stages 0 = the default or SDVAE_PAD_CONV2D_STAGES) and returns "<path>" or
+//   "<path>: <errors the emulator recorded>"; a tile-kernel path ends in "/<n>stages".
 //   `x` and `out` follow the real launcher's contract: the same memory format, NCHW- or
 //   NHWC-contiguous. cp.async may read `x` and the prepared weight, nothing else.
 // Op: <ns>::set_mutant(m): the bug a mutated kernel copy plants (tests only).
@@ -33,32 +34,47 @@ cuda_emu::Range range_of(const at::Tensor& t) {
   return {begin, begin + (last + 1) * t.element_size()};
 }
 
+template <typename T, bool VEC, int STAGES>
+void run_tc_kernel(const T* xp, const T* wp, const float* bias, T* op, const Launch& l) {
+  const auto p = l.p;
+  cuda_emu::launch(l.grid, dim3(l.threads), static_cast<size_t>(l.smem_bytes), [&] {
+    sdvae::pad_conv2d_detail::pad_conv2d_tc_kernel<T, VEC, STAGES>(xp, wp, bias, op, p);
+  });
+}
+
+template <typename T, bool VEC>
+void run_tc_stages(const T* xp, const T* wp, const float* bias, T* op, const Launch& l) {
+  if (l.stages == 2) {
+    run_tc_kernel<T, VEC, 2>(xp, wp, bias, op, l);
+  } else if (l.stages == 3) {
+    run_tc_kernel<T, VEC, 3>(xp, wp, bias, op, l);
+  } else {
+    run_tc_kernel<T, VEC, 4>(xp, wp, bias, op, l);
+  }
+}
+
 template <typename T>
 void run_tc(const at::Tensor& x, const Launch& l, const float* bias, const at::Tensor& out) {
   const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
   const T* wp = reinterpret_cast<const T*>(l.wk.const_data_ptr());
   T* op = reinterpret_cast<T*>(out.mutable_data_ptr());
-  const auto p = l.p;
   if (l.path == Path::kTensorCoreVec) {
-    cuda_emu::launch(l.grid, dim3(l.threads), [&] {
-      sdvae::pad_conv2d_detail::pad_conv2d_tc_kernel<T, true>(xp, wp, bias, op, p);
-    });
+    run_tc_stages<T, true>(xp, wp, bias, op, l);
   } else {
-    cuda_emu::launch(l.grid, dim3(l.threads), [&] {
-      sdvae::pad_conv2d_detail::pad_conv2d_tc_kernel<T, false>(xp, wp, bias, op, p);
-    });
+    run_tc_stages<T, false>(xp, wp, bias, op, l);
   }
 }
 
 std::string emulate(const at::Tensor& x, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, const at::Tensor& out, int64_t stride,
-                    int64_t pad_left, int64_t pad_top) {
+                    int64_t pad_left, int64_t pad_top, int64_t stages) {
   static std::mutex one_at_a_time;  // the emulator's state (errors, readable, __shared__) is global
   const std::lock_guard<std::mutex> lock(one_at_a_time);
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), "the emulator runs on CPU tensors");
   cuda_emu::errors().clear();
-  const Launch l =
-      sdvae::pad_conv2d_detail::prepare_launch(x, weight, bias, out, stride, pad_left, pad_top);
+  const Launch l = sdvae::pad_conv2d_detail::prepare_launch(x, weight, bias, out, stride,
+                                                            pad_left, pad_top,
+                                                            static_cast<int>(stages));
   cuda_emu::readable() = {range_of(x), range_of(l.wk)};
   const float* bp = l.b32.defined() ? l.b32.const_data_ptr<float>() : nullptr;
   std::string path;
@@ -69,7 +85,7 @@ std::string emulate(const at::Tensor& x, const at::Tensor& weight,
       const float* wp = l.wk.const_data_ptr<float>();
       float* op = out.mutable_data_ptr<float>();
       const auto p = l.p;
-      cuda_emu::launch(l.grid, dim3(l.threads), [&] {
+      cuda_emu::launch(l.grid, dim3(l.threads), 0, [&] {
         if (l.out_cl) {
           sdvae::pad_conv2d_detail::pad_conv2d_f32_kernel<true>(xp, wp, bp, op, p);
         } else {
@@ -81,6 +97,7 @@ std::string emulate(const at::Tensor& x, const at::Tensor& weight,
     case Path::kTensorCoreVec:
     case Path::kTensorCoreScalar:
       path = l.path == Path::kTensorCoreVec ? "tensor_core_vec" : "tensor_core_scalar";
+      path += "/" + std::to_string(l.stages) + "stages";
       if (x.scalar_type() == at::kHalf) {
         run_tc<__half>(x, l, bp, out);
       } else {
@@ -107,7 +124,7 @@ void set_mutant(int64_t m) { cuda_emu::mutant() = static_cast<int>(m); }
 SDVAE_EMU_LIBRARY(SDVAE_EMU_NS, m) {
   m.def(
       "pad_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, int stride, "
-      "int pad_left, int pad_top) -> str",
+      "int pad_left, int pad_top, int stages=0) -> str",
       &emulate);
   m.def("set_mutant(int m) -> ()", &set_mutant);
 }
