@@ -129,8 +129,11 @@ def emulate(ops, x, wt, b, stride, padding, fmt, shift=0, stages=0):
     path, _, errors = res.partition(": ")
     assert not errors, f"emulator: {errors}"
     if path.startswith("tensor_core"):
-        path, _, depth = path.partition("/")
+        path, depth, store = path.split("/")
         assert depth == f"{stages or DEFAULT_STAGES}stages", depth
+        # 16-byte stores exactly when 8 channels of a pixel are contiguous and aligned.
+        vec_store = fmt == "nhwc" or oh * ow == 1
+        assert store == ("store16" if vec_store and cout % 8 == 0 else "store2"), store
     guards = torch.cat([obuf[:GUARD], obuf[-GUARD:]])
     assert (guards == SENTINEL).all(), "the kernel stored outside its output"
     return out, path
@@ -280,7 +283,7 @@ def test_pipeline_depth_from_the_environment(emu, monkeypatch):
     out = torch.empty(1, 8, 2, 2, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     xl = x.contiguous(memory_format=torch.channels_last)
     monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", "2")
-    assert emu.pad_conv2d(xl, wt, b, out, 2, 0, 0, 0) == "tensor_core_vec/2stages"
+    assert emu.pad_conv2d(xl, wt, b, out, 2, 0, 0, 0) == "tensor_core_vec/2stages/store16"
     monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", "7")
     with pytest.raises(RuntimeError, match="SDVAE_PAD_CONV2D_STAGES"):
         emu.pad_conv2d(xl, wt, b, out, 2, 0, 0, 0)

@@ -16,7 +16,8 @@
 //     cp.async with src-size 0, which writes zeros — that is the whole padding logic.
 //   * any other layout (NCHW included) or channel count: the same tile loop with predicated
 //     scalar loads through the input's strides.
-//   The epilogue adds the bias in fp32, rounds once and writes NHWC or NCHW by output strides.
+//   The epilogue adds the bias in fp32, rounds once and writes NHWC or NCHW by output strides
+//   (NHWC with Cout % 8 == 0: one 16-byte store per 8 channels).
 // fp32: a direct convolution, one thread per output, fp32 FMAs in the input's layout — simply
 //   correct (no TF32), not tuned.
 // All offsets are int64; launches use the current stream and are checked.
@@ -36,6 +37,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 
 #ifndef SDVAE_CUDA_EMU
@@ -67,6 +69,7 @@ struct ConvParams {
   int64_t os_n, os_c, os_h, os_w;  // output strides, elements
   int64_t M;                       // N * OH * OW
   int64_t K;                       // KH * KW * C
+  bool out_vec;                    // tile kernel: 8 channels of a pixel are one 16-byte store
 };
 
 constexpr int kBM = 128;
@@ -287,13 +290,28 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int oh = q / static_cast<int>(p.OW);
         const int ow = q - oh * static_cast<int>(p.OW);
         T* o = out + img * p.os_n + oh * p.os_h + ow * p.os_w;
+        const int64_t co0 = n0 + warp_n * 32 + j * 16 + ec;
+        if (p.out_vec && co0 + 8 <= p.Cout) {
+          // NHWC: this lane's 8 channels are 16 contiguous, 16-byte aligned bytes.
+          T vals[8];
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const int64_t co = n0 + warp_n * 32 + j * 16 + ec + c;
-          if (co < p.Cout) {
+          for (int c = 0; c < 8; ++c) {
             float v = scratch[er * 16 + ec + c];
-            if (bias != nullptr) v += bias[co];
-            o[co * p.os_c] = Cvt<T>::from_float(v);
+            if (bias != nullptr) v += bias[co0 + c];
+            vals[c] = Cvt<T>::from_float(v);
+          }
+          uint4 packed;
+          memcpy(&packed, vals, sizeof(packed));
+          *reinterpret_cast<uint4*>(o + co0) = packed;
+        } else {
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            const int64_t co = co0 + c;
+            if (co < p.Cout) {
+              float v = scratch[er * 16 + ec + c];
+              if (bias != nullptr) v += bias[co];
+              o[co * p.os_c] = Cvt<T>::from_float(v);
+            }
           }
         }
       }
@@ -443,6 +461,9 @@ inline Launch prepare_launch(const at::Tensor& x, const at::Tensor& weight,
                    stride_ok(p.H, p.xs_h) && stride_ok(p.W, p.xs_w) &&
                    aligned16(x.const_data_ptr()) && aligned16(l.wk.const_data_ptr());
   l.path = vec ? Path::kTensorCoreVec : Path::kTensorCoreScalar;
+  p.out_vec = p.os_c == 1 && p.Cout % 8 == 0 && stride_ok(p.N, p.os_n) &&
+              stride_ok(p.OH, p.os_h) && stride_ok(p.OW, p.os_w) &&
+              aligned16(out.const_data_ptr());
   l.stages = pick_stages(stages);
   l.smem_bytes = tc_shared_bytes<__half>(l.stages);  // 2-byte types: the same for bf16
   l.threads = kThreads;

@@ -2,7 +2,8 @@
 // Op: <ns>::pad_conv2d(x, weight, bias, out, stride, pad_left, pad_top, stages=0) -> str
 //   does what csrc/cuda/pad_conv2d.cu's launcher does (prepare_launch, then the kernel the
 //   launch picks; stages 0 = the default or SDVAE_PAD_CONV2D_STAGES) and returns "<path>" or
-//   "<path>: <errors the emulator recorded>"; a tile-kernel path ends in "/<n>stages".
+//   "<path>: <errors the emulator recorded>"; a tile-kernel path ends in "/<n>stages/store16"
+//   or ".../store2" (the epilogue's 16-byte or 2-byte stores).
 //   `x` and `out` follow the real launcher's contract: the same memory format, NCHW- or
 //   NHWC-contiguous. cp.async may read `x` and the prepared weight, nothing else.
 // Op: <ns>::set_mutant(m): the bug a mutated kernel copy plants (tests only).
@@ -98,6 +99,7 @@ std::string emulate(const at::Tensor& x, const at::Tensor& weight,
     case Path::kTensorCoreScalar:
       path = l.path == Path::kTensorCoreVec ? "tensor_core_vec" : "tensor_core_scalar";
       path += "/" + std::to_string(l.stages) + "stages";
+      path += l.p.out_vec ? "/store16" : "/store2";
       if (x.scalar_type() == at::kHalf) {
         run_tc<__half>(x, l, bp, out);
       } else {
