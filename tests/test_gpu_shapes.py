@@ -31,6 +31,23 @@ def test_pad_conv2d_many_output_column_blocks(dtype, channels_last, cout):
 
 
 @pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("stages", ["2", "3", "4"])
+@torch.no_grad()
+def test_pad_conv2d_every_pipeline_depth(dtype, stages, monkeypatch):
+    # The encoder's downsample at 512ch 64² (72 K steps) on the real tensor cores, at each
+    # depth the benchmark compares (SDVAE_PAD_CONV2D_STAGES is read at every call).
+    from sdvae import ops
+
+    monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", stages)
+    x = torch.randn(1, 512, 64, 64, device="cuda").to(dtype, memory_format=torch.channels_last)
+    w = (torch.randn(512, 512, 3, 3, device="cuda") / (3 * 512**0.5)).to(dtype)
+    b = torch.randn(512, device="cuda").to(dtype)
+    out = ops.pad_conv2d(x, w, b)
+    ref = F.conv2d(F.pad(x.double(), (0, 1, 0, 1)), w.double(), b.double(), stride=2)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(1, 512, 64, 64), (1, 256, 256, 256), (2, 128, 96, 80)])
 @torch.no_grad()
