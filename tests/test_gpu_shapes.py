@@ -34,7 +34,7 @@ def test_pad_conv2d_many_output_column_blocks(dtype, channels_last, cout):
 @pytest.mark.parametrize("stages", ["2", "3", "4"])
 @torch.no_grad()
 def test_pad_conv2d_every_pipeline_depth(dtype, stages, monkeypatch):
-    # The encoder's downsample at 512ch 64² (72 K steps) on the real tensor cores, at each
+    # A downsample with 512 channels (K = 4608: 144 steps of 32) on the real tensor cores, at each
     # depth the benchmark compares (SDVAE_PAD_CONV2D_STAGES is read at every call).
     from sdvae import ops
 
