@@ -15,21 +15,19 @@ using pad_conv2d_detail::Path;
 
 namespace {
 
-// Opts the kernel in to more than 48 KiB of dynamic shared memory, once per kernel and device.
-template <typename Kernel>
-void allow_shared(Kernel kernel, int bytes, int device) {
-  static std::atomic<int> done[64];  // the bytes already allowed, per device
-  if (device >= 0 && device < 64 && done[device].load() >= bytes) return;
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  if (device >= 0 && device < 64) done[device].store(bytes);
-}
-
 template <typename T, bool VEC, int STAGES>
 void launch_tc_kernel(const T* xp, const T* wp, const float* bias, T* op, const Launch& l,
                       int device, cudaStream_t stream) {
   const auto kernel = pad_conv2d_detail::pad_conv2d_tc_kernel<T, VEC, STAGES>;
-  allow_shared(kernel, l.smem_bytes, device);
+  // More than 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device
+  // (this static belongs to this instantiation alone: its byte count depends on STAGES only).
+  static std::atomic<bool> allowed[64];
+  const bool known = device >= 0 && device < 64;
+  if (!known || !allowed[device].load()) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        l.smem_bytes));
+    if (known) allowed[device].store(true);
+  }
   kernel<<<l.grid, l.threads, l.smem_bytes, stream>>>(xp, wp, bias, op, l.p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
