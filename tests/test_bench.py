@@ -98,3 +98,17 @@ def test_pad_conv2d_depth_provider_sets_and_restores_the_env(monkeypatch):
     monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", "3")
     assert cp._at_depth(4, lambda: os.environ["SDVAE_PAD_CONV2D_STAGES"])() == "4"
     assert os.environ["SDVAE_PAD_CONV2D_STAGES"] == "3"
+
+
+def test_pad_conv2d_default_depth_and_strict_fp32_wrappers(monkeypatch):
+    import os
+
+    from sdvae.bench import cases_pad_conv2d as cp
+
+    monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", "2")
+    # The `sdvae` row runs at the kernel's default depth whatever the shell says.
+    assert cp._at_depth(None, lambda: os.environ.get("SDVAE_PAD_CONV2D_STAGES"))() is None
+    assert os.environ["SDVAE_PAD_CONV2D_STAGES"] == "2"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert cp._strict_fp32(lambda: torch.backends.cudnn.allow_tf32)() is False
+    assert torch.backends.cudnn.allow_tf32 is True

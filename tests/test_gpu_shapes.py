@@ -31,15 +31,19 @@ def test_pad_conv2d_many_output_column_blocks(dtype, channels_last, cout):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("stages", ["2", "3", "4"])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("stages", ["2", "3", "4", "3"])
 @torch.no_grad()
-def test_pad_conv2d_every_pipeline_depth(dtype, stages, monkeypatch):
+def test_pad_conv2d_every_pipeline_depth(dtype, channels_last, stages, monkeypatch):
     # A downsample with 512 channels (K = 4608: 144 steps of 32) on the real tensor cores, at each
-    # depth the benchmark compares (SDVAE_PAD_CONV2D_STAGES is read at every call).
+    # depth the benchmark compares (SDVAE_PAD_CONV2D_STAGES is read at every call), on both load
+    # paths (NHWC: cp.async; NCHW: scalar loads); 3 again after 4, in one process, checks that
+    # each kernel variant gets its own shared-memory opt-in.
     from sdvae import ops
 
     monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", stages)
-    x = torch.randn(1, 512, 64, 64, device="cuda").to(dtype, memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(1, 512, 64, 64, device="cuda").to(dtype, memory_format=fmt)
     w = (torch.randn(512, 512, 3, 3, device="cuda") / (3 * 512**0.5)).to(dtype)
     b = torch.randn(512, device="cuda").to(dtype)
     out = ops.pad_conv2d(x, w, b)

@@ -284,9 +284,10 @@ def test_pipeline_depth_from_the_environment(emu, monkeypatch):
     xl = x.contiguous(memory_format=torch.channels_last)
     monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", "2")
     assert emu.pad_conv2d(xl, wt, b, out, 2, 0, 0, 0) == "tensor_core_vec/2stages/store16"
-    monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", "7")
-    with pytest.raises(RuntimeError, match="SDVAE_PAD_CONV2D_STAGES"):
-        emu.pad_conv2d(xl, wt, b, out, 2, 0, 0, 0)
+    for bad in ["7", "3x", "three"]:
+        monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", bad)
+        with pytest.raises(RuntimeError, match=f"SDVAE_PAD_CONV2D_STAGES.*got {bad}"):
+            emu.pad_conv2d(xl, wt, b, out, 2, 0, 0, 0)
 
 
 def test_pipeline_depth_is_checked(emu):

@@ -15,6 +15,16 @@ using pad_conv2d_detail::Path;
 
 namespace {
 
+// The device's compute capability (major), asked once per device.
+int compute_capability_major(int device) {
+  static std::atomic<int> known[64];  // 0: not asked yet
+  if (device >= 0 && device < 64 && known[device].load() != 0) return known[device].load();
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (device >= 0 && device < 64) known[device].store(major);
+  return major;
+}
+
 template <typename T, bool VEC, int STAGES>
 void launch_tc_kernel(const T* xp, const T* wp, const float* bias, T* op, const Launch& l,
                       int device, cudaStream_t stream) {
@@ -74,9 +84,7 @@ void pad_conv2d_cuda_launch(const at::Tensor& x, const at::Tensor& weight,
   // ATen/cuda/CUDAContext.h, which needs the cuBLAS/cuSPARSE headers at build time.
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   if (x.scalar_type() != at::kFloat) {
-    int cc_major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor,
-                                          x.device().index()));
+    const int cc_major = compute_capability_major(x.device().index());
     TORCH_CHECK(cc_major >= 8, "pad_conv2d: the fp16/bf16 CUDA kernel needs compute capability "
                 "8.0 or newer, this GPU is sm_", cc_major, "x");
   }

@@ -39,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 
 #ifndef SDVAE_CUDA_EMU
 #include <mma.h>
@@ -391,11 +392,17 @@ inline int pick_stages(int requested) {
   int stages = requested;
   if (stages == 0) {
     const char* env = std::getenv("SDVAE_PAD_CONV2D_STAGES");
-    stages = env != nullptr && env[0] != '\0' ? std::atoi(env) : kDefaultStages;
+    stages = kDefaultStages;
+    if (env != nullptr && env[0] != '\0') {
+      char* end = nullptr;
+      const long v = std::strtol(env, &end, 10);
+      stages = *end == '\0' && v > 0 && v < 100 ? static_cast<int>(v) : -1;  // -1: refused
+    }
   }
   TORCH_CHECK(stages >= 2 && stages <= 4,
               "pad_conv2d: the pipeline depth (SDVAE_PAD_CONV2D_STAGES) must be 2, 3 or 4, got ",
-              stages);
+              stages == -1 ? std::string(std::getenv("SDVAE_PAD_CONV2D_STAGES"))
+                           : std::to_string(stages));
   return stages;
 }
 
@@ -444,7 +451,7 @@ inline Launch prepare_launch(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "pad_conv2d: unsupported dtype ", x.scalar_type());
   constexpr int64_t kInt = int64_t{1} << 31;
-  TORCH_CHECK(p.K < kInt && p.OH * p.OW < kInt && p.H < kInt && p.W < kInt,
+  TORCH_CHECK(p.K + kBK < kInt && p.OH * p.OW < kInt && p.H < kInt && p.W < kInt,
               "pad_conv2d: per-image sizes beyond 2^31 are not supported");
   // The vector path keeps the first input row / column of a pixel's window in int32.
   TORCH_CHECK(p.OH * p.stride + p.KH < kInt && p.OW * p.stride + p.KW < kInt && p.pt < kInt &&

@@ -21,7 +21,11 @@ Providers:
 GPU: fp16 and bf16 in channels_last, fp32 in NCHW, 512² and 1024² images. CPU: fp32 NCHW and
 bf16 channels_last at the 512²-image shapes only (the C++ CPU path, no Triton involved; about
 40 s on 2 cores).
-TFLOP/s counts 2·N·Cout·OH·OW·Cin·KH·KW; GB/s counts input, weight and output once.
+TFLOP/s counts 2·N·Cout·OH·OW·Cin·KH·KW of the outputs each provider computes (cudnn_nopad: one
+row and column fewer; cudnn_cover is credited with ours only, its extra ones being waste); GB/s
+counts input, weight and output once. On the GPU the fp32 rows run with cuDNN's TF32 off, as
+sdvae's fp32 kernel is true fp32. Weights are channels_last like the activations (as after
+``sdvae.optimize``); an NCHW weight costs the CUDA kernel one reorder per call, not shown here.
 """
 
 from __future__ import annotations
@@ -53,21 +57,39 @@ def _cover(x, w, b):
     return y.contiguous(memory_format=fmt or torch.contiguous_format)
 
 
-def _at_depth(stages: int, fn):
+def _at_depth(stages, fn):
     """``fn`` run with the tile kernel's pipeline depth set through SDVAE_PAD_CONV2D_STAGES,
     which the extension reads at every call (the cost of setting it is a few microseconds
-    against kernels of tens to hundreds)."""
+    against kernels of tens to hundreds); ``stages=None``: unset, the kernel's default."""
 
     def run():
         old = os.environ.get("SDVAE_PAD_CONV2D_STAGES")
-        os.environ["SDVAE_PAD_CONV2D_STAGES"] = str(stages)
+        if stages is None:
+            os.environ.pop("SDVAE_PAD_CONV2D_STAGES", None)
+        else:
+            os.environ["SDVAE_PAD_CONV2D_STAGES"] = str(stages)
         try:
             return fn()
         finally:
             if old is None:
-                del os.environ["SDVAE_PAD_CONV2D_STAGES"]
+                os.environ.pop("SDVAE_PAD_CONV2D_STAGES", None)
             else:
                 os.environ["SDVAE_PAD_CONV2D_STAGES"] = old
+
+    return run
+
+
+def _strict_fp32(fn):
+    """``fn`` run with cuDNN's TF32 off: sdvae's fp32 kernel computes in true fp32, so the
+    fp32 rows compare like with like (torch lets cuDNN convolutions use TF32 by default)."""
+
+    def run():
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            return fn()
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
 
     return run
 
@@ -115,8 +137,6 @@ def cases(ctx: Context):
             w = w.contiguous(memory_format=fmt)
             out = size // 2
             shape = f"1x{c}x{size}x{size} -> {out}x{out}"
-            flops = 2.0 * c * out * out * c * 9
-            nbytes = (x.numel() + w.numel() + c * out * out) * x.element_size()
             extra = (
                 ["sdvae_2stage", "sdvae_4stage"] if ctx.is_cuda and dtype != torch.float32 else []
             )
@@ -131,14 +151,18 @@ def cases(ctx: Context):
                     torch._dynamo.reset()  # one shape per compile: no recompile limit to hit
                     compiled = torch.compile(_eager)
                     fn = lambda x=x, w=w, b=b, f=compiled: f(x, w, b)
-                elif provider == "sdvae":
-                    fn = lambda x=x, w=w, b=b: ops.pad_conv2d(x, w, b, stride=_STRIDE, padding=_PAD)
-                else:
-                    depth = int(provider.split("_")[1][0])
+                else:  # sdvae: the default depth, whatever the shell's SDVAE_PAD_CONV2D_STAGES
+                    depth = None if provider == "sdvae" else int(provider.split("_")[1][0])
                     fn = _at_depth(
                         depth,
                         lambda x=x, w=w, b=b: ops.pad_conv2d(x, w, b, stride=_STRIDE, padding=_PAD),
                     )
+                if ctx.is_cuda and dtype == torch.float32:
+                    fn = _strict_fp32(fn)
+                # Work actually done: cudnn_nopad computes one output row and column fewer.
+                o = out - 1 if provider == "cudnn_nopad" else out
+                flops = 2.0 * c * o * o * c * 9
+                nbytes = (x.numel() + w.numel() + c * o * o) * x.element_size()
                 yield Case(
                     "pad_conv2d", shape, dtype, layout, provider, fn, nbytes=nbytes, flops=flops
                 )
