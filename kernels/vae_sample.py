@@ -24,8 +24,14 @@ bit-identical latents for NCHW and channels_last inputs. Where the seed comes fr
   generator with the plain seed), ``base`` = the generator's Philox offset, which is then
   advanced by the element count (rounded up to 4), the way torch's own random kernels consume
   it. No host sync; ``torch.manual_seed`` reproduces a run, and successive calls use disjoint
-  counter ranges, hence different noise. (The key and base are launch arguments, so a CUDA
-  graph captured with ``seed=None`` replays the same noise on every replay.)
+  counter ranges, hence different noise.
+* ``seed=None`` while a CUDA graph is being captured: launch arguments are frozen into the
+  graph, so a key passed by value would replay the same noise forever. Instead a 63-bit key
+  is drawn on the device (``torch.randint``, which torch's graph capture makes draw anew on
+  every replay) into a one-element int64 tensor that the kernel loads (``KEY_FROM_PTR``),
+  ``base`` = 0. Every replay therefore samples fresh noise; ``torch.manual_seed`` before the
+  replays still reproduces them. (Outside capture this costs a second launch, so it is used
+  only there.)
 * ``seed=None`` on the CPU (interpreter): the CPU generator has no Philox offset, so a 63-bit
   key is drawn from ``torch.default_generator`` (``torch.randint``), ``base`` = 0.
 
@@ -93,8 +99,10 @@ def _vae_sample_kernel(
     seed_hi,
     base_lo,  # low / high 32 bits of the first Philox counter, as signed i32
     base_hi,
+    key_ptr,  # (1,) int64: the Philox key, read only when KEY_FROM_PTR
     MODE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    KEY_FROM_PTR: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
@@ -125,9 +133,12 @@ def _vae_sample_kernel(
                 logical = (n[:, None] * G + cols[None, :]) * HW + hw[:, None]
             else:
                 logical = out_off
-            key = (seed_hi.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | seed_lo.to(
-                tl.uint32, bitcast=True
-            ).to(tl.uint64)
+            if KEY_FROM_PTR:
+                key = tl.load(key_ptr).to(tl.uint64, bitcast=True)
+            else:
+                key = (seed_hi.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | seed_lo.to(
+                    tl.uint32, bitcast=True
+                ).to(tl.uint64)
             base = (base_hi.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | base_lo.to(
                 tl.uint32, bitcast=True
             ).to(tl.uint64)
@@ -190,8 +201,10 @@ def _check_args(moments, noise, scaling_factor, shift_factor, seed, sample) -> N
         if isinstance(val, bool) or not isinstance(val, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(val).__name__}")
     symbolic = isinstance(seed, torch.SymInt)  # a seed that varies under torch.compile
-    if seed is not None and not symbolic and (
-        isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+    if (
+        seed is not None
+        and not symbolic
+        and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral))
     ):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if seed is not None and not symbolic and not -(2**63) <= int(seed) < 2**64:
@@ -242,17 +255,24 @@ def _as_i32_halves(value: int) -> tuple[int, int]:
     return (lo - 2**32 if lo >= 2**31 else lo), (hi - 2**32 if hi >= 2**31 else hi)
 
 
-def _philox_key_and_base(device: torch.device, seed: int | None, numel: int) -> tuple[int, int]:
+def _philox_key_and_base(
+    device: torch.device, seed: int | None, numel: int
+) -> tuple[int, int, torch.Tensor | None]:
+    """(key, base, key_tensor): the Philox key and first counter for this launch; key_tensor,
+    when not None, holds the key on the device instead (CUDA graph capture, see above)."""
     if seed is not None:
-        return int(seed), 0
+        return int(seed), 0, None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        key = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device)
+        return 0, 0, key
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         gen = torch.cuda.default_generators[idx]
         base = gen.get_offset()
         gen.set_offset(base + (numel + 3) // 4 * 4)
-        return gen.initial_seed() ^ _GENERATOR_KEY_SALT, base
+        return gen.initial_seed() ^ _GENERATOR_KEY_SALT, base, None
     key = torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=torch.default_generator)
-    return int(key), 0
+    return int(key), 0, None
 
 
 def block_shape(g: int) -> tuple[int, int]:
@@ -276,7 +296,11 @@ def _signed_seed(seed: int | None) -> int | None:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
-def _launch(moments, noise, scaling_factor, shift_factor, seed, sample) -> torch.Tensor:
+def _launch(
+    moments, noise, scaling_factor, shift_factor, seed, sample, key_tensor=None
+) -> torch.Tensor:
+    """Launch the kernel. ``key_tensor`` (tests only): a (1,) int64 tensor holding the Philox
+    key, read by the kernel as under CUDA graph capture (``seed`` must then be None)."""
     if moments.is_contiguous():
         channels_last = False
     elif moments.is_contiguous(memory_format=torch.channels_last):
@@ -294,8 +318,8 @@ def _launch(moments, noise, scaling_factor, shift_factor, seed, sample) -> torch
     if mode == MODE_NOISE:
         noise = noise.contiguous(memory_format=fmt)
     key, base = (0, 0)
-    if mode == MODE_RNG:
-        key, base = _philox_key_and_base(moments.device, seed, out.numel())
+    if mode == MODE_RNG and key_tensor is None:
+        key, base, key_tensor = _philox_key_and_base(moments.device, seed, out.numel())
     seed_lo, seed_hi = _as_i32_halves(key)
     base_lo, base_hi = _as_i32_halves(base)
     rows, g = (n * h * w, c) if channels_last else (n, c * h * w)
@@ -316,8 +340,10 @@ def _launch(moments, noise, scaling_factor, shift_factor, seed, sample) -> torch
             seed_hi,
             base_lo,
             base_hi,
+            key_tensor if key_tensor is not None else out,
             MODE=mode,
             CHANNELS_LAST=channels_last and mode == MODE_RNG,
+            KEY_FROM_PTR=key_tensor is not None and mode == MODE_RNG,
             BLOCK_R=block_r,
             BLOCK_G=block_g,
             num_warps=_NUM_WARPS,

@@ -215,6 +215,47 @@ def test_manual_seed_reproduces_and_successive_calls_differ(device):
     assert (vae_sample(m) == a).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_key_read_from_device_tensor_equals_key_by_value(device, layout):
+    """The CUDA-graph path (Philox key loaded from a tensor) draws exactly the noise of the
+    same key passed by value."""
+    from sdvae.kernels.vae_sample import _launch
+
+    if not_supported_reasons(torch.empty(1, 2, 1, 1, device=device)):
+        pytest.skip("the kernel does not run here (CPU without the interpreter)")
+    m = _moments((2, 8, 5, 7), torch.float32, device, layout)
+    for key in (0, 12345, 2**62 + 17):
+        by_value = vae_sample(m, seed=key, scaling_factor=0.13025, shift_factor=0.1)
+        kt = torch.tensor([key], dtype=torch.int64, device=device)
+        by_ptr = _launch(m, None, 0.13025, 0.1, None, True, key_tensor=kt)
+        assert torch.equal(by_ptr, by_value)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_draws_fresh_noise():
+    """seed=None inside a captured CUDA graph: every replay samples new noise, and
+    torch.manual_seed before the replays reproduces them."""
+    m = _moments((2, 8, 16, 16), torch.float32, "cuda")
+    vae_sample(m)  # warm up (compile) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = vae_sample(m)
+    runs = []
+    for seed in (1, 1):
+        torch.manual_seed(seed)
+        graph.replay()
+        first = out.clone()
+        graph.replay()
+        runs.append((first, out.clone()))
+    (a, b), (c, d) = runs
+    assert (a == b).float().mean() < 0.01, "two replays drew the same noise"
+    assert torch.equal(a, c) and torch.equal(b, d), "manual_seed did not reproduce the replays"
+    std = m[:, 4:].clamp(-30, 20).mul(0.5).exp()
+    noise = (b - vae_sample(m, sample=False)) / (std * 0.18215)
+    assert abs(noise.mean().item()) < 0.1 and abs(noise.std().item() - 1) < 0.1
+
+
 def _corr(x: torch.Tensor, y: torch.Tensor) -> float:
     x = x.double().flatten()
     y = y.double().flatten()
@@ -439,17 +480,21 @@ def _aot_configs():
         sig.update({k: "i32" for k in ("R", "G", "HW")})
         sig.update({"scale": "fp32", "shift": "fp32"})
         sig.update({k: "i32" for k in ("seed_lo", "seed_hi", "base_lo", "base_hi")})
-        for mode, channels_last in ((0, False), (1, False), (2, False), (2, True)):
+        variants = [(0, False, False), (1, False, False), (2, False, False), (2, True, False)]
+        variants += [(2, False, True), (2, True, True)]  # key read from a device tensor
+        for mode, channels_last, key_from_ptr in variants:
             for block_g in BLOCK_G_CHOICES:
                 block_r, got = block_shape(block_g)
                 assert got == block_g
                 constexprs = {
                     "MODE": mode,
                     "CHANNELS_LAST": channels_last,
+                    "KEY_FROM_PTR": key_from_ptr,
                     "BLOCK_R": block_r,
                     "BLOCK_G": block_g,
                 }
-                configs.append({"signature": dict(sig), "constexprs": constexprs, "num_warps": 4})
+                cfg_sig = dict(sig, key_ptr="*i64" if key_from_ptr else f"*{dt}")
+                configs.append({"signature": cfg_sig, "constexprs": constexprs, "num_warps": 4})
     return configs
 
 
@@ -465,7 +510,7 @@ def test_block_shape_choices():
 def test_aot_compile_every_variant_for_sm80_and_sm90():
     configs = _aot_configs()
     results = aot_compile("sdvae.kernels.vae_sample", "_vae_sample_kernel", configs)
-    assert len(results) == 2 * len(configs) == 2 * 3 * 4 * len(BLOCK_G_CHOICES)
+    assert len(results) == 2 * len(configs) == 2 * 3 * 6 * len(BLOCK_G_CHOICES)
 
 
 # --------------------------------------------------------------------------- benchmark
