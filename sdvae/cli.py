@@ -10,17 +10,26 @@ import time
 
 import torch
 
+from .cache import IMAGE_EXTENSIONS
+from .io import InputError
+
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _bench(args) -> int:
     from .bench import engine
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     quick = args.quick or device.type != "cuda"
     dtypes = tuple(_DTYPES[d] for d in args.dtype) if args.dtype else None
     ctx = engine.Context(device=device, quick=quick, dtypes=dtypes, compile_mode=args.compile_mode)
     names = args.bench or None
+    unknown = [n for n in names or () if n not in engine.suites()]
+    if unknown:
+        raise InputError(
+            f"unknown benchmark suite(s) {', '.join(unknown)}; known: "
+            f"{', '.join(sorted(engine.suites()))}"
+        )
     t0 = time.perf_counter()
     engine.log(
         f"sdvae bench on {engine.device_name(device)}"
@@ -32,7 +41,13 @@ def _bench(args) -> int:
     )
     writer = None
     if args.out:
-        writer = engine.CsvWriter(os.path.join(args.out, engine.default_csv_name(device)), device)
+        path = os.path.join(args.out, engine.default_csv_name(device))
+        try:
+            writer = engine.CsvWriter(path, device)
+        except OSError as exc:
+            raise InputError(
+                f"--out {args.out}: cannot write {path} ({exc.strerror}); give a writable folder"
+            ) from exc
     rows: list = []
     errors: list[str] = []
 
@@ -74,7 +89,7 @@ def _check(args) -> int:
     from . import _ext
     from .check import format_results, run_checks
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     print(
         f"sdvae check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
         f" | TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} | {_ext.build_info()}"
@@ -91,15 +106,19 @@ def _profile(args) -> int:
 
     from . import profile
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     dtype = _DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     size = args.size or (512 if device.type == "cuda" else 64)
     if args.weights:
-        config = getattr(sdvae.VAEConfig, args.config)() if args.config else None
-        vae = sdvae.load(args.weights, config, dtype=dtype, device=device)
+        vae = _load_weights(args, device, dtype)
     else:
         torch.manual_seed(0)
         vae = sdvae.VAE(sdvae.VAEConfig()).to(device, dtype).eval()
+    if size % vae.config.downsample_factor:
+        raise InputError(
+            f"--size {size}: must be a multiple of the model's downsampling factor "
+            f"{vae.config.downsample_factor}"
+        )
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(device, dtype)
     f = vae.config.downsample_factor
@@ -119,48 +138,179 @@ def _profile(args) -> int:
     return 0
 
 
-def _load_model(args, inputs):
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _device(name: str | None, local_rank: int = 0) -> torch.device:
+    """``--device`` (default: cuda when available), checked: a missing GPU is an InputError."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(
+                f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is "
+                "False); use --device cpu, or run on a machine with an NVIDIA GPU and a CUDA "
+                "build of torch"
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise InputError(
+                f"--device {dev}: only {torch.cuda.device_count()} GPU(s) are visible; "
+                "pick one of them or check CUDA_VISIBLE_DEVICES"
+            )
+    elif dev.type != "cpu":
+        raise InputError(f"--device {name}: sdvae runs on cuda or cpu")
+    return dev
+
+
+def _load_weights(args, device: torch.device, dtype: torch.dtype):
+    """``sdvae.load`` for the command line: a file that cannot be used is an InputError."""
+    import sdvae
+    from sdvae.loading import CheckpointError
+
+    config = getattr(sdvae.VAEConfig, args.config)() if args.config else None
+    fix = (
+        "give a VAE checkpoint (.safetensors, .ckpt/.pt/.pth/.bin) or a diffusers folder, "
+        "with --config sdxl|sd3|flux for those VAEs"
+    )
+    try:
+        return sdvae.load(args.weights, config, dtype=dtype, device=device)
+    except (CheckpointError, FileNotFoundError, ValueError, OSError) as exc:
+        raise InputError(f"--weights {args.weights}: {_one_line(exc, 400)}; {fix}") from exc
+
+
+def _load_model(args, device: torch.device):
     import sdvae
 
-    missing = [p for p in inputs if not os.path.isfile(p)]
-    if missing:  # before the (slow) model load
-        raise FileNotFoundError(f"inputs not found: {missing}")
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    config = getattr(sdvae.VAEConfig, args.config)() if args.config else None
-    vae = sdvae.load(args.weights, config, dtype=dtype, device=device)
+    vae = _load_weights(args, device, dtype)
     if not args.no_fuse:
         sdvae.optimize(vae)
     return vae
 
 
-def _encode(args) -> int:
-    from .io import encode_files
+def _parse_size(text: str) -> tuple[int, int]:
+    """``N`` or ``WxH`` -> (height, width)."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or WxH in pixels, e.g. 512 or 768x512")
+    return parts[1], parts[0]
 
-    vae = _load_model(args, args.images)
-    out = encode_files(
-        vae,
-        args.images,
-        args.output,
+
+def _default_workers() -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, (os.cpu_count() or 1) // max(local, 1) - 1))
+
+
+def _make_out_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"-o {path}: cannot create the folder ({exc.strerror})") from exc
+
+
+def _encode(args) -> int:
+    from . import cache
+
+    dist = cache.Dist()
+    device = _device(args.device, dist.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.start(device)
+    try:
+        return _encode_rank(args, dist, device)
+    finally:
+        dist.stop()
+
+
+def _encode_rank(args, dist, device) -> int:
+    from . import cache
+
+    listing = None
+    if dist.rank == 0:
+        try:
+            exts = [e.strip() for e in args.ext.split(",") if e.strip()]
+            listing = cache.collect_sources(args.images, args.files_from or (), exts)
+        except InputError as exc:
+            listing = str(exc)
+    listing = dist.broadcast(listing)
+    if isinstance(listing, str):
+        raise InputError(listing)
+    vae = _load_model(args, device)
+    f = vae.config.downsample_factor
+    if args.size and (args.size[0] % f or args.size[1] % f):
+        raise InputError(
+            f"--size {args.size[1]}x{args.size[0]}: width and height must be multiples of "
+            f"the model's downsampling factor {f}"
+        )
+    opts = cache.EncodeOptions(
+        size=args.size,
+        fit=args.fit,
+        shard_size=args.shard_size,
         batch_size=args.batch_size,
         sample=args.sample,
-        seed=args.seed,
+        seed=args.seed if args.seed is not None else 0,
+        workers=_default_workers() if args.workers is None else args.workers,
+        run_args={
+            "weights": os.path.abspath(args.weights),
+            "config": args.config,
+            "fused": not args.no_fuse,
+        },
     )
-    print(f"wrote {len(out)} latent files to {args.output}")
-    return 0
+    _make_out_dir(args.output)
+    problem = None
+    if dist.rank == 0:
+        record = cache.run_record(opts, listing, vae, dist.world)
+        problem = cache._check_run_file(args.output, record)
+    problem = dist.broadcast(problem)
+    if problem:
+        raise InputError(problem)
+    summary = cache.encode_sources(vae, listing, args.output, opts, dist)
+    summaries = dist.all_gather(summary)
+    failed = sum(s.failed + s.failed_before for s in summaries)
+    if dist.rank == 0:
+        wall = max(s.seconds for s in summaries)
+        cache.print_summary(summaries, wall, args.output)
+        if failed:
+            print(
+                f"sdvae: error: {failed} of {len(listing)} images could not be read; they are "
+                f"listed with the reason in {os.path.join(args.output, 'errors.jsonl')}: "
+                "fix or remove them (the other images were encoded)",
+                file=sys.stderr,
+                flush=True,
+            )
+    # Only rank 0 says so: torchrun stops the other ranks as soon as one exits non-zero.
+    return 2 if failed and dist.rank == 0 else 0
 
 
 def _decode(args) -> int:
-    from .io import decode_files
+    from .cache import decode_inputs
 
-    vae = _load_model(args, args.latents)
-    out = decode_files(vae, args.latents, args.output, batch_size=args.batch_size)
-    print(f"wrote {len(out)} images to {args.output}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
+    device = _device(args.device)
+    for arg in args.latents:  # before the (slow) model load
+        if not os.path.exists(arg):
+            raise InputError(f"{arg}: no such file or folder; give latents files or folders")
+    vae = _load_model(args, device)
+    n = decode_inputs(vae, args.latents, args.output, batch_size=args.batch_size)
+    print(f"wrote {n} images to {args.output}")
     return 0
 
 
-def _model_args(p):
+def _model_args(p, batch_size: int):
     p.add_argument("--weights", required=True, help="checkpoint file or diffusers folder")
     p.add_argument(
         "--config",
@@ -170,8 +320,22 @@ def _model_args(p):
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default fp16 on cuda, fp32 on cpu")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=_positive, default=batch_size)
     p.add_argument("--no-fuse", action="store_true", help="run the eager reference model")
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 0")
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=_check)
 
     pr = sub.add_parser("profile", help="profile one encode + decode, eager beside sdvae")
-    pr.add_argument("--size", type=int, help="image size (default 512 on cuda, 64 on cpu)")
+    pr.add_argument("--size", type=_positive, help="image size (default 512 on cuda, 64 on cpu)")
     pr.add_argument("--weights", help="checkpoint (default: random SD weights)")
     pr.add_argument("--config", choices=_CONFIGS)
     pr.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -206,20 +370,75 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--out", default="profile", help="folder for the Chrome traces")
     pr.set_defaults(func=_profile)
 
-    e = sub.add_parser("encode", help="PNG images -> safetensors latents (one file per image)")
-    e.add_argument("images", nargs="+")
-    _model_args(e)
+    e = sub.add_parser(
+        "encode",
+        help="images (files, folders, lists) -> safetensors latent shards; torchrun for many GPUs",
+        description="Encode an image set into safetensors shards of latents with a JSON-lines "
+        "index. Resumable: a rerun with the same arguments keeps complete shards. Under "
+        "torchrun each rank encodes its own block of shards.",
+    )
+    e.add_argument("images", nargs="*", help="image files and folders (searched recursively)")
+    e.add_argument(
+        "--files-from",
+        action="append",
+        metavar="LIST",
+        help="a text file with one image path per line (repeatable)",
+    )
+    e.add_argument(
+        "--ext",
+        default=",".join(x[1:] for x in IMAGE_EXTENSIONS),
+        help="extensions taken from folders (default: %(default)s)",
+    )
+    e.add_argument(
+        "--size",
+        type=_parse_size,
+        help="output size N or WxH, multiples of 8 (default: each image's own size, "
+        "centre-cropped down to a multiple of 8)",
+    )
+    e.add_argument(
+        "--fit",
+        choices=("cover", "stretch", "crop"),
+        default="cover",
+        help="with --size: cover = scale to cover, then centre-crop (default); stretch = "
+        "scale to the size; crop = centre-crop without scaling",
+    )
+    e.add_argument("--shard-size", type=_positive, default=1024, help="images per shard")
+    e.add_argument(
+        "--workers",
+        type=_non_negative,
+        help="image-decoding worker processes per rank (default: CPUs per rank - 1, at most 8)",
+    )
+    _model_args(e, batch_size=8)
     e.add_argument("--sample", action="store_true", help="sample the posterior (default: its mean)")
-    e.add_argument("--seed", type=int, help="seed for --sample")
+    e.add_argument(
+        "--seed",
+        type=int,
+        help="with --sample: the run's seed (default 0); each image's noise comes from "
+        "(seed, its name), so it does not depend on the sharding",
+    )
     e.set_defaults(func=_encode)
 
-    d = sub.add_parser("decode", help="safetensors latents -> PNG images")
-    d.add_argument("latents", nargs="+")
-    _model_args(d)
+    d = sub.add_parser(
+        "decode",
+        help="safetensors latents (files, shards or shard folders) -> PNG images",
+    )
+    d.add_argument("latents", nargs="+", help="latents files, shards, or `sdvae encode` folders")
+    _model_args(d, batch_size=4)
     d.set_defaults(func=_decode)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    if args.command == "encode":
+        if not args.images and not args.files_from:
+            parser.error("encode: give image files or folders, or --files-from LIST")
+        if args.seed is not None and not args.sample:
+            parser.error("encode: --seed applies only with --sample")
+        if args.size is None and args.fit != "cover":
+            parser.error("encode: --fit applies only with --size")
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"sdvae: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,153 +1,130 @@
-"""Files in and out for ``sdvae encode`` / ``sdvae decode``: PNG images and safetensors latents.
+"""Files in and out for the ``sdvae`` command line: images, atomic writes, progress lines.
 
-``encode`` writes one ``<image stem>.safetensors`` per image, holding the scaled latents
-(``"latents"``, shape (C, h, w), in the model's dtype) and, as metadata, the source file, its
-size and the config's scaling/shift factors. ``decode`` reads such files (or any safetensors
-file with a ``latents`` tensor of shape (C, h, w) or (1, C, h, w)) and writes PNGs.
-Images of the same size are batched together.
+* ``read_image`` / ``write_image``: an image file <-> a (3, H, W) tensor in [-1, 1].
+* ``atomic_write``: every output is written under a temporary name in its folder and renamed
+  when complete, so a killed or failed command never leaves a half-written file.
+* ``InputError``: an input or output the command cannot use. Its message names the file and
+  says what to do; ``sdvae`` prints it as one ``sdvae: error: ...`` line and exits 2.
+* ``Progress``: one progress line on stderr (a bar on a terminal, plain lines otherwise).
+
+The image-set pipeline (folders, shards, ranks, resume) is in ``sdvae.cache``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections import defaultdict
+import time
 
 import numpy as np
 import torch
 
-__all__ = ["read_image", "write_image", "encode_files", "decode_files"]
+__all__ = ["InputError", "Progress", "atomic_write", "read_image", "write_image"]
 
 
-def _pil():
+class InputError(ValueError):
+    """An input or output the command line cannot use; the message names it and the fix."""
+
+
+def pil():
+    """``PIL.Image``, or an ``InputError`` saying how to install Pillow."""
     try:
         from PIL import Image
     except ImportError as exc:
-        raise ImportError(
-            "reading and writing PNG needs Pillow (it comes with matplotlib: "
-            "pip install 'sdvae[plot]')"
+        raise InputError(
+            "reading and writing images needs Pillow (it comes with matplotlib): "
+            "pip install 'sdvae[plot]'"
         ) from exc
     return Image
 
 
 def read_image(path: str) -> torch.Tensor:
     """An image file -> (3, H, W) float32 in [-1, 1]."""
-    image = _pil().open(path).convert("RGB")
-    a = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    with pil().open(path) as image:
+        a = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
 
-def write_image(t: torch.Tensor, path: str) -> None:
-    """(3, H, W) in [-1, 1] -> PNG (clamped, rounded to 8 bits)."""
+def to_uint8(t: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8 (clamped, rounded)."""
     a = ((t.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    _pil().fromarray(a.permute(1, 2, 0).cpu().numpy()).save(path)
+    return a.permute(1, 2, 0).cpu().numpy()
 
 
-class _Progress:
-    def __init__(self, total: int, label: str):
-        self.total, self.done, self.label = total, 0, label
+def write_image(t: torch.Tensor, path: str) -> None:
+    """(3, H, W) in [-1, 1] -> PNG at ``path`` (clamped, rounded to 8 bits), written
+    atomically."""
+    image = pil().fromarray(to_uint8(t))
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str):
+    """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds,
+    delete it if the block raises."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A progress line on stderr: done/total, failures, items/s and ETA.
+
+    On a terminal the line is redrawn in place; otherwise a line is printed at most every
+    ``every`` seconds and at the end (logs stay short)."""
+
+    def __init__(self, total: int, label: str, *, unit: str = "images", every: float = 5.0):
+        self.total, self.label, self.unit = total, label, unit
+        self.done = self.failed = 0
+        self.t0 = time.perf_counter()
         self.tty = sys.stderr.isatty()
+        self.every = 0.2 if self.tty else every
+        self._last = -float("inf")
 
-    def update(self, n: int) -> None:
-        self.done += n
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
-        print(
-            ("\r" if self.tty else "") + line,
-            end="" if self.tty else "\n",
-            file=sys.stderr,
-            flush=True,
+    def update(self, done: int = 0, failed: int = 0) -> None:
+        self.done += done
+        self.failed += failed
+        now = time.perf_counter()
+        finished = self.done + self.failed >= self.total
+        if not finished and now - self._last < self.every:
+            return
+        self._last = now
+        elapsed = max(now - self.t0, 1e-9)
+        rate = self.done / elapsed
+        left = self.total - self.done - self.failed
+        eta = _hms(left / rate) if rate > 0 else "?"
+        width = 24
+        filled = int(width * (self.done + self.failed) / max(self.total, 1))
+        line = (
+            f"{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{self.done + self.failed}/{self.total} {self.unit}"
+            + (f" ({self.failed} failed)" if self.failed else "")
+            + f", {rate:.1f} {self.unit}/s, ETA {eta}"
         )
-        if self.tty and self.done >= self.total:
-            print(file=sys.stderr)
-
-
-def _out_path(out_dir: str, src: str, suffix: str) -> str:
-    stem = os.path.splitext(os.path.basename(src))[0]
-    return os.path.join(out_dir, stem + suffix)
-
-
-def _check_inputs(paths, out_dir, suffix):
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"inputs not found: {missing}")
-    targets = [_out_path(out_dir, p, suffix) for p in paths]
-    dupes = sorted({t for t in targets if targets.count(t) > 1})
-    if dupes:
-        raise ValueError(f"two inputs would write the same output file: {dupes}")
-    return targets
-
-
-def _batches(items, key, batch_size):
-    groups = defaultdict(list)
-    for item in items:
-        groups[key(item)].append(item)
-    for group in groups.values():
-        for i in range(0, len(group), batch_size):
-            yield group[i : i + batch_size]
-
-
-@torch.no_grad()
-def encode_files(vae, paths, out_dir, *, batch_size=4, sample=False, seed=None) -> list[str]:
-    from safetensors.torch import save_file
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    targets = _check_inputs(paths, out_dir, ".safetensors")
-    os.makedirs(out_dir, exist_ok=True)
-    p = next(vae.parameters())
-    images = [(path, tgt, read_image(path)) for path, tgt in zip(paths, targets)]
-    progress = _Progress(len(images), "encode")
-    for i, batch in enumerate(_batches(images, lambda it: tuple(it[2].shape), batch_size)):
-        x = torch.stack([it[2] for it in batch]).to(p.device, p.dtype)
-        if p.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        if sample:  # one seed per batch, so batches do not share noise
-            lat = vae.encode(x, seed=None if seed is None else seed + i)
+        if self.tty:
+            print("\r" + line, end="\n" if finished else "", file=sys.stderr, flush=True)
         else:
-            lat = vae.encode(x, sample=False)
-        for (path, tgt, img), z in zip(batch, lat):
-            meta = {
-                "source": os.path.basename(path),
-                "height": str(img.shape[1]),
-                "width": str(img.shape[2]),
-                "scaling_factor": repr(vae.config.scaling_factor),
-                "shift_factor": repr(vae.config.shift_factor),
-                "sampled": str(bool(sample)),
-            }
-            save_file({"latents": z.contiguous().cpu()}, tgt, metadata=meta)
-        progress.update(len(batch))
-    return targets
-
-
-@torch.no_grad()
-def decode_files(vae, paths, out_dir, *, batch_size=4) -> list[str]:
-    from safetensors.torch import load_file
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    targets = _check_inputs(paths, out_dir, ".png")
-    os.makedirs(out_dir, exist_ok=True)
-    p = next(vae.parameters())
-    items = []
-    for path, tgt in zip(paths, targets):
-        tensors = load_file(path)
-        if "latents" not in tensors:
-            raise ValueError(f"{path}: no 'latents' tensor (has {sorted(tensors)})")
-        z = tensors["latents"]
-        if z.dim() == 4 and z.shape[0] == 1:
-            z = z[0]
-        if z.dim() != 3 or z.shape[0] != vae.config.latent_channels:
-            raise ValueError(
-                f"{path}: latents must be ({vae.config.latent_channels}, h, w), "
-                f"got {tuple(z.shape)}"
-            )
-        items.append((path, tgt, z))
-    progress = _Progress(len(items), "decode")
-    for batch in _batches(items, lambda it: tuple(it[2].shape), batch_size):
-        z = torch.stack([it[2] for it in batch]).to(p.device, p.dtype)
-        for (_, tgt, _), img in zip(batch, vae.decode(z)):
-            write_image(img, tgt)
-        progress.update(len(batch))
-    return targets
+            print(line, file=sys.stderr, flush=True)

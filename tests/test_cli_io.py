@@ -1,4 +1,11 @@
-"""`sdvae encode` / `sdvae decode`: PNG -> safetensors latents -> PNG through real files."""
+"""`sdvae encode` / `sdvae decode` through real files, and the command line's failures: every
+expected failure prints one `sdvae: error: ...` line naming the file and the fix, exits 2 and
+leaves no output behind."""
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,19 +16,24 @@ from safetensors.torch import save_file
 import sdvae
 from sdvae import cli
 from sdvae.io import read_image, write_image
-from sdvae.loading import CheckpointError
 
 PIL = pytest.importorskip("PIL.Image")
 CFG = sdvae.VAEConfig.tiny()
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 
 
 @pytest.fixture
 def weights(tmp_path):
+    """Random tiny weights as a bare file (needs a config) and as a diffusers folder."""
     torch.manual_seed(2)
-    vae = sdvae.VAE(CFG)
+    vae = sdvae.VAE(CFG).eval()
     path = tmp_path / "w.safetensors"
     save_file(vae.state_dict(), path)
-    return vae.eval(), path
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CFG.to_diffusers()))
+    save_file(vae.state_dict(), folder / "diffusion_pytorch_model.safetensors")
+    return vae, path, folder
 
 
 def _png(path, h, w, seed):
@@ -37,54 +49,150 @@ def test_image_round_trip_is_exact_for_8_bit(tmp_path):
     a = np.asarray(PIL.open(tmp_path / "a.png"))
     b = np.asarray(PIL.open(tmp_path / "b.png"))
     assert np.array_equal(a, b)
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png"]  # no temporary file left
 
 
 def test_encode_then_decode(tmp_path, weights, capsys):
-    vae, w = weights
+    vae, _, folder = weights
     for i, (h, wd) in enumerate([(16, 16), (16, 16), (8, 24)]):
         _png(tmp_path / f"img{i}.png", h, wd, i)
     imgs = [str(tmp_path / f"img{i}.png") for i in range(3)]
-    args = ["--weights", str(w), "--config", "sd", "--batch-size", "2", "--device", "cpu"]
-    with pytest.raises(CheckpointError):  # tiny weights do not fit the SD config: refused
-        cli.main(["encode", *imgs, *args, "-o", str(tmp_path / "lat")])
-    args = ["--weights", str(w), "--batch-size", "2", "--device", "cpu", "--no-fuse"]
-    # A bare file with tiny weights needs the tiny config: give it through a diffusers folder.
-    folder = tmp_path / "vae"
-    sdvae.to_diffusers(vae).save_pretrained(folder)
-    args[1] = str(folder)
-    assert cli.main(["encode", *imgs, *args, "-o", str(tmp_path / "lat")]) == 0
-    lat_files = sorted((tmp_path / "lat").iterdir())
-    assert [p.name for p in lat_files] == [
-        "img0.safetensors",
-        "img1.safetensors",
-        "img2.safetensors",
-    ]
-    with safe_open(lat_files[2], "pt") as fh:
-        z = fh.get_tensor("latents")
-        assert fh.metadata()["source"] == "img2.png"
+    args = ["--weights", str(folder), "--batch-size", "2", "--device", "cpu", "--no-fuse"]
+    assert cli.main(["encode", *imgs, *args, "--workers", "0", "-o", str(tmp_path / "lat")]) == 0
+    lat = tmp_path / "lat"
+    assert sorted(p.name for p in lat.glob("shard-*")) == ["shard-000000.safetensors"]
+    index = [json.loads(x) for x in (lat / "index.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in index] == ["img0.png", "img1.png", "img2.png"]
+    assert (lat / "errors.jsonl").read_text() == ""
+    with safe_open(lat / "shard-000000.safetensors", "pt") as fh:
+        z = fh.get_tensor(index[2]["key"])
     assert z.shape == (4, 4, 12)  # the tiny config downsamples by 2
     want = vae.encode(read_image(imgs[2])[None], sample=False)[0]
     torch.testing.assert_close(z, want)
-    assert cli.main(["decode", *map(str, lat_files), *args, "-o", str(tmp_path / "out")]) == 0
+    assert cli.main(["decode", str(lat), *args, "-o", str(tmp_path / "out")]) == 0
     out = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert out == ["img0.png", "img1.png", "img2.png"]
     assert PIL.open(tmp_path / "out" / "img2.png").size == (24, 8)
     err = capsys.readouterr().err
-    assert "encode" in err and "3/3" in err
+    assert "encode [" in err and "3/3 images" in err and "images/s" in err
+    assert "encoded 3 images" in err and "0 failed" in err
 
 
-def test_missing_input(tmp_path, weights):
-    _, w = weights
-    with pytest.raises(FileNotFoundError, match="inputs not found"):
-        cli.main(
-            [
-                "decode",
-                str(tmp_path / "nope.safetensors"),
-                "--weights",
-                str(w),
-                "--config",
-                "sd",
-                "-o",
-                str(tmp_path),
-            ]
-        )
+def test_decode_reads_a_single_latents_file(tmp_path, weights):
+    vae, path, _ = weights
+    z = torch.randn(4, 3, 5)
+    save_file({"latents": z}, tmp_path / "one.safetensors", metadata={"source": "pic.jpg"})
+    cmd = ["decode", str(tmp_path / "one.safetensors"), "--weights", str(path), "--no-fuse"]
+    assert cli.main([*cmd, "--device", "cpu", "-o", str(tmp_path / "o")]) == 2  # sd config
+    assert cli.main([*cmd[:2], "--weights", str(tmp_path / "vae"), "-o", str(tmp_path / "o")]) == 0
+    with PIL.open(tmp_path / "o" / "pic.png") as im:
+        assert im.size == (10, 6)
+    with torch.no_grad():
+        want = vae.decode(z[None])[0]
+    got = read_image(str(tmp_path / "o" / "pic.png"))
+    assert float((got - want.clamp(-1, 1)).abs().max()) <= 1 / 127.5 + 1e-6
+
+
+# --------------------------------------------------------------------------- failures
+def _fails(capsys, argv, *needles):
+    """Run the command; it must exit 2 with one `sdvae: error:` line holding ``needles``."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("sdvae: error:")]
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def corrupt(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    return bad
+
+
+def test_corrupt_checkpoint_as_a_tool(tmp_path, corrupt):
+    """The command of the issue, through the real entry point: one line, exit 2, no output."""
+    p = subprocess.run(
+        [sys.executable, "-m", "sdvae.cli", "decode", "bad.safetensors"]
+        + ["--weights", "bad.safetensors", "-o", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("sdvae: error: --weights bad.")
+    assert "not a readable safetensors file" in p.stderr and "give a VAE checkpoint" in p.stderr
+    assert p.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_weights_failures(tmp_path, weights, corrupt, capsys):
+    _, path, folder = weights
+    _png(tmp_path / "a.png", 8, 8, 0)
+    out = tmp_path / "out"
+    enc = ["encode", str(tmp_path / "a.png"), "--device", "cpu", "-o", str(out)]
+    _fails(capsys, [*enc, "--weights", str(path), "--config", "sd"], str(path), "does not match")
+    _fails(capsys, [*enc, "--weights", str(corrupt)], str(corrupt), "--config sdxl")
+    _fails(capsys, [*enc, "--weights", str(tmp_path / "nope.pt")], "nope.pt", "no such file")
+    txt = tmp_path / "w.txt"
+    txt.write_text("x")
+    _fails(capsys, [*enc, "--weights", str(txt)], "w.txt", "unknown weights format")
+    pr = ["profile", "--device", "cpu", "--out", str(out)]
+    _fails(capsys, [*pr, "--weights", str(corrupt)], str(corrupt))
+    _fails(capsys, [*pr, "--weights", str(folder), "--size", "9"], "--size 9", "multiple")
+    assert not out.exists()
+
+
+def test_input_failures(tmp_path, weights, capsys):
+    _, _, folder = weights
+    out = tmp_path / "out"
+    common = ["--weights", str(folder), "--device", "cpu", "--no-fuse", "-o", str(out)]
+    _png(tmp_path / "a.png", 8, 8, 0)
+    # Not latents: an image, a safetensors file without latents, latents of another model.
+    _fails(capsys, ["decode", str(tmp_path / "a.png"), *common], "a.png", "not a safetensors")
+    save_file({"x": torch.zeros(2)}, tmp_path / "x.safetensors")
+    _fails(capsys, ["decode", str(tmp_path / "x.safetensors"), *common], "no 'latents'")
+    save_file({"latents": torch.zeros(16, 4, 4)}, tmp_path / "z.safetensors")
+    _fails(capsys, ["decode", str(tmp_path / "z.safetensors"), *common], "(4, h, w)")
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, ["decode", str(tmp_path / "empty"), *common], "holds no .safetensors")
+    _fails(capsys, ["decode", str(tmp_path / "nope"), *common], "nope: no such file")
+    # Encode: missing input, no images, a size the model cannot take, -o on a file.
+    _fails(capsys, ["encode", str(tmp_path / "nope"), *common], "nope: no such file or folder")
+    _fails(capsys, ["encode", str(tmp_path / "empty"), *common], "no images found")
+    _fails(capsys, ["encode", str(tmp_path / "a.png"), "--size", "7", *common], "--size 7x7")
+    assert not out.exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _fails(capsys, ["encode", str(tmp_path / "a.png"), *common[:-1], str(blocker)], "-o ")
+    # Every image unreadable: reported, exit 2, no shard written.
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    line = _fails(capsys, ["encode", str(tmp_path / "bad.png"), *common], "1 of 1 images")
+    assert "errors.jsonl" in line and not list(out.glob("shard-*"))
+    errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["source"] for e in errors] == ["bad.png"] and "bad.png" in errors[0]["error"]
+
+
+def test_bench_failures(tmp_path, capsys):
+    _fails(capsys, ["bench", "nosuchsuite", "--device", "cpu"], "nosuchsuite", "known:")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _fails(capsys, ["bench", "vae_sample", "--device", "cpu", "--out", str(blocker / "x")], "--out")
+    _fails(capsys, ["check", "--device", "tpu"], "--device tpu")
+
+
+@NO_GPU
+@pytest.mark.parametrize("command", ["encode", "decode", "bench", "check", "profile"])
+def test_missing_gpu(tmp_path, weights, command, capsys):
+    _, _, folder = weights
+    _png(tmp_path / "a.png", 8, 8, 0)
+    argv = [command, "--device", "cuda"]
+    if command in ("encode", "decode"):
+        argv += [str(tmp_path / "a.png"), "--weights", str(folder), "-o", str(tmp_path / "o")]
+    _fails(capsys, argv, "--device cuda", "no CUDA GPU", "--device cpu")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,784 @@
+"""Latent caching: ``sdvae encode`` over an image set, sharded, on many ranks, resumable.
+
+Layout of an output folder ``OUT``::
+
+    OUT/run.json                   the arguments of the run (a rerun must match them)
+    OUT/shard-000000.safetensors   latents of files 0 .. N-1 of the sorted list, N = --shard-size
+    OUT/shard-000001.safetensors   ...
+    OUT/index-rank00000.jsonl      one line per encoded image of that rank's shards
+    OUT/errors-rank00000.jsonl     one line per image that could not be read (path, reason)
+    OUT/index.jsonl, errors.jsonl  all ranks merged by rank 0 at the end, in shard/row order
+
+Sharding. The inputs are sorted by name (the path relative to the folder given, or the
+basename of a file named directly); shard ``k`` holds files ``k*N .. k*N+N-1`` of that list,
+minus the ones that failed, in order. So the shards do not depend on the number of ranks:
+a run on 8 GPUs writes the same shard files as a run on one. Rank ``r`` of ``W`` takes the
+contiguous block of shards ``[r*S//W, (r+1)*S//W)``. Within a shard, images of the same size
+are encoded in batches of ``--batch-size`` in file order.
+
+A shard holds ``latents``, shape (n, C, h, w), when its images share a size (always with
+``--size``); otherwise one ``latents.<row>`` tensor (C, h, w) per row. Its metadata lists the
+sources (metadata ``sdvae``: JSON with ``sources``, the scaling and shift factors, ``sampled``
+and ``seed``), so shards can be decoded without the index. An index line holds
+``source`` (the name), ``path``, ``height``/``width`` (of the image as read, EXIF orientation
+applied), ``crop`` (left, top, right, bottom: the box of the original image that was resized
+to the output size), ``shard``, ``row``, ``key`` (the tensor name), ``seed`` (with
+``--sample``), and the shard's ``shard_rows``, ``shard_bytes`` and ``shard_sha256``.
+
+Sampling. ``--sample`` draws each image's noise from a CPU generator seeded with a hash of
+(``--seed``, the image's name), so a file's latents do not depend on the sharding, the batch
+or the device's random number generator.
+
+Resume. A shard file is written under a temporary name and renamed when complete; then its
+errors and its index lines are appended (and flushed to disk). A rerun with the same
+arguments keeps a shard when its index lines and error lines account for all its files and
+the file's size and SHA-256 match the index; any other shard is encoded again.
+
+Test hook: ``SDVAE_TEST_CRASH="K:STAGE"`` makes a rank exit abruptly (``os._exit``) after K
+complete shards, in the next shard, at STAGE: ``tmp`` (half of the temporary file written),
+``renamed`` (shard renamed, nothing indexed) or ``errors`` (errors appended, index not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .io import InputError, Progress, pil, write_bytes_atomic, write_image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Source",
+    "collect_sources",
+    "file_seed",
+    "load_image",
+    "ImageDataset",
+    "EncodeOptions",
+    "encode_sources",
+    "decode_inputs",
+    "Dist",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FITS = ("cover", "stretch", "crop")
+SHARD_FORMAT = "sdvae-shard-1"
+RUN_FORMAT = "sdvae-latents-1"
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """An input image: ``path`` to open, ``name`` (relative path) for seeds and outputs."""
+
+    name: str
+    path: str
+
+
+def _norm_name(name: str) -> str:
+    return name.replace(os.sep, "/")
+
+
+def collect_sources(
+    inputs: Sequence[str],
+    files_from: Sequence[str] = (),
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> list[Source]:
+    """The sorted image list: folders walked recursively (files whose extension is in
+    ``extensions``), files named directly (any extension), and the lines of each
+    ``files_from`` list (paths relative to the current folder). Raises ``InputError`` for a
+    missing input, an empty set, or two images with the same name."""
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    found: list[Source] = []
+    for arg in inputs:
+        if os.path.isdir(arg):
+            for root, dirs, files in os.walk(arg):
+                dirs.sort()
+                for f in sorted(files):
+                    if f.lower().endswith(exts) and not f.startswith("."):
+                        p = os.path.join(root, f)
+                        found.append(Source(_norm_name(os.path.relpath(p, arg)), p))
+        elif os.path.isfile(arg):
+            found.append(Source(os.path.basename(arg), arg))
+        else:
+            raise InputError(f"{arg}: no such file or folder; give image files or folders")
+    for listing in files_from:
+        try:
+            with open(listing) as fh:
+                lines = [ln.strip() for ln in fh]
+        except OSError as exc:
+            raise InputError(f"--files-from {listing}: cannot read it ({exc.strerror})") from exc
+        for ln in lines:
+            if not ln or ln.startswith("#"):
+                continue
+            norm = os.path.normpath(ln)
+            if os.path.isabs(norm) or norm.split(os.sep)[0] == "..":
+                name = os.path.basename(norm)
+            else:
+                name = _norm_name(norm)
+            found.append(Source(name, ln))
+    if not found:
+        raise InputError(
+            f"no images found in {' '.join(inputs) or '(no inputs)'} with extensions "
+            f"{', '.join(exts)}; give image files or folders that hold them (--ext to change)"
+        )
+    found.sort(key=lambda s: s.name)
+    dupes = [(a, b) for a, b in zip(found, found[1:]) if a.name == b.name]
+    if dupes:
+        a, b = dupes[0]
+        raise InputError(
+            f"{a.path} and {b.path} have the same name {a.name!r} (the name sets the output "
+            f"and the seed; {len(dupes)} such pairs): give their common parent folder instead"
+        )
+    return found
+
+
+def file_seed(seed: int, name: str) -> int:
+    """The per-image seed: a 63-bit hash of (seed, name)."""
+    digest = hashlib.sha256(f"{int(seed)}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def load_image(
+    path: str, size: tuple[int, int] | None, fit: str, factor: int
+) -> tuple[torch.Tensor, dict]:
+    """Read, orient and fit an image. Returns (3, H, W) uint8 and its index fields.
+
+    ``size`` (height, width) with ``fit``: ``cover`` (scale so the image covers the size,
+    then centre-crop; one bicubic resample of the crop box), ``stretch`` (scale to the size)
+    or ``crop`` (centre-crop without scaling; the image must be at least that large). Without
+    ``size`` the image keeps its size, centre-cropped down to a multiple of ``factor``."""
+    Image = pil()
+    from PIL import ImageOps
+
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    w0, h0 = im.size
+    if size is None:
+        H, W = h0 - h0 % factor, w0 - w0 % factor
+        if H == 0 or W == 0:
+            raise ValueError(f"image is {w0}x{h0}, smaller than the model's factor {factor}")
+        left, top = (w0 - W) // 2, (h0 - H) // 2
+        box = (left, top, left + W, top + H)
+        if (W, H) != (w0, h0):
+            im = im.crop(box)
+    else:
+        H, W = size
+        if fit == "cover":
+            scale = max(W / w0, H / h0)
+            bw, bh = W / scale, H / scale
+            left, top = (w0 - bw) / 2, (h0 - bh) / 2
+            box = (left, top, left + bw, top + bh)
+            im = im.resize((W, H), Image.Resampling.BICUBIC, box=box)
+        elif fit == "stretch":
+            box = (0, 0, w0, h0)
+            im = im.resize((W, H), Image.Resampling.BICUBIC)
+        elif fit == "crop":
+            if w0 < W or h0 < H:
+                raise ValueError(f"image is {w0}x{h0}, smaller than --size {W}x{H} (--fit crop)")
+            left, top = (w0 - W) // 2, (h0 - H) // 2
+            box = (left, top, left + W, top + H)
+            im = im.crop(box)
+        else:
+            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    a = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    meta = {"height": h0, "width": w0, "crop": [round(float(c), 4) for c in box]}
+    return a, meta
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Item ``i`` -> (i, uint8 image or None, index fields or None, error or None). A file
+    that cannot be read gives its error instead of raising, so one bad file never stops the
+    loader."""
+
+    def __init__(self, sources: Sequence[Source], size, fit: str, factor: int):
+        self.sources, self.size, self.fit, self.factor = list(sources), size, fit, factor
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int):
+        try:
+            image, meta = load_image(self.sources[i].path, self.size, self.fit, self.factor)
+        except InputError:
+            raise
+        # Image decoders raise many types (OSError, SyntaxError, ValueError, zlib errors,
+        # DecompressionBombError...): any of them means this file is unusable, and it is
+        # reported with its reason while the job goes on.
+        except Exception as exc:  # noqa: BLE001
+            return i, None, None, f"{type(exc).__name__}: {exc}"
+        return i, image, meta, None
+
+
+# --------------------------------------------------------------------------- distributed
+class Dist:
+    """The rank's place in a ``torchrun`` job (a job of one without it)."""
+
+    def __init__(self, timeout_h: float = 12.0):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        self.timeout = datetime.timedelta(hours=timeout_h)
+        self.started = False
+
+    def start(self, device: torch.device) -> None:
+        """Join the process group: gloo for the job's bookkeeping, plus NCCL on GPUs."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=self.timeout, **kwargs)
+        self.started = True
+
+    def stop(self) -> None:
+        if self.started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.started = False
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj`` on rank 0 (None elsewhere)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+
+# --------------------------------------------------------------------------- encode
+@dataclasses.dataclass
+class EncodeOptions:
+    size: tuple[int, int] | None = None  # (height, width)
+    fit: str = "cover"
+    shard_size: int = 1024
+    batch_size: int = 8
+    sample: bool = False
+    seed: int = 0
+    workers: int = 0
+    run_args: dict = dataclasses.field(default_factory=dict)  # recorded in run.json
+
+
+@dataclasses.dataclass
+class Summary:
+    rank: int
+    encoded: int = 0  # this run
+    kept: int = 0  # images in shards already complete (not encoded again)
+    failed: int = 0  # this run
+    failed_before: int = 0  # recorded in kept shards
+    shards_written: int = 0
+    shards_kept: int = 0
+    seconds: float = 0.0
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:06d}.safetensors"
+
+
+def _rank_file(kind: str, rank: int) -> str:
+    return f"{kind}-rank{rank:05d}.jsonl"
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    """The complete JSON lines of a file (a line cut off by a kill is dropped)."""
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+def _write_jsonl(path: str, records: Sequence[dict]) -> None:
+    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+    write_bytes_atomic(path, data)
+
+
+def _append_jsonl(path: str, records: Sequence[dict]) -> None:
+    if not records:
+        return
+    with open(path, "ab") as fh:
+        fh.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _crash_hook(done: int, stage: str) -> bool:
+    spec = os.environ.get("SDVAE_TEST_CRASH")
+    if not spec:
+        return False
+    k, _, at = spec.partition(":")
+    return int(k) == done and at == stage
+
+
+def _check_run_file(out_dir: str, record: dict) -> str | None:
+    """Write ``run.json`` or check that an existing one matches; returns an error or None."""
+    path = os.path.join(out_dir, "run.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as fh:
+                old = json.load(fh)
+        except (OSError, ValueError) as exc:
+            return f"{path} is unreadable ({exc}); delete it or use another -o folder"
+        diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} then, {record.get(k)!r} now" for k in diff)
+            return (
+                f"{out_dir} holds a run with other arguments ({shown}); rerun with the same "
+                "arguments to resume it, or give another -o folder"
+            )
+        return None
+    write_bytes_atomic(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    return None
+
+
+def _plan(n_files: int, shard_size: int, rank: int, world: int) -> list[tuple[int, int, int]]:
+    """The (shard, first file, end file) triples of ``rank``."""
+    n_shards = -(-n_files // shard_size)
+    lo, hi = rank * n_shards // world, (rank + 1) * n_shards // world
+    return [(k, k * shard_size, min(n_files, (k + 1) * shard_size)) for k in range(lo, hi)]
+
+
+def _resume(out_dir: str, rank: int, plan) -> tuple[set[int], list[dict], list[dict]]:
+    """The complete shards of ``plan`` and their index and error records; rewrites the
+    rank's index and errors files to hold only those, and removes stale temporary files."""
+    index_path = os.path.join(out_dir, _rank_file("index", rank))
+    errors_path = os.path.join(out_dir, _rank_file("errors", rank))
+    rows: dict[str, list[dict]] = {}
+    for rec in _read_jsonl(index_path):
+        rows.setdefault(rec.get("shard"), []).append(rec)
+    errs: dict[str, list[dict]] = {}
+    for rec in _read_jsonl(errors_path):
+        errs.setdefault(rec.get("shard"), []).append(rec)
+    complete: set[int] = set()
+    kept_rows: list[dict] = []
+    kept_errs: list[dict] = []
+    for k, a, b in plan:
+        name = _shard_name(k)
+        r, e = rows.get(name, []), errs.get(name, [])
+        if len(r) + len(e) != b - a:
+            continue
+        if r:
+            path = os.path.join(out_dir, name)
+            n = r[0].get("shard_rows")
+            if (
+                sorted(x.get("row") for x in r) != list(range(len(r)))
+                or n != len(r)
+                or not os.path.isfile(path)
+                or os.path.getsize(path) != r[0].get("shard_bytes")
+                or _sha256_file(path) != r[0].get("shard_sha256")
+            ):
+                continue
+        complete.add(k)
+        kept_rows += sorted(r, key=lambda x: x["row"])
+        kept_errs += e
+    _write_jsonl(index_path, kept_rows)
+    _write_jsonl(errors_path, kept_errs)
+    for f in os.listdir(out_dir):
+        if f.startswith(".shard-") and ".tmp-" in f:
+            k = f[len(".shard-") :].split(".", 1)[0]
+            if k.isdigit() and any(int(k) == p[0] for p in plan):
+                os.remove(os.path.join(out_dir, f))
+    return complete, kept_rows, kept_errs
+
+
+class _Encoder:
+    """Encodes images in batches of one size, in arrival order, keeping latents on the CPU."""
+
+    def __init__(self, vae, opts: EncodeOptions):
+        self.vae, self.opts = vae, opts
+        p = next(vae.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.factor = vae.config.downsample_factor
+        self.channels = vae.config.latent_channels
+        self.pending: dict[tuple, list] = {}
+        self.out: dict[int, torch.Tensor] = {}
+
+    def add(self, row: int, image: torch.Tensor, seed: int | None) -> None:
+        group = self.pending.setdefault(tuple(image.shape), [])
+        group.append((row, image, seed))
+        if len(group) >= self.opts.batch_size:
+            self._run(self.pending.pop(tuple(image.shape)))
+
+    def flush(self) -> dict[int, torch.Tensor]:
+        for group in self.pending.values():
+            self._run(group)
+        self.pending = {}
+        out, self.out = self.out, {}
+        return out
+
+    @torch.no_grad()
+    def _run(self, group) -> None:
+        u8 = torch.stack([g[1] for g in group])
+        if self.device.type == "cuda":
+            u8 = u8.pin_memory().to(self.device, non_blocking=True)
+        x = (u8.float() / 127.5 - 1.0).to(self.dtype)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.opts.sample:
+            h, w = x.shape[2] // self.factor, x.shape[3] // self.factor
+            noise = torch.stack(
+                [
+                    torch.randn((self.channels, h, w), generator=torch.Generator().manual_seed(s))
+                    for _, _, s in group
+                ]
+            ).to(self.device)
+            lat = self.vae.encode(x, noise)
+        else:
+            lat = self.vae.encode(x, sample=False)
+        lat = lat.contiguous().cpu()
+        for (row, _, _), z in zip(group, lat):
+            self.out[row] = z.clone()
+
+
+def _shard_bytes(latents: list[torch.Tensor], names: list[str], vae, opts) -> tuple[bytes, str]:
+    from safetensors.torch import save
+
+    shapes = {tuple(z.shape) for z in latents}
+    if len(shapes) == 1:
+        tensors = {"latents": torch.stack(latents)}
+        keys = ["latents"] * len(latents)
+    else:
+        keys = [f"latents.{i}" for i in range(len(latents))]
+        tensors = dict(zip(keys, latents))
+    info = {
+        "format": SHARD_FORMAT,
+        "sources": names,
+        "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": vae.config.shift_factor,
+        "sampled": bool(opts.sample),
+        "seed": opts.seed if opts.sample else None,
+    }
+    # One metadata entry: safetensors writes several in a random order, and the shard's
+    # bytes (and checksum) must be the same on every run.
+    meta = {"sdvae": json.dumps(info, sort_keys=True)}
+    return save(tensors, metadata=meta), keys[0] if len(shapes) == 1 else ""
+
+
+def encode_sources(
+    vae, sources: Sequence[Source], out_dir: str, opts: EncodeOptions, dist: Dist
+) -> Summary:
+    """Encode this rank's shards of ``sources`` into ``out_dir`` (which exists and whose
+    ``run.json`` was checked); returns this rank's summary. Rank 0 merges the indexes."""
+    t0 = time.perf_counter()
+    rank = dist.rank
+    plan = _plan(len(sources), opts.shard_size, rank, dist.world)
+    complete, rows_all, errs_all = _resume(out_dir, rank, plan)
+    summary = Summary(rank=rank)
+    summary.shards_kept = len(complete)
+    summary.kept = len(rows_all)
+    summary.failed_before = len(errs_all)
+    todo = [p for p in plan if p[0] not in complete]
+    files = [i for _, a, b in todo for i in range(a, b)]
+    label = f"encode rank {rank}/{dist.world}" if dist.world > 1 else "encode"
+    progress = Progress(len(files), label)
+    if not files:
+        progress.update()
+    dataset = ImageDataset(
+        [sources[i] for i in files], opts.size, opts.fit, vae.config.downsample_factor
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=opts.workers,
+        prefetch_factor=4 if opts.workers else None,
+    )
+    index_path = os.path.join(out_dir, _rank_file("index", rank))
+    errors_path = os.path.join(out_dir, _rank_file("errors", rank))
+    items = iter(loader)
+    for done, (k, a, b) in enumerate(todo):
+        name = _shard_name(k)
+        enc = _Encoder(vae, opts)
+        good: list[tuple[int, dict]] = []  # (file index, index fields)
+        errors: list[dict] = []
+        for _ in range(a, b):
+            j, image, meta, err = next(items)
+            src = sources[files[j]]
+            if err is not None:
+                errors.append({"source": src.name, "path": src.path, "error": err, "shard": name})
+                progress.update(failed=1)
+                continue
+            seed = file_seed(opts.seed, src.name) if opts.sample else None
+            enc.add(len(good), image, seed)
+            fields = {"source": src.name, "path": src.path, **meta}
+            if seed is not None:
+                fields["seed"] = seed
+            good.append((files[j], fields))
+            progress.update(done=1)
+        latents = enc.flush()
+        records = []
+        if good:
+            data, key = _shard_bytes(
+                [latents[i] for i in range(len(good))], [g[1]["source"] for g in good], vae, opts
+            )
+            sha = hashlib.sha256(data).hexdigest()
+            path = os.path.join(out_dir, name)
+            if _crash_hook(done, "tmp"):
+                with open(os.path.join(out_dir, f".{name}.tmp-{os.getpid()}"), "wb") as fh:
+                    fh.write(data[: len(data) // 2])
+                os._exit(1)
+            write_bytes_atomic(path, data)
+            for row, (_, fields) in enumerate(good):
+                records.append(
+                    {
+                        **fields,
+                        "shard": name,
+                        "row": row,
+                        "key": key or f"latents.{row}",
+                        "shard_rows": len(good),
+                        "shard_bytes": len(data),
+                        "shard_sha256": sha,
+                    }
+                )
+        if _crash_hook(done, "renamed"):
+            os._exit(1)
+        _append_jsonl(errors_path, errors)
+        if _crash_hook(done, "errors"):
+            os._exit(1)
+        _append_jsonl(index_path, records)
+        rows_all += records
+        errs_all += errors
+        summary.encoded += len(good)
+        summary.failed += len(errors)
+        summary.shards_written += 1 if good else 0
+    summary.seconds = time.perf_counter() - t0
+    _merge(out_dir, dist, rows_all, errs_all)
+    return summary
+
+
+def _merge(out_dir: str, dist: Dist, rows: list[dict], errs: list[dict]) -> None:
+    """Rank 0 writes ``index.jsonl`` and ``errors.jsonl`` for the whole job (over the
+    process group: the ranks need not share a file system for this)."""
+    if dist.world == 1:
+        parts = [(rows, errs)]
+    else:
+        parts = dist.gather((rows, errs))
+    if dist.rank != 0:
+        return
+    all_rows = sorted((r for p in parts for r in p[0]), key=lambda r: (r["shard"], r["row"]))
+    all_errs = sorted((e for p in parts for e in p[1]), key=lambda e: e["source"])
+    _write_jsonl(os.path.join(out_dir, "index.jsonl"), all_rows)
+    _write_jsonl(os.path.join(out_dir, "errors.jsonl"), all_errs)
+
+
+def run_record(opts: EncodeOptions, sources: Sequence[Source], vae, world: int) -> dict:
+    """What ``run.json`` records: everything that decides the shards' contents."""
+    names = hashlib.sha256("\n".join(s.name for s in sources).encode()).hexdigest()
+    return {
+        "format": RUN_FORMAT,
+        "files": len(sources),
+        "files_sha256": names,
+        "shard_size": opts.shard_size,
+        "size": list(opts.size) if opts.size else None,
+        "fit": opts.fit if opts.size else None,
+        "batch_size": opts.batch_size,
+        "sample": opts.sample,
+        "seed": opts.seed if opts.sample else None,
+        "world_size": world,
+        "latent_channels": vae.config.latent_channels,
+        "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": vae.config.shift_factor,
+        "dtype": str(next(vae.parameters()).dtype).replace("torch.", ""),
+        **opts.run_args,
+    }
+
+
+# --------------------------------------------------------------------------- decode
+@dataclasses.dataclass
+class _LatentItem:
+    file: str
+    key: str  # tensor name
+    row: int | None  # row of a stacked tensor, None for a whole tensor
+    out_name: str  # relative output path (.png)
+
+
+def _png_name(name: str) -> str:
+    norm = os.path.normpath(name)
+    if os.path.isabs(norm) or norm.split(os.sep)[0] == "..":
+        norm = os.path.basename(norm)
+    return _norm_name(os.path.splitext(norm)[0] + ".png")
+
+
+def _latent_files(arg: str) -> list[str]:
+    if os.path.isdir(arg):
+        names = sorted(os.listdir(arg))
+        shards = [n for n in names if n.startswith("shard-") and n.endswith(".safetensors")]
+        chosen = shards or [n for n in names if n.endswith(".safetensors")]
+        if not chosen:
+            raise InputError(
+                f"{arg}: the folder holds no .safetensors latents; give the -o folder of "
+                "`sdvae encode` or latents files"
+            )
+        return [os.path.join(arg, n) for n in chosen]
+    if os.path.isfile(arg):
+        return [arg]
+    raise InputError(f"{arg}: no such file or folder; give latents files or shard folders")
+
+
+def _items_of(path: str, channels: int) -> list[_LatentItem]:
+    from safetensors import safe_open
+
+    fix = "give files written by `sdvae encode` (or a safetensors file with a 'latents' tensor)"
+    try:
+        with safe_open(path, "pt") as fh:
+            meta = fh.metadata() or {}
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise InputError(f"{path}: not a safetensors latents file ({exc}); {fix}") from exc
+
+    def check(key, shape):
+        if len(shape) != 3 or shape[0] != channels:
+            raise InputError(
+                f"{path}: tensor {key!r} has shape {shape}, not ({channels}, h, w) latents of "
+                "this model; give latents of this model, or the --config/--weights that "
+                "wrote them"
+            )
+
+    info = None
+    if "sdvae" in meta:
+        try:
+            info = json.loads(meta["sdvae"])
+            sources = [str(x) for x in info["sources"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: shard metadata 'sdvae' is unreadable; {fix}") from exc
+    if info is not None and info.get("format") == SHARD_FORMAT:
+        if "latents" in shapes:
+            shape = shapes["latents"]
+            if len(shape) != 4 or shape[0] != len(sources):
+                raise InputError(f"{path}: 'latents' {shape} does not match its sources; {fix}")
+            check("latents", shape[1:])
+            return [_LatentItem(path, "latents", i, _png_name(s)) for i, s in enumerate(sources)]
+        items = []
+        for i, s in enumerate(sources):
+            key = f"latents.{i}"
+            if key not in shapes:
+                raise InputError(f"{path}: shard has no tensor {key!r}; {fix}")
+            check(key, shapes[key])
+            items.append(_LatentItem(path, key, None, _png_name(s)))
+        return items
+    if "latents" not in shapes:
+        raise InputError(f"{path}: no 'latents' tensor (has {sorted(shapes)[:5]}); {fix}")
+    shape = shapes["latents"]
+    if len(shape) == 4:
+        check("latents", shape[1:])
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if shape[0] == 1:
+            return [_LatentItem(path, "latents", 0, stem + ".png")]
+        return [_LatentItem(path, "latents", i, f"{stem}-{i:04d}.png") for i in range(shape[0])]
+    check("latents", shape)
+    source = meta.get("source") or os.path.basename(path)
+    return [_LatentItem(path, "latents", None, _png_name(source))]
+
+
+def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int = 4) -> int:
+    """Decode latents files and shard folders to PNGs under ``out_dir`` (sub-folders of the
+    sources kept). Every input is checked before anything is written. Returns the count."""
+    files = [f for arg in inputs for f in _latent_files(arg)]
+    items = [it for f in files for it in _items_of(f, vae.config.latent_channels)]
+    seen: dict[str, str] = {}
+    for it in items:
+        if it.out_name in seen:
+            raise InputError(
+                f"{seen[it.out_name]} and {it.file} both decode to {it.out_name}; "
+                "decode them into separate -o folders"
+            )
+        seen[it.out_name] = it.file
+    return _decode_items(vae, items, out_dir, batch_size)
+
+
+@torch.no_grad()
+def _decode_items(vae, items: list[_LatentItem], out_dir: str, batch_size: int) -> int:
+    from safetensors import safe_open
+
+    p = next(vae.parameters())
+    progress = Progress(len(items), "decode")
+    by_file: dict[str, list[_LatentItem]] = {}
+    for it in items:
+        by_file.setdefault(it.file, []).append(it)
+    written = 0
+    for path, group in by_file.items():
+        with safe_open(path, "pt") as fh:
+            loaded = [
+                (it, fh.get_slice(it.key)[it.row] if it.row is not None else fh.get_tensor(it.key))
+                for it in group
+            ]
+        by_shape: dict[tuple, list] = {}
+        for it, z in loaded:
+            by_shape.setdefault(tuple(z.shape), []).append((it, z))
+        for same in by_shape.values():
+            for i in range(0, len(same), batch_size):
+                chunk = same[i : i + batch_size]
+                z = torch.stack([c[1] for c in chunk]).to(p.device, p.dtype)
+                for (it, _), img in zip(chunk, vae.decode(z)):
+                    target = os.path.join(out_dir, it.out_name)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    write_image(img, target)
+                    written += 1
+                progress.update(done=len(chunk))
+    return written
+
+
+def print_summary(summaries: Sequence[Summary], wall: float, out_dir: str) -> str:
+    """The job's summary line (printed by rank 0)."""
+    enc = sum(s.encoded for s in summaries)
+    kept = sum(s.kept for s in summaries)
+    failed = sum(s.failed + s.failed_before for s in summaries)
+    rate = enc / wall if wall > 0 else 0.0
+    line = (
+        f"encoded {enc} images in {wall:.1f} s ({rate:.2f} images/s) on {len(summaries)} "
+        f"rank(s) into {out_dir}; {sum(s.shards_written for s in summaries)} shards written"
+        + (f", {sum(s.shards_kept for s in summaries)} complete shards kept ({kept} images)")
+        + f"; {failed} failed"
+    )
+    print(line, file=sys.stderr, flush=True)
+    return line
