@@ -20,7 +20,16 @@ from torch import nn
 
 from .config import VAEConfig
 
-__all__ = ["VAE", "Encoder", "Decoder", "ResnetBlock", "AttentionBlock", "GroupNorm"]
+__all__ = [
+    "VAE",
+    "Encoder",
+    "Decoder",
+    "ResnetBlock",
+    "AttentionBlock",
+    "GroupNorm",
+    "Upsample",
+    "fold_upsample_weight",
+]
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
@@ -133,14 +142,65 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, self.padding))
 
 
+#: Nearest-x2 upsampling followed by a 3-tap conv (padding 1), per output parity and tap:
+#: output pixel 2i + p reads input taps i - 1, i, i + 1 of the upsampled row, which are input
+#: pixels ``(2i + p - 1) // 2 .. (2i + p + 1) // 2``. Row a of this map says which 3x3 taps
+#: land on tap a of a stride-2, padding-1, 4-tap transposed conv.
+_UPSAMPLE_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+
+
+def fold_upsample_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The (C_in, C_out, 4, 4) weight ``Wt`` with
+    ``conv_transpose2d(x, Wt, b, stride=2, padding=1) == conv2d(interpolate(x, 2), W, b, 1)``
+    for a (C_out, C_in, 3, 3) weight ``W``: ``Wt[i, o, a, b] = sum_uv M[a, u] M[b, v] W[o, i, u, v]``
+    with ``M = _UPSAMPLE_TAPS``. Exact (each output is the same sum of the same products,
+    with the taps that hit one input pixel added first); 2.25x fewer FLOPs and no 4x-sized
+    upsampled copy. Folded in float64, returned in ``weight``'s dtype."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be (C_out, C_in, 3, 3), got {tuple(weight.shape)}")
+    m = torch.tensor(_UPSAMPLE_TAPS, dtype=torch.float64, device=weight.device)
+    wt = torch.einsum("au,bv,oiuv->ioab", m, m, weight.detach().double())
+    return wt.to(weight.dtype)
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
+    """Nearest-neighbour x2, then a 3x3 conv.
+
+    Fused (``sdvae.optimize``): one stride-2 transposed conv with the folded 4x4 weight
+    (``fold_upsample_weight``), kept in the non-persistent buffer ``folded_weight`` (not in the
+    state dict) and refolded if ``conv.weight`` was changed in place or replaced since."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.fused = False
+        self.register_buffer("folded_weight", None, persistent=False)
+        self._folded_from: tuple | None = None
+
+    def _weight_key(self) -> tuple:
+        w = self.conv.weight
+        return (w.data_ptr(), w._version, w.dtype, w.device)
+
+    def fold(self) -> None:
+        """(Re)compute ``folded_weight`` from ``conv.weight``, in its dtype, device and
+        memory format (channels_last when the conv weight is)."""
+        w = self.conv.weight
+        wt = fold_upsample_weight(w)
+        if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+            wt = wt.contiguous(memory_format=torch.channels_last)
+        self.folded_weight = wt
+        self._folded_from = self._weight_key()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            if not torch.compiler.is_compiling() and (
+                self.folded_weight is None or self._folded_from != self._weight_key()
+            ):
+                self.fold()
+            w, b = self.folded_weight, self.conv.bias
+            if w.dtype != x.dtype:  # under autocast, as autocast's own conv would
+                w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
+            return F.conv_transpose2d(x, w, b, stride=2, padding=1)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 

@@ -1,0 +1,97 @@
+"""The decoder's upsampler (nearest x2 + 3x3 conv) as one stride-2 transposed conv with a
+folded 4x4 weight: the identity in float64, the fused module against the unfused one, the
+refold when the weight changes, and the state dict left alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+
+import sdvae
+from sdvae.model import Upsample, fold_upsample_weight
+
+
+def _upsample_reference(x, w, b):
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (5, 7), (8, 3), (6, 6)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_identity_float64(hw, bias):
+    torch.manual_seed(hash(hw) % 1000)
+    x = torch.randn(2, 3, *hw, dtype=torch.float64) + 0.5
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64) if bias else None
+    ref = _upsample_reference(x, w, b)
+    out = F.conv_transpose2d(x, fold_upsample_weight(w), b, stride=2, padding=1)
+    assert out.shape == ref.shape == (2, 5, 2 * hw[0], 2 * hw[1])
+    err = (out - ref).abs().max().item()
+    assert err < 1e-12 * ref.abs().max().item(), f"max abs error {err}"
+
+
+def test_fold_rejects_other_kernels():
+    with pytest.raises(ValueError, match="weight"):
+        fold_upsample_weight(torch.randn(4, 4, 5, 5))
+    with pytest.raises(ValueError, match="weight"):
+        fold_upsample_weight(torch.randn(4, 4, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@torch.no_grad()
+def test_fused_module_equals_float64(dtype, layout):
+    torch.manual_seed(3)
+    m = Upsample(8)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    m = m.to(dtype=dtype, memory_format=fmt)
+    x = (torch.randn(2, 8, 5, 6) + 0.3).to(dtype=dtype).contiguous(memory_format=fmt)
+    ref = _upsample_reference(x.double(), m.conv.weight.double(), m.conv.bias.double())
+    m.fused = True
+    out = m(x)
+    assert out.dtype == dtype
+    assert out.is_contiguous(memory_format=fmt)
+    assert_close(out, ref, name=f"upsample {dtype} {layout}")
+
+
+@torch.no_grad()
+def test_refolds_after_weight_changes_and_keeps_state_dict():
+    torch.manual_seed(4)
+    m = Upsample(4)
+    keys = set(m.state_dict())
+    m.fused = True
+    m.fold()
+    assert set(m.state_dict()) == keys == {"conv.weight", "conv.bias"}
+    x = torch.randn(1, 4, 3, 3)
+    m.conv.weight.mul_(-2.0)  # in place: the fold must notice
+    assert_close(m(x), _upsample_reference(x, m.conv.weight, m.conv.bias), name="in place")
+    m.load_state_dict({"conv.weight": torch.randn(4, 4, 3, 3), "conv.bias": torch.randn(4)})
+    assert_close(m(x), _upsample_reference(x, m.conv.weight, m.conv.bias), name="loaded")
+    m.conv.weight = torch.nn.Parameter(torch.randn(4, 4, 3, 3))  # replaced
+    assert_close(m(x), _upsample_reference(x, m.conv.weight, m.conv.bias), name="replaced")
+
+
+def test_optimize_switches_upsamplers_and_unoptimize_restores():
+    vae = sdvae.VAE(sdvae.VAEConfig.tiny(sample_size=16))
+    ups = [m for m in vae.modules() if isinstance(m, Upsample)]
+    assert ups and not any(m.fused for m in ups)
+    sdvae.optimize(vae)
+    assert all(m.fused and m.folded_weight is not None for m in ups)
+    assert all(m.folded_weight.shape[2:] == (4, 4) for m in ups)
+    sdvae.unoptimize(vae)
+    assert not any(m.fused for m in ups)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@torch.no_grad()
+def test_fused_module_on_gpu_at_vae_shape(dtype):
+    torch.manual_seed(5)
+    m = Upsample(512).to("cuda", dtype, memory_format=torch.channels_last)
+    x = torch.randn(1, 512, 64, 64, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    ref = _upsample_reference(x.double(), m.conv.weight.double(), m.conv.bias.double())
+    m.fused = True
+    out = m(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, ref, name=f"upsample 512x64^2 {dtype}")
