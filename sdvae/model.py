@@ -152,10 +152,11 @@ _UPSAMPLE_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
 def fold_upsample_weight(weight: torch.Tensor) -> torch.Tensor:
     """The (C_in, C_out, 4, 4) weight ``Wt`` with
     ``conv_transpose2d(x, Wt, b, stride=2, padding=1) == conv2d(interpolate(x, 2), W, b, 1)``
-    for a (C_out, C_in, 3, 3) weight ``W``: ``Wt[i, o, a, b] = sum_uv M[a, u] M[b, v] W[o, i, u, v]``
-    with ``M = _UPSAMPLE_TAPS``. Exact (each output is the same sum of the same products,
-    with the taps that hit one input pixel added first); 2.25x fewer FLOPs and no 4x-sized
-    upsampled copy. Folded in float64, returned in ``weight``'s dtype."""
+    for a (C_out, C_in, 3, 3) weight ``W``:
+    ``Wt[i, o, a, b] = sum_uv M[a, u] M[b, v] W[o, i, u, v]`` with ``M = _UPSAMPLE_TAPS``.
+    Exact in real arithmetic: the taps that read the same input pixel are summed into one
+    weight, so only the rounding differs. 2.25x fewer FLOPs and no 4x-sized upsampled copy.
+    Folded in float64, returned in ``weight``'s dtype."""
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"weight must be (C_out, C_in, 3, 3), got {tuple(weight.shape)}")
     m = torch.tensor(_UPSAMPLE_TAPS, dtype=torch.float64, device=weight.device)
