@@ -119,6 +119,12 @@ def _profile(args) -> int:
             f"--size {size}: must be a multiple of the model's downsampling factor "
             f"{vae.config.downsample_factor}"
         )
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"--out {args.out}: cannot create the folder ({exc.strerror}); give a writable one"
+        ) from exc
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(device, dtype)
     f = vae.config.downsample_factor
@@ -226,6 +232,11 @@ def _encode(args) -> int:
 
     dist = cache.Dist()
     device = _device(args.device, dist.local_rank)
+    if dist.world > 1 and device.type == "cuda" and ":" in (args.device or ""):
+        raise InputError(
+            f"--device {args.device} under torchrun: each rank uses GPU LOCAL_RANK; give "
+            "--device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.start(device)
@@ -237,7 +248,9 @@ def _encode(args) -> int:
 
 def _encode_rank(args, dist, device) -> int:
     from . import cache
+    from .io import pil
 
+    pil()  # Pillow missing: say so before anything starts
     listing = None
     if dist.rank == 0:
         try:

@@ -184,6 +184,8 @@ def test_bench_failures(tmp_path, capsys):
     blocker.write_text("")
     _fails(capsys, ["bench", "vae_sample", "--device", "cpu", "--out", str(blocker / "x")], "--out")
     _fails(capsys, ["check", "--device", "tpu"], "--device tpu")
+    pr = ["profile", "--device", "cpu", "--size", "8", "--out", str(blocker / "p")]
+    _fails(capsys, pr, "--out", "cannot create")
 
 
 @NO_GPU
