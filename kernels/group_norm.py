@@ -1,68 +1,88 @@
-"""Fused GroupNorm (+ optional SiLU) in Triton, for NCHW and channels_last tensors.
+"""Fused GroupNorm (+ optional SiLU, + optional fused input bias and residual) in Triton, for
+NCHW and channels_last tensors.
 
 What it computes
 ----------------
-``y = silu?((x - mean[n, g]) * rstd[n, g] * weight[c] + bias[c])`` for ``x`` of shape
-``(N, C, *spatial)`` (1 to 3 spatial dims, ``S`` = their product), ``G`` groups of
-``Cg = C // G`` channels, statistics over the ``Cg * S`` values of each ``(n, g)``,
-``rstd = 1 / sqrt(var + eps)`` with the biased variance — exactly ``F.group_norm`` followed by
-``F.silu``. fp32, fp16 and bf16 inputs; weight/bias in the input's dtype or fp32; statistics
-and arithmetic in fp32; the output has the input's dtype and memory format.
+For ``x`` of shape ``(N, C, *spatial)`` (1 to 3 spatial dims, ``S`` = their product), ``G``
+groups of ``Cg = C // G`` channels:
+
+    s = x + input_bias[c] + residual          (each term optional)
+    y = silu?((s - mean[n, g]) * rstd[n, g] * weight[c] + bias[c])
+
+with the statistics of ``s`` over the ``Cg * S`` values of each ``(n, g)`` and
+``rstd = 1 / sqrt(var + eps)`` (biased variance): exactly ``F.group_norm(s)`` followed by
+``F.silu``. ``input_bias`` is the producing conv's bias (so the conv can run without it),
+``residual`` a tensor of ``x``'s shape in either layout. With ``return_sum=True`` the kernel
+also writes ``s`` (once, in ``x``'s dtype and layout) for a later residual add. fp32, fp16 and
+bf16 ``x``; weight/bias/input_bias in ``x``'s dtype or fp32; residual in ``x``'s dtype;
+statistics and arithmetic in fp32 (``s`` itself is formed in fp32 and only rounded when it is
+written); outputs in ``x``'s dtype and memory format.
 
 Numerics
 --------
-Variance is never ``E[x^2] - E[x]^2``. Each tile computes its own mean and centred sum of
-squares, and tiles are combined with Chan et al.'s pairwise update (the parallel form of
-Welford). On top of that every value is first shifted by ``K`` = the group's first element
-(any value from the data works): for an input with mean 1e4 and std 1 the fp32 mean of ``x``
-itself is only known to ~5e-4, which would already cost 5e-4 relative error in ``x - mean``;
-the mean of ``x - K`` is O(std) and known to fp32's relative precision, and ``x - K`` is exact
-(Sterbenz). The normalisation is then ``(x - K) * a + c`` with ``a = rstd * w`` and
-``c = b - mean_shifted * a``, one subtract and one FMA per value.
+Variance is never ``E[s^2] - E[s]^2``. Every value is first shifted by ``K`` = ``s`` at the
+group's first element (channel ``g * Cg``, pixel 0): for data with mean 1e4 and std 1 the fp32
+mean of ``s`` itself is only known to ~5e-4, which would already cost 5e-4 relative error in
+``s - mean``; ``s - K`` is exact (Sterbenz) and its mean is O(std), known to fp32 precision.
+On the shifted values:
 
-Design and which strategy runs when
------------------------------------
-Every kernel walks tiles of ``[BLOCK_S pixels, BLOCK_G groups, BLOCK_CG channels of a group]``
-(``_plan`` picks them, ``BLOCK_S * BLOCK_G * BLOCK_CG = 4096`` values, 8 warps):
+* one launch: the whole group sits in registers; mean, then the centred sum of squares
+  (an exact second pass over registers);
+* two passes: every lane of a statistics tile runs Welford's update over the tiles its
+  program walks (all lanes share the count, so the update costs one reciprocal per tile, not
+  per value), lanes are merged per channel with Chan et al.'s pairwise formula at the end of
+  the program, and a tiny finalize kernel merges the ``Cg x chunks`` per-channel partials of
+  each group (Chan again).
 
-* NCHW: a group is one contiguous run of ``Cg * S`` values; tiles are ``[4096 / Cg_p2, 1, Cg_p2]``
-  so every row of the tile is ``BLOCK_S`` contiguous pixels of one channel.
-* channels_last: a pixel holds all ``C`` channels contiguously, so tiles span many groups —
-  ``[16..128 pixels, 8..32 groups, Cg_p2]`` — and each pixel's channel vector is read in one
-  piece; per-group sums are reductions over the tile's pixel and channel axes. No transpose.
-* ``Cg > 32`` is walked in channel blocks of 32 inside the program.
-* When Cg is that power of two (``CG_EXACT``, the VAE's Cg = 4, 8, 16) the kernels use the
-  constant ``BLOCK_CG`` for Cg, so the compiler can prove channel offsets aligned and emit
-  16-byte vector accesses; tile loops count tiles (not offsets) for the same reason.
-* The tile set is fixed per (layout, Cg rounded up to a power of two, CG_EXACT), 20 in all,
-  so every configuration is compiled ahead of time in the tests. The price: channels_last
-  with fewer than 32 (or 16, 8) groups leaves tile lanes masked, as does a non-power-of-two
-  Cg.
+The apply step is ``(s - K) * a + d`` with ``a = rstd * w[c]`` and ``d = b[c] - mean * a``.
 
-Two strategies, chosen per shape by ``_plan``:
+Launch rule (no autotuning; ``plan`` implements it, ``describe_plan`` prints it, the bench
+logs it for every shape)
+-------------------------------------------------------------------------------------------
+Let ``L = Cg * S`` and ``P = next_pow2(L)``.
 
-* **split** (two kernels, the VAE's shapes): at N=1, G=32 one program per group would leave
-  100 of an H100's 132 SMs idle, so each group's pixels are cut into ``split`` chunks so that
-  about 8 programs per SM run. ``_gn_stats_kernel`` writes each chunk's (mean, M2) to a small
-  fp32 buffer; ``_gn_apply_kernel`` merges a group's partials (Chan) and normalises its chunk.
-  x is read twice: the apply pass walks its chunk in reverse, so the tiles the stats pass read
-  last are still in L2: all of it while the tensor is under ~40 MB (at batch 1 in fp16:
-  512x64^2, 512x128^2 and 256x256^2), the last ~40 MB of it otherwise.
-  The split is ``min(ceil(8 * SMs / programs per split), tiles per group // 2, 256)``: at
-  least two tiles per program keep the merge of partials cheap.
-* **fused** (one kernel, ``_gn_fused_kernel``) whenever that split comes out as 1: the groups
-  alone already give 8 programs per SM (large batches), or a group is at most 3 tiles (12K
-  values: it stays on chip). One program owns whole groups: it computes the statistics, then
-  re-reads its group (from L1/L2: it was just read) and writes the output. One launch, no
-  partials.
+* **one launch** (``_gn_single_kernel``) when ``P <= SINGLE_MAX`` (16384 values) and one
+  sample has fewer than 2^31 values: grid ``N * G``, one program per group, the group loaded
+  once into registers as a flat block of ``P`` values (NCHW: the group's contiguous span;
+  channels_last: ``S`` runs of ``Cg`` channels), ``num_warps = clamp(P // 512, 2, 16)``
+  (at most 32 values per thread). ``x`` is read once and ``y`` written once.
+* **two passes** otherwise. Tiles are ``TILE`` = 4096 values of one sample:
+  ``[BLOCK_C channels, BLOCK_S pixels]`` with the contiguous axis full first —
+  NCHW: ``BLOCK_S = clamp(next_pow2(S), 8, TILE)``, channels_last:
+  ``BLOCK_C = clamp(next_pow2(C), 8, TILE)``, the other side ``TILE // that``; 8 warps
+  (16 values per thread: two 16-byte vectors in fp16/bf16, four in fp32).
 
-Offsets: each program's base offset (batch, group, pixel chunk) is int64; offsets inside a tile
-are int32, so ``not_supported_reasons`` sends groups (or 128-pixel rows) of 2^31 values or
-more to the reference.
+  1. ``_gn_stats_kernel``: grid ``N * cblocks * chunks``; the ``sblocks = cdiv(S, BLOCK_S)``
+     pixel tiles of each (sample, channel block) are cut into ``chunks`` runs of
+     ``tiles_per_chunk`` tiles, ``chunks = clamp(cdiv(STATS_PROGRAMS_PER_SM * SMs,
+     N * cblocks), 1, sblocks)`` (then trimmed so no chunk is empty): every SM gets about
+     ``STATS_PROGRAMS_PER_SM`` programs whatever the batch and layout. Writes per-(sample,
+     channel, chunk) (mean, M2) of ``s - K``: 8 bytes per channel per chunk.
+  2. ``_gn_finalize_kernel``: grid ``N * G``; merges each group's partials, writes per-(sample,
+     channel) ``K, a, d`` (12 bytes per channel).
+  3. ``_gn_apply_kernel``: grid ``N * cblocks * chunks * tiles_per_chunk``, one tile per
+     program, streaming; programs are numbered so that the first wave takes the *last* tile of
+     every chunk, then the one before...: the tiles the statistics pass read last (the ones
+     still in L2 when the tensor is larger than L2) are re-read first. Writes ``y`` (and
+     ``s``).
 
-References: Wu & He, "Group Normalization" (2018); Chan, Golub & LeVeque, "Algorithms for
-computing the sample variance" (1979); the Triton layer-norm tutorial and Apex/Liger-Kernel
-group-norm kernels for the two-pass structure.
+  ``x`` is read twice (the second read from L2 while the tensor fits there, ~50 MB on
+  H100/H200) and ``y`` written once; the finalize kernel touches a few KB.
+
+The NCHW and channels_last paths are the same kernels: only which tile axis is contiguous
+differs (a constexpr), and Triton's coalescing puts the 16-byte vectors along it. The
+vectors need the JIT's "divisible by 16" specialisation of ``S`` (NCHW) or ``C``
+(channels_last), true for the VAE's shapes; other sizes still run, with narrower accesses.
+A residual in the other layout is read through its own strides (correct, not coalesced).
+
+Offsets: per-program bases are int64 (tensors of 2^31 values and more); offsets inside a
+tile are int32 (a tile spans at most ``TILE`` values of its contiguous axis and
+``BLOCK_other * stride`` < 2^31, see ``plan``), except a residual in the other layout, whose
+in-tile offsets are int64.
+
+References: Wu & He, "Group Normalization" (2018); Welford (1962); Chan, Golub & LeVeque,
+"Algorithms for computing the sample variance" (1979); the Triton layer-norm tutorial for the
+split-reduction structure.
 """
 
 from __future__ import annotations
@@ -85,335 +105,400 @@ except ImportError as _exc:  # CPU-only installs still get the reference path
     tl = None
     _TRITON_ERROR = f"triton is not importable ({_exc})"
 
-__all__ = ["group_norm", "group_norm_reference", "not_supported_reasons"]
+__all__ = ["describe_plan", "group_norm", "group_norm_reference", "not_supported_reasons", "plan"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-#: values per tile, warps per program, channel block cap, merge block, programs per SM.
+#: The launch rule's constants (module header). GPU values, then the interpreter's (tests):
+#: there is no device to ask for an SM count, and small tiles make tiny shapes take several
+#: tiles and chunks while the numpy emulation stays quick.
+SINGLE_MAX = 16384
 TILE = 4096
 NUM_WARPS = 8
-MAX_BLOCK_CG = 32
-MERGE_BLOCK = 16
-MAX_SPLIT = 256
-PROGRAMS_PER_SM = 8
-#: under the interpreter (tests): the SM count assumed (there is no device to ask) and a
-#: smaller tile, so tiny shapes still walk several tiles and the numpy emulation stays quick.
+MIN_BLOCK = 8
+STATS_PROGRAMS_PER_SM = 4
+FINALIZE_BLOCK = 1024
+FINALIZE_WARPS = 4
 INTERPRET_SMS = 4
-INTERPRET_TILE = 256
+INTERPRET_SINGLE_MAX = 64
+INTERPRET_TILE = 64
+INTERPRET_FINALIZE_BLOCK = 16
 
 
 # --------------------------------------------------------------------------------- reference
-def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-6, *, silu=False):
-    """Eager ``F.group_norm`` then optional ``F.silu``, in ``x``'s dtype (float64 when given
-    float64); weight/bias are cast to ``x``'s dtype first."""
+def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.to(x.dtype).reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def group_norm_reference(
+    x,
+    num_groups,
+    weight=None,
+    bias=None,
+    eps=1e-6,
+    *,
+    silu=False,
+    input_bias=None,
+    residual=None,
+    return_sum=False,
+):
+    """Eager ``s = x + input_bias[c] + residual``, ``F.group_norm(s)``, optional ``F.silu``, in
+    ``x``'s dtype (float64 when given float64); 1-D tensors are cast to ``x``'s dtype first.
+    Returns ``y``, or ``(y, s)`` when ``return_sum``."""
+    s = x
+    if input_bias is not None:
+        s = s + _channel_view(input_bias, x)
+    if residual is not None:
+        s = s + residual.to(x.dtype)
     w = None if weight is None else weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
-    y = F.group_norm(x, num_groups, w, b, eps)
-    return F.silu(y) if silu else y
+    y = F.group_norm(s, num_groups, w, b, eps)
+    if silu:
+        y = F.silu(y)
+    return (y, s) if return_sum else y
 
 
 # ----------------------------------------------------------------------------------- kernels
 if triton is not None:
 
     @triton.jit
-    def _tile(
-        x_ptr,  # (N, C, S) in NCHW or channels_last order, fp32/fp16/bf16
-        base,  # int64 offset of (n, channel g0 * Cg + j0, pixel s0)
+    def _offsets(n, c0, s0, dc, ds, C, S, CL: tl.constexpr, WIDE: tl.constexpr):
+        """int64 base of element (n, c0, s0) and in-tile offsets of channels ``c0 + dc`` and
+        pixels ``s0 + ds`` (int32, int64 when WIDE) in a dense NCHW or channels_last tensor."""
+        if CL:
+            base = (n.to(tl.int64) * S + s0) * C + c0
+            if WIDE:
+                rel = ds.to(tl.int64) * C + dc
+            else:
+                rel = ds * C + dc
+        else:
+            base = (n.to(tl.int64) * C + c0) * S + s0
+            if WIDE:
+                rel = dc.to(tl.int64) * S + ds
+            else:
+                rel = dc * S + ds
+        return base, rel
+
+    @triton.jit
+    def _load_sum(
+        x_ptr,  # (N, C, S) input, NCHW or channels_last per CL
+        r_ptr,  # (N, C, S) residual, layout per RES_CL (unused unless HAS_RES)
+        ib,  # fp32 input bias per value, broadcasting like dc (unused unless HAS_IB)
+        n,
+        c0,
         s0,
-        s_end,
-        g0,
-        j0,
-        S,
+        dc,  # channel offsets from c0 (any shape broadcasting with ds)
+        ds,  # pixel offsets from s0
+        mask,
         C,
-        Cg,
-        G,
-        BLOCK_S: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-        BLOCK_CG: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr,
+        S,
+        CL: tl.constexpr,
+        RES_CL: tl.constexpr,
+        HAS_IB: tl.constexpr,
+        HAS_RES: tl.constexpr,
     ):
-        """Offsets (int32, relative to ``base``) and mask of one [BLOCK_S, BLOCK_G, BLOCK_CG]
-        tile starting at pixel ``s0``, group ``g0``, channel-in-group ``j0``."""
-        ds = tl.arange(0, BLOCK_S)[:, None, None]
-        dg = tl.arange(0, BLOCK_G)[None, :, None]
-        dj = tl.arange(0, BLOCK_CG)[None, None, :]
-        dc = dg * Cg + dj
-        if CHANNELS_LAST:
-            offs = ds * C + dc
-        else:
-            offs = dc * S + ds
-        mask = (s0 + ds < s_end) & (g0 + dg < G) & (j0 + dj < Cg)
-        return offs, mask
+        """``s = (x + residual) + input_bias[c]`` in fp32 (always in this order, so that every
+        kernel forms bit-identical values), and the int64 base / int32 offsets of x."""
+        base, rel = _offsets(n, c0, s0, dc, ds, C, S, CL, False)
+        v = tl.load(x_ptr + base + rel, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            if RES_CL == CL:
+                v = v + tl.load(r_ptr + base + rel, mask=mask, other=0.0).to(tl.float32)
+            else:
+                rbase, rrel = _offsets(n, c0, s0, dc, ds, C, S, RES_CL, True)
+                v = v + tl.load(r_ptr + rbase + rrel, mask=mask, other=0.0).to(tl.float32)
+        if HAS_IB:
+            v = v + ib
+        return v, base, rel
 
     @triton.jit
-    def _shift(x_ptr, n, g0, S, C, Cg, G, BLOCK_G: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-        """K[g] = x[n, g * Cg, pixel 0] for the block's groups, as fp32 [BLOCK_G]."""
-        g = g0 + tl.arange(0, BLOCK_G)
-        c = (g * Cg).to(tl.int64)
-        if CHANNELS_LAST:
-            off = c
-        else:
-            off = c * S
-        k = tl.load(x_ptr + n.to(tl.int64) * C * S + off, mask=g < G, other=0.0)
-        return k.to(tl.float32)
+    def _channel_load(ptr, c, mask, HAS: tl.constexpr):
+        """fp32 ``ptr[c]`` (0 where masked, or when the tensor is absent)."""
+        v = c * 0.0
+        if HAS:
+            v = tl.load(ptr + c, mask=mask, other=0.0).to(tl.float32)
+        return v
 
     @triton.jit
-    def _chunk_stats(
-        x_ptr,  # (N, C, S)
+    def _group_shift(
+        x_ptr,
+        ib_ptr,
+        r_ptr,
         n,
-        g0,
-        k,  # [BLOCK_G] fp32 shift per group
-        s_start,
-        s_end,
-        S,
+        gc,  # first channel of the group: a scalar or a 1-D tensor
+        mask,
         C,
-        Cg,
-        G,
-        BLOCK_S: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-        BLOCK_CG: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr,
-    ):
-        """Mean and M2 of ``x - k`` over pixels [s_start, s_end) of the block's groups, tile by
-        tile with Chan's merge. Returns ([BLOCK_G] mean, [BLOCK_G] M2)."""
-        mean = tl.zeros([BLOCK_G], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
-        count = 0.0
-        kk = k[None, :, None]
-        if CHANNELS_LAST:
-            stride_c = 1
-            stride_s = C
-        else:
-            stride_c = S
-            stride_s = 1
-        n_base = n.to(tl.int64) * C * S + (g0 * Cg).to(tl.int64) * stride_c
-        zero = n_base * 0  # int64: loop counters may be Python ints (interpreter)
-        n_tiles = tl.cdiv(s_end - s_start, BLOCK_S)
-        for jb in range(0, tl.cdiv(Cg, BLOCK_CG)):
-            j0 = jb * BLOCK_CG
-            nj = tl.minimum(s_end * 0 + Cg - j0, BLOCK_CG)
-            for t in range(0, n_tiles):
-                s0 = s_start + t * BLOCK_S
-                base = n_base + (zero + j0) * stride_c + (zero + s0) * stride_s
-                offs, mask = _tile(
-                    x_ptr, base, s0, s_end, g0, j0, S, C, Cg, G,
-                    BLOCK_S, BLOCK_G, BLOCK_CG, CHANNELS_LAST,
-                )  # fmt: skip
-                v = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-                v = tl.where(mask, v - kk, 0.0)
-                t_count = (tl.minimum(s_end - s0, BLOCK_S) * nj).to(tl.float32)
-                t_mean = tl.sum(tl.sum(v, axis=2), axis=0) / t_count
-                d = tl.where(mask, v - t_mean[None, :, None], 0.0)
-                t_m2 = tl.sum(tl.sum(d * d, axis=2), axis=0)
-                new_count = count + t_count
-                delta = t_mean - mean
-                mean = mean + delta * (t_count / new_count)
-                m2 = m2 + t_m2 + delta * delta * (count * t_count / new_count)
-                count = new_count
-        return mean, m2
-
-    @triton.jit
-    def _normalize_chunk(
-        x_ptr,  # (N, C, S) input
-        y_ptr,  # (N, C, S) output, same layout and dtype as x
-        w_ptr,  # (C,) weight, x's dtype or fp32 (unused unless HAS_W)
-        b_ptr,  # (C,) bias, x's dtype or fp32 (unused unless HAS_B)
-        n,
-        g0,
-        k,  # [BLOCK_G] fp32 shift
-        mean,  # [BLOCK_G] fp32 mean of x - k
-        rstd,  # [BLOCK_G] fp32
-        s_start,
-        s_end,
         S,
-        C,
-        Cg,
-        G,
-        BLOCK_S: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-        BLOCK_CG: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr,
-        HAS_W: tl.constexpr,
-        HAS_B: tl.constexpr,
-        SILU: tl.constexpr,
+        CL: tl.constexpr,
+        RES_CL: tl.constexpr,
+        HAS_IB: tl.constexpr,
+        HAS_RES: tl.constexpr,
     ):
-        """Write y for pixels [s_start, s_end) of the block's groups, last tile first (the
-        tiles a preceding sweep read last are the ones still in cache)."""
-        if CHANNELS_LAST:
-            stride_c = 1
-            stride_s = C
-        else:
-            stride_c = S
-            stride_s = 1
-        n_base = n.to(tl.int64) * C * S + (g0 * Cg).to(tl.int64) * stride_c
-        zero = n_base * 0  # int64: loop counters may be Python ints (interpreter)
-        gg = g0 + tl.arange(0, BLOCK_G)[:, None]
-        kk = k[None, :, None]
-        n_tiles = tl.cdiv(s_end - s_start, BLOCK_S)
-        for jb in range(0, tl.cdiv(Cg, BLOCK_CG)):
-            j0 = jb * BLOCK_CG
-            jj = j0 + tl.arange(0, BLOCK_CG)[None, :]
-            cmask = (gg < G) & (jj < Cg)
-            ch = gg * Cg + jj
-            a = tl.broadcast_to(rstd[:, None], (BLOCK_G, BLOCK_CG))
-            if HAS_W:
-                a = a * tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-            c = -mean[:, None] * a
-            if HAS_B:
-                c = c + tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-            a = a[None, :, :]
-            c = c[None, :, :]
-            for t in range(0, n_tiles):
-                s0 = s_start + (n_tiles - 1 - t) * BLOCK_S
-                base = n_base + (zero + j0) * stride_c + (zero + s0) * stride_s
-                offs, mask = _tile(
-                    x_ptr, base, s0, s_end, g0, j0, S, C, Cg, G,
-                    BLOCK_S, BLOCK_G, BLOCK_CG, CHANNELS_LAST,
-                )  # fmt: skip
-                v = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-                out = (v - kk) * a + c
-                if SILU:
-                    out = out / (1.0 + tl.exp(-out))
-                tl.store(y_ptr + base + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _gn_fused_kernel(
-        x_ptr,  # (N, C, S) input
-        y_ptr,  # (N, C, S) output
-        w_ptr,  # (C,) or dummy
-        b_ptr,  # (C,) or dummy
-        S,
-        C,
-        Cg,
-        G,
-        num_gblocks,
-        eps,
-        BLOCK_S: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-        BLOCK_CG: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr,
-        CG_EXACT: tl.constexpr,
-        HAS_W: tl.constexpr,
-        HAS_B: tl.constexpr,
-        SILU: tl.constexpr,
-    ):
-        """Grid (N * num_gblocks,): one program owns BLOCK_G whole groups of one sample."""
-        if CG_EXACT:  # Cg == BLOCK_CG: a constant, so channel offsets stay aligned
-            Cg = BLOCK_CG
-        pid = tl.program_id(0)
-        n = pid // num_gblocks
-        g0 = (pid % num_gblocks) * BLOCK_G
-        k = _shift(x_ptr, n, g0, S, C, Cg, G, BLOCK_G, CHANNELS_LAST)
-        s_start = pid * 0
-        s_end = s_start + S
-        mean, m2 = _chunk_stats(
-            x_ptr, n, g0, k, s_start, s_end, S, C, Cg, G, BLOCK_S, BLOCK_G, BLOCK_CG, CHANNELS_LAST
+        """K = s at (n, gc, pixel 0), fp32, bit-identical to what ``_load_sum`` forms there."""
+        zero = gc * 0
+        ib = _channel_load(ib_ptr, gc, mask, HAS_IB)
+        v, _, _ = _load_sum(
+            x_ptr, r_ptr, ib, n, zero, zero, gc, zero, mask, C, S, CL, RES_CL, HAS_IB, HAS_RES
         )
-        rstd = 1.0 / tl.sqrt(m2 / (Cg * S) + eps)
-        _normalize_chunk(
-            x_ptr, y_ptr, w_ptr, b_ptr, n, g0, k, mean, rstd, s_start, s_end, S, C, Cg, G,
-            BLOCK_S, BLOCK_G, BLOCK_CG, CHANNELS_LAST, HAS_W, HAS_B, SILU,
-        )  # fmt: skip
+        return v
+
+    @triton.jit
+    def _silu(y):
+        # exp's argument capped: no overflow (masked lanes can hold anything); the result for
+        # y < -80 is ~1e-33 * y instead of ~0, below any dtype's resolution of the output
+        return y / (1.0 + tl.exp(tl.minimum(-y, 80.0)))
+
+    @triton.jit
+    def _gn_single_kernel(
+        x_ptr,  # (N, C, S) input
+        ib_ptr,  # (C,) input bias or dummy
+        r_ptr,  # (N, C, S) residual or dummy
+        w_ptr,  # (C,) weight or dummy
+        b_ptr,  # (C,) bias or dummy
+        y_ptr,  # (N, C, S) output, x's layout and dtype
+        sum_ptr,  # (N, C, S) s = x + input_bias + residual, x's layout and dtype, or dummy
+        C,
+        S,
+        Cg,
+        G,
+        eps,
+        BLOCK: tl.constexpr,
+        CL: tl.constexpr,
+        RES_CL: tl.constexpr,
+        HAS_IB: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        SILU: tl.constexpr,
+        WRITE_SUM: tl.constexpr,
+    ):
+        """Grid (N * G,): one program holds one whole group (Cg * S <= BLOCK values) in
+        registers: read once, exact centred statistics, write once."""
+        pid = tl.program_id(0)
+        n = pid // G
+        c0 = (pid % G) * Cg
+        e = tl.arange(0, BLOCK)
+        L = Cg * S
+        mask = e < L
+        if CL:  # the group is S runs of Cg channels
+            ds = e // Cg
+            dc = e - ds * Cg
+        else:  # the group is one contiguous span of Cg rows of S pixels
+            dc = e // S
+            ds = e - dc * S
+        zero = pid * 0
+        ib = _channel_load(ib_ptr, c0 + dc, mask, HAS_IB)  # a gather per value
+        v, base, rel = _load_sum(
+            x_ptr, r_ptr, ib, n, c0, zero, dc, ds, mask, C, S, CL, RES_CL, HAS_IB, HAS_RES
+        )
+        k = tl.sum(tl.where(e == 0, v, 0.0), axis=0)  # s at (n, c0, 0): exact
+        count = L.to(tl.float32)
+        d = tl.where(mask, v - k, 0.0)
+        mean = tl.sum(d, axis=0) / count
+        d = tl.where(mask, d - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / count + eps)
+        a = rstd
+        if HAS_W:
+            a = a * tl.load(w_ptr + c0 + dc, mask=mask, other=0.0).to(tl.float32)
+        y = d * a
+        if HAS_B:
+            y = y + tl.load(b_ptr + c0 + dc, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            y = _silu(y)
+        tl.store(y_ptr + base + rel, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if WRITE_SUM:
+            tl.store(sum_ptr + base + rel, v.to(sum_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _gn_stats_kernel(
         x_ptr,  # (N, C, S) input
-        part_ptr,  # (2, N, G, split) fp32: mean and M2 of x - K per pixel chunk
-        S,
+        ib_ptr,  # (C,) input bias or dummy
+        r_ptr,  # (N, C, S) residual or dummy
+        part_ptr,  # (2, N, C, chunks) fp32: mean and M2 of s - K per channel and chunk
+        N,
         C,
+        S,
         Cg,
-        G,
-        num_gblocks,
-        split,
-        chunk_s,  # pixels per chunk, a multiple of BLOCK_S
+        cblocks,
+        chunks,
+        tiles_per_chunk,
+        BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-        BLOCK_CG: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr,
-        CG_EXACT: tl.constexpr,
+        CL: tl.constexpr,
+        RES_CL: tl.constexpr,
+        HAS_IB: tl.constexpr,
+        HAS_RES: tl.constexpr,
     ):
-        """Grid (N * num_gblocks, split): partial statistics of one pixel chunk."""
-        if CG_EXACT:  # Cg == BLOCK_CG: a constant, so channel offsets stay aligned
-            Cg = BLOCK_CG
+        """Grid (N * cblocks * chunks,): Welford per lane over one chunk's tiles, Chan merge of
+        the lanes per channel, one (mean, M2) per channel."""
         pid = tl.program_id(0)
-        sp = tl.program_id(1)
-        n = pid // num_gblocks
-        g0 = (pid % num_gblocks) * BLOCK_G
-        s_start = sp * chunk_s
-        s_end = tl.minimum(s_start + chunk_s, S)
-        k = _shift(x_ptr, n, g0, S, C, Cg, G, BLOCK_G, CHANNELS_LAST)
-        mean, m2 = _chunk_stats(
-            x_ptr, n, g0, k, s_start, s_end, S, C, Cg, G,
-            BLOCK_S, BLOCK_G, BLOCK_CG, CHANNELS_LAST,
-        )  # fmt: skip
-        g = g0 + tl.arange(0, BLOCK_G)
-        idx = (n * G + g).to(tl.int64) * split + sp
-        total = tl.num_programs(0) // num_gblocks * G * split
-        tl.store(part_ptr + idx, mean, mask=g < G)
-        tl.store(part_ptr + total + idx, m2, mask=g < G)
+        chunk = pid % chunks
+        rest = pid // chunks
+        n = rest // cblocks
+        c0 = (rest % cblocks) * BLOCK_C
+        dc = tl.arange(0, BLOCK_C)[:, None]
+        ds = tl.arange(0, BLOCK_S)[None, :]
+        cmask = c0 + dc < C
+        c = c0 + tl.arange(0, BLOCK_C)  # channels as a 1-D vector: one load per row
+        k = _group_shift(
+            x_ptr, ib_ptr, r_ptr, n, c // Cg * Cg, c < C, C, S, CL, RES_CL, HAS_IB, HAS_RES
+        )[:, None]
+        ib = _channel_load(ib_ptr, c, c < C, HAS_IB)[:, None]
+        t0 = chunk * tiles_per_chunk
+        n_tiles = tl.minimum(tiles_per_chunk, tl.cdiv(S, BLOCK_S) - t0)
+        mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        # Only the tensor's last tile can be partial, and it is a program's last iteration:
+        # a masked lane keeps delta = 0, so its mean and M2 stay those of its valid values.
+        for i in range(0, n_tiles):
+            s0 = (t0 + i) * BLOCK_S
+            mask = cmask & (s0 + ds < S)
+            v, _, _ = _load_sum(
+                x_ptr, r_ptr, ib, n, c0, s0, dc, ds, mask, C, S,
+                CL, RES_CL, HAS_IB, HAS_RES,
+            )  # fmt: skip
+            d = v - k
+            delta = tl.where(mask, d - mean, 0.0)
+            mean += delta * (1.0 / (i + 1.0))
+            m2 += delta * (d - mean)
+        # lane counts: every iteration but the last is full
+        s_last = (t0 + n_tiles - 1) * BLOCK_S
+        lane_n = (n_tiles - 1 + (s_last + ds < S).to(tl.int32)).to(tl.float32)
+        total = tl.sum(lane_n, axis=1)  # [1]: valid pixels of the chunk
+        c_mean = tl.sum(lane_n * mean, axis=1) / total
+        dev = mean - c_mean[:, None]
+        c_m2 = tl.sum(m2 + lane_n * dev * dev, axis=1)
+        idx = (n * C + c).to(tl.int64) * chunks + chunk
+        tl.store(part_ptr + idx, c_mean, mask=c < C)
+        tl.store(part_ptr + (N * C).to(tl.int64) * chunks + idx, c_m2, mask=c < C)
 
     @triton.jit
-    def _gn_apply_kernel(
-        x_ptr,  # (N, C, S) input
-        y_ptr,  # (N, C, S) output
-        w_ptr,  # (C,) or dummy
-        b_ptr,  # (C,) or dummy
-        part_ptr,  # (2, N, G, split) fp32 from _gn_stats_kernel
-        S,
+    def _gn_finalize_kernel(
+        x_ptr,  # (N, C, S) input (for the shift K)
+        ib_ptr,  # (C,) input bias or dummy
+        r_ptr,  # (N, C, S) residual or dummy
+        w_ptr,  # (C,) weight or dummy
+        b_ptr,  # (C,) bias or dummy
+        part_ptr,  # (2, N, C, chunks) fp32 from _gn_stats_kernel
+        coef_ptr,  # (3, N, C) fp32 out: K, a, d per channel
+        N,
         C,
+        S,
         Cg,
         G,
-        num_gblocks,
-        split,
-        chunk_s,
+        chunks,
+        chunk_s,  # pixels per chunk (the last may hold fewer)
         eps,
-        BLOCK_S: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-        BLOCK_CG: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr,
-        CG_EXACT: tl.constexpr,
+        BLOCK: tl.constexpr,
+        CL: tl.constexpr,
+        RES_CL: tl.constexpr,
+        HAS_IB: tl.constexpr,
+        HAS_RES: tl.constexpr,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
-        SILU: tl.constexpr,
-        MERGE: tl.constexpr,
     ):
-        """Grid (N * num_gblocks, split): merge the groups' partials, normalise one chunk."""
-        if CG_EXACT:  # Cg == BLOCK_CG: a constant, so channel offsets stay aligned
-            Cg = BLOCK_CG
+        """Grid (N * G,): Chan merge of one group's Cg * chunks partials; per-channel
+        coefficients of the apply step."""
         pid = tl.program_id(0)
-        sp = tl.program_id(1)
-        n = pid // num_gblocks
-        g0 = (pid % num_gblocks) * BLOCK_G
-        g = g0 + tl.arange(0, BLOCK_G)
-        total = tl.num_programs(0) // num_gblocks * G * split
-        row = (n * G + g).to(tl.int64)[:, None] * split
-        mean = tl.zeros([BLOCK_G], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
-        count = tl.zeros([BLOCK_G], dtype=tl.float32)
-        for p0 in range(0, split, MERGE):
-            p = p0 + tl.arange(0, MERGE)[None, :]
-            pmask = (g[:, None] < G) & (p < split)
-            p_mean = tl.load(part_ptr + row + p, mask=pmask, other=0.0)
-            p_m2 = tl.load(part_ptr + total + row + p, mask=pmask, other=0.0)
-            px = tl.minimum(S - p * chunk_s, chunk_s)
-            p_count = tl.where(p < split, px * Cg, 0).to(tl.float32)
-            b_count = tl.sum(p_count, axis=1)
-            b_mean = tl.sum(p_count * p_mean, axis=1) / b_count
-            dev = p_mean - b_mean[:, None]
-            b_m2 = tl.sum(p_m2 + p_count * dev * dev, axis=1)
+        n = pid // G
+        g = pid % G
+        n_part = Cg * chunks
+        start = (n * C + g * Cg).to(tl.int64) * chunks
+        m2_off = (N * C).to(tl.int64) * chunks
+        mean = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
+        m2 = mean
+        count = mean
+        for p0 in range(0, n_part, BLOCK):
+            p = p0 + tl.arange(0, BLOCK)
+            pm = p < n_part
+            ch = p % chunks
+            px = tl.minimum(S - ch * chunk_s, chunk_s)
+            b_n = tl.where(pm, px, 0).to(tl.float32)
+            p_mean = tl.load(part_ptr + start + p, mask=pm, other=0.0)
+            p_m2 = tl.load(part_ptr + m2_off + start + p, mask=pm, other=0.0)
+            b_count = tl.sum(b_n, axis=0)
+            b_mean = tl.sum(b_n * p_mean, axis=0) / b_count
+            dev = p_mean - b_mean
+            b_m2 = tl.sum(p_m2 + b_n * dev * dev, axis=0)
             new_count = count + b_count
             delta = b_mean - mean
             mean = mean + delta * (b_count / new_count)
             m2 = m2 + b_m2 + delta * delta * (count * b_count / new_count)
             count = new_count
-        rstd = 1.0 / tl.sqrt(m2 / (Cg * S) + eps)
-        k = _shift(x_ptr, n, g0, S, C, Cg, G, BLOCK_G, CHANNELS_LAST)
-        s_start = sp * chunk_s
-        s_end = tl.minimum(s_start + chunk_s, S)
-        _normalize_chunk(
-            x_ptr, y_ptr, w_ptr, b_ptr, n, g0, k, mean, rstd, s_start, s_end, S, C, Cg, G,
-            BLOCK_S, BLOCK_G, BLOCK_CG, CHANNELS_LAST, HAS_W, HAS_B, SILU,
-        )  # fmt: skip
+        rstd = 1.0 / tl.sqrt(m2 / count + eps)
+        k = _group_shift(x_ptr, ib_ptr, r_ptr, n, g * Cg, True, C, S, CL, RES_CL, HAS_IB, HAS_RES)
+        nc = (N * C).to(tl.int64)
+        for j0 in range(0, Cg, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            jm = j < Cg
+            c = g * Cg + j
+            a = tl.zeros([BLOCK], dtype=tl.float32) + rstd
+            if HAS_W:
+                a = a * tl.load(w_ptr + c, mask=jm, other=0.0).to(tl.float32)
+            d = -mean * a
+            if HAS_B:
+                d = d + tl.load(b_ptr + c, mask=jm, other=0.0).to(tl.float32)
+            out = n * C + c
+            tl.store(coef_ptr + out, tl.zeros([BLOCK], dtype=tl.float32) + k, mask=jm)
+            tl.store(coef_ptr + nc + out, a, mask=jm)
+            tl.store(coef_ptr + 2 * nc + out, d, mask=jm)
+
+    @triton.jit
+    def _gn_apply_kernel(
+        x_ptr,  # (N, C, S) input
+        ib_ptr,  # (C,) input bias or dummy
+        r_ptr,  # (N, C, S) residual or dummy
+        coef_ptr,  # (3, N, C) fp32 from _gn_finalize_kernel
+        y_ptr,  # (N, C, S) output
+        sum_ptr,  # (N, C, S) s, or dummy
+        N,
+        C,
+        S,
+        cblocks,
+        chunks,
+        tiles_per_chunk,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        CL: tl.constexpr,
+        RES_CL: tl.constexpr,
+        HAS_IB: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        SILU: tl.constexpr,
+        WRITE_SUM: tl.constexpr,
+    ):
+        """Grid (N * cblocks * chunks * tiles_per_chunk,): one tile per program; the first
+        N * cblocks * chunks programs take the last tile of every chunk, and so on backwards."""
+        pid = tl.program_id(0)
+        q_total = N * cblocks * chunks
+        q = pid % q_total
+        back = pid // q_total
+        chunk = q % chunks
+        rest = q // chunks
+        n = rest // cblocks
+        c0 = (rest % cblocks) * BLOCK_C
+        s0 = (chunk * tiles_per_chunk + tiles_per_chunk - 1 - back) * BLOCK_S
+        dc = tl.arange(0, BLOCK_C)[:, None]
+        ds = tl.arange(0, BLOCK_S)[None, :]
+        cmask = c0 + dc < C
+        mask = cmask & (s0 + ds < S)  # all off for the few slots past a short last chunk
+        # per-channel values as 1-D vectors: one load per tile row, not per value
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        ib = _channel_load(ib_ptr, c, c_ok, HAS_IB)[:, None]
+        v, base, rel = _load_sum(
+            x_ptr, r_ptr, ib, n, c0, s0, dc, ds, mask, C, S, CL, RES_CL, HAS_IB, HAS_RES
+        )
+        nc = N * C
+        ci = n * C + c
+        k = tl.load(coef_ptr + ci, mask=c_ok, other=0.0)[:, None]
+        a = tl.load(coef_ptr + nc + ci, mask=c_ok, other=0.0)[:, None]
+        d = tl.load(coef_ptr + 2 * nc + ci, mask=c_ok, other=0.0)[:, None]
+        y = (v - k) * a + d
+        if SILU:
+            y = _silu(y)
+        tl.store(y_ptr + base + rel, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if WRITE_SUM:
+            tl.store(sum_ptr + base + rel, v.to(sum_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------ host
@@ -425,54 +510,86 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
+def _clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(v, hi))
+
+
 class Plan(NamedTuple):
-    """What the launcher runs: ``strategy`` is "fused" or "split"."""
+    """What the launcher runs (see the module header for the rule).
 
-    strategy: str
-    block_s: int
-    block_g: int
-    block_cg: int
-    num_gblocks: int
-    split: int
-    chunk_s: int
+    ``path`` is "single" (``_gn_single_kernel``, grid ``N * G``, flat block ``block``) or
+    "two_pass" (stats / finalize / apply on ``[block_c, block_s]`` tiles)."""
+
+    path: str
     num_warps: int
+    block: int = 0
+    block_c: int = 0
+    block_s: int = 0
+    cblocks: int = 0
+    sblocks: int = 0
+    chunks: int = 0
+    tiles_per_chunk: int = 0
+    finalize_block: int = 0
+
+    def grids(self, n: int, groups: int) -> dict[str, int]:
+        """Programs per kernel launch."""
+        if self.path == "single":
+            return {"single": n * groups}
+        q = n * self.cblocks * self.chunks
+        return {"stats": q, "finalize": n * groups, "apply": q * self.tiles_per_chunk}
 
 
-def tile_shape(channels_last: bool, cg: int, tile: int = TILE) -> tuple[int, int, int]:
-    """(BLOCK_S, BLOCK_G, BLOCK_CG) for a layout and channels per group."""
-    block_cg = min(_next_pow2(cg), MAX_BLOCK_CG)
-    block_g = max(1, min(32, 256 // block_cg)) if channels_last else 1
-    block_g = min(block_g, max(1, tile // block_cg))
-    block_s = max(1, tile // (block_g * block_cg))
-    return block_s, block_g, block_cg
-
-
-@functools.lru_cache(maxsize=512)
-def _plan(
+@functools.lru_cache(maxsize=1024)
+def plan(
     n: int,
     c: int,
     s: int,
     groups: int,
     channels_last: bool,
     num_sms: int,
-    tile: int = TILE,
-    split: int | None = None,
+    *,
+    interpret: bool = False,
+    path: str | None = None,
+    chunks: int | None = None,
 ) -> Plan:
-    """Pick the strategy and tile for one shape (``split`` forces the pixel split: tests)."""
-    cg = c // groups
-    block_s, block_g, block_cg = tile_shape(channels_last, cg, tile)
-    num_gblocks = -(-groups // block_g)
-    tiles_s = -(-s // block_s)
-    if split is None:
-        target = PROGRAMS_PER_SM * num_sms
-        # at least two tiles per program, so merging the partials stays cheap
-        split = min(-(-target // (n * num_gblocks)), max(1, tiles_s // 2), MAX_SPLIT)
-    split = max(1, min(split, tiles_s))
-    per_split = -(-tiles_s // split)
-    split = -(-tiles_s // per_split)  # no empty chunks
-    chunk_s = per_split * block_s
-    strategy = "fused" if split == 1 else "split"
-    return Plan(strategy, block_s, block_g, block_cg, num_gblocks, split, chunk_s, NUM_WARPS)
+    """The launch rule for one shape. ``path`` ("single" / "two_pass") and ``chunks`` force a
+    strategy / split (tests); ``interpret`` selects the interpreter's small constants."""
+    single_max = INTERPRET_SINGLE_MAX if interpret else SINGLE_MAX
+    tile = INTERPRET_TILE if interpret else TILE
+    group_p2 = _next_pow2((c // groups) * s)
+    if path is None:
+        path = "single" if group_p2 <= single_max and c * s < 2**31 else "two_pass"
+    if path == "single":
+        if c * s >= 2**31 or group_p2 > 4 * SINGLE_MAX:
+            raise ValueError(f"the one-launch path cannot take groups of {(c // groups) * s}")
+        block = max(group_p2, 64)
+        return Plan("single", _clamp(block // 512, 2, 16), block=block)
+    if path != "two_pass":
+        raise ValueError(f"path must be 'single', 'two_pass' or None, got {path!r}")
+    if channels_last:
+        block_c = _clamp(_next_pow2(c), MIN_BLOCK, tile)
+        block_s = tile // block_c
+    else:
+        block_s = _clamp(_next_pow2(s), MIN_BLOCK, tile)
+        block_c = tile // block_s
+    cblocks = -(-c // block_c)
+    sblocks = -(-s // block_s)
+    if chunks is None:
+        chunks = -(-STATS_PROGRAMS_PER_SM * num_sms // (n * cblocks))
+    chunks = _clamp(chunks, 1, sblocks)
+    tiles_per_chunk = -(-sblocks // chunks)
+    chunks = -(-sblocks // tiles_per_chunk)  # no empty chunk
+    return Plan(
+        "two_pass",
+        NUM_WARPS,
+        block_c=block_c,
+        block_s=block_s,
+        cblocks=cblocks,
+        sblocks=sblocks,
+        chunks=chunks,
+        tiles_per_chunk=tiles_per_chunk,
+        finalize_block=INTERPRET_FINALIZE_BLOCK if interpret else FINALIZE_BLOCK,
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -492,7 +609,48 @@ def _layout(x: torch.Tensor) -> str | None:
     return None
 
 
-def _check(x, num_groups, weight, bias, eps) -> None:
+def _plan_for(x: torch.Tensor, num_groups: int, **force) -> Plan:
+    layout = _layout(x) or "nchw"
+    n, c = x.shape[0], x.shape[1]
+    s = x.shape[2:].numel()
+    interpret = x.device.type != "cuda"
+    return plan(n, c, s, num_groups, layout == "channels_last", _num_sms(x.device),
+                interpret=interpret, **force)  # fmt: skip
+
+
+def describe_plan(x: torch.Tensor, num_groups: int) -> str:
+    """One line saying what ``group_norm`` launches for ``x`` (the bench logs it)."""
+    p = _plan_for(x, num_groups)
+    grids = p.grids(x.shape[0], num_groups)
+    if p.path == "single":
+        return f"single: block {p.block}, {p.num_warps} warps, {grids['single']} programs"
+    return (
+        f"two_pass: tile [{p.block_c} ch x {p.block_s} px], {p.num_warps} warps, "
+        f"{p.chunks} chunks x {p.tiles_per_chunk} tiles; programs stats {grids['stats']}, "
+        f"finalize {grids['finalize']}, apply {grids['apply']}"
+    )
+
+
+def _check_tensor_arg(name, t, x, *, per_channel: bool) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    c = x.shape[1]
+    if per_channel:
+        if tuple(t.shape) != (c,):
+            raise ValueError(
+                f"{name} must have shape ({c},) for x with {c} channels, got {tuple(t.shape)}"
+            )
+    elif t.shape != x.shape:
+        raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if per_channel and t.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
+    if not per_channel and t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype ({x.dtype}), got {t.dtype}")
+
+
+def _check(x, num_groups, weight, bias, eps, input_bias=None, residual=None) -> None:
     """Raise a ValueError/TypeError naming the argument for every bad input."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -511,25 +669,28 @@ def _check(x, num_groups, weight, bias, eps) -> None:
         )
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != (c,):
-            raise ValueError(
-                f"{name} must have shape ({c},) for x with {c} channels, got {tuple(t.shape)}"
-            )
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if t.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("input_bias", input_bias)):
+        if t is not None:
+            _check_tensor_arg(name, t, x, per_channel=True)
+    if residual is not None:
+        _check_tensor_arg("residual", residual, x, per_channel=False)
 
 
-def not_supported_reasons(x, num_groups=32, weight=None, bias=None, eps=1e-6, *, silu=False):
-    """Why ``group_norm`` would run the eager reference instead of the Triton kernel for these
-    arguments (empty list: the kernel runs). Bad arguments raise instead."""
-    _check(x, num_groups, weight, bias, eps)
+def not_supported_reasons(
+    x,
+    num_groups=32,
+    weight=None,
+    bias=None,
+    eps=1e-6,
+    *,
+    silu=False,
+    input_bias=None,
+    residual=None,
+    return_sum=False,
+):
+    """Why ``group_norm`` would run the eager reference instead of the Triton kernels for
+    these arguments (empty list: the kernels run). Bad arguments raise instead."""
+    _check(x, num_groups, weight, bias, eps, input_bias, residual)
     reasons = []
     if _TRITON_ERROR is not None:
         reasons.append(_TRITON_ERROR)
@@ -539,80 +700,104 @@ def not_supported_reasons(x, num_groups=32, weight=None, bias=None, eps=1e-6, *,
         )
     if x.dtype not in _KERNEL_DTYPES:
         reasons.append(f"dtype {x.dtype} is not one of fp32/fp16/bf16")
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    ):
+    inputs = (x, weight, bias, input_bias, residual)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         reasons.append("an input requires grad: the (differentiable) eager reference runs")
-    c = x.shape[1]
-    s = x.shape[2:].numel()
-    if (c // num_groups) * s >= 2**31 or 128 * c >= 2**31:
-        reasons.append(
-            "a group (or 128 pixels of channels) is 2^31 values or more: int32 tile offsets"
-        )
+    if x.shape[2:].numel() >= 2**31 - TILE:
+        reasons.append("2^31 pixels per sample or more: pixel indices are int32")
     return reasons
 
 
-def _launch(x, num_groups, weight, bias, eps, silu, *, tile=None, split=None):
-    """Run the Triton kernels on a validated input (``tile``/``split`` override: tests)."""
+def _empty_like_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    # x is dense here, so empty_like keeps its strides exactly (the fake kernel does the same).
+    if layout == "channels_last":
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _launch(
+    x,
+    num_groups,
+    weight,
+    bias,
+    eps,
+    silu,
+    input_bias=None,
+    residual=None,
+    return_sum=False,
+    *,
+    path=None,
+    chunks=None,
+):
+    """Run the Triton kernels on validated input; returns (y, s or None). ``path`` and
+    ``chunks`` force the launch rule's strategy and split (tests)."""
     layout = _layout(x)
     if layout is None:
         x = x.contiguous()
         layout = "nchw"
-    channels_last = layout == "channels_last"
+    cl = layout == "channels_last"
+    res_cl = cl
+    if residual is not None:
+        res_layout = _layout(residual)
+        if res_layout is None:
+            residual = residual.contiguous()
+            res_layout = "nchw"
+        res_cl = res_layout == "channels_last"
+    y = _empty_like_layout(x, layout)
+    total = _empty_like_layout(x, layout) if return_sum else None
+    if x.numel() == 0:
+        return y, total
     n, c = x.shape[0], x.shape[1]
     s = x.shape[2:].numel()
-    # x is dense here, so empty_like keeps its strides exactly (the fake kernel does the same).
-    y = (
-        torch.empty_like(x)
-        if channels_last
-        else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    )
-    if x.numel() == 0:
-        return y
-    if tile is None:
-        tile = INTERPRET_TILE if x.device.type != "cuda" else TILE
-    plan = _plan(n, c, s, num_groups, channels_last, _num_sms(x.device), tile, split)
     cg = c // num_groups
+    p = plan(n, c, s, num_groups, cl, _num_sms(x.device), interpret=x.device.type != "cuda",
+             path=path, chunks=chunks)  # fmt: skip
+    ib = input_bias if input_bias is not None else x
+    r = residual if residual is not None else x
     w = weight if weight is not None else x
     b = bias if bias is not None else x
-    common = dict(
-        BLOCK_S=plan.block_s,
-        BLOCK_G=plan.block_g,
-        BLOCK_CG=plan.block_cg,
-        CHANNELS_LAST=channels_last,
-        CG_EXACT=c // num_groups == plan.block_cg,
-        num_warps=plan.num_warps,
-    )
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu))
+    out_s = total if total is not None else y
+    flags = dict(CL=cl, RES_CL=res_cl, HAS_IB=input_bias is not None, HAS_RES=residual is not None)
+    grids = p.grids(n, num_groups)
     on_other_gpu = x.device.type == "cuda" and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if on_other_gpu else contextlib.nullcontext():
-        if plan.strategy == "fused":
-            grid = (n * plan.num_gblocks,)
-            _gn_fused_kernel[grid](
-                x, y, w, b, s, c, cg, num_groups, plan.num_gblocks, float(eps), **common, **flags
-            )
-        else:
-            part = torch.empty(
-                2 * n * num_groups * plan.split, dtype=torch.float32, device=x.device
-            )
-            grid = (n * plan.num_gblocks, plan.split)
-            _gn_stats_kernel[grid](
-                x, part, s, c, cg, num_groups, plan.num_gblocks, plan.split, plan.chunk_s, **common
-            )
-            _gn_apply_kernel[grid](
-                x, y, w, b, part, s, c, cg, num_groups, plan.num_gblocks, plan.split,
-                plan.chunk_s, float(eps), **common, **flags, MERGE=MERGE_BLOCK,
+        if p.path == "single":
+            _gn_single_kernel[(grids["single"],)](
+                x, ib, r, w, b, y, out_s, c, s, cg, num_groups, float(eps),
+                BLOCK=p.block, **flags, HAS_W=weight is not None, HAS_B=bias is not None,
+                SILU=bool(silu), WRITE_SUM=total is not None, num_warps=p.num_warps,
             )  # fmt: skip
-    return y
+            return y, total
+        tile = dict(BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.num_warps)
+        part = torch.empty(2 * n * c * p.chunks, dtype=torch.float32, device=x.device)
+        coef = torch.empty(3 * n * c, dtype=torch.float32, device=x.device)
+        _gn_stats_kernel[(grids["stats"],)](
+            x, ib, r, part, n, c, s, cg, p.cblocks, p.chunks, p.tiles_per_chunk, **tile, **flags
+        )
+        _gn_finalize_kernel[(grids["finalize"],)](
+            x, ib, r, w, b, part, coef, n, c, s, cg, num_groups, p.chunks,
+            p.tiles_per_chunk * p.block_s, float(eps), BLOCK=p.finalize_block, **flags,
+            HAS_W=weight is not None, HAS_B=bias is not None, num_warps=FINALIZE_WARPS,
+        )  # fmt: skip
+        _gn_apply_kernel[(grids["apply"],)](
+            x, ib, r, coef, y, out_s, n, c, s, p.cblocks, p.chunks, p.tiles_per_chunk,
+            **tile, **flags, SILU=bool(silu), WRITE_SUM=total is not None,
+        )  # fmt: skip
+    return y, total
 
 
-def _forward(x, num_groups, weight, bias, eps, silu):
-    if not_supported_reasons(x, num_groups, weight, bias, eps, silu=silu):
-        return group_norm_reference(x, num_groups, weight, bias, eps, silu=silu)
-    return _launch(x, num_groups, weight, bias, eps, silu)
+def _forward(x, num_groups, weight, bias, eps, silu, input_bias, residual, return_sum):
+    args = (x, num_groups, weight, bias, eps)
+    kw = dict(silu=silu, input_bias=input_bias, residual=residual, return_sum=return_sum)
+    if not_supported_reasons(*args, **kw):
+        out = group_norm_reference(*args, **kw)
+        return out if return_sum else (out, None)
+    return _launch(*args, silu, input_bias, residual, return_sum)
 
 
-# ------------------------------------------------------------------------ torch.library op
+# ------------------------------------------------------------------------ torch.library ops
+# Two ops, because an op's outputs are fixed by its schema: ``sdvae::group_norm`` -> y and
+# ``sdvae::group_norm_sum`` -> (y, s).
 @torch.library.custom_op("sdvae::group_norm", mutates_args=())
 def _group_norm_op(
     x: torch.Tensor,
@@ -621,52 +806,120 @@ def _group_norm_op(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool,
+    input_bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     with torch.no_grad():
-        return _forward(x, num_groups, weight, bias, eps, silu)
+        return _forward(x, num_groups, weight, bias, eps, silu, input_bias, residual, False)[0]
 
 
-@_group_norm_op.register_fake
-def _(x, num_groups, weight, bias, eps, silu):
-    _check(x, num_groups, weight, bias, eps)
-    if x.dim() >= 3 and _layout(x) == "channels_last":
+@torch.library.custom_op("sdvae::group_norm_sum", mutates_args=())
+def _group_norm_sum_op(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    silu: bool,
+    input_bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return _forward(x, num_groups, weight, bias, eps, silu, input_bias, residual, True)
+
+
+def _fake_like(x):
+    if _layout(x) == "channels_last":
         return torch.empty_like(x)
     return x.new_empty(x.shape)
 
 
+@_group_norm_op.register_fake
+def _(x, num_groups, weight, bias, eps, silu, input_bias=None, residual=None):
+    _check(x, num_groups, weight, bias, eps, input_bias, residual)
+    return _fake_like(x)
+
+
+@_group_norm_sum_op.register_fake
+def _(x, num_groups, weight, bias, eps, silu, input_bias=None, residual=None):
+    _check(x, num_groups, weight, bias, eps, input_bias, residual)
+    return _fake_like(x), _fake_like(x)
+
+
 def _setup_context(ctx, inputs, output):
-    x, num_groups, weight, bias, eps, silu = inputs
-    ctx.save_for_backward(x, weight, bias)
+    x, num_groups, weight, bias, eps, silu, input_bias, residual = inputs
+    ctx.save_for_backward(x, weight, bias, input_bias, residual)
     ctx.args = (num_groups, eps, silu)
 
 
-def _backward(ctx, grad):
-    x, weight, bias = ctx.saved_tensors
+def _backward_impl(ctx, grads, return_sum):
+    saved = ctx.saved_tensors
     num_groups, eps, silu = ctx.args
     needs = ctx.needs_input_grad
+    positions = (0, 2, 3, 6, 7)  # x, weight, bias, input_bias, residual among the inputs
     with torch.enable_grad():
-        xs = x.detach().requires_grad_(needs[0])
-        ws = None if weight is None else weight.detach().requires_grad_(needs[2])
-        bs = None if bias is None else bias.detach().requires_grad_(needs[3])
-        out = group_norm_reference(xs, num_groups, ws, bs, eps, silu=silu)
-        wrt = [t for t in (xs, ws, bs) if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wrt, grad) if wrt else ())
-    gx = next(grads) if needs[0] else None
-    gw = next(grads) if weight is not None and needs[2] else None
-    gb = next(grads) if bias is not None and needs[3] else None
-    return gx, None, gw, gb, None, None
+        leaves = [
+            None if t is None else t.detach().requires_grad_(needs[i])
+            for t, i in zip(saved, positions, strict=True)
+        ]
+        xs, ws, bs, ibs, rs = leaves
+        out = group_norm_reference(
+            xs, num_groups, ws, bs, eps, silu=silu, input_bias=ibs, residual=rs,
+            return_sum=return_sum,
+        )  # fmt: skip
+        outs = out if return_sum else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        got = (
+            torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs])
+            if wrt and pairs
+            else [None] * len(wrt)
+        )
+    got = iter(got)
+    result = [None] * 8
+    for t, i in zip(leaves, positions, strict=True):
+        if t is not None and t.requires_grad:
+            result[i] = next(got)
+    return tuple(result)
+
+
+def _backward(ctx, grad):
+    return _backward_impl(ctx, (grad,), False)
+
+
+def _backward_sum(ctx, grad_y, grad_s):
+    return _backward_impl(ctx, (grad_y, grad_s), True)
 
 
 _group_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_group_norm_sum_op.register_autograd(_backward_sum, setup_context=_setup_context)
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, *, silu=False):
-    """GroupNorm over (N, C, *spatial) with optional fused SiLU; same memory format out as in.
+def group_norm(
+    x,
+    num_groups,
+    weight=None,
+    bias=None,
+    eps=1e-6,
+    *,
+    silu=False,
+    input_bias=None,
+    residual=None,
+    return_sum=False,
+):
+    """GroupNorm of ``s = x + input_bias[c] + residual`` over (N, C, *spatial), with optional
+    fused SiLU; same memory format out as ``x``. Returns ``y``, or ``(y, s)`` when
+    ``return_sum`` (``s`` written once by the same kernel, in ``x``'s dtype and layout).
 
     CUDA tensors run the Triton kernels; CPU tensors run ``group_norm_reference`` unless
     ``TRITON_INTERPRET=1``; inputs requiring grad (with grad mode on) run the reference.
-    Also available as ``torch.ops.sdvae.group_norm(x, num_groups, weight, bias, eps, silu)``.
+    Also available as ``torch.ops.sdvae.group_norm(x, num_groups, weight, bias, eps, silu,
+    input_bias=None, residual=None)`` and ``torch.ops.sdvae.group_norm_sum(...)`` -> (y, s).
     """
     if torch.compiler.is_compiling():
-        return torch.ops.sdvae.group_norm(x, num_groups, weight, bias, float(eps), bool(silu))
-    return _forward(x, num_groups, weight, bias, eps, silu)
+        op = torch.ops.sdvae.group_norm_sum if return_sum else torch.ops.sdvae.group_norm
+        return op(x, num_groups, weight, bias, float(eps), bool(silu), input_bias, residual)
+    y, total = _forward(
+        x, num_groups, weight, bias, eps, silu, input_bias, residual, bool(return_sum)
+    )
+    return (y, total) if return_sum else y

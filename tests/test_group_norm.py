@@ -1,6 +1,6 @@
-"""GroupNorm (+ SiLU): the Triton kernels against a float64 reference, the launcher's strategy
-choice, bad input, dispatch, the torch.library op, the bench suite and the AOT compile of every
-configuration the launcher can pick."""
+"""GroupNorm (+ SiLU, + fused input bias / residual): the Triton kernels against a float64
+reference on both launch paths, the launch rule, bad input, dispatch, the torch.library ops,
+the bench suites and the AOT compile of every configuration the launch rule can pick."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = 1e-6
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
+LAYOUTS = ["nchw", "channels_last"]
+PATHS = ["single", "two_pass"]
 
 # (N, C, spatial, groups): channels per group 2, 3, 16, 1, 3 (1x1 spatial), 3 (1 spatial dim),
-# 4 (3 spatial dims), 40 (two channel blocks of 32); H*W never a power of two but for 1x1.
+# 4 (3 spatial dims), 40 (not a power of two, more than 32); H*W never a power of two but 1x1.
 SHAPES = [
     (2, 8, (5, 7), 4),
     (1, 6, (3, 5), 2),
@@ -53,17 +55,22 @@ def _input(n, c, spatial, dtype, device, layout, *, mean=0.5, std=2.0):
     return _to_layout(x.to(device=device, dtype=dtype), layout)
 
 
+def _vec(c, dtype, device, *, mean=0.0, std=0.5):
+    return (mean + std * torch.randn(c, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+
 def _affine(c, dtype, device):
-    w = (1 + 0.5 * torch.randn(c, dtype=torch.float64)).to(device=device, dtype=dtype)
-    b = (0.5 * torch.randn(c, dtype=torch.float64)).to(device=device, dtype=dtype)
-    return w, b
+    return _vec(c, dtype, device, mean=1.0), _vec(c, dtype, device)
 
 
-def _ref(x, groups, w, b, silu, eps=EPS):
-    d = torch.float64
+def _d(t):
+    return None if t is None else t.to(torch.float64)
+
+
+def _ref(x, groups, w, b, silu, eps=EPS, *, input_bias=None, residual=None, return_sum=False):
     return gn.group_norm_reference(
-        x.to(d), groups, None if w is None else w.to(d), None if b is None else b.to(d), eps,
-        silu=silu,
+        _d(x), groups, _d(w), _d(b), eps, silu=silu, input_bias=_d(input_bias),
+        residual=_d(residual), return_sum=return_sum,
     )  # fmt: skip
 
 
@@ -72,73 +79,170 @@ def _check_layout(y, x):
     assert y.stride() == x.stride(), f"strides {y.stride()} != input's {x.stride()}"
 
 
+def _run(x, groups, w, b, silu, path, **kw):
+    """The public function for path None, else the launcher with the path forced."""
+    if path is None:
+        out = K.group_norm(x, groups, w, b, EPS, silu=silu, **kw)
+        return out if kw.get("return_sum") else (out, None)
+    args = (kw.get("input_bias"), kw.get("residual"), kw.get("return_sum", False))
+    return gn._launch(x, groups, w, b, EPS, silu, *args, path=path)
+
+
 # ------------------------------------------------------------------------- numerics
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_matches_float64_reference(device, shape, dtype, layout, silu=True):
+def test_matches_float64_reference(device, shape, dtype, layout):
+    """The public function, launch rule's own choice (both paths occur among the shapes)."""
     _device_or_skip(device)
     n, c, spatial, groups = shape
     x = _input(n, c, spatial, dtype, device, layout)
     w, b = _affine(c, dtype, device)
-    assert gn.not_supported_reasons(x, groups, w, b, EPS, silu=silu) == []
-    y = K.group_norm(x, groups, w, b, EPS, silu=silu)
+    assert gn.not_supported_reasons(x, groups, w, b, EPS, silu=True) == []
+    y = K.group_norm(x, groups, w, b, EPS, silu=True)
     _check_layout(y, x)
-    assert_close(y, _ref(x, groups, w, b, silu), dtype, name=f"group_norm {shape}")
+    assert_close(y, _ref(x, groups, w, b, True), dtype, name=f"group_norm {shape}")
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[6]], ids=["cg3", "3d"])
-def test_without_silu(device, shape, layout):
-    test_matches_float64_reference(device, shape, torch.float32, layout, silu=False)
+def test_shapes_cover_both_paths_under_the_interpreter():
+    picked = {
+        gn.plan(n, c, torch.Size(sp).numel(), g, False, 4, interpret=True).path
+        for n, c, sp, g in SHAPES
+    }
+    assert picked == {"single", "two_pass"}
 
 
-# (N, C, spatial, groups, split), forced through the two-kernel path with small tiles (64 values
-# for NCHW, the interpreter's 256 for channels_last) so that tiny shapes still take several
-# tiles per chunk and an uneven last chunk.
-SPLIT_CASES = [
-    (1, 12, (10, 10), 4, 3),
-    (2, 6, (7, 9), 2, 4),
-    (1, 8, (6, 7), 4, 2),
-    (1, 80, (3, 5), 2, 2),
-    (1, 16, (4, 6, 3), 4, 5),
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_each_path_forced(device, shape, layout, path):
+    _device_or_skip(device)
+    n, c, spatial, groups = shape
+    dtype = torch.float32 if path == "single" else torch.bfloat16
+    x = _input(n, c, spatial, dtype, device, layout)
+    w, b = _affine(c, dtype, device)
+    y, s = _run(x, groups, w, b, False, path)
+    assert s is None
+    _check_layout(y, x)
+    assert_close(y, _ref(x, groups, w, b, False), dtype, name=f"{path} {shape}")
+
+
+# (N, C, spatial, groups, chunks): two passes with the pixel tiles cut into chunks (the
+# interpreter's tile is 64 values): several tiles per chunk, an uneven last chunk, a partial
+# last tile, several channel blocks.
+CHUNK_CASES = [
+    (1, 4, (10, 13), 2, 2),
+    (2, 6, (7, 19), 2, 3),
+    (1, 24, (9, 11), 4, 2),
+    (1, 16, (4, 6, 7), 4, 5),
 ]
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=[f"split{i}" for i in range(len(SPLIT_CASES))])
-def test_split_path_matches_reference(device, case, dtype, layout):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=[f"chunks{i}" for i in range(len(CHUNK_CASES))])
+def test_two_pass_chunks_match_reference(device, case, dtype, layout):
     _device_or_skip(device)
-    n, c, spatial, groups, split = case
-    tile = 64 if layout == "nchw" else gn.INTERPRET_TILE
+    n, c, spatial, groups, chunks = case
+    s = torch.Size(spatial).numel()
+    p = gn.plan(n, c, s, groups, layout == "channels_last", 4, interpret=True,
+                path="two_pass", chunks=chunks)  # fmt: skip
+    assert p.chunks > 1 and (p.tiles_per_chunk > 1 or p.cblocks > 1), p
+    assert (p.chunks - 1) * p.tiles_per_chunk < p.sblocks <= p.chunks * p.tiles_per_chunk
     x = _input(n, c, spatial, dtype, device, layout)
     w, b = _affine(c, dtype, device)
-    plan = gn._plan(n, c, x[0, 0].numel(), groups, layout == "channels_last", 4, tile, split)
-    assert plan.strategy == "split" and plan.split > 1
-    y = gn._launch(x, groups, w, b, EPS, True, tile=tile, split=split)
+    ib = _vec(c, torch.float32, device)
+    y, _ = gn._launch(x, groups, w, b, EPS, True, ib, path="two_pass", chunks=chunks)
     _check_layout(y, x)
-    assert_close(y, _ref(x, groups, w, b, True), dtype, name=f"split {case}")
+    assert_close(y, _ref(x, groups, w, b, True, input_bias=ib), dtype, name=f"chunks {case}")
 
 
-@pytest.mark.parametrize("forced", [None, (32, 3)], ids=["fused", "split"])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_large_mean_fp32_keeps_full_precision(device, layout, forced):
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_mean_fp32_keeps_full_precision(device, layout, path):
     """mean 1e4, std 1: E[x^2] - E[x]^2 in fp32 loses every digit; we must stay at 1e-5."""
     _device_or_skip(device)
-    x = _input(1, 16, (6, 6), torch.float32, device, layout, mean=1e4, std=1.0)
+    x = _input(1, 16, (6, 11), torch.float32, device, layout, mean=1e4, std=1.0)
     w, b = _affine(16, torch.float32, device)
-    if forced is None:
-        y = K.group_norm(x, 8, w, b, EPS, silu=False)
-    else:
-        y = gn._launch(x, 8, w, b, EPS, False, tile=forced[0], split=forced[1])
-    ref = _ref(x, 8, w, b, False)
-    assert_close(y, ref, torch.float32, name="large mean")
+    y, _ = _run(x, 8, w, b, False, path)
+    assert_close(y, _ref(x, 8, w, b, False), torch.float32, name="large mean")
     # The test can tell: the naive one-pass variance in fp32 is far off.
     xg = x.contiguous().reshape(1, 8, -1)
     naive = (xg * xg).mean(-1) - xg.mean(-1) ** 2
     true = xg.double().var(-1, unbiased=False)
     assert ((naive.double() - true).abs() / true).max() > 1e-2
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_mean_through_the_fused_sum(device, layout, path):
+    """s = x + input_bias + residual with mean 1e4: y is the exact GroupNorm of the s the
+    kernel wrote (its fp32 rounding of the sum is the only difference from float64)."""
+    _device_or_skip(device)
+    x = _input(1, 16, (6, 11), torch.float32, device, layout, mean=1e4, std=1.0)
+    r = _input(1, 16, (6, 11), torch.float32, device, "nchw", mean=-3.0, std=0.5)
+    ib = _vec(16, torch.float32, device, mean=2.0)
+    w, b = _affine(16, torch.float32, device)
+    y, s = _run(x, 8, w, b, True, path, input_bias=ib, residual=r, return_sum=True)
+    _check_layout(s, x)
+    assert_close(s, _ref(x, 8, w, b, True, input_bias=ib, residual=r, return_sum=True)[1],
+                 torch.float32, name="sum")  # fmt: skip
+    assert_close(y, _ref(s, 8, w, b, True), torch.float32, name="large mean, fused sum")
+
+
+# (input_bias, residual layout or None, return_sum, silu)
+FUSED = [
+    (True, None, False, True),
+    (False, "same", False, False),
+    (True, "same", True, True),
+    (True, "other", True, False),
+    (False, "other", False, True),
+    (False, None, True, True),
+]
+FUSED_IDS = ["ib", "res", "ib-res-sum", "ib-res_other-sum", "res_other", "sum-only"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("fused", FUSED, ids=FUSED_IDS)
+def test_fused_inputs_match_reference(device, fused, layout, path):
+    _device_or_skip(device)
+    has_ib, res_layout, return_sum, silu = fused
+    dtype = [torch.float32, torch.float16, torch.bfloat16][FUSED.index(fused) % 3]
+    n, c, spatial, groups = 2, 12, (5, 7), 4
+    x = _input(n, c, spatial, dtype, device, layout, mean=1.0)
+    w, b = _affine(c, dtype, device)
+    ib = _vec(c, dtype if has_ib and layout == "nchw" else torch.float32, device, mean=-0.5)
+    ib = ib if has_ib else None
+    r = None
+    if res_layout is not None:
+        other = "nchw" if layout == "channels_last" else "channels_last"
+        r = _input(n, c, spatial, dtype, device, layout if res_layout == "same" else other)
+    y, s = _run(x, groups, w, b, silu, path, input_bias=ib, residual=r, return_sum=return_sum)
+    ref = _ref(x, groups, w, b, silu, input_bias=ib, residual=r, return_sum=True)
+    _check_layout(y, x)
+    assert_close(y, ref[0], dtype, name="y")
+    if return_sum:
+        _check_layout(s, x)
+        assert_close(s, ref[1], dtype, name="s")
+    else:
+        assert s is None
+
+
+def test_public_function_returns_the_sum_on_request(device):
+    _device_or_skip(device)
+    x = _input(1, 8, (3, 5), torch.float16, device, "channels_last")
+    r = _input(1, 8, (3, 5), torch.float16, device, "nchw")
+    ib = _vec(8, torch.float16, device)
+    out = K.group_norm(x, 4, input_bias=ib, residual=r, return_sum=True)
+    assert isinstance(out, tuple) and len(out) == 2
+    ref = _ref(x, 4, None, None, False, input_bias=ib, residual=r, return_sum=True)
+    for got, want, name in zip(out, ref, ("y", "s"), strict=True):
+        _check_layout(got, x)
+        assert_close(got, want, torch.float16, name=name)
+    y = K.group_norm(x, 4, input_bias=ib, residual=r)
+    assert isinstance(y, torch.Tensor)
+    assert_close(y, ref[0], torch.float16)
 
 
 @pytest.mark.parametrize("has_b", [True, False], ids=["bias", "nobias"])
@@ -160,11 +264,12 @@ def test_other_strides_are_made_contiguous(device):
     _device_or_skip(device)
     base = torch.randn(2, 8, 6, 10, device=device) + 1.0
     x = base[:, :, :, ::2]  # neither NCHW- nor channels_last-contiguous
-    assert gn._layout(x) is None
+    r = torch.randn(2, 8, 5, 6, device=device).transpose(2, 3)  # nor this one
+    assert gn._layout(x) is None and gn._layout(r) is None
     w, b = _affine(8, torch.float32, device)
-    y = K.group_norm(x, 4, w, b, EPS, silu=True)
+    y = K.group_norm(x, 4, w, b, EPS, silu=True, residual=r)
     assert y.is_contiguous()
-    assert_close(y, _ref(x, 4, w, b, True), torch.float32)
+    assert_close(y, _ref(x, 4, w, b, True, residual=r), torch.float32)
 
 
 def test_eps_is_used(device):
@@ -178,24 +283,48 @@ def test_empty_batch(device):
     _device_or_skip(device)
     x = torch.randn(0, 8, 3, 3, device=device)
     assert K.group_norm(x, 4).shape == (0, 8, 3, 3)
+    y, s = K.group_norm(x, 4, residual=torch.randn(0, 8, 3, 3, device=device), return_sum=True)
+    assert y.shape == s.shape == (0, 8, 3, 3)
 
 
 # -------------------------------------------------------------------------- the plan
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(512, 64), (512, 128), (256, 512), (128, 1024)])
-def test_plan_fills_an_h100_at_vae_shapes(shape, layout):
+def test_plan_fills_an_h200_at_vae_shapes(shape, layout):
     c, hw = shape
-    plan = gn._plan(1, c, hw * hw, 32, layout == "channels_last", 132)
-    assert plan.strategy == "split"
-    assert plan.num_gblocks * plan.split >= 132, plan
-    assert (plan.split - 1) * plan.chunk_s < hw * hw <= plan.split * plan.chunk_s  # no empty chunk
-    assert plan.block_s * plan.block_g * plan.block_cg == gn.TILE
+    cl = layout == "channels_last"
+    p = gn.plan(1, c, hw * hw, 32, cl, 132)
+    assert p.path == "two_pass" and p.num_warps == gn.NUM_WARPS
+    assert p.block_c * p.block_s == gn.TILE
+    assert (p.block_c == 128 if c == 128 else p.block_c >= 256) if cl else p.block_s == gn.TILE
+    grids = p.grids(1, 32)
+    assert grids["stats"] >= 132 * gn.STATS_PROGRAMS_PER_SM // 2, p
+    assert (p.chunks - 1) * p.tiles_per_chunk < p.sblocks <= p.chunks * p.tiles_per_chunk
+    assert grids["apply"] >= p.cblocks * p.sblocks  # every tile has its program
 
 
-def test_plan_fuses_when_groups_fill_the_gpu_or_fit_one_tile():
-    assert gn._plan(64, 512, 64 * 64, 32, False, 132).strategy == "fused"
-    assert gn._plan(1, 64, 8 * 8, 32, True, 132).strategy == "fused"
-    assert gn._plan(1, 64, 8 * 8, 32, False, 132).strategy == "fused"
+def test_plan_picks_one_launch_when_the_group_fits():
+    assert gn.plan(64, 512, 4 * 4, 32, False, 132).path == "single"  # 16 x 16 values
+    p = gn.plan(8, 512, 32 * 32, 32, True, 132)  # 16 x 1024: exactly SINGLE_MAX
+    assert p.path == "single" and p.block == gn.SINGLE_MAX and p.num_warps == 16
+    assert gn.plan(1, 512, 64 * 64, 32, True, 132).path == "two_pass"
+    assert gn.plan(1, 6, 5, 2, False, 132).block == 64  # blocks are at least 64 values
+
+
+def test_plan_forced_paths_and_bad_force():
+    assert gn.plan(1, 512, 64 * 64, 32, False, 132, path="two_pass").path == "two_pass"
+    assert gn.plan(1, 8, 35, 4, False, 4, interpret=True, path="single").path == "single"
+    with pytest.raises(ValueError, match="path"):
+        gn.plan(1, 8, 35, 4, False, 4, path="three_pass")
+    with pytest.raises(ValueError, match="one-launch"):
+        gn.plan(1, 512, 512 * 512, 32, False, 132, path="single")
+
+
+def test_describe_plan_names_the_choice():
+    x = torch.randn(1, 16, 12, 12).to(memory_format=torch.channels_last)
+    text = gn.describe_plan(x, 4)
+    assert text.startswith("two_pass") and "stats" in text and "apply" in text
+    assert gn.describe_plan(torch.randn(1, 8, 2, 2), 4).startswith("single")
 
 
 # ------------------------------------------------------------------------- bad input
@@ -215,10 +344,24 @@ def test_plan_fuses_when_groups_fill_the_gpu_or_fit_one_tile():
         (lambda x: K.group_norm(x, 4, None, torch.ones(8, device="meta")), ValueError, "bias is"),
         (lambda x: K.group_norm(x.half(), 4, torch.ones(8).double()), TypeError, "weight"),
         (lambda x: K.group_norm(x, 4, eps=-1.0), ValueError, "eps"),
+        (lambda x: K.group_norm(x, 4, input_bias=torch.ones(4)), ValueError, "input_bias"),
+        (lambda x: K.group_norm(x, 4, input_bias=[1.0] * 8), TypeError, "input_bias"),
+        (lambda x: K.group_norm(x, 4, input_bias=torch.ones(8, device="meta")), ValueError,
+         "input_bias is on"),
+        (lambda x: K.group_norm(x.half(), 4, input_bias=torch.ones(8).double()), TypeError,
+         "input_bias"),
+        (lambda x: K.group_norm(x, 4, residual=x[:1]), ValueError, "residual must have"),
+        (lambda x: K.group_norm(x, 4, residual=x.double()), TypeError, "residual must have"),
+        (lambda x: K.group_norm(x.half(), 4, residual=x), TypeError, "residual"),
+        (lambda x: K.group_norm(x, 4, residual=x.numpy()), TypeError, "residual"),
+        (lambda x: K.group_norm(x, 4, residual=x.to("meta")), ValueError, "residual is on"),
     ],
     ids=[
         "indivisible", "zero-groups", "float-groups", "weight-size", "bias-size", "rank2",
         "rank6", "numpy", "int", "weight-device", "bias-device", "weight-dtype", "eps",
+        "input_bias-size", "input_bias-list", "input_bias-device", "input_bias-dtype",
+        "residual-shape", "residual-dtype", "residual-fp32-for-half", "residual-numpy",
+        "residual-device",
     ],
 )  # fmt: skip
 def test_bad_input(call, exc, match):
@@ -227,11 +370,23 @@ def test_bad_input(call, exc, match):
         call(x)
 
 
+def test_not_supported_reasons_checks_the_new_arguments_too():
+    x = torch.randn(2, 8, 3, 3)
+    with pytest.raises(ValueError, match="residual"):
+        gn.not_supported_reasons(x, 4, residual=torch.randn(2, 8, 3, 4))
+    with pytest.raises(ValueError, match="input_bias"):
+        gn.not_supported_reasons(x, 4, input_bias=torch.randn(9))
+
+
 @pytest.mark.cuda
 def test_mixed_cuda_cpu_devices_raise():
     x = torch.randn(1, 8, 3, 3, device="cuda")
     with pytest.raises(ValueError, match="weight is on cpu"):
         K.group_norm(x, 4, torch.ones(8))
+    with pytest.raises(ValueError, match="residual is on cpu"):
+        K.group_norm(x, 4, residual=torch.ones(1, 8, 3, 3))
+    with pytest.raises(ValueError, match="input_bias is on cpu"):
+        K.group_norm(x, 4, input_bias=torch.ones(8))
 
 
 # -------------------------------------------------------------------------- dispatch
@@ -246,10 +401,12 @@ def test_package_attribute_is_the_op_in_any_import_order():
 def test_cpu_without_interpreter_runs_reference_and_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = _input(1, 8, (4, 4), torch.float32, "cpu", "nchw")
-    reasons = gn.not_supported_reasons(x, 4)
+    r = torch.randn_like(x)
+    reasons = gn.not_supported_reasons(x, 4, residual=r)
     assert any("TRITON_INTERPRET" in r for r in reasons)
-    y = K.group_norm(x, 4, silu=True)
-    assert torch.equal(y, gn.group_norm_reference(x, 4, silu=True))
+    y, s = K.group_norm(x, 4, silu=True, residual=r, return_sum=True)
+    want = gn.group_norm_reference(x, 4, silu=True, residual=r, return_sum=True)
+    assert torch.equal(y, want[0]) and torch.equal(s, want[1])
 
 
 def test_float64_runs_reference_and_says_why():
@@ -261,62 +418,120 @@ def test_float64_runs_reference_and_says_why():
 def test_inputs_requiring_grad_run_the_differentiable_reference():
     x = _input(1, 8, (3, 3), torch.float32, "cpu", "nchw").requires_grad_()
     w, b = _affine(8, torch.float32, "cpu")
+    ib = _vec(8, torch.float32, "cpu").requires_grad_()
+    r = torch.randn(1, 8, 3, 3).requires_grad_()
     w.requires_grad_()
-    assert any("grad" in r for r in gn.not_supported_reasons(x, 4, w, b))
-    K.group_norm(x, 4, w, b, silu=True).square().sum().backward()
-    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    gn.group_norm_reference(x2, 4, w2, b, silu=True).square().sum().backward()
-    assert_close(x.grad, x2.grad.double(), torch.float32, name="x.grad")
-    assert_close(w.grad, w2.grad.double(), torch.float32, name="weight.grad")
+    assert any("grad" in r for r in gn.not_supported_reasons(x, 4, w, b, input_bias=ib))
+    y, s = K.group_norm(x, 4, w, b, silu=True, input_bias=ib, residual=r, return_sum=True)
+    (y.square().sum() + s.sum()).backward()
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, ib, r)]
+    x2, w2, ib2, r2 = leaves
+    y2, s2 = gn.group_norm_reference(
+        x2, 4, w2, b, silu=True, input_bias=ib2, residual=r2, return_sum=True
+    )
+    (y2.square().sum() + s2.sum()).backward()
+    for got, want, name in zip((x, w, ib, r), leaves, ("x", "weight", "input_bias", "residual")):
+        assert_close(got.grad, want.grad.double(), torch.float32, name=f"{name}.grad")
 
 
-# ------------------------------------------------------------------- torch.library op
+# ------------------------------------------------------------------- torch.library ops
 def test_torch_library_op_matches_and_backpropagates(device):
     _device_or_skip(device)
     x = _input(1, 8, (3, 5), torch.float32, device, "channels_last")
     w, b = _affine(8, torch.float32, device)
+    ib = _vec(8, torch.float32, device)
     y = torch.ops.sdvae.group_norm(x, 4, w, b, EPS, True)
     _check_layout(y, x)
     assert_close(y, _ref(x, 4, w, b, True), torch.float32)
+    y = torch.ops.sdvae.group_norm(x, 4, w, b, EPS, True, ib, x)
+    assert_close(y, _ref(x, 4, w, b, True, input_bias=ib, residual=x), torch.float32)
     xr = x.detach().clone().requires_grad_()
-    torch.ops.sdvae.group_norm(xr, 4, w, None, EPS, True).sum().backward()
+    ibr = ib.detach().clone().requires_grad_()
+    torch.ops.sdvae.group_norm(xr, 4, w, None, EPS, True, ibr).sum().backward()
     xr2 = x.detach().clone().requires_grad_()
-    gn.group_norm_reference(xr2, 4, w, None, EPS, silu=True).sum().backward()
+    ibr2 = ib.detach().clone().requires_grad_()
+    gn.group_norm_reference(xr2, 4, w, None, EPS, silu=True, input_bias=ibr2).sum().backward()
     assert_close(xr.grad, xr2.grad.double(), torch.float32, name="x.grad")
+    assert_close(ibr.grad, ibr2.grad.double(), torch.float32, name="input_bias.grad")
+
+
+def test_sum_op_returns_both_and_backpropagates(device):
+    _device_or_skip(device)
+    x = _input(1, 8, (3, 5), torch.float32, device, "nchw")
+    r = _input(1, 8, (3, 5), torch.float32, device, "channels_last")
+    w, b = _affine(8, torch.float32, device)
+    y, s = torch.ops.sdvae.group_norm_sum(x, 4, w, b, EPS, False, None, r)
+    ref = _ref(x, 4, w, b, False, residual=r, return_sum=True)
+    assert_close(y, ref[0], torch.float32, name="y")
+    assert_close(s, ref[1], torch.float32, name="s")
+    rr = r.detach().clone().requires_grad_()
+    y, s = torch.ops.sdvae.group_norm_sum(x, 4, w, b, EPS, False, None, rr)
+    s.sum().backward()  # only s used: y's gradient is None
+    assert torch.equal(rr.grad, torch.ones_like(r))
 
 
 def test_opcheck(device):
     _device_or_skip(device)
     x = _input(1, 8, (3, 3), torch.float32, device, "channels_last")
     w, b = _affine(8, torch.float32, device)
-    for args in [(x, 4, w, b, EPS, True), (x.contiguous(), 2, None, None, 1e-5, False)]:
+    ib = _vec(8, torch.float32, device)
+    r = _input(1, 8, (3, 3), torch.float32, device, "nchw")
+    for args in [
+        (x, 4, w, b, EPS, True),
+        (x.contiguous(), 2, None, None, 1e-5, False),
+        (x, 4, w, b, EPS, True, ib, r),
+    ]:
         torch.library.opcheck(torch.ops.sdvae.group_norm.default, args)
+    torch.library.opcheck(torch.ops.sdvae.group_norm_sum.default, (x, 4, w, b, EPS, True, ib, r))
 
 
 def test_compiles_without_graph_break(device):
     _device_or_skip(device)
     x = _input(1, 8, (3, 3), torch.float32, device, "nchw")
+    r = _input(1, 8, (3, 3), torch.float32, device, "channels_last")
+    ib = _vec(8, torch.float32, device)
 
-    def f(t):
-        return K.group_norm(t * 2, 4, silu=True) + 1
+    def f(t, res, bias):
+        y = K.group_norm(t * 2, 4, silu=True) + 1
+        y2, s = K.group_norm(t, 4, silu=True, input_bias=bias, residual=res, return_sum=True)
+        return y, y2, s
 
-    out = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
-    assert_close(out, _ref(x * 2, 4, None, None, True) + 1, torch.float32)
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(x, r, ib)
+    assert_close(out[0], _ref(x * 2, 4, None, None, True) + 1, torch.float32)
+    ref = _ref(x, 4, None, None, True, input_bias=ib, residual=r, return_sum=True)
+    assert_close(out[1], ref[0], torch.float32)
+    assert_close(out[2], ref[1], torch.float32)
 
 
 # ------------------------------------------------------------------------- the bench
-def test_bench_suite_runs_on_cpu():
+def test_bench_suites_run_on_cpu():
     if not INTERPRET:
         pytest.skip("the CPU bench rows need TRITON_INTERPRET=1")
     from sdvae.bench import engine
 
-    rows = engine.run(
-        engine.Context(device=torch.device("cpu"), quick=True), ["group_norm_silu"], rep_ms=1
-    )
-    got = {(r.layout, r.provider) for r in rows}
-    assert got == {(lo, p) for lo in ("nchw", "channels_last") for p in ("eager", "sdvae")}
-    assert all(r.bench == "group_norm_silu" and r.dtype == "fp32" for r in rows)
-    assert all(r.median_ms > 0 and r.gbps > 0 for r in rows)
+    ctx = engine.Context(device=torch.device("cpu"), quick=True)
+    rows = engine.run(ctx, ["group_norm_silu", "group_norm_fused"], rep_ms=1)
+    got = {(r.bench, r.layout, r.provider) for r in rows}
+    assert got == {
+        (bench, lo, p)
+        for bench in ("group_norm_silu", "group_norm_fused")
+        for lo in LAYOUTS
+        for p in ("eager", "sdvae")
+    }
+    assert all(r.dtype == "fp32" and r.median_ms > 0 and r.gbps > 0 for r in rows)
+
+
+def test_bench_providers_on_a_gpu_include_both_compile_modes():
+    from sdvae.bench import cases_group_norm as cases
+    from sdvae.bench.engine import Context
+
+    ctx = Context(device=torch.device("cuda"), quick=True)
+    names = cases.providers(ctx)
+    assert names[0] == "eager" and names[-1] == "sdvae"
+    modes = {cases.COMPILE_PROVIDERS[p] for p in names if p.startswith("compile")}
+    assert modes == {"default", "max-autotune-no-cudagraphs"}
+    ctx = Context(device=torch.device("cuda"), quick=True, compile_mode="reduce-overhead")
+    assert "compile-reduce-overhead" in cases.providers(ctx)
 
 
 def test_bench_shapes_are_the_design_shapes():
@@ -328,64 +543,88 @@ def test_bench_shapes_are_the_design_shapes():
 
 
 # ---------------------------------------------------------------------- AOT compile
-def _signature(kernel: str, x: str, w: str) -> dict:
-    sig = {"x_ptr": f"*{x}"}
-    if kernel == "stats":
-        sig["part_ptr"] = "*fp32"
-    else:
-        sig.update(y_ptr=f"*{x}", w_ptr=f"*{w}", b_ptr=f"*{w}")
-        if kernel == "apply":
-            sig["part_ptr"] = "*fp32"
-    sig.update(S="i32", C="i32", Cg="i32", G="i32", num_gblocks="i32")
-    if kernel != "fused":
-        sig.update(split="i32", chunk_s="i32")
-    if kernel != "stats":
-        sig["eps"] = "fp32"
-    return sig
+_ROLES = {  # argument name -> what it points to ("x": x's dtype, "w": the affine dtype)
+    "x_ptr": "x", "ib_ptr": "w", "r_ptr": "x", "w_ptr": "w", "b_ptr": "w", "y_ptr": "x",
+    "sum_ptr": "x", "part_ptr": "fp32", "coef_ptr": "fp32", "eps": "f",
+}  # fmt: skip
+_ARGS = {
+    "single": "x_ptr ib_ptr r_ptr w_ptr b_ptr y_ptr sum_ptr C S Cg G eps",
+    "stats": "x_ptr ib_ptr r_ptr part_ptr N C S Cg cblocks chunks tiles_per_chunk",
+    "finalize": "x_ptr ib_ptr r_ptr w_ptr b_ptr part_ptr coef_ptr N C S Cg G chunks chunk_s eps",
+    "apply": "x_ptr ib_ptr r_ptr coef_ptr y_ptr sum_ptr N C S cblocks chunks tiles_per_chunk",
+}
+_FLAGS = {
+    "single": ("HAS_IB", "HAS_RES", "HAS_W", "HAS_B", "SILU", "WRITE_SUM"),
+    "stats": ("HAS_IB", "HAS_RES"),
+    "finalize": ("HAS_IB", "HAS_RES", "HAS_W", "HAS_B"),
+    "apply": ("HAS_IB", "HAS_RES", "SILU", "WRITE_SUM"),
+}
+# Rotated over the tiles, so every dtype pairing, flag value and residual layout is compiled:
+# (x dtype, affine dtype, flags on, residual in the other layout, S/C/Cg divisible by 16).
+_VARIANTS = [
+    ("fp16", "fp32", True, False, True),
+    ("bf16", "bf16", False, False, False),
+    ("fp32", "fp32", True, True, True),
+    ("fp16", "fp16", True, True, False),
+    ("bf16", "fp32", False, False, True),
+]
+
+
+def _pickable_tiles():
+    """Every tile the launch rule can pick for its two-pass kernels (TILE, MIN_BLOCK), found
+    by running the rule over channel and pixel counts from 1 to 2 * TILE, and every one-launch
+    block."""
+    two, single = set(), set()
+    sizes = [1 << k for k in range(14)] + [3, 5, 40, 100, 1000, 5000]
+    for cl in (False, True):
+        for c in sizes:
+            for s in sizes:
+                for groups in {1, c}:
+                    p = gn.plan(1, c, s, groups, cl, 132)
+                    if p.path == "single":
+                        single.add((cl, p.block, p.num_warps))
+                    else:
+                        two.add((cl, p.block_c, p.block_s))
+    return sorted(two), sorted(single)
 
 
 def _configs(kernel: str) -> list[dict]:
-    """Every tile the launcher can pick: it depends only on the layout, on Cg rounded up to a
-    power of two and capped at 32 (the tile), and on whether Cg equals that (CG_EXACT). The
-    exact ones in fp16 with fp32 affine, the inexact ones in the other dtype pairings and
-    flag sets; then the specialisation the JIT makes for S == 1 and Cg == 1 (with CG_EXACT a
-    Cg of 1 is already the constant BLOCK_CG)."""
-    picks = {
-        (cl, gn.tile_shape(cl, cg), cg == gn.tile_shape(cl, cg)[2])
-        for cl in (False, True)
-        for cg in range(1, 2 * gn.MAX_BLOCK_CG + 1)
-    }
-    assert len(picks) == 20
-    variants = [("fp32", "fp32", (False, True, False)), ("bf16", "bf16", (True, False, True))]
+    two, single = _pickable_tiles()
+    if kernel == "single":
+        tiles = [(cl, {"BLOCK": blk}, warps) for cl, blk, warps in single]
+    elif kernel == "finalize":
+        tiles = [(cl, {"BLOCK": gn.FINALIZE_BLOCK}, gn.FINALIZE_WARPS) for cl in (False, True)]
+        tiles += tiles
+    else:
+        tiles = [(cl, {"BLOCK_C": bc, "BLOCK_S": bs}, gn.NUM_WARPS) for cl, bc, bs in two]
     out = []
-
-    def add(cl, tile, exact, x, w, flags=(True, True, True), consts=None):
-        bs, bg, bcg = tile
-        ce = dict(BLOCK_S=bs, BLOCK_G=bg, BLOCK_CG=bcg, CHANNELS_LAST=cl, CG_EXACT=exact)
-        if kernel != "stats":
-            ce.update(HAS_W=flags[0], HAS_B=flags[1], SILU=flags[2])
-        if kernel == "apply":
-            ce["MERGE"] = gn.MERGE_BLOCK
-        sig = _signature(kernel, x, w)
-        for name, value in (consts or {}).items():
-            del sig[name]
-            ce[name] = value
-        out.append({"signature": sig, "constexprs": ce, "num_warps": gn.NUM_WARPS, "num_stages": 3})
-
-    for i, (cl, tile, exact) in enumerate(sorted(picks)):
-        if exact:
-            add(cl, tile, exact, "fp16", "fp32")
-        else:
-            add(cl, tile, exact, *variants[i % 2])
-    if kernel == "fused":  # S == 1 always plans "fused" (one tile per group)
-        add(False, gn.tile_shape(False, 1), True, "bf16", "fp32", consts={"S": 1, "Cg": 1})
-        add(True, gn.tile_shape(True, 1), True, "fp32", "fp32", consts={"S": 1, "Cg": 1})
+    for i, (cl, blocks, warps) in enumerate(tiles):
+        xd, wd, on, res_other, div16 = _VARIANTS[i % len(_VARIANTS)]
+        types = {"x": f"*{xd}", "w": f"*{wd}", "fp32": "*fp32", "f": "fp32"}
+        sig = {a: types[_ROLES[a]] if a in _ROLES else "i32" for a in _ARGS[kernel].split()}
+        flags = {f: (on if j % 2 == 0 else not on) for j, f in enumerate(_FLAGS[kernel])}
+        flags["HAS_RES"] = True if res_other else flags["HAS_RES"]
+        ce = dict(blocks, CL=cl, RES_CL=cl != res_other, **flags)
+        divisible = [a for a in sig if sig[a].startswith("*")]
+        if div16:
+            divisible += [a for a in ("C", "S", "Cg") if a in sig]
+        out.append({"signature": sig, "constexprs": ce, "num_warps": warps, "num_stages": 3,
+                    "divisible_by_16": divisible})  # fmt: skip
     return out
 
 
-def test_every_launcher_configuration_compiles_for_sm80_and_sm90():
-    kernels = ("fused", "stats", "apply")
-    with ThreadPoolExecutor(len(kernels)) as pool:
+def test_pickable_tiles_are_what_the_header_says():
+    two, single = _pickable_tiles()
+    assert {(bc, bs) for cl, bc, bs in two if not cl} == {
+        (gn.TILE // bs, bs) for bs in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+    }
+    assert {bc for cl, bc, bs in two if cl} == {8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096}
+    assert {blk for _, blk, _ in single} == {1 << k for k in range(6, 15)}
+
+
+def test_every_launch_configuration_compiles_for_sm80_and_sm90():
+    kernels = ("single", "stats", "finalize", "apply")
+    with ThreadPoolExecutor(2) as pool:
         futures = [
             pool.submit(aot_compile, "sdvae.kernels.group_norm", f"_gn_{k}_kernel", _configs(k))
             for k in kernels
@@ -394,3 +633,38 @@ def test_every_launcher_configuration_compiles_for_sm80_and_sm90():
     for k, res in zip(kernels, results, strict=True):
         assert len(res) == 2 * len(_configs(k))
         assert sorted({r["cc"] for r in res}) == [80, 90]
+
+
+# ------------------------------------------------------------------------- on a GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@torch.no_grad()
+def test_fused_inputs_at_a_vae_shape_on_gpu(dtype, layout):
+    x = _input(1, 128, (256, 256), dtype, "cuda", layout, mean=3.0)
+    r = _input(1, 128, (256, 256), dtype, "cuda", "nchw")
+    w, b = _affine(128, dtype, "cuda")
+    ib = _vec(128, dtype, "cuda")
+    assert gn.describe_plan(x, 32).startswith("two_pass")
+    y, s = K.group_norm(x, 32, w, b, EPS, silu=True, input_bias=ib, residual=r, return_sum=True)
+    ref = _ref(x, 32, w, b, True, input_bias=ib, residual=r, return_sum=True)
+    assert_close(y, ref[0], dtype, name="y")
+    assert_close(s, ref[1], dtype, name="s")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@torch.no_grad()
+def test_over_2_31_elements_on_gpu(layout):
+    """2 x 64 x 4096^2 fp16 = 2^31 values (8 GiB for x and y): int64 bases."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    x = torch.randn(2, 64, 4096, 4096, device="cuda", dtype=torch.float16).add_(1.0)
+    x = _to_layout(x, layout)
+    assert x.numel() >= 2**31
+    y = K.group_norm(x, 32, None, None, EPS, silu=True)
+    for i in range(2):  # per sample: an fp32 reference, plenty for fp16
+        ref = torch.nn.functional.silu(
+            torch.nn.functional.group_norm(x[i : i + 1].float(), 32, eps=EPS)
+        )
+        assert_close(y[i : i + 1], ref, torch.float16, name=f"sample {i}")
