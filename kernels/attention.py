@@ -68,6 +68,17 @@ L = 4096 and 16384, D = 512, fp16/bf16 against ``F.scaled_dot_product_attention`
 partial (acc, m, l), then a combine: 16 MiB of fp32 workspace at L = 4096, ~10% extra traffic)
 to fill the 132 SMs; and peak memory at L = 65536 (inputs plus output: linear in L).
 
+The library path, and which one runs
+------------------------------------
+The first H200 run measured this kernel slower than plain chunked attention on cuBLAS (two
+matmuls and ``torch.softmax`` per block of 4096 query rows: 0.17 / 1.73 / 26.1 ms against
+0.67 / 5.2 / 82 ms at L = 4096 / 16384 / 65536, D = 512, fp16). So ``attention_chunked`` keeps
+that shape but stays exact: fp32 scores straight out of the GEMM, an fp32
+softmax, and a query block sized so its scores are at most 2**24 elements (extra memory at
+most 192 MiB at any L). On CUDA the op measures both once per shape and runs the faster
+(``backend_for``; ``SDVAE_ATTENTION_BACKEND`` forces one), so the kernel stays in use only
+where it wins.
+
 References: Dao et al., FlashAttention (2022) and FlashAttention-2 (2023); the Triton
 fused-attention tutorial; Rabe & Staats, "Self-attention does not need O(n^2) memory" (2021).
 """
@@ -82,7 +93,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention", "attention_reference", "not_supported_reasons"]
+__all__ = [
+    "attention",
+    "attention_chunked",
+    "attention_reference",
+    "backend_choices",
+    "backend_for",
+    "chunk_rows",
+    "not_supported_reasons",
+]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_D, _MAX_D = 16, 512
@@ -505,11 +524,129 @@ def _launch(q, k, v, scale: float, config: tuple[int, ...] | None = None) -> tor
     return out
 
 
-def _forward(q, k, v, scale) -> torch.Tensor:
-    """The op's implementation: the kernel where it can run, else the reference."""
+# ------------------------------------------------------------------ library (cuBLAS) path
+#: Scores per query chunk of the library path: 2**24 fp32 scores (64 MiB), their fp32
+#: probabilities (64 MiB) and those cast to the input dtype (<= 64 MiB): at most 192 MiB of
+#: extra memory whatever L (the issue's bound is 256 MiB at L = 65536).
+_CHUNK_SCORES = 2**24
+#: Environment override of the CUDA backend choice: "triton", "chunked" or unset (measure).
+BACKEND_ENV = "SDVAE_ATTENTION_BACKEND"
+_BACKENDS = ("triton", "chunked")
+_CHOICES: dict[tuple, str] = {}
+
+
+def chunk_rows(lq: int, lk: int) -> int:
+    """Query rows per chunk of ``attention_chunked``: as many as keep the chunk's scores
+    within ``_CHUNK_SCORES`` elements, a multiple of 64 when there are at least 64."""
+    r = max(1, min(lq, _CHUNK_SCORES // max(lk, 1)))
+    return r - r % 64 if r >= 64 else r
+
+
+def _scores_out_dtype_supported() -> bool:
+    """Recent torch has ``bmm(..., out_dtype)``: fp16/bf16 operands, fp32 scores."""
+    return hasattr(torch.ops.aten.bmm, "dtype")
+
+
+def attention_chunked(q, k, v, *, scale=None) -> torch.Tensor:
+    """Exact attention on the matrix library, one block of query rows at a time: the scores
+    ``q_i k^T * scale`` in fp32 (cuBLAS with fp32 output: never rounded to fp16/bf16), an
+    fp32 softmax, the probabilities cast to the input dtype (as the Triton
+    kernel does for its second product) and ``p v`` into the output rows. For fp16/bf16 the
+    scale is applied to q before the GEMM (rounded once per element of q). Extra memory is
+    bounded by ``_CHUNK_SCORES`` (see above), independent of L. Same shapes and dtypes as
+    ``attention``; CUDA (fp16/bf16 need a torch whose ``bmm`` has ``out_dtype``), or fp32
+    anywhere."""
     _check(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if q.is_cuda or _interpret():
+    lq, d = q.shape[-2], q.shape[-1]
+    lk = k.shape[-2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    q3, k3, v3 = (t.reshape(-1, t.shape[-2], d) for t in (q, k, v))
+    o3 = out.view(-1, lq, d)
+    kt = k3.transpose(1, 2)
+    if q.dtype != torch.float32:
+        # The scale goes into q (one rounding per element of q, whose effect on a score
+        # averages over D products) rather than into fp16/bf16 scores.
+        q3 = q3 * scale
+    rows = chunk_rows(lq, lk)
+    for i in range(0, lq, rows):
+        qi = q3[:, i : i + rows]
+        if q.dtype == torch.float32:
+            s = qi.new_empty((qi.shape[0], qi.shape[1], lk))
+            torch.baddbmm(s, qi, kt, beta=0.0, alpha=scale, out=s)
+        else:
+            s = torch.ops.aten.bmm.dtype(qi, kt, torch.float32)  # fp32 scores from cuBLAS
+        p = torch.softmax(s, dim=-1)
+        del s
+        torch.bmm(p.to(q.dtype), v3, out=o3[:, i : i + rows])
+    return out
+
+
+def _chunked_reasons(q) -> list[str]:
+    if not q.is_cuda:
+        return ["the library path runs on CUDA tensors"]
+    if q.dtype != torch.float32 and not _scores_out_dtype_supported():
+        return [f"torch {torch.__version__} has no bmm with fp32 output for {q.dtype}"]
+    return []
+
+
+def _time_ms(fn, reps: int = 3) -> float:
+    fn()  # warm-up (and the Triton autotuner's first run)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def backend_for(q, k, v, scale) -> str:
+    """The CUDA backend for this call: ``SDVAE_ATTENTION_BACKEND`` when set; else the faster
+    of the Triton kernel and the library path, measured once per (device, dtype, batch*heads,
+    Lq, Lk, D) with CUDA events (median of 3 after a warm-up) and remembered
+    (``backend_choices()``). While a CUDA graph is being captured nothing can be timed: an
+    unmeasured shape then takes the library path, which measured 3x faster than the Triton
+    kernel at D = 512 on the H200 (0.17 / 1.73 / 26.1 ms against 0.67 / 5.2 / 82 ms at
+    L = 4096 / 16384 / 65536, with fp16 scores)."""
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        if forced not in _BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be one of {_BACKENDS}, got {forced!r}")
+        return forced
+    if _chunked_reasons(q):
+        return "triton"
+    key = (q.device.index, q.dtype, math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], q.shape[-1])
+    choice = _CHOICES.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return "chunked"
+        t_triton = _time_ms(lambda: _launch(q, k, v, scale))
+        t_chunked = _time_ms(lambda: attention_chunked(q, k, v, scale=scale))
+        choice = "triton" if t_triton < t_chunked else "chunked"
+        _CHOICES[key] = choice
+    return choice
+
+
+def backend_choices() -> dict[tuple, str]:
+    """The measured choices so far: (device index, dtype, batch*heads, Lq, Lk, D) -> backend."""
+    return dict(_CHOICES)
+
+
+def _forward(q, k, v, scale) -> torch.Tensor:
+    """The op's implementation: on CUDA the faster of the Triton kernel and the library path
+    (``backend_for``), in the interpreter the kernel, else the reference."""
+    _check(q, k, v, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.is_cuda:
+        if backend_for(q, k, v, scale) == "chunked":
+            return attention_chunked(q, k, v, scale=scale)
+        return _launch(q, k, v, scale)
+    if _interpret():
         return _launch(q, k, v, scale)
     return attention_reference(q, k, v, scale=scale)
 

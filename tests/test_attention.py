@@ -338,9 +338,10 @@ def test_bench_suite_runs_on_cpu():
 
 
 @pytest.mark.cuda
-def test_no_score_matrix_is_allocated():
+def test_no_score_matrix_is_allocated(monkeypatch):
     """Peak extra memory is linear in L: at L = 8192, D = 512 the scores alone would be 128 MiB
     (fp16); the kernel needs only the output."""
+    monkeypatch.setenv(A.BACKEND_ENV, "triton")
     q, k, v = _inputs((1,), 8192, 8192, 512, torch.float16, "cuda")
     K.attention(q, k, v)  # autotune outside the measurement
     torch.cuda.synchronize()
@@ -350,3 +351,84 @@ def test_no_score_matrix_is_allocated():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra <= out.numel() * out.element_size() + (1 << 20), extra
+
+
+# ------------------------------------------------------------------- library (cuBLAS) path
+def test_chunk_rows_bound_the_scores():
+    for lq, lk in [(1, 1), (37, 53), (4096, 4096), (16384, 16384), (65536, 65536), (100, 10**9)]:
+        r = A.chunk_rows(lq, lk)
+        assert 1 <= r <= lq
+        assert r * lk <= A._CHUNK_SCORES or r == 1
+        assert r < 64 or r % 64 == 0
+    assert A.chunk_rows(65536, 65536) == 256 and A.chunk_rows(4096, 4096) == 4096
+
+
+@pytest.mark.parametrize("lead,lq,lk,d", [((2,), 130, 53, 64), ((1, 2), 70, 97, 40)])
+def test_chunked_fp32_matches_float64_over_several_chunks(monkeypatch, lead, lq, lk, d):
+    monkeypatch.setattr(A, "_CHUNK_SCORES", 64 * lk)  # 64-row chunks: several, and a tail
+    assert A.chunk_rows(lq, lk) == 64
+    q, k, v = _inputs(lead, lq, lk, d, torch.float32, "cpu", mean=0.5)
+    out = A.attention_chunked(q, k, v)
+    assert out.shape == q.shape and out.is_contiguous()
+    assert_close(out, _ref(q, k, v), torch.float32, name="attention_chunked fp32")
+    out = A.attention_chunked(q, k, v, scale=0.3)
+    assert_close(out, _ref(q, k, v, 0.3), torch.float32, name="attention_chunked scale")
+
+
+def test_chunked_rejects_bad_input():
+    q = torch.randn(1, 8, 64)
+    with pytest.raises(ValueError):
+        A.attention_chunked(q, torch.randn(1, 8, 32), q)
+
+
+def test_backend_override_is_validated(monkeypatch):
+    q = torch.randn(1, 8, 64)
+    monkeypatch.setenv(A.BACKEND_ENV, "fastest")
+    with pytest.raises(ValueError, match=A.BACKEND_ENV):
+        A.backend_for(q, q, q, 0.125)
+    monkeypatch.setenv(A.BACKEND_ENV, "chunked")
+    assert A.backend_for(q, q, q, 0.125) == "chunked"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("d", [64, 512])
+def test_each_cuda_backend_matches_float64(monkeypatch, backend, dtype, d):
+    monkeypatch.setenv(A.BACKEND_ENV, backend)
+    q, k, v = _inputs((1, 2), 300, 257, d, dtype, "cuda", mean=0.5)
+    out = K.attention(q, k, v)
+    assert_close(out, _ref(q, k, v), dtype, name=f"attention {backend} D={d}")
+
+
+@pytest.mark.cuda
+def test_cuda_backend_is_measured_once_and_remembered(monkeypatch):
+    monkeypatch.delenv(A.BACKEND_ENV, raising=False)
+    q, k, v = _inputs((1,), 1024, 1024, 512, torch.float16, "cuda")
+    K.attention(q, k, v)
+    key = (q.device.index, torch.float16, 1, 1024, 1024, 512)
+    choice = A.backend_choices()[key]
+    assert choice in ("triton", "chunked")
+    assert A.backend_for(q, k, v, 512**-0.5) == choice
+
+
+@pytest.mark.cuda
+def test_chunked_extra_memory_is_bounded():
+    """At L = 32768, D = 512 the fp16 scores alone would be 2 GiB; the library path's extra
+    memory stays within its stated bound (192 MiB) beside the output."""
+    q, k, v = _inputs((1,), 32768, 32768, 512, torch.float16, "cuda")
+    A.attention_chunked(q, k, v)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = A.attention_chunked(q, k, v)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= out.numel() * out.element_size() + (192 << 20) + (1 << 20), extra
+
+
+def test_bench_matmul_chunked_baseline_computes_attention():
+    from sdvae.bench.cases_attention import matmul_chunked
+
+    q, k, v = _inputs((1, 1), 70, 45, 64, torch.float32, "cpu")
+    assert_close(matmul_chunked(q, k, v, rows=32), _ref(q, k, v), torch.float32)

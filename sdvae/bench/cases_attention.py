@@ -2,7 +2,12 @@
 
 Providers: ``eager`` = ``F.scaled_dot_product_attention`` (PyTorch picks its backend; at
 D = 512 FlashAttention is out and it falls back to the memory-efficient kernel), ``compile`` =
-``torch.compile`` of the same call (GPU only), ``sdvae`` = ``sdvae.kernels.attention``.
+``torch.compile`` of the same call (GPU only), ``matmul_chunked`` (GPU only) = the plain
+library baseline every attention must beat: per block of 4096 query rows, one cuBLAS matmul
+to fp16/bf16 scores, ``torch.softmax``, one matmul with v; ``sdvae`` =
+``sdvae.kernels.attention`` (on CUDA the faster of its two backends, measured once per
+shape), and on CUDA each backend forced: ``sdvae_triton`` (the flash kernel) and
+``sdvae_chunked`` (``attention_chunked``: fp32 scores and softmax).
 TFLOP/s counts 4·B·H·Lq·Lk·D. On CUDA: L = 4096 and 16384, fp16 and bf16, timed; plus
 peak-memory rows at L = 65536 (where a materialised score matrix alone is 8 GiB in fp16). On the
 CPU the Triton kernel runs only under TRITON_INTERPRET=1, so the suite yields one tiny shape
@@ -30,6 +35,34 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def matmul_chunked(q, k, v, rows: int = 4096):
+    """The library baseline (see above): scores in the input dtype, query blocks of ``rows``."""
+    scale = q.shape[-1] ** -0.5
+    out = torch.empty_like(q)
+    kt = k.transpose(-2, -1)
+    for i in range(0, q.shape[-2], rows):
+        s = torch.matmul(q[..., i : i + rows, :], kt) * scale
+        out[..., i : i + rows, :] = torch.matmul(torch.softmax(s, dim=-1), v)
+    return out
+
+
+def _forced(backend: str, fn):
+    from sdvae.kernels import attention as A
+
+    def run():
+        old = os.environ.get(A.BACKEND_ENV)
+        os.environ[A.BACKEND_ENV] = backend
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[A.BACKEND_ENV]
+            else:
+                os.environ[A.BACKEND_ENV] = old
+
+    return run
+
+
 def _cases_for(ctx: Context, length: int, d: int, dtype: torch.dtype, *, memory_only: bool):
     from sdvae.kernels import attention
 
@@ -43,7 +76,11 @@ def _cases_for(ctx: Context, length: int, d: int, dtype: torch.dtype, *, memory_
     if ctx.is_cuda:
         compiled = torch.compile(_sdpa)
         fns["compile"] = lambda: compiled(q, k, v)
+        fns["matmul_chunked"] = lambda: matmul_chunked(q, k, v)
     fns["sdvae"] = lambda: attention(q, k, v)
+    if ctx.is_cuda:
+        fns["sdvae_triton"] = _forced("triton", lambda: attention(q, k, v))
+        fns["sdvae_chunked"] = _forced("chunked", lambda: attention(q, k, v))
     for provider, fn in fns.items():
         if memory_only:
             # A peak-memory row is one call: compile and autotune (whose benchmarking
