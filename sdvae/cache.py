@@ -434,8 +434,8 @@ def _resume(out_dir: str, rank: int, plan) -> tuple[set[int], list[dict], list[d
 class _Encoder:
     """Encodes images in batches of one size, in arrival order, keeping latents on the CPU."""
 
-    def __init__(self, vae, opts: EncodeOptions):
-        self.vae, self.opts = vae, opts
+    def __init__(self, vae, opts: EncodeOptions, on_done=None):
+        self.vae, self.opts, self.on_done = vae, opts, on_done
         p = next(vae.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.factor = vae.config.downsample_factor
@@ -478,6 +478,8 @@ class _Encoder:
         lat = lat.contiguous().cpu()
         for (row, _, _), z in zip(group, lat):
             self.out[row] = z.clone()
+        if self.on_done is not None:
+            self.on_done(len(group))
 
 
 def _shard_bytes(latents: list[torch.Tensor], names: list[str], vae, opts) -> tuple[bytes, str]:
@@ -538,7 +540,7 @@ def encode_sources(
     items = iter(loader)
     for done, (k, a, b) in enumerate(todo):
         name = _shard_name(k)
-        enc = _Encoder(vae, opts)
+        enc = _Encoder(vae, opts, on_done=lambda n: progress.update(done=n))
         good: list[tuple[int, dict]] = []  # (file index, index fields)
         errors: list[dict] = []
         for _ in range(a, b):
@@ -554,7 +556,6 @@ def encode_sources(
             if seed is not None:
                 fields["seed"] = seed
             good.append((files[j], fields))
-            progress.update(done=1)
         latents = enc.flush()
         records = []
         if good:
@@ -733,6 +734,10 @@ def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int =
                 "decode them into separate -o folders"
             )
         seen[it.out_name] = it.file
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"-o {out_dir}: cannot create the folder ({exc.strerror})") from exc
     return _decode_items(vae, items, out_dir, batch_size)
 
 

@@ -170,6 +170,8 @@ def test_input_failures(tmp_path, weights, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     _fails(capsys, ["encode", str(tmp_path / "a.png"), *common[:-1], str(blocker)], "-o ")
+    save_file({"latents": torch.zeros(4, 2, 2)}, tmp_path / "ok.safetensors")
+    _fails(capsys, ["decode", str(tmp_path / "ok.safetensors"), *common[:-1], str(blocker)], "-o ")
     # Every image unreadable: reported, exit 2, no shard written.
     (tmp_path / "bad.png").write_bytes(b"nope")
     line = _fails(capsys, ["encode", str(tmp_path / "bad.png"), *common], "1 of 1 images")
