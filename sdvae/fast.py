@@ -20,9 +20,10 @@ What runs where, once switched:
   upsampled copy; on the CPU too (measured on the H200 before it was adopted: 2.1-2.5x per
   layer, 1024^2 decode 38.5 -> 33.9 ms, error unchanged).
 * Encoder sampling -> ``sdvae.kernels.vae_sample``.
-On CUDA the model is moved to channels_last, so cuDNN runs its fastest convolutions and the
-kernels keep that layout. Each op keeps DESIGN.md's device rules: CPU tensors run the eager
-reference unless Triton's interpreter is on.
+With ``cuda_graph=True`` the encoder and decoder are replayed from CUDA graphs
+(``sdvae.graphs``). On CUDA the model is moved to channels_last, so cuDNN runs its fastest
+convolutions and the kernels keep that layout. Each op keeps DESIGN.md's device rules: CPU
+tensors run the eager reference unless Triton's interpreter is on.
 """
 
 from __future__ import annotations
@@ -88,13 +89,16 @@ def module_reasons(module, device: torch.device, dtype: torch.dtype) -> list[str
     raise TypeError(f"no fused op for {type(module).__name__}")
 
 
-def optimize(vae: VAE, *, channels_last: bool | None = None) -> VAE:
+def optimize(vae: VAE, *, channels_last: bool | None = None, cuda_graph: bool = False) -> VAE:
     """Switch ``vae`` onto the fused kernels in place and return it.
 
     Call it after moving the model to its device and dtype: each module is switched on only
     where its op runs the fused kernel there (``vae.fused_reasons`` lists the others and why).
     ``channels_last=None`` moves the model to channels_last on CUDA and leaves it as it is on
-    the CPU.
+    the CPU. ``cuda_graph=True`` also replays the encoder and the decoder from CUDA graphs,
+    one captured per input shape (``sdvae.graphs``); on a model that is not on CUDA it stays
+    off, with the reason in ``vae.fused_reasons["cuda_graph"]``. Calling ``optimize`` again
+    drops any graphs captured so far.
     """
     if not isinstance(vae, VAE):
         raise TypeError(f"vae must be a sdvae.VAE, got {type(vae).__name__}")
@@ -130,6 +134,15 @@ def optimize(vae: VAE, *, channels_last: bool | None = None) -> VAE:
         if isinstance(m, Upsample):  # plain torch ops: runs wherever the model runs
             m.fused = True
             m.fold()
+    vae.disable_cuda_graphs()
+    if cuda_graph:
+        from .graphs import graph_reasons
+
+        why = graph_reasons(p.device)
+        if why:
+            reasons["cuda_graph"] = why
+        else:
+            vae.enable_cuda_graphs()
     return vae
 
 
@@ -142,4 +155,5 @@ def unoptimize(vae: VAE) -> VAE:
             m.fused = False
     vae.fused_sampling = False
     vae.fused_reasons = {}
+    vae.disable_cuda_graphs()
     return vae

@@ -169,7 +169,8 @@ class Upsample(nn.Module):
 
     Fused (``sdvae.optimize``): one stride-2 transposed conv with the folded 4x4 weight
     (``fold_upsample_weight``), kept in the non-persistent buffer ``folded_weight`` (not in the
-    state dict) and refolded if ``conv.weight`` was changed in place or replaced since."""
+    state dict) and refolded (in place when it can) if ``conv.weight`` was changed in place
+    or replaced since."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -189,7 +190,17 @@ class Upsample(nn.Module):
         wt = fold_upsample_weight(w)
         if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
             wt = wt.contiguous(memory_format=torch.channels_last)
-        self.folded_weight = wt
+        old = self.folded_weight
+        if (
+            old is not None
+            and old.shape == wt.shape
+            and old.stride() == wt.stride()
+            and (old.dtype == wt.dtype and old.device == wt.device)
+        ):
+            with torch.no_grad():
+                old.copy_(wt)  # in place: a captured CUDA graph keeps reading this buffer
+        else:
+            self.folded_weight = wt
         self._folded_from = self._weight_key()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -343,6 +354,49 @@ class VAE(nn.Module):
         lc = config.latent_channels
         self.post_quant_conv = nn.Conv2d(lc, lc, 1) if config.use_post_quant_conv else None
         self.fused_sampling = False
+        self._graphs: dict | None = None  # sdvae.optimize(cuda_graph=True): sdvae.graphs
+
+    # ------------------------------------------------------------ CUDA graphs
+    def enable_cuda_graphs(self) -> None:
+        """Replay ``moments`` (the encoder) and the decoder from CUDA graphs, one per input
+        signature (``sdvae.graphs``); ``sdvae.optimize(vae, cuda_graph=True)`` calls this."""
+        from .graphs import GraphedCall
+
+        ups = [m for m in self.modules() if isinstance(m, Upsample)]
+
+        def refresh_folds():
+            for m in ups:
+                if m.fused and m.folded_weight is not None and m._folded_from != m._weight_key():
+                    m.fold()
+
+        self._graphs = {
+            "moments": GraphedCall(self._moments, before_replay=refresh_folds),
+            "decode": GraphedCall(self._decode, before_replay=refresh_folds),
+        }
+
+    def disable_cuda_graphs(self) -> None:
+        self._graphs = None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._graphs is not None
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting reallocates every weight: captured graphs would read freed memory.
+        if self._graphs is not None:
+            for g in self._graphs.values():
+                g.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _graphed(self, name: str, x: torch.Tensor):
+        """The graph runner for ``name`` when this call may be replayed from a graph."""
+        if self._graphs is None or not x.is_cuda or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            return None
+        return self._graphs[name]
 
     # -------------------------------------------------------------- checks
     def _check_input(self, name: str, x: torch.Tensor, channels: int) -> None:
@@ -369,6 +423,10 @@ class VAE(nn.Module):
     def moments(self, images: torch.Tensor) -> torch.Tensor:
         """The encoder's (N, 2*latent_channels, h, w) output: mean channels, then log-variance."""
         self._check_input("images", images, self.config.in_channels)
+        graphed = self._graphed("moments", images)
+        return graphed(images) if graphed is not None else self._moments(images)
+
+    def _moments(self, images: torch.Tensor) -> torch.Tensor:
         m = self.encoder(images)
         if self.quant_conv is not None:
             m = self.quant_conv(m)
@@ -445,6 +503,10 @@ class VAE(nn.Module):
 
         Never modifies ``latents``."""
         self._check_input("latents", latents, self.config.latent_channels)
+        graphed = self._graphed("decode", latents)
+        return graphed(latents) if graphed is not None else self._decode(latents)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents / self.config.scaling_factor + self.config.shift_factor
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
