@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -326,3 +327,25 @@ def test_plan_is_independent_of_the_world_size():
         for world in (2, 3, 8):
             parts = [cache._plan(n, size, r, world) for r in range(world)]
             assert [p for part in parts for p in part] == one
+
+
+def test_two_ranks_killed_then_rerun_with_torchrun(dataset, one_rank):
+    """Both ranks die in their 2nd shard (torchrun stops the job); the same command again
+    finishes it, and the result is the one-rank run's."""
+    root, _ = dataset
+    ref, args, _ = one_rank
+    out = root / "two-killed"
+    cmd = ["encode", *args, "--sample", "--seed", "7", "--workers", "0", "-o", str(out)]
+    p = _torchrun(2, cmd, env=_env(SDVAE_TEST_CRASH="1:renamed"))
+    assert p.returncode != 0 and not (out / "index.jsonl").exists()
+    done = [r["shard"] for n in (0, 1) for r in _lines(out / f"index-rank{n:05d}.jsonl")]
+    assert len(set(done)) < 7
+    p = _torchrun(2, cmd)
+    assert "sdvae: error: 3 of 40 images could not be read" in p.stderr, p.stderr[-3000:]
+    written, kept = re.search(
+        r"(\d+) shards written, (\d+) complete shards kept", p.stderr
+    ).groups()
+    assert int(kept) >= 1 and int(written) + int(kept) == 7
+    assert _shards(out) == _shards(ref)
+    assert _lines(out / "index.jsonl") == _lines(ref / "index.jsonl")
+    assert _lines(out / "errors.jsonl") == _lines(ref / "errors.jsonl")
