@@ -112,3 +112,22 @@ def test_pad_conv2d_default_depth_and_strict_fp32_wrappers(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert cp._strict_fp32(lambda: torch.backends.cudnn.allow_tf32)() is False
     assert torch.backends.cudnn.allow_tf32 is True
+
+
+def test_whole_model_plan_sizes_from_the_environment(monkeypatch):
+    from sdvae.bench import cases_vae
+
+    gpu = engine.Context(torch.device("cuda"), quick=False)  # planning allocates nothing
+    monkeypatch.delenv("SDVAE_BENCH_VAE_SIZES", raising=False)
+    monkeypatch.delenv("SDVAE_BENCH_VAE_BATCH4", raising=False)
+    assert cases_vae.plan(gpu) == [(1, 512), (1, 1024), (4, 512)]
+    assert cases_vae.plan(engine.Context(CPU, quick=True)) == [(1, 64)]
+    monkeypatch.setenv("SDVAE_BENCH_VAE_SIZES", "512, 1024,2048")
+    monkeypatch.setenv("SDVAE_BENCH_VAE_BATCH4", "1024")
+    assert cases_vae.plan(gpu) == [(1, 512), (1, 1024), (1, 2048), (4, 1024)]
+    monkeypatch.setenv("SDVAE_BENCH_VAE_SIZES", "512,1001")
+    with pytest.raises(ValueError, match="SDVAE_BENCH_VAE_SIZES"):
+        cases_vae.plan(gpu)
+    monkeypatch.setenv("SDVAE_BENCH_VAE_SIZES", "big")
+    with pytest.raises(ValueError, match="SDVAE_BENCH_VAE_SIZES"):
+        cases_vae.plan(gpu)

@@ -1,20 +1,36 @@
 """Whole-model benches: ``decode`` and ``encode``.
 
-Providers: ``eager`` = diffusers' stock ``AutoencoderKL`` with the same (random) weights,
-``compile`` = ``torch.compile`` of that (GPU only; mode ``ctx.compile_mode``, by default
-``max-autotune-no-cudagraphs``), ``sdvae`` = ``sdvae.VAE`` (switched onto
-the fused kernels by ``sdvae.optimize`` where that exists). TFLOP/s counts the model's FLOPs
-with ``torch.utils.flop_counter``. On a GPU, ``decode`` also reports the peak memory of a
-2048² decode for eager and sdvae.
+Providers (every one sees the same random weights):
+
+* ``eager``: diffusers' stock ``AutoencoderKL``, as a pipeline runs it (NCHW).
+* ``compile`` (GPU): ``torch.compile`` of that model moved to channels_last (the faster of
+  its two layouts under compile on the H200), mode ``ctx.compile_mode``.
+* ``sdvae``: ``sdvae.VAE`` switched onto the fused kernels by ``sdvae.optimize``.
+* ``sdvae+compile`` (GPU): ``torch.compile(fullgraph=True)`` of the optimized model's call.
+* ``sdvae_graph`` (GPU): ``sdvae.optimize(vae, cuda_graph=True)``, replaying CUDA graphs.
+
+Sizes: ``SDVAE_BENCH_VAE_SIZES`` (image sizes, default ``512,1024`` on a GPU, 64 on the CPU)
+at batch 1, plus ``SDVAE_BENCH_VAE_BATCH4`` (default ``512``) at batch 4, each a comma list;
+e.g. ``SDVAE_BENCH_VAE_SIZES=512,1024,2048 SDVAE_BENCH_VAE_BATCH4=512,1024,2048`` for the
+whole matrix (each torch.compile provider compiles once per size and dtype, which is what
+makes the whole matrix slow). On a GPU, ``decode`` also reports the peak memory of one 2048²
+decode for every provider: as extra rows of the 2048² case when it is timed, else for the
+providers that need no compile. TFLOP/s counts the unfused model's FLOPs with
+``torch.utils.flop_counter`` (it cannot see into custom ops).
 """
 
 from __future__ import annotations
+
+import copy
+import os
 
 import torch
 
 from ..config import VAEConfig
 from ..model import VAE
 from .engine import Case, Context, register
+
+MEMORY_SIZE = 2048
 
 
 def _diffusers_available() -> bool:
@@ -33,8 +49,27 @@ def _count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def _sizes(ctx: Context):
-    return (64,) if ctx.quick else (512, 1024)
+def _int_list(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        vals = tuple(int(v) for v in raw.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise ValueError(f"{name} must be a comma list of image sizes, got {raw!r}") from None
+    bad = [v for v in vals if v <= 0 or v % 8]
+    if bad:
+        raise ValueError(f"{name}: sizes must be positive multiples of 8, got {bad}")
+    return vals
+
+
+def plan(ctx: Context) -> list[tuple[int, int]]:
+    """(batch, image size) pairs to time, in order."""
+    if ctx.quick:
+        return [(1, 64)]
+    sizes = _int_list("SDVAE_BENCH_VAE_SIZES", (512, 1024))
+    batch4 = _int_list("SDVAE_BENCH_VAE_BATCH4", (512,))
+    return [(1, s) for s in sizes] + [(4, s) for s in batch4]
 
 
 def _dtypes(ctx: Context):
@@ -51,99 +86,129 @@ def _models(ctx: Context, dtype: torch.dtype):
     fast = VAE(VAEConfig()).to(ctx.device, dtype).eval()
     fast.load_state_dict(vae.state_dict())
     fast = sdvae.optimize(fast)
-    return vae, akl, fast
+    graphed = akl_cl = None
+    if ctx.is_cuda:
+        graphed = VAE(VAEConfig()).to(ctx.device, dtype).eval()
+        graphed.load_state_dict(vae.state_dict())
+        graphed = sdvae.optimize(graphed, cuda_graph=True)
+        if akl is not None:  # the compile provider's own copy, in channels_last
+            akl_cl = copy.deepcopy(akl).to(memory_format=torch.channels_last)
+    return vae, akl, fast, graphed, akl_cl
+
+
+def _providers(ctx: Context, which: str, x, models) -> list[tuple[str, str, object]]:
+    """(provider, layout, fn) for one input ``x``; compiles happen lazily, on first call."""
+    ref, akl, fast, graphed, akl_cl = models
+    sf = fast.config.scaling_factor
+    cl = "channels_last" if ctx.is_cuda else "nchw"  # what optimize() runs in
+    if which == "decode":
+
+        def run_akl(m):
+            return lambda: m.decode(x / sf).sample
+
+        def run_vae(m):
+            return lambda: m.decode(x)
+
+        def akl_call(m):
+            return m.decode
+
+    else:
+
+        def run_akl(m):
+            return lambda: m.encode(x).latent_dist.sample() * sf
+
+        def run_vae(m):
+            return lambda: m.encode(x)
+
+        def akl_call(m):
+            return m.encode
+
+    out = []
+    if akl is not None:
+        out.append(("eager", "nchw", run_akl(akl)))
+        if akl_cl is not None:
+            comp = torch.compile(akl_call(akl_cl), mode=ctx.compile_mode, dynamic=False)
+            if which == "decode":
+                out.append(("compile", "channels_last", lambda: comp(x / sf).sample))
+            else:
+                out.append(("compile", "channels_last", lambda: comp(x).latent_dist.sample() * sf))
+    out.append(("sdvae", cl, run_vae(fast)))
+    if ctx.is_cuda:
+        call = fast.decode if which == "decode" else fast.encode
+        comp_fast = torch.compile(call, mode=ctx.compile_mode, dynamic=False, fullgraph=True)
+        out.append(("sdvae+compile", cl, lambda: comp_fast(x)))
+        out.append(("sdvae_graph", cl, run_vae(graphed)))
+    return out
+
+
+def _input(which: str, batch: int, size: int, ctx: Context, dtype):
+    gen = torch.Generator(device="cpu").manual_seed(size * 10 + batch)
+    if which == "decode":
+        x = torch.randn(batch, 4, size // 8, size // 8, generator=gen).to(ctx.device, dtype)
+        return x, f"{batch}x4x{size // 8}x{size // 8} -> {size}x{size}"
+    x = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(ctx.device, dtype)
+    return x, f"{batch}x3x{size}x{size} -> {size // 8}x{size // 8}"
 
 
 def _run_suite(ctx: Context, which: str):
     for dtype in _dtypes(ctx):
-        ref, akl, fast = _models(ctx, dtype)
-        sf = fast.config.scaling_factor
-        layout = "channels_last" if ctx.is_cuda else "nchw"  # what optimize() runs in
-        for size in _sizes(ctx):
-            compiled = None
-            if ctx.is_cuda and akl is not None:
-                # One static graph per (dtype, size): no dynamic-shape recompile is timed.
-                torch._dynamo.reset()
-                compiled = torch.compile(
-                    akl.decode if which == "decode" else akl.encode,
-                    mode=ctx.compile_mode,
-                    dynamic=False,
-                )
-            gen = torch.Generator(device="cpu").manual_seed(size)
-            if which == "decode":
-                x = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(ctx.device, dtype)
-                shape = f"1x4x{size // 8}x{size // 8} -> {size}x{size}"
-
-                def eager(m=akl, x=x, sf=sf):
-                    return m.decode(x / sf).sample
-
-                def comp(m=compiled, x=x, sf=sf):
-                    return m(x / sf).sample
-
-                def ours(m=fast, x=x):
-                    return m.decode(x)
-
-                def unfused(m=ref, x=x):
-                    return m.decode(x)
-
-            else:
-                x = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(ctx.device, dtype)
-                shape = f"1x3x{size}x{size} -> {size // 8}x{size // 8}"
-
-                def eager(m=akl, x=x, sf=sf):
-                    return m.encode(x).latent_dist.sample() * sf
-
-                def comp(m=compiled, x=x, sf=sf):
-                    return m(x).latent_dist.sample() * sf
-
-                def ours(m=fast, x=x):
-                    return m.encode(x)
-
-                def unfused(m=ref, x=x):
-                    return m.encode(x)
-
+        models = _models(ctx, dtype)
+        ref = models[0]
+        timed = plan(ctx)
+        for batch, size in timed:
+            torch._dynamo.reset()  # one static graph per (dtype, size): no recompile is timed
+            x, shape = _input(which, batch, size, ctx, dtype)
             with torch.inference_mode():
                 # Counted on the unfused model: the flop counter cannot see into custom ops.
-                flops = _count_flops(unfused)
-            providers = [("sdvae", ours)]
-            if akl is not None:
-                providers.insert(0, ("eager", eager))
-            if compiled is not None:
-                providers.insert(1, ("compile", comp))
-            for name, fn in providers:
-                lay = layout if name == "sdvae" else "nchw"
+                flops = _count_flops(
+                    lambda ref=ref, x=x: ref.decode(x) if which == "decode" else ref.encode(x)
+                )
+            providers = _providers(ctx, which, x, models)
+            for name, lay, fn in providers:
                 yield Case(which, shape, dtype, lay, name, _inference(fn), flops=flops)
-            del compiled
-        if which == "decode" and ctx.is_cuda and not ctx.quick:
-            yield from _decode_memory(ctx, dtype, akl, fast)
-        del ref, akl, fast
+            if which == "decode" and ctx.is_cuda and (batch, size) == (1, MEMORY_SIZE):
+                for name, lay, fn in _memory_providers(providers, models):
+                    yield Case(
+                        which,
+                        f"{shape} (peak memory)",
+                        dtype,
+                        lay,
+                        name,
+                        _inference(fn),
+                        memory_only=True,
+                    )
+            del providers
+        if which == "decode" and ctx.is_cuda and not ctx.quick and (1, MEMORY_SIZE) not in timed:
+            yield from _decode_memory(ctx, dtype, models)
+        del models, ref
 
 
-def _decode_memory(ctx: Context, dtype, akl, fast, size: int = 2048):
-    """Peak memory of one 2048² decode (not timed): the number that decides whether a
-    large image fits at all."""
-    x = torch.randn(1, 4, size // 8, size // 8, device=ctx.device, dtype=dtype)
-    sf = fast.config.scaling_factor
-    shape = f"1x4x{size // 8}x{size // 8} -> {size}x{size} (peak memory)"
-    if akl is not None:
+def _decode_memory(ctx: Context, dtype, models, size: int = MEMORY_SIZE):
+    """Peak memory of one 2048² decode (not timed) for the providers that need no compile:
+    the number that decides whether a large image fits at all."""
+    x, shape = _input("decode", 1, size, ctx, dtype)
+    providers = [p for p in _providers(ctx, "decode", x, models) if "compile" not in p[0]]
+    for name, lay, fn in _memory_providers(providers, models):
         yield Case(
-            "decode",
-            shape,
-            dtype,
-            "nchw",
-            "eager",
-            _inference(lambda: akl.decode(x / sf).sample),
-            memory_only=True,
+            "decode", f"{shape} (peak memory)", dtype, lay, name, _inference(fn), memory_only=True
         )
-    yield Case(
-        "decode",
-        shape,
-        dtype,
-        "channels_last",
-        "sdvae",
-        _inference(lambda: fast.decode(x)),
-        memory_only=True,
-    )
+
+
+def _memory_providers(providers, models):
+    """The providers of a peak-memory row. A replayed graph's memory pool was allocated when
+    it was captured, before the row's baseline: so the graph provider's row clears its graphs
+    first and counts warm-up, capture and replay, what a first call really needs."""
+    graphed = models[3]
+    out = []
+    for name, lay, fn in providers:
+        if name == "sdvae_graph":
+
+            def fn(run=fn):
+                graphed._graphs["decode"].clear()
+                return run()
+
+        out.append((name, lay, fn))
+    return out
 
 
 def _inference(fn):
