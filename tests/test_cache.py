@@ -349,3 +349,25 @@ def test_two_ranks_killed_then_rerun_with_torchrun(dataset, one_rank):
     assert _shards(out) == _shards(ref)
     assert _lines(out / "index.jsonl") == _lines(ref / "index.jsonl")
     assert _lines(out / "errors.jsonl") == _lines(ref / "errors.jsonl")
+
+
+def test_files_from_and_fit_crop(dataset, tmp_path, capsys):
+    root, _ = dataset
+    imgs = sorted((root / "imgs" / "c").glob("img*"))[:4]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in imgs))
+    sizes = {p.name: PIL.open(p).size for p in imgs}
+    out = tmp_path / "lat"
+    args = ["--files-from", str(listing), "--weights", str(root / "vae"), *ENC]
+    rc = _encode([*args, "--workers", "0", "--size", "32", "--fit", "crop"], out)
+    small = sorted(n for n, (w, h) in sizes.items() if w < 32 or h < 32)
+    assert len(small) == 3 and rc == 2  # one of the four is large enough
+    errors = _lines(out / "errors.jsonl")
+    assert [e["source"] for e in errors] == small
+    assert all("smaller than --size 32x32" in e["error"] for e in errors)
+    index = _lines(out / "index.jsonl")
+    assert [r["source"] for r in index] == sorted(set(sizes) - set(small))
+    for r in index:
+        w, h = sizes[r["source"]]
+        left, top = (w - 32) // 2, (h - 32) // 2
+        assert r["crop"] == [left, top, left + 32, top + 32]
