@@ -61,6 +61,7 @@ __all__ = [
     "collect_sources",
     "file_seed",
     "load_image",
+    "buckets",
     "ImageDataset",
     "EncodeOptions",
     "encode_sources",
@@ -147,15 +148,38 @@ def file_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def buckets(size: tuple[int, int], step: int) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets: the (height, width) sizes, sides multiples of ``step``, of about
+    the area of ``size``, with aspect ratios from 1:4 to 4:1 (one per width)."""
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    area = size[0] * size[1]
+    out = []
+    for w in range(step, 4 * max(size) + 1, step):
+        h = round(area / w / step) * step
+        if h >= step and 0.25 <= w / h <= 4 and (h, w) not in out:
+            out.append((h, w))
+    if not out:
+        raise ValueError(f"no bucket of sides multiple of {step} has about the area of {size}")
+    return out
+
+
+def _nearest_bucket(sizes: Sequence[tuple[int, int]], h0: int, w0: int) -> tuple[int, int]:
+    ratio = np.log(w0 / h0)
+    return min(sizes, key=lambda hw: abs(np.log(hw[1] / hw[0]) - ratio))
+
+
 def load_image(
-    path: str, size: tuple[int, int] | None, fit: str, factor: int
+    path: str, size: tuple[int, int] | list[tuple[int, int]] | None, fit: str, factor: int
 ) -> tuple[torch.Tensor, dict]:
     """Read, orient and fit an image. Returns (3, H, W) uint8 and its index fields.
 
-    ``size`` (height, width) with ``fit``: ``cover`` (scale so the image covers the size,
-    then centre-crop; one bicubic resample of the crop box), ``stretch`` (scale to the size)
-    or ``crop`` (centre-crop without scaling; the image must be at least that large). Without
-    ``size`` the image keeps its size, centre-cropped down to a multiple of ``factor``."""
+    ``size`` (height, width), or a list of them (aspect-ratio buckets: the one whose aspect
+    ratio is nearest the image's is taken), with ``fit``: ``cover`` (scale so the image covers
+    the size, then centre-crop; one bicubic resample of the crop box), ``stretch`` (scale to
+    the size) or ``crop`` (centre-crop without scaling; the image must be at least that
+    large). Without ``size`` the image keeps its size, centre-cropped down to a multiple of
+    ``factor``."""
     Image = pil()
     from PIL import ImageOps
 
@@ -163,6 +187,8 @@ def load_image(
         im.load()
         im = ImageOps.exif_transpose(im).convert("RGB")
     w0, h0 = im.size
+    if isinstance(size, list):
+        size = _nearest_bucket(size, h0, w0)
     if size is None:
         H, W = h0 - h0 % factor, w0 - w0 % factor
         if H == 0 or W == 0:
@@ -284,6 +310,7 @@ class Dist:
 class EncodeOptions:
     size: tuple[int, int] | None = None  # (height, width)
     fit: str = "cover"
+    bucket_step: int | None = None  # aspect-ratio buckets of about the area of size
     shard_size: int = 1024
     batch_size: int = 8
     sample: bool = False
@@ -526,7 +553,10 @@ def encode_sources(
     if not files:
         progress.update()
     dataset = ImageDataset(
-        [sources[i] for i in files], opts.size, opts.fit, vae.config.downsample_factor
+        [sources[i] for i in files],
+        buckets(opts.size, opts.bucket_step) if opts.bucket_step else opts.size,
+        opts.fit,
+        vae.config.downsample_factor,
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -622,6 +652,7 @@ def run_record(opts: EncodeOptions, sources: Sequence[Source], vae, world: int) 
         "shard_size": opts.shard_size,
         "size": list(opts.size) if opts.size else None,
         "fit": opts.fit if opts.size else None,
+        "buckets": opts.bucket_step,
         "batch_size": opts.batch_size,
         "sample": opts.sample,
         "seed": opts.seed if opts.sample else None,

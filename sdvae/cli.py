@@ -268,9 +268,20 @@ def _encode_rank(args, dist, device) -> int:
             f"--size {args.size[1]}x{args.size[0]}: width and height must be multiples of "
             f"the model's downsampling factor {f}"
         )
+    if args.buckets and args.buckets % f:
+        raise InputError(
+            f"--buckets {args.buckets}: the step must be a multiple of the model's "
+            f"downsampling factor {f}"
+        )
+    if args.buckets:
+        try:
+            cache.buckets(args.size, args.buckets)
+        except ValueError as exc:
+            raise InputError(f"--buckets {args.buckets}: {exc}; give a smaller step") from exc
     opts = cache.EncodeOptions(
         size=args.size,
         fit=args.fit,
+        bucket_step=args.buckets,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         sample=args.sample,
@@ -415,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         help="with --size: cover = scale to cover, then centre-crop (default); stretch = "
         "scale to the size; crop = centre-crop without scaling",
     )
+    e.add_argument(
+        "--buckets",
+        type=_positive,
+        metavar="STEP",
+        help="with --size: aspect-ratio buckets; each image gets the size of about the area "
+        "of --size, sides multiples of STEP (e.g. 64), whose aspect ratio is nearest its own",
+    )
     e.add_argument("--shard-size", type=_positive, default=1024, help="images per shard")
     e.add_argument(
         "--workers",
@@ -445,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("encode: give image files or folders, or --files-from LIST")
         if args.seed is not None and not args.sample:
             parser.error("encode: --seed applies only with --sample")
-        if args.size is None and args.fit != "cover":
-            parser.error("encode: --fit applies only with --size")
+        if args.size is None and (args.fit != "cover" or args.buckets):
+            parser.error("encode: --fit and --buckets apply only with --size")
     try:
         return args.func(args)
     except InputError as exc:

@@ -371,3 +371,32 @@ def test_files_from_and_fit_crop(dataset, tmp_path, capsys):
         w, h = sizes[r["source"]]
         left, top = (w - 32) // 2, (h - 32) // 2
         assert r["crop"] == [left, top, left + 32, top + 32]
+
+
+def test_buckets():
+    sizes = cache.buckets((512, 512), 64)
+    assert (512, 512) in sizes and (1024, 256) in sizes and (256, 1024) in sizes
+    for h, w in sizes:
+        assert h % 64 == 0 and w % 64 == 0 and 0.25 <= w / h <= 4
+        assert abs(h * w / 512**2 - 1) < 0.15
+    assert cache._nearest_bucket(sizes, 300, 400) == (448, 576)  # 4:3 -> 1.29
+    assert cache._nearest_bucket(sizes, 400, 400) == (512, 512)
+    with pytest.raises(ValueError, match="no bucket"):
+        cache.buckets((8, 8), 64)
+
+
+def test_bucketed_encode_mixes_sizes_in_a_shard(dataset, tmp_path):
+    root, _ = dataset
+    out = tmp_path / "lat"
+    args = [str(root / "imgs" / "b"), "--weights", str(root / "vae"), *ENC, "--workers", "0"]
+    assert _encode([*args, "--size", "32", "--buckets", "8"], out) == 2  # b/ has a bad file
+    index = _lines(out / "index.jsonl")
+    sizes = cache.buckets((32, 32), 8)
+    shapes = set()
+    for rec in index:
+        with PIL.open(rec["path"]) as im:
+            want = cache._nearest_bucket(sizes, im.size[1], im.size[0])
+        z = _latents(out)[rec["source"]]
+        assert tuple(z.shape[1:]) == (want[0] // 2, want[1] // 2)
+        shapes.add(tuple(z.shape))
+    assert len(shapes) > 1 and any(r["key"] != "latents" for r in index)

@@ -166,6 +166,9 @@ def test_input_failures(tmp_path, weights, capsys):
     _fails(capsys, ["encode", str(tmp_path / "nope"), *common], "nope: no such file or folder")
     _fails(capsys, ["encode", str(tmp_path / "empty"), *common], "no images found")
     _fails(capsys, ["encode", str(tmp_path / "a.png"), "--size", "7", *common], "--size 7x7")
+    enc = ["encode", str(tmp_path / "a.png"), "--size", "8", *common]
+    _fails(capsys, [*enc, "--buckets", "3"], "--buckets 3", "multiple")
+    _fails(capsys, [*enc, "--buckets", "64"], "--buckets 64", "smaller step")
     assert not out.exists()
     blocker = tmp_path / "file"
     blocker.write_text("")
