@@ -1,0 +1,28 @@
+"""``sdvae check``: the fp32 contract (TF32 off for the checks, switches restored after), and
+on a GPU the TF32-on rows measured like for like against the unfused model."""
+
+import pytest
+import torch
+
+from sdvae import check
+
+
+def test_tf32_switch_is_set_and_restored():
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    for enabled in (False, True):
+        with check.tf32(enabled):
+            assert torch.backends.cudnn.allow_tf32 is enabled
+            assert torch.backends.cuda.matmul.allow_tf32 is enabled
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    with pytest.raises(RuntimeError), check.tf32(False):
+        raise RuntimeError("boom")
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+@pytest.mark.cuda
+def test_check_passes_on_gpu_with_fp32_rows_like_for_like():
+    results = check.run_checks(torch.device("cuda"), quick=True)
+    bad = [r for r in results if not r.ok]
+    assert not bad, check.format_results(bad)
+    tf32_rows = [r for r in results if "TF32 on" in r.case]
+    assert len(tf32_rows) == 2 and all(r.dtype == torch.float32 for r in tf32_rows)
