@@ -66,6 +66,8 @@ __all__ = [
     "EncodeOptions",
     "encode_sources",
     "decode_inputs",
+    "check_run_file",
+    "run_record",
     "Dist",
 ]
 
@@ -387,7 +389,7 @@ def _crash_hook(done: int, stage: str) -> bool:
     return int(k) == done and at == stage
 
 
-def _check_run_file(out_dir: str, record: dict) -> str | None:
+def check_run_file(out_dir: str, record: dict) -> str | None:
     """Write ``run.json`` or check that an existing one matches; returns an error or None."""
     path = os.path.join(out_dir, "run.json")
     if os.path.isfile(path):
@@ -432,19 +434,20 @@ def _resume(out_dir: str, rank: int, plan) -> tuple[set[int], list[dict], list[d
     for k, a, b in plan:
         name = _shard_name(k)
         r, e = rows.get(name, []), errs.get(name, [])
-        if len(r) + len(e) != b - a:
+        # A shard of failures only has no file: it is tried again (reading is all it costs),
+        # so that fixed images get in when the user reruns.
+        if not r or len(r) + len(e) != b - a:
             continue
-        if r:
-            path = os.path.join(out_dir, name)
-            n = r[0].get("shard_rows")
-            if (
-                sorted(x.get("row") for x in r) != list(range(len(r)))
-                or n != len(r)
-                or not os.path.isfile(path)
-                or os.path.getsize(path) != r[0].get("shard_bytes")
-                or _sha256_file(path) != r[0].get("shard_sha256")
-            ):
-                continue
+        path = os.path.join(out_dir, name)
+        n = r[0].get("shard_rows")
+        if (
+            sorted(x.get("row") for x in r) != list(range(len(r)))
+            or n != len(r)
+            or not os.path.isfile(path)
+            or os.path.getsize(path) != r[0].get("shard_bytes")
+            or _sha256_file(path) != r[0].get("shard_sha256")
+        ):
+            continue
         complete.add(k)
         kept_rows += sorted(r, key=lambda x: x["row"])
         kept_errs += e

@@ -297,7 +297,7 @@ def _encode_rank(args, dist, device) -> int:
     problem = None
     if dist.rank == 0:
         record = cache.run_record(opts, listing, vae, dist.world)
-        problem = cache._check_run_file(args.output, record)
+        problem = cache.check_run_file(args.output, record)
     problem = dist.broadcast(problem)
     if problem:
         raise InputError(problem)
@@ -309,9 +309,10 @@ def _encode_rank(args, dist, device) -> int:
         cache.print_summary(summaries, wall, args.output)
         if failed:
             print(
-                f"sdvae: error: {failed} of {len(listing)} images could not be read; they are "
-                f"listed with the reason in {os.path.join(args.output, 'errors.jsonl')}: "
-                "fix or remove them (the other images were encoded)",
+                f"sdvae: error: {failed} of {len(listing)} images could not be read and were "
+                "skipped (the others were encoded); "
+                f"{os.path.join(args.output, 'errors.jsonl')} lists each with the reason; to "
+                "add them once fixed, delete the shards it names and rerun the same command",
                 file=sys.stderr,
                 flush=True,
             )
@@ -322,8 +323,6 @@ def _encode_rank(args, dist, device) -> int:
 def _decode(args) -> int:
     from .cache import decode_inputs
 
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
     device = _device(args.device)
     for arg in args.latents:  # before the (slow) model load
         if not os.path.exists(arg):

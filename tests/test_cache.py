@@ -400,3 +400,31 @@ def test_bucketed_encode_mixes_sizes_in_a_shard(dataset, tmp_path):
         assert tuple(z.shape[1:]) == (want[0] // 2, want[1] // 2)
         shapes.add(tuple(z.shape))
     assert len(shapes) > 1 and any(r["key"] != "latents" for r in index)
+
+
+def test_fixed_image_gets_in_after_its_shard_is_deleted(dataset, tmp_path, capsys):
+    root, _ = dataset
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        PIL.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(imgs / f"{i}.png")
+    (imgs / "1.png").write_bytes(b"broken")
+    out = tmp_path / "lat"
+    args = [str(imgs), "--weights", str(root / "vae"), *ENC[:-4], "--shard-size", "2"]
+    assert _encode([*args, "--workers", "0"], out) == 2
+    (error,) = _lines(out / "errors.jsonl")
+    assert error["source"] == "1.png" and error["shard"] == "shard-000000.safetensors"
+    assert "delete the shards it names" in capsys.readouterr().err
+    PIL.fromarray(np.full((16, 16, 3), 40, np.uint8)).save(imgs / "1.png")
+    (out / error["shard"]).unlink()
+    assert _encode([*args, "--workers", "0"], out) == 0
+    assert (
+        "1 shards written, 1 complete shards kept (2 images); 0 failed" in capsys.readouterr().err
+    )
+    assert [r["source"] for r in _lines(out / "index.jsonl")] == [
+        "0.png",
+        "1.png",
+        "2.png",
+        "3.png",
+    ]
+    assert _lines(out / "errors.jsonl") == []
