@@ -32,7 +32,12 @@ or the device's random number generator.
 Resume. A shard file is written under a temporary name and renamed when complete; then its
 errors and its index lines are appended (and flushed to disk). A rerun with the same
 arguments keeps a shard when its index lines and error lines account for all its files and
-the file's size and SHA-256 match the index; any other shard is encoded again.
+the file's size and SHA-256 match the index; any other shard is encoded again (a shard
+whose images all failed has no file and is always tried again).
+
+Buckets. With ``--buckets STEP`` each image gets, of the sizes of about the area of
+``--size`` with sides multiples of STEP (aspect ratios 1:4 to 4:1), the one whose aspect
+ratio is nearest its own.
 
 Test hook: ``SDVAE_TEST_CRASH="K:STAGE"`` makes a rank exit abruptly (``os._exit``) after K
 complete shards, in the next shard, at STAGE: ``tmp`` (half of the temporary file written),
@@ -815,9 +820,9 @@ def print_summary(summaries: Sequence[Summary], wall: float, out_dir: str) -> st
     rate = enc / wall if wall > 0 else 0.0
     line = (
         f"encoded {enc} images in {wall:.1f} s ({rate:.2f} images/s) on {len(summaries)} "
-        f"rank(s) into {out_dir}; {sum(s.shards_written for s in summaries)} shards written"
-        + (f", {sum(s.shards_kept for s in summaries)} complete shards kept ({kept} images)")
-        + f"; {failed} failed"
+        f"rank(s) into {out_dir}; {sum(s.shards_written for s in summaries)} shards written, "
+        f"{sum(s.shards_kept for s in summaries)} complete shards kept ({kept} images); "
+        f"{failed} failed"
     )
     print(line, file=sys.stderr, flush=True)
     return line
