@@ -25,7 +25,8 @@ LAYOUTS = ["nchw", "channels_last"]
 PATHS = ["single", "two_pass"]
 
 # (N, C, spatial, groups): channels per group 2, 3, 16, 1, 3 (1x1 spatial), 3 (1 spatial dim),
-# 4 (3 spatial dims), 40 (not a power of two, more than 32); H*W never a power of two but 1x1.
+# 4 (3 spatial dims), 40 (not a power of two, more than 32); H*W never a power of two but 1x1;
+# the last one is large enough for the launch rule to pick two passes under the interpreter.
 SHAPES = [
     (2, 8, (5, 7), 4),
     (1, 6, (3, 5), 2),
@@ -35,8 +36,9 @@ SHAPES = [
     (1, 12, (9,), 4),
     (1, 16, (3, 2, 5), 4),
     (1, 80, (3, 3), 2),
+    (1, 8, (17, 19), 2),
 ]
-SHAPE_IDS = ["cg2", "cg3", "cg16", "cg1", "1x1", "1d", "3d", "cg40"]
+SHAPE_IDS = ["cg2", "cg3", "cg16", "cg1", "1x1", "1d", "3d", "cg40", "two_pass"]
 
 
 def _device_or_skip(device: str) -> None:
@@ -321,7 +323,7 @@ def test_plan_forced_paths_and_bad_force():
 
 
 def test_describe_plan_names_the_choice():
-    x = torch.randn(1, 16, 12, 12).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 16, 24, 24).to(memory_format=torch.channels_last)
     text = gn.describe_plan(x, 4)
     assert text.startswith("two_pass") and "stats" in text and "apply" in text
     assert gn.describe_plan(torch.randn(1, 8, 2, 2), 4).startswith("single")
