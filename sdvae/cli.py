@@ -133,13 +133,16 @@ def _profile(args) -> int:
     if device.type == "cuda":
         x, z = (t.contiguous(memory_format=torch.channels_last) for t in (x, z))
     models = profile.build_models(vae)
-    result = profile.profile_models(models, x, z, args.out)
+    kernels: dict = {}
+    result = profile.profile_models(models, x, z, args.out, kernels=kernels)
     unit = "GPU ms" if device.type == "cuda" else "CPU ms"
+    ran = str(next(vae.parameters()).dtype).replace("torch.", "")  # what really ran
     print(
-        f"encode + decode of one {size}x{size} image, {args.dtype or 'fp32'}, "
+        f"encode + decode of one {size}x{size} image, {ran}, "
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
     )
     print(profile.format_table(result, unit))
+    print(profile.format_kernels(kernels, unit))
     print(f"Chrome traces: {', '.join(os.path.join(args.out, p + '.trace.json') for p in models)}")
     return 0
 

@@ -203,3 +203,13 @@ def test_missing_gpu(tmp_path, weights, command, capsys):
         argv += [str(tmp_path / "a.png"), "--weights", str(folder), "-o", str(tmp_path / "o")]
     _fails(capsys, argv, "--device cuda", "no CUDA GPU", "--device cpu")
     assert not (tmp_path / "o").exists()
+
+
+def test_profile_header_names_the_dtype_that_ran(tmp_path, weights, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _, _, folder = weights
+    argv = ["profile", "--device", "cpu", "--weights", str(folder), "--size", "16"]
+    assert cli.main([*argv, "--dtype", "bf16", "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "encode + decode of one 16x16 image, bfloat16, CPU" in out
+    assert "| category |" in out and "| kernel | category | calls |" in out
