@@ -12,6 +12,11 @@ the instance (never on diffusers' classes, so other models are untouched) and
   ``sdvae.kernels.attention``; calls it does not cover (masks, cross-attention) go to the
   processor it replaced.
 * ``Downsample2D`` with the asymmetric pad: ``sdvae.ops.pad_conv2d``.
+* ``Upsample2D`` (nearest x2 + 3x3 conv): one stride-2 transposed conv with the folded 4x4
+  weight, as ``sdvae.optimize`` does (``sdvae.model.upsample_folded``; a call with an
+  ``output_size`` other than twice the input goes to the original forward).
+* On CUDA the model is moved to channels_last (``channels_last=None``), as ``sdvae.optimize``
+  does: cuDNN's fastest convolutions and the kernels' fast layout.
 * ``encode(...).latent_dist``: a distribution whose ``sample(generator)`` is one
   ``vae_sample`` kernel (noise drawn in-kernel from a seed taken from ``generator``).
 
@@ -39,9 +44,17 @@ def _diffusers():
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.models.downsampling import Downsample2D
         from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.upsampling import Upsample2D
     except ImportError as exc:  # pragma: no cover - diffusers is an optional extra
         raise ImportError("patch_diffusers needs diffusers: pip install diffusers") from exc
-    return AutoencoderKL, Attention, DiagonalGaussianDistribution, Downsample2D, ResnetBlock2D
+    return (
+        AutoencoderKL,
+        Attention,
+        DiagonalGaussianDistribution,
+        Downsample2D,
+        ResnetBlock2D,
+        Upsample2D,
+    )
 
 
 def _gn(norm, x, silu):
@@ -82,6 +95,34 @@ def _downsample_forward(self, hidden_states, *args, **kwargs):
     if w.dtype != hidden_states.dtype:  # under autocast, as autocast's own conv would
         w, b = w.to(hidden_states.dtype), (b.to(hidden_states.dtype) if b is not None else None)
     return ops.pad_conv2d(hidden_states, w, b, stride=2, padding=(0, 1, 0, 1))
+
+
+def _upsample_supported(up) -> bool:
+    conv = getattr(up, "conv", None)
+    return (
+        up.use_conv
+        and not up.use_conv_transpose
+        and up.interpolate
+        and up.norm is None
+        and up.name == "conv"
+        and isinstance(conv, torch.nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.in_channels == up.channels
+    )
+
+
+def _upsample_forward(self, hidden_states, output_size=None, *args, **kwargs):
+    from .model import upsample_folded
+
+    if output_size is not None and tuple(output_size) != tuple(
+        2 * s for s in hidden_states.shape[-2:]
+    ):
+        return getattr(self, _ORIG)(hidden_states, output_size, *args, **kwargs)
+    return upsample_folded(self, self.conv, hidden_states)
 
 
 class FusedAttnProcessor:
@@ -221,12 +262,16 @@ class _Usable:
         return not_supported_reasons(self.empty(1, 2 * latent_channels, 2, 2))
 
 
-def patch_diffusers(autoencoder_kl):
+def patch_diffusers(autoencoder_kl, *, channels_last: bool | None = None):
     """Put sdvae's kernels inside a diffusers ``AutoencoderKL`` in place; returns it.
 
     Call it after moving the model to its device and dtype: each block is patched only where
-    its op runs the fused kernel there; ``autoencoder_kl._sdvae_reasons`` lists the others."""
-    AutoencoderKL, Attention, DiagonalGaussian, Downsample2D, ResnetBlock2D = _diffusers()
+    its op runs the fused kernel there; ``autoencoder_kl._sdvae_reasons`` lists the others.
+    ``channels_last=None`` moves the model to channels_last on CUDA (as ``sdvae.optimize``)
+    and leaves it as it is on the CPU; ``unpatch_diffusers`` does not move it back."""
+    AutoencoderKL, Attention, DiagonalGaussian, Downsample2D, ResnetBlock2D, Upsample2D = (
+        _diffusers()
+    )
     if not isinstance(autoencoder_kl, AutoencoderKL):
         raise TypeError(
             f"autoencoder_kl must be a diffusers AutoencoderKL, got {type(autoencoder_kl).__name__}"
@@ -258,6 +303,11 @@ def patch_diffusers(autoencoder_kl):
             setattr(module, _ORIG, module.forward)
             module.forward = types.MethodType(_downsample_forward, module)
             patched.append(module)
+        elif isinstance(module, Upsample2D) and _upsample_supported(module):
+            # Plain torch ops (cuDNN's transposed conv): runs wherever the model runs.
+            setattr(module, _ORIG, module.forward)
+            module.forward = types.MethodType(_upsample_forward, module)
+            patched.append(module)
         elif isinstance(module, Attention) and usable(
             "attention", lambda m=module: usable.attention(m)
         ):
@@ -284,6 +334,15 @@ def patch_diffusers(autoencoder_kl):
         )
     autoencoder_kl._sdvae_patched = patched
     autoencoder_kl._sdvae_reasons = usable.reasons
+    if channels_last is None:
+        channels_last = p.device.type == "cuda"
+    if channels_last:
+        autoencoder_kl.to(memory_format=torch.channels_last)
+    for module in patched:
+        if isinstance(module, Upsample2D):
+            from .model import refold_upsample
+
+            refold_upsample(module, module.conv)
     return autoencoder_kl
 
 
@@ -298,6 +357,9 @@ def unpatch_diffusers(autoencoder_kl):
         if _ORIG in module.__dict__:
             del module.forward  # the class's forward shows through again
             delattr(module, _ORIG)
+        if "folded_weight" in module._buffers:
+            del module._buffers["folded_weight"]
+            del module._folded_from
     for part in (autoencoder_kl.encoder, autoencoder_kl.decoder):
         if hasattr(part, "_sdvae_original_act"):
             part.conv_act = part._sdvae_original_act

@@ -164,6 +164,51 @@ def fold_upsample_weight(weight: torch.Tensor) -> torch.Tensor:
     return wt.to(weight.dtype)
 
 
+def _conv_weight_key(conv: nn.Conv2d) -> tuple:
+    w = conv.weight
+    return (w.data_ptr(), w._version, w.dtype, w.device)
+
+
+def refold_upsample(owner: nn.Module, conv: nn.Conv2d) -> None:
+    """(Re)compute ``owner.folded_weight`` (a non-persistent buffer) from ``conv.weight``, in
+    its dtype, device and memory format (channels_last when the conv weight is); in place
+    when the buffer's layout allows, since a captured CUDA graph keeps reading that buffer.
+    Shared by ``Upsample`` and the diffusers patch."""
+    w = conv.weight
+    wt = fold_upsample_weight(w)
+    if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+        wt = wt.contiguous(memory_format=torch.channels_last)
+    old = getattr(owner, "folded_weight", None)
+    if old is not None and (old.shape, old.stride(), old.dtype, old.device) == (
+        wt.shape,
+        wt.stride(),
+        wt.dtype,
+        wt.device,
+    ):
+        with torch.no_grad():
+            old.copy_(wt)
+    elif "folded_weight" in owner._buffers:
+        owner.folded_weight = wt
+    else:
+        owner.register_buffer("folded_weight", wt, persistent=False)
+    owner._folded_from = _conv_weight_key(conv)
+
+
+def upsample_folded(owner: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(interpolate(x, 2, nearest))`` as one transposed conv with ``owner``'s folded
+    weight, refolded first if ``conv.weight`` changed since (not under torch.compile, which
+    traces the weights as they are)."""
+    if not torch.compiler.is_compiling() and (
+        getattr(owner, "folded_weight", None) is None
+        or owner._folded_from != _conv_weight_key(conv)
+    ):
+        refold_upsample(owner, conv)
+    w, b = owner.folded_weight, conv.bias
+    if w.dtype != x.dtype:  # under autocast, as autocast's own conv would
+        w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
+    return F.conv_transpose2d(x, w, b, stride=2, padding=1)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then a 3x3 conv.
 
@@ -180,39 +225,14 @@ class Upsample(nn.Module):
         self._folded_from: tuple | None = None
 
     def _weight_key(self) -> tuple:
-        w = self.conv.weight
-        return (w.data_ptr(), w._version, w.dtype, w.device)
+        return _conv_weight_key(self.conv)
 
     def fold(self) -> None:
-        """(Re)compute ``folded_weight`` from ``conv.weight``, in its dtype, device and
-        memory format (channels_last when the conv weight is)."""
-        w = self.conv.weight
-        wt = fold_upsample_weight(w)
-        if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
-            wt = wt.contiguous(memory_format=torch.channels_last)
-        old = self.folded_weight
-        if (
-            old is not None
-            and old.shape == wt.shape
-            and old.stride() == wt.stride()
-            and (old.dtype == wt.dtype and old.device == wt.device)
-        ):
-            with torch.no_grad():
-                old.copy_(wt)  # in place: a captured CUDA graph keeps reading this buffer
-        else:
-            self.folded_weight = wt
-        self._folded_from = self._weight_key()
+        refold_upsample(self, self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            if not torch.compiler.is_compiling() and (
-                self.folded_weight is None or self._folded_from != self._weight_key()
-            ):
-                self.fold()
-            w, b = self.folded_weight, self.conv.bias
-            if w.dtype != x.dtype:  # under autocast, as autocast's own conv would
-                w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
-            return F.conv_transpose2d(x, w, b, stride=2, padding=1)
+            return upsample_folded(self, self.conv, x)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 

@@ -95,3 +95,30 @@ def test_fused_module_on_gpu_at_vae_shape(dtype):
     out = m(x)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close(out, ref, name=f"upsample 512x64^2 {dtype}")
+
+
+@torch.no_grad()
+def test_patch_diffusers_folds_its_upsamplers():
+    pytest.importorskip("diffusers")
+    from diffusers.models.upsampling import Upsample2D
+
+    torch.manual_seed(6)
+    vae = sdvae.VAE(sdvae.VAEConfig.tiny(sample_size=16)).eval()
+    akl = sdvae.to_diffusers(vae)
+    keys = set(akl.state_dict())
+    ups = [m for m in akl.modules() if isinstance(m, Upsample2D)]
+    z = torch.randn(1, 4, 3, 5)
+    want = akl.decode(z).sample
+    sdvae.patch_diffusers(akl)
+    assert ups and all("forward" in m.__dict__ for m in ups)
+    assert all(m.folded_weight.shape[2:] == (4, 4) for m in ups)
+    assert set(akl.state_dict()) == keys
+    assert_close(akl.decode(z).sample, want, name="patched decode")
+    # An output_size other than 2x goes to diffusers' own forward.
+    x = torch.randn(1, ups[0].channels, 3, 4)
+    odd = ups[0](x, output_size=(7, 9))
+    assert odd.shape[-2:] == (7, 9)
+    assert_close(ups[0](x, output_size=(6, 8)), ups[0].__dict__["_sdvae_original_forward"](x))
+    sdvae.unpatch_diffusers(akl)
+    assert not any("folded_weight" in m._buffers for m in ups)
+    assert set(akl.state_dict()) == keys
