@@ -432,3 +432,23 @@ def test_bench_matmul_chunked_baseline_computes_attention():
 
     q, k, v = _inputs((1, 1), 70, 45, 64, torch.float32, "cpu")
     assert_close(matmul_chunked(q, k, v, rows=32), _ref(q, k, v), torch.float32)
+
+
+def test_attention_block_bench_on_cpu():
+    if GPU_RUN or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU rows exist only under the interpreter")
+    pytest.importorskip("diffusers")
+    from sdvae.bench import engine
+    from sdvae.bench.cases_attention import _blocks
+
+    theirs, ours = _blocks(
+        engine.Context(device=torch.device("cpu"), quick=True), 64, torch.float32
+    )
+    x = torch.randn(1, 64, 5, 6)
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x), torch.float32, name="sdvae block vs diffusers block")
+    rows = engine.run(
+        engine.Context(device=torch.device("cpu"), quick=True), ["attention_block"], rep_ms=1
+    )
+    assert {r.provider for r in rows} == {"eager", "sdvae"}
+    assert all(r.median_ms > 0 for r in rows)

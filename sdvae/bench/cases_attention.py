@@ -101,3 +101,100 @@ def cases(ctx: Context):
     elif os.environ.get("TRITON_INTERPRET") == "1":
         for dtype in _dtypes(ctx):
             yield from _cases_for(ctx, 48, 64, dtype, memory_only=False)
+
+
+# ---------------------------------------------------------------------- the whole block
+def _blocks(ctx: Context, channels: int, dtype: torch.dtype):
+    """diffusers' mid-block ``Attention`` (as AutoencoderKL builds it) and sdvae's fused
+    ``AttentionBlock`` with the same random weights; (None, block) without diffusers."""
+    from sdvae.model import AttentionBlock
+
+    torch.manual_seed(channels)
+    ours = AttentionBlock(channels, 32, 1e-6)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn_like(p) * (channels**-0.5 if p.dim() == 2 else 0.1))
+    theirs = None
+    try:
+        from diffusers.models.attention_processor import Attention
+    except ImportError:
+        pass
+    else:
+        theirs = Attention(
+            channels,
+            heads=1,
+            dim_head=channels,
+            rescale_output_factor=1.0,
+            eps=1e-6,
+            norm_num_groups=32,
+            spatial_norm_dim=None,
+            residual_connection=True,
+            bias=True,
+            upcast_softmax=True,
+            _from_deprecated_attn_block=True,
+        )
+        theirs.load_state_dict(ours.state_dict())
+        theirs = theirs.to(ctx.device, dtype).eval()
+    ours = ours.to(ctx.device, dtype).eval()
+    ours.fused = True
+    ours.group_norm.fused = True
+    return theirs, ours
+
+
+@register("attention_block")
+def block_cases(ctx: Context):
+    """The mid block's whole attention (GroupNorm, projections, attention, output projection,
+    residual) at 1024² and 2048² images (L = 128² and 256² tokens, C = 512): diffusers' block
+    (``eager``, and ``compile`` of it) against sdvae's fused block."""
+    if ctx.is_cuda:
+        sides = (128,) if ctx.quick else (128, 256)
+        channels = D
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        sides, channels = (6,), 64
+    else:
+        return
+    for dtype in _dtypes(ctx):
+        theirs, ours = _blocks(ctx, channels, dtype)
+        for side in sides:
+            gen = torch.Generator(device="cpu").manual_seed(side)
+            x = torch.randn(1, channels, side, side, generator=gen).to(ctx.device, dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            shape = f"1x{channels}x{side}x{side}"
+            flops = 4.0 * side**4 * channels + 8.0 * side**2 * channels**2
+            fns = {}
+            if theirs is not None:
+                x_nchw = x.contiguous()
+                fns["eager"] = ("nchw", lambda t=theirs, x=x_nchw: t(x))
+                if ctx.is_cuda:
+                    comp = torch.compile(theirs, dynamic=False)
+                    fns["compile"] = ("channels_last", lambda c=comp, x=x: c(x))
+            fns["sdvae"] = ("channels_last", lambda o=ours, x=x: o(x))
+            for provider, (layout, fn) in fns.items():
+                yield Case(
+                    "attention_block",
+                    shape,
+                    dtype,
+                    layout,
+                    provider,
+                    _no_grad(fn),
+                    flops=flops,
+                    memory_only=False,
+                )
+                if ctx.is_cuda and side == 256:
+                    yield Case(
+                        "attention_block",
+                        f"{shape} (peak memory)",
+                        dtype,
+                        layout,
+                        provider,
+                        _no_grad(fn),
+                        memory_only=True,
+                    )
+
+
+def _no_grad(fn):
+    def call():
+        with torch.inference_mode():
+            return fn()
+
+    return call
