@@ -56,8 +56,12 @@ Let ``L = Cg * S`` and ``P = next_pow2(L)``.
      pixel tiles of each (sample, channel block) are cut into ``chunks`` runs of
      ``tiles_per_chunk`` tiles, ``chunks = clamp(cdiv(STATS_PROGRAMS_PER_SM * SMs,
      N * cblocks), 1, sblocks)`` (then trimmed so no chunk is empty): every SM gets about
-     ``STATS_PROGRAMS_PER_SM`` programs whatever the batch and layout. Writes per-(sample,
-     channel, chunk) (mean, M2) of ``s - K``: 8 bytes per channel per chunk.
+     ``STATS_PROGRAMS_PER_SM`` = 3 programs whatever the batch and layout: one wave while
+     the kernel needs at most 85 registers per thread (80 in fp16/bf16 with a residual on
+     sm_90), so all chunks advance together and end together (see the apply order below).
+     Each iteration loads two tiles before using either (32 KB in flight per SM in fp16).
+     Writes per-(sample, channel, chunk) (mean, M2) of ``s - K``: 8 bytes per channel per
+     chunk.
   2. ``_gn_finalize_kernel``: grid ``N * G``; merges each group's partials, writes per-(sample,
      channel) ``K, a, d`` (12 bytes per channel).
   3. ``_gn_apply_kernel``: grid ``N * cblocks * chunks * tiles_per_chunk``, one tile per
@@ -116,7 +120,7 @@ SINGLE_MAX = 16384
 TILE = 4096
 NUM_WARPS = 8
 MIN_BLOCK = 8
-STATS_PROGRAMS_PER_SM = 4
+STATS_PROGRAMS_PER_SM = 3
 FINALIZE_BLOCK = 1024
 FINALIZE_WARPS = 4
 INTERPRET_SMS = 4
@@ -348,18 +352,29 @@ if triton is not None:
         n_tiles = tl.minimum(tiles_per_chunk, tl.cdiv(S, BLOCK_S) - t0)
         mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        # Only the tensor's last tile can be partial, and it is a program's last iteration:
-        # a masked lane keeps delta = 0, so its mean and M2 stay those of its valid values.
-        for i in range(0, n_tiles):
+        # Two tiles per iteration, both loads issued before either is used (twice the bytes in
+        # flight per program). Only the tensor's last tile can be partial, and it is a
+        # program's last update: a masked lane keeps delta = 0, so its mean and M2 stay those
+        # of its valid values (and the second tile past a chunk's end is fully masked).
+        for i in range(0, n_tiles, 2):
             s0 = (t0 + i) * BLOCK_S
-            mask = cmask & (s0 + ds < S)
-            v, _, _ = _load_sum(
-                x_ptr, r_ptr, ib, n, c0, s0, dc, ds, mask, C, S,
+            mask_a = cmask & (s0 + ds < S)
+            mask_b = cmask & (s0 + BLOCK_S + ds < S) & (i + 1 < n_tiles)
+            va, _, _ = _load_sum(
+                x_ptr, r_ptr, ib, n, c0, s0, dc, ds, mask_a, C, S,
                 CL, RES_CL, HAS_IB, HAS_RES,
             )  # fmt: skip
-            d = v - k
-            delta = tl.where(mask, d - mean, 0.0)
+            vb, _, _ = _load_sum(
+                x_ptr, r_ptr, ib, n, c0, s0 + BLOCK_S, dc, ds, mask_b, C, S,
+                CL, RES_CL, HAS_IB, HAS_RES,
+            )  # fmt: skip
+            d = va - k
+            delta = tl.where(mask_a, d - mean, 0.0)
             mean += delta * (1.0 / (i + 1.0))
+            m2 += delta * (d - mean)
+            d = vb - k
+            delta = tl.where(mask_b, d - mean, 0.0)
+            mean += delta * (1.0 / (i + 2.0))
             m2 += delta * (d - mean)
         # lane counts: every iteration but the last is full
         s_last = (t0 + n_tiles - 1) * BLOCK_S
