@@ -27,6 +27,7 @@ __all__ = [
     "ResnetBlock",
     "AttentionBlock",
     "GroupNorm",
+    "Conv2d",
     "Upsample",
     "fold_upsample_weight",
 ]
@@ -43,18 +44,62 @@ class GroupNorm(nn.GroupNorm):
         self.silu = silu
         self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """GroupNorm(+SiLU) of ``x + input_bias[c]`` (``input_bias``: the producing conv's
+        bias, left out of that conv so that it is added here, inside the kernel's loads)."""
         if self.fused:
             from . import kernels
 
             return kernels.group_norm(
-                x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu
+                x,
+                self.num_groups,
+                self.weight,
+                self.bias,
+                self.eps,
+                silu=self.silu,
+                input_bias=input_bias,
             )
+        if input_bias is not None:
+            x = x + input_bias.view(1, -1, *([1] * (x.dim() - 2)))
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.silu(y) if self.silu else y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", silu={self.silu}"
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and names) that can run through ``sdvae.ops.conv2d``
+    (``fused``, set by ``sdvae.optimize``): one cuDNN graph with the bias and an optional
+    residual fused into the conv's epilogue, no padded copy. ``bias=False`` leaves the bias
+    out (the caller adds it elsewhere, e.g. inside the next GroupNorm's loads); ``bias`` may
+    also be a tensor that replaces ``self.bias`` for this call (a bias folded from upstream)."""
+
+    fused = False
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, *, bias=True
+    ) -> torch.Tensor:
+        b = self.bias if bias is True else (None if bias is False else bias)
+        w = self.weight
+        if w.dtype != x.dtype:  # under autocast, as autocast's own conv would
+            w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
+        if self.fused:
+            from . import ops
+
+            ph, pw = self.padding
+            return ops.conv2d(
+                x, w, b, stride=self.stride[0], padding=(pw, pw, ph, ph), residual=residual
+            )
+        y = F.conv2d(x, w, b, self.stride, self.padding)
+        return y if residual is None else y + residual
+
+
+def _bias_through_1x1(conv: nn.Conv2d, pending: torch.Tensor) -> torch.Tensor:
+    """The bias of ``conv(x + pending[c])`` for a 1x1 conv: ``b + W @ pending``."""
+    w = conv.weight.reshape(conv.weight.shape[0], -1)
+    extra = torch.mv(w.float(), pending.float()).to(w.dtype)
+    return extra if conv.bias is None else conv.bias + extra
 
 
 class ResnetBlock(nn.Module):
@@ -63,19 +108,43 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_channels, eps, silu=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = GroupNorm(groups, out_channels, eps, silu=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+            Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.norm1(x))
-        h = self.conv2(self.norm2(h))
+    def forward(self, x: torch.Tensor, pending_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The block of ``x + pending_bias[c]`` (``pending_bias``: the bias of the upsampler
+        before it, folded in here instead of being added to its output).
+
+        Fused (``norm2.fused``): conv1 runs without its bias, which norm2 adds in its loads;
+        conv2's bias and the residual go into conv2's epilogue (one cuDNN graph when the
+        convs are fused). A pending bias enters norm1's loads and the residual: through the
+        1x1 shortcut as ``W @ pending`` added to its bias, else into conv2's bias. Unfused,
+        this is the plain eager block."""
+        if not self.norm2.fused and pending_bias is None:
+            h = self.conv1(self.norm1(x))
+            h = self.norm2(h)
+            h = self.conv2(h)
+            if self.conv_shortcut is not None:
+                x = self.conv_shortcut(x)
+            return x + h
+        fold = self.norm2.fused
+        h = self.conv1(self.norm1(x, input_bias=pending_bias), bias=not fold)
+        h = self.norm2(h, input_bias=self.conv1.bias if fold else None)
+        bias2 = True
         if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
+            sb = (
+                True
+                if pending_bias is None
+                else _bias_through_1x1(self.conv_shortcut, pending_bias)
+            )
+            x = self.conv_shortcut(x, bias=sb)
+        elif pending_bias is not None:
+            bias2 = self.conv2.bias + pending_bias if self.conv2.bias is not None else pending_bias
+        return self.conv2(h, residual=x, bias=bias2)
 
 
 class AttentionBlock(nn.Module):
@@ -194,16 +263,18 @@ def refold_upsample(owner: nn.Module, conv: nn.Conv2d) -> None:
     owner._folded_from = _conv_weight_key(conv)
 
 
-def upsample_folded(owner: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def upsample_folded(
+    owner: nn.Module, conv: nn.Conv2d, x: torch.Tensor, *, bias: bool = True
+) -> torch.Tensor:
     """``conv(interpolate(x, 2, nearest))`` as one transposed conv with ``owner``'s folded
     weight, refolded first if ``conv.weight`` changed since (not under torch.compile, which
-    traces the weights as they are)."""
+    traces the weights as they are); ``bias=False`` leaves ``conv.bias`` out."""
     if not torch.compiler.is_compiling() and (
         getattr(owner, "folded_weight", None) is None
         or owner._folded_from != _conv_weight_key(conv)
     ):
         refold_upsample(owner, conv)
-    w, b = owner.folded_weight, conv.bias
+    w, b = owner.folded_weight, (conv.bias if bias else None)
     if w.dtype != x.dtype:  # under autocast, as autocast's own conv would
         w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
     return F.conv_transpose2d(x, w, b, stride=2, padding=1)
@@ -230,9 +301,15 @@ class Upsample(nn.Module):
     def fold(self) -> None:
         refold_upsample(self, self.conv)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, defer_bias: bool = False):
+        """The upsampled tensor; with ``defer_bias`` (fused only) ``(y without bias, bias)``,
+        for a next block that adds the bias itself (``ResnetBlock(pending_bias=...)``)."""
         if self.fused:
-            return upsample_folded(self, self.conv, x)
+            y = upsample_folded(self, self.conv, x, bias=not defer_bias)
+            if defer_bias:
+                b = self.conv.bias
+                return y, (b.to(y.dtype) if b is not None and b.dtype != y.dtype else b)
+            return y
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -248,13 +325,24 @@ class _Level(nn.Module):
         else:
             setattr(self, sampler_name, None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.resnets:
-            x = block(x)
+    def forward(
+        self,
+        x: torch.Tensor,
+        pending_bias: torch.Tensor | None = None,
+        *,
+        defer_bias: bool = False,
+    ):
+        """The level's output. In the decoder (``Decoder.forward``) a fused upsampler's bias
+        can be passed on instead of added (``defer_bias``): the level then returns
+        ``(x, bias)``, and the next level takes it as ``pending_bias`` (see ``ResnetBlock``)."""
+        for i, block in enumerate(self.resnets):
+            x = block(x, pending_bias) if i == 0 and pending_bias is not None else block(x)
         sampler = getattr(self, self.sampler_name)
-        if sampler is not None:
-            x = sampler[0](x)
-        return x
+        if sampler is None:
+            return x
+        if defer_bias:
+            return sampler[0](x, defer_bias=True)
+        return sampler[0](x)
 
 
 class MidBlock(nn.Module):
@@ -281,7 +369,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         levels = []
         out_c = ch[0]
         for i, c in enumerate(ch):
@@ -295,7 +383,7 @@ class Encoder(nn.Module):
         self.down_blocks = nn.ModuleList(levels)
         self.mid_block = MidBlock(ch[-1], g, eps, cfg.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(g, ch[-1], eps, silu=True)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -309,7 +397,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g, eps = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups, cfg.norm_eps
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, eps, cfg.mid_block_add_attention)
         levels = []
         out_c = ch[0]
@@ -323,12 +411,25 @@ class Decoder(nn.Module):
             levels.append(_Level(resnets, up, "upsamplers"))
         self.up_blocks = nn.ModuleList(levels)
         self.conv_norm_out = GroupNorm(g, ch[-1], eps, silu=True)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
-        for level in self.up_blocks:
-            x = level(x)
+        pending = None
+        levels = list(self.up_blocks)
+        for level, after in zip(levels, levels[1:] + [None]):
+            # A fused upsampler hands its bias to the next level's first GroupNorm when that
+            # GroupNorm is fused too (it adds the bias in its loads, at no extra pass).
+            defer = (
+                after is not None
+                and isinstance(level.upsamplers[0], Upsample)
+                and level.upsamplers[0].fused
+                and after.resnets[0].norm1.fused
+            )
+            if defer:
+                x, pending = level(x, pending, defer_bias=True)
+            else:
+                x, pending = level(x, pending), None
         return self.conv_out(self.conv_norm_out(x))
 
 
@@ -370,9 +471,9 @@ class VAE(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         c2 = 2 * config.latent_channels
-        self.quant_conv = nn.Conv2d(c2, c2, 1) if config.use_quant_conv else None
+        self.quant_conv = Conv2d(c2, c2, 1) if config.use_quant_conv else None
         lc = config.latent_channels
-        self.post_quant_conv = nn.Conv2d(lc, lc, 1) if config.use_post_quant_conv else None
+        self.post_quant_conv = Conv2d(lc, lc, 1) if config.use_post_quant_conv else None
         self.fused_sampling = False
         self._graphs: dict | None = None  # sdvae.optimize(cuda_graph=True): sdvae.graphs
 

@@ -122,3 +122,42 @@ def test_patch_diffusers_folds_its_upsamplers():
     sdvae.unpatch_diffusers(akl)
     assert not any("folded_weight" in m._buffers for m in ups)
     assert set(akl.state_dict()) == keys
+
+
+@pytest.mark.parametrize("channels", [(8, 8, 16), (8, 16)])
+@torch.no_grad()
+def test_decoder_defers_upsampler_bias_into_the_next_block(monkeypatch, channels):
+    """With fused GroupNorms the upsamplers run without their bias, which the next block adds
+    in its first GroupNorm's loads and in its residual: through the 1x1 shortcut when the
+    channels change (8, 16), into conv2's bias when they do not (8, 8, 16). The decode still
+    equals float64."""
+    from sdvae.kernels.group_norm import not_supported_reasons
+
+    from sdvae.model import ResnetBlock
+
+    if not_supported_reasons(torch.empty(1, 8, 2, 2), 4):
+        pytest.skip("GroupNorm is not fused here (CPU without the interpreter)")
+    torch.manual_seed(8)
+    cfg = sdvae.VAEConfig.tiny(block_out_channels=channels, sample_size=16)
+    ref = sdvae.VAE(cfg).eval()
+    for p in ref.parameters():
+        p.add_(0.1 * torch.randn_like(p))  # non-zero biases everywhere
+    fast = sdvae.optimize(sdvae.VAE(cfg).eval())
+    fast.load_state_dict(ref.state_dict())
+    seen = []
+    original = ResnetBlock.forward
+
+    def spy(self, x, pending_bias=None):
+        if pending_bias is not None:
+            seen.append(self.conv_shortcut is not None)
+        return original(self, x, pending_bias)
+
+    monkeypatch.setattr(ResnetBlock, "forward", spy)
+    z = torch.randn(2, cfg.latent_channels, 3, 5)
+    out = fast.decode(z)
+    assert len(seen) == len(channels) - 1
+    want_shortcut = [a != b for a, b in zip(channels[::-1], channels[::-1][1:])]
+    assert seen == want_shortcut
+    assert_close(
+        out, ref.double().decode(z.double()), torch.float32, name="decode", end_to_end=True
+    )
