@@ -54,11 +54,18 @@ Let ``L = Cg * S`` and ``P = next_pow2(L)``.
 
   1. ``_gn_stats_kernel``: grid ``N * cblocks * chunks``; the ``sblocks = cdiv(S, BLOCK_S)``
      pixel tiles of each (sample, channel block) are cut into ``chunks`` runs of
-     ``tiles_per_chunk`` tiles, ``chunks = clamp(cdiv(STATS_PROGRAMS_PER_SM * SMs,
-     N * cblocks), 1, sblocks)`` (then trimmed so no chunk is empty): every SM gets about
-     ``STATS_PROGRAMS_PER_SM`` = 3 programs whatever the batch and layout: one wave while
-     the kernel needs at most 85 registers per thread (80 in fp16/bf16 with a residual on
-     sm_90), so all chunks advance together and end together (see the apply order below).
+     ``tiles_per_chunk`` tiles. With ``wave = per_sm * SMs`` and ``rows = N * cblocks``:
+     ``chunks = wave // rows`` when ``rows <= wave`` (one wave: every SM gets at most
+     ``per_sm`` programs whatever the batch and layout), else
+     ``cdiv(STATS_MIN_WAVES * wave, rows)`` (4 waves or more, so that the last, partly
+     filled one is a small part of the time); clamped to ``[1, sblocks]`` and trimmed so no
+     chunk is empty. ``per_sm`` =
+     ``STATS_PROGRAMS_PER_SM`` = 3 for fp16/bf16 without a residual,
+     ``STATS_PROGRAMS_PER_SM_WIDE`` = 2 for fp32 or with a residual.
+     That is one wave (all chunks advance together and end together, see the apply order
+     below) at the registers ptxas gives the stats kernel for sm_90 on the VAE's tiles:
+     64-80 per thread for fp16/bf16 (3 programs of 256 threads fit: <= 85), 79-115 with
+     input_bias and residual, 70-102 in fp32, 128 in fp32 with a residual (2 fit: <= 128).
      Each iteration loads two tiles before using either (32 KB in flight per SM in fp16).
      Writes per-(sample, channel, chunk) (mean, M2) of ``s - K``: 8 bytes per channel per
      chunk.
@@ -121,6 +128,8 @@ TILE = 4096
 NUM_WARPS = 8
 MIN_BLOCK = 8
 STATS_PROGRAMS_PER_SM = 3
+STATS_PROGRAMS_PER_SM_WIDE = 2
+STATS_MIN_WAVES = 4
 FINALIZE_BLOCK = 1024
 FINALIZE_WARPS = 4
 INTERPRET_SMS = 4
@@ -563,12 +572,15 @@ def plan(
     channels_last: bool,
     num_sms: int,
     *,
+    itemsize: int = 2,
+    residual: bool = False,
     interpret: bool = False,
     path: str | None = None,
     chunks: int | None = None,
 ) -> Plan:
-    """The launch rule for one shape. ``path`` ("single" / "two_pass") and ``chunks`` force a
-    strategy / split (tests); ``interpret`` selects the interpreter's small constants."""
+    """The launch rule for one shape (``itemsize``: bytes per value of x; ``residual``: one is
+    fused). ``path`` ("single" / "two_pass") and ``chunks`` force a strategy / split (tests);
+    ``interpret`` selects the interpreter's small constants."""
     single_max = INTERPRET_SINGLE_MAX if interpret else SINGLE_MAX
     tile = INTERPRET_TILE if interpret else TILE
     group_p2 = _next_pow2((c // groups) * s)
@@ -590,7 +602,12 @@ def plan(
     cblocks = -(-c // block_c)
     sblocks = -(-s // block_s)
     if chunks is None:
-        chunks = -(-STATS_PROGRAMS_PER_SM * num_sms // (n * cblocks))
+        wide = itemsize > 2 or residual
+        per_sm = STATS_PROGRAMS_PER_SM_WIDE if wide else STATS_PROGRAMS_PER_SM
+        wave, rows = per_sm * num_sms, n * cblocks
+        # one wave when the rows leave room; otherwise at least STATS_MIN_WAVES waves, so the
+        # last, partly filled wave is a small part of the time
+        chunks = wave // rows if rows <= wave else -(-STATS_MIN_WAVES * wave // rows)
     chunks = _clamp(chunks, 1, sblocks)
     tiles_per_chunk = -(-sblocks // chunks)
     chunks = -(-sblocks // tiles_per_chunk)  # no empty chunk
@@ -624,18 +641,19 @@ def _layout(x: torch.Tensor) -> str | None:
     return None
 
 
-def _plan_for(x: torch.Tensor, num_groups: int, **force) -> Plan:
+def _plan_for(x: torch.Tensor, num_groups: int, residual: bool) -> Plan:
     layout = _layout(x) or "nchw"
     n, c = x.shape[0], x.shape[1]
     s = x.shape[2:].numel()
     interpret = x.device.type != "cuda"
     return plan(n, c, s, num_groups, layout == "channels_last", _num_sms(x.device),
-                interpret=interpret, **force)  # fmt: skip
+                itemsize=x.element_size(), residual=residual, interpret=interpret)  # fmt: skip
 
 
-def describe_plan(x: torch.Tensor, num_groups: int) -> str:
-    """One line saying what ``group_norm`` launches for ``x`` (the bench logs it)."""
-    p = _plan_for(x, num_groups)
+def describe_plan(x: torch.Tensor, num_groups: int, *, residual: bool = False) -> str:
+    """One line saying what ``group_norm`` launches for ``x`` (with a fused residual when
+    ``residual``); the bench logs it."""
+    p = _plan_for(x, num_groups, residual)
     grids = p.grids(x.shape[0], num_groups)
     if p.path == "single":
         return f"single: block {p.block}, {p.num_warps} warps, {grids['single']} programs"
@@ -765,8 +783,9 @@ def _launch(
     n, c = x.shape[0], x.shape[1]
     s = x.shape[2:].numel()
     cg = c // num_groups
-    p = plan(n, c, s, num_groups, cl, _num_sms(x.device), interpret=x.device.type != "cuda",
-             path=path, chunks=chunks)  # fmt: skip
+    p = plan(n, c, s, num_groups, cl, _num_sms(x.device), itemsize=x.element_size(),
+             residual=residual is not None, interpret=x.device.type != "cuda", path=path,
+             chunks=chunks)  # fmt: skip
     ib = input_bias if input_bias is not None else x
     r = residual if residual is not None else x
     w = weight if weight is not None else x

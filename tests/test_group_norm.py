@@ -305,6 +305,19 @@ def test_plan_fills_an_h200_at_vae_shapes(shape, layout):
     assert grids["apply"] >= p.cblocks * p.sblocks  # every tile has its program
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stats_programs_per_sm_follow_the_rule(layout):
+    """3 per SM for 2-byte values, 2 for fp32 or with a residual (one wave, module header)."""
+    cl = layout == "channels_last"
+    for kw, per_sm in [
+        ({}, gn.STATS_PROGRAMS_PER_SM),
+        ({"residual": True}, gn.STATS_PROGRAMS_PER_SM_WIDE),
+        ({"itemsize": 4}, gn.STATS_PROGRAMS_PER_SM_WIDE),
+    ]:
+        p = gn.plan(1, 128, 1024 * 1024, 32, cl, 132, **kw)
+        assert 0.9 * per_sm * 132 <= p.grids(1, 32)["stats"] <= per_sm * 132, (kw, p)
+
+
 def test_plan_picks_one_launch_when_the_group_fits():
     assert gn.plan(64, 512, 4 * 4, 32, False, 132).path == "single"  # 16 x 16 values
     p = gn.plan(8, 512, 32 * 32, 32, True, 132)  # 16 x 1024: exactly SINGLE_MAX

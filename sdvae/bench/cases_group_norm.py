@@ -121,7 +121,8 @@ def make_case(
     elif provider == "sdvae":
         from sdvae.kernels.group_norm import describe_plan, group_norm
 
-        log(f"    group_norm plan for 1x{channels}x{hw}x{hw} {layout}: {describe_plan(x, GROUPS)}")
+        picked = describe_plan(x, GROUPS, residual=fused)
+        log(f"    group_norm plan for 1x{channels}x{hw}x{hw} {layout}: {picked}")
         if fused:
 
             def fn():
