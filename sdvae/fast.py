@@ -130,6 +130,7 @@ def optimize(vae: VAE, *, channels_last: bool | None = None, cuda_graph: bool = 
         channels_last = p.device.type == "cuda"
     if channels_last:
         vae.to(memory_format=torch.channels_last)
+    vae.memory_format = torch.channels_last if channels_last else None
     for m in vae.modules():
         if isinstance(m, Upsample):  # plain torch ops: runs wherever the model runs
             m.fused = True
@@ -156,4 +157,5 @@ def unoptimize(vae: VAE) -> VAE:
     vae.fused_sampling = False
     vae.fused_reasons = {}
     vae.disable_cuda_graphs()
+    vae.memory_format = None
     return vae

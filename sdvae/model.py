@@ -476,6 +476,9 @@ class VAE(nn.Module):
         self.post_quant_conv = Conv2d(lc, lc, 1) if config.use_post_quant_conv else None
         self.fused_sampling = False
         self._graphs: dict | None = None  # sdvae.optimize(cuda_graph=True): sdvae.graphs
+        #: Set by ``sdvae.optimize`` on CUDA: inputs are brought to this format first (one
+        #: small copy of the images or latents) so that every layer runs in it.
+        self.memory_format: torch.memory_format | None = None
 
     # ------------------------------------------------------------ CUDA graphs
     def enable_cuda_graphs(self) -> None:
@@ -548,6 +551,8 @@ class VAE(nn.Module):
         return graphed(images) if graphed is not None else self._moments(images)
 
     def _moments(self, images: torch.Tensor) -> torch.Tensor:
+        if self.memory_format is not None:
+            images = images.contiguous(memory_format=self.memory_format)
         m = self.encoder(images)
         if self.quant_conv is not None:
             m = self.quant_conv(m)
@@ -628,6 +633,8 @@ class VAE(nn.Module):
         return graphed(latents) if graphed is not None else self._decode(latents)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.memory_format is not None:
+            latents = latents.contiguous(memory_format=self.memory_format)
         z = latents / self.config.scaling_factor + self.config.shift_factor
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)

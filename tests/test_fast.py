@@ -80,6 +80,27 @@ def test_optimized_channels_last_input():
 
 
 @torch.no_grad()
+def test_channels_last_model_takes_nchw_inputs_without_changing_them():
+    """An NCHW input is brought to the model's channels_last once, so every layer runs in it;
+    the caller's tensor is left as it was."""
+    ref, fast = _pair()
+    sdvae.optimize(fast, channels_last=True)
+    assert fast.memory_format == torch.channels_last
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    x0 = x.clone()
+    lat = fast.encode(x, sample=False)
+    assert lat.is_contiguous(memory_format=torch.channels_last)
+    assert_close(lat, ref.encode(x, sample=False))
+    z = torch.randn(1, 4, 4, 4)
+    out = fast.decode(z)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, ref.decode(z))
+    assert torch.equal(x, x0) and x.is_contiguous()
+    sdvae.unoptimize(fast)
+    assert fast.memory_format is None
+
+
+@torch.no_grad()
 def test_optimized_seeded_sampling_is_reproducible():
     _, fast = _pair()
     x = torch.rand(1, 3, 16, 16) * 2 - 1
