@@ -612,8 +612,25 @@ def _configs(kernel: str) -> list[dict]:
         tiles += tiles
     else:
         tiles = [(cl, {"BLOCK_C": bc, "BLOCK_S": bs}, gn.NUM_WARPS) for cl, bc, bs in two]
+    # The JIT also specialises integer arguments equal to 1 into constants: batch 1, one
+    # channel block (channels_last), one chunk, one tile per chunk, S == 1, Cg == 1.
+    ones = {
+        "single": [(False, 256, ("S", "Cg")), (True, 64, ("S", "Cg", "G"))],
+        "stats": [(True, (128, 32), ("N", "cblocks")), (False, (1, 4096), ("N", "chunks"))],
+        "finalize": [(True, None, ("N", "Cg")), (False, None, ("N", "chunks"))],
+        "apply": [(True, (128, 32), ("N", "cblocks")), (False, (1, 4096), ("chunks",
+                  "tiles_per_chunk"))],
+    }[kernel]  # fmt: skip
+    for cl, blk, names in ones:
+        if kernel == "single":
+            blocks, warps = {"BLOCK": blk}, 2
+        elif kernel == "finalize":
+            blocks, warps = {"BLOCK": gn.FINALIZE_BLOCK}, gn.FINALIZE_WARPS
+        else:
+            blocks, warps = {"BLOCK_C": blk[0], "BLOCK_S": blk[1]}, gn.NUM_WARPS
+        tiles.append((cl, blocks, warps, names))
     out = []
-    for i, (cl, blocks, warps) in enumerate(tiles):
+    for i, (cl, blocks, warps, *ones_names) in enumerate(tiles):
         xd, wd, on, res_other, div16 = _VARIANTS[i % len(_VARIANTS)]
         types = {"x": f"*{xd}", "w": f"*{wd}", "fp32": "*fp32", "f": "fp32"}
         sig = {a: types[_ROLES[a]] if a in _ROLES else "i32" for a in _ARGS[kernel].split()}
@@ -623,6 +640,10 @@ def _configs(kernel: str) -> list[dict]:
         divisible = [a for a in sig if sig[a].startswith("*")]
         if div16:
             divisible += [a for a in ("C", "S", "Cg") if a in sig]
+        for name in ones_names[0] if ones_names else ():
+            del sig[name]
+            ce[name] = 1
+        divisible = [a for a in divisible if a in sig]
         out.append({"signature": sig, "constexprs": ce, "num_warps": warps, "num_stages": 3,
                     "divisible_by_16": divisible})  # fmt: skip
     return out
