@@ -207,10 +207,15 @@ def load_image(
     else:
         H, W = size
         if fit == "cover":
-            scale = max(W / w0, H / h0)
-            bw, bh = W / scale, H / scale
+            # The largest centred box of the output's aspect ratio, from exact integer
+            # comparisons: a box computed through the scale can start at -4e-15 or end past
+            # the image by a rounding error, and Pillow refuses it (a 49x49 image to 32x32).
+            if W * h0 >= H * w0:  # the box spans the whole width
+                bw, bh = float(w0), w0 * H / W
+            else:  # the box spans the whole height
+                bw, bh = h0 * W / H, float(h0)
             left, top = (w0 - bw) / 2, (h0 - bh) / 2
-            box = (left, top, left + bw, top + bh)
+            box = (left, top, w0 - left, h0 - top)
             im = im.resize((W, H), Image.Resampling.BICUBIC, box=box)
         elif fit == "stretch":
             box = (0, 0, w0, h0)

@@ -286,6 +286,23 @@ def test_load_image_fits(tmp_path, fit, size, crop, shape):
         assert np.array_equal(image.permute(1, 2, 0).numpy(), a[4:20, 12:28])
 
 
+@pytest.mark.parametrize(
+    "h0, w0, size",
+    [(49, 49, (32, 32)), (53, 49, (32, 32)), (32, 47, (64, 96)), (49, 55, (32, 32))],
+)
+def test_load_image_cover_box_stays_inside(tmp_path, h0, w0, size):
+    """Sizes whose box, computed through the scale, started at -4e-15 (Pillow refused it and
+    the valid image was reported as failed)."""
+    a = np.random.default_rng(2).integers(0, 256, (h0, w0, 3), dtype=np.uint8)
+    PIL.fromarray(a).save(tmp_path / "x.png")
+    image, meta = cache.load_image(str(tmp_path / "x.png"), size, "cover", 8)
+    assert tuple(image.shape) == (3, *size)
+    left, top, right, bottom = meta["crop"]
+    assert 0 <= left <= right <= w0 and 0 <= top <= bottom <= h0
+    assert (left == 0 and right == w0) or (top == 0 and bottom == h0)
+    assert abs((right - left) / (bottom - top) - size[1] / size[0]) < 1e-3
+
+
 def test_load_image_odd_size_and_too_small(tmp_path):
     PIL.fromarray(np.zeros((21, 30, 3), np.uint8)).save(tmp_path / "x.png")
     image, meta = cache.load_image(str(tmp_path / "x.png"), None, "cover", 8)
