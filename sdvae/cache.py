@@ -685,13 +685,14 @@ class _LatentItem:
     key: str  # tensor name
     row: int | None  # row of a stacked tensor, None for a whole tensor
     out_name: str  # relative output path (.png)
+    source: str = ""  # the image's name, when the file records it
 
 
-def _png_name(name: str) -> str:
+def _png_name(name: str, keep_ext: bool = False) -> str:
     norm = os.path.normpath(name)
     if os.path.isabs(norm) or norm.split(os.sep)[0] == "..":
         norm = os.path.basename(norm)
-    return _norm_name(os.path.splitext(norm)[0] + ".png")
+    return _norm_name((norm if keep_ext else os.path.splitext(norm)[0]) + ".png")
 
 
 def _latent_files(arg: str) -> list[str]:
@@ -742,14 +743,14 @@ def _items_of(path: str, channels: int) -> list[_LatentItem]:
             if len(shape) != 4 or shape[0] != len(sources):
                 raise InputError(f"{path}: 'latents' {shape} does not match its sources; {fix}")
             check("latents", shape[1:])
-            return [_LatentItem(path, "latents", i, _png_name(s)) for i, s in enumerate(sources)]
+            return [_LatentItem(path, "latents", i, _png_name(s), s) for i, s in enumerate(sources)]
         items = []
         for i, s in enumerate(sources):
             key = f"latents.{i}"
             if key not in shapes:
                 raise InputError(f"{path}: shard has no tensor {key!r}; {fix}")
             check(key, shapes[key])
-            items.append(_LatentItem(path, key, None, _png_name(s)))
+            items.append(_LatentItem(path, key, None, _png_name(s), s))
         return items
     if "latents" not in shapes:
         raise InputError(f"{path}: no 'latents' tensor (has {sorted(shapes)[:5]}); {fix}")
@@ -762,7 +763,7 @@ def _items_of(path: str, channels: int) -> list[_LatentItem]:
         return [_LatentItem(path, "latents", i, f"{stem}-{i:04d}.png") for i in range(shape[0])]
     check("latents", shape)
     source = meta.get("source") or os.path.basename(path)
-    return [_LatentItem(path, "latents", None, _png_name(source))]
+    return [_LatentItem(path, "latents", None, _png_name(source), source)]
 
 
 def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int = 4) -> int:
@@ -770,6 +771,16 @@ def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int =
     sources kept). Every input is checked before anything is written. Returns the count."""
     files = [f for arg in inputs for f in _latent_files(arg)]
     items = [it for f in files for it in _items_of(f, vae.config.latent_channels)]
+    # Images whose names differ only by their extension (cat.jpg, cat.png: one shard can
+    # hold both) keep it: cat.jpg.png, cat.png.png.
+    by_name: dict[str, list[_LatentItem]] = {}
+    for it in items:
+        by_name.setdefault(it.out_name, []).append(it)
+    for group in by_name.values():
+        names = {it.source for it in group}
+        if len(group) > 1 and "" not in names and len(names) == len(group):
+            for it in group:
+                it.out_name = _png_name(it.source, keep_ext=True)
     seen: dict[str, str] = {}
     for it in items:
         if it.out_name in seen:

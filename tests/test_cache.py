@@ -445,3 +445,25 @@ def test_fixed_image_gets_in_after_its_shard_is_deleted(dataset, tmp_path, capsy
         "3.png",
     ]
     assert _lines(out / "errors.jsonl") == []
+
+
+def test_decode_keeps_the_extension_of_names_that_differ_only_by_it(dataset, tmp_path):
+    """cat.jpg and cat.png share a shard; decoding it refused ("both decode to cat.png") with
+    advice that could not be followed. Now each keeps its extension."""
+    root, vae = dataset
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ["cat.jpg", "cat.png", "dog.png"]:
+        PIL.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(imgs / name)
+    out = tmp_path / "lat"
+    args = [str(imgs), "--weights", str(root / "vae"), *ENC, "--workers", "0"]
+    assert _encode(args, out) == 0
+    dec = tmp_path / "dec"
+    cmd = ["decode", str(out), "--weights", str(root / "vae"), "--device", "cpu", "--no-fuse"]
+    assert cli.main([*cmd, "-o", str(dec)]) == 0
+    assert sorted(p.name for p in dec.iterdir()) == ["cat.jpg.png", "cat.png.png", "dog.png"]
+    with torch.no_grad():
+        want = vae.decode(_latents(out)["cat.jpg"][None])[0]
+    got = torch.from_numpy(np.array(PIL.open(dec / "cat.jpg.png"))).permute(2, 0, 1)
+    assert float((got.float() / 127.5 - 1 - want.clamp(-1, 1)).abs().max()) <= 1 / 127.5 + 1e-6
