@@ -407,7 +407,10 @@ def check_run_file(out_dir: str, record: dict) -> str | None:
             with open(path) as fh:
                 old = json.load(fh)
         except (OSError, ValueError) as exc:
-            return f"{path} is unreadable ({exc}); delete it or use another -o folder"
+            return (
+                f"{path} is unreadable ({exc}), so the shards beside it cannot be checked; "
+                "give another -o folder"
+            )
         diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} then, {record.get(k)!r} now" for k in diff)
@@ -416,6 +419,20 @@ def check_run_file(out_dir: str, record: dict) -> str | None:
                 "arguments to resume it, or give another -o folder"
             )
         return None
+    # run.json is written before any shard: shards or indexes without it come from a run
+    # whose arguments are unknown, and the resume would keep them as if they were this run's.
+    left = sorted(
+        f
+        for f in os.listdir(out_dir)
+        if (f.startswith("shard-") and f.endswith(".safetensors"))
+        or (f.startswith(("index-rank", "errors-rank")) and f.endswith(".jsonl"))
+    )
+    if left:
+        return (
+            f"{out_dir} holds {left[0]} and {len(left) - 1} other shard or index files but no "
+            "run.json, so they cannot be checked against these arguments; give another -o "
+            "folder, or delete them"
+        )
     write_bytes_atomic(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     return None
 

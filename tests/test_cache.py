@@ -467,3 +467,23 @@ def test_decode_keeps_the_extension_of_names_that_differ_only_by_it(dataset, tmp
         want = vae.decode(_latents(out)["cat.jpg"][None])[0]
     got = torch.from_numpy(np.array(PIL.open(dec / "cat.jpg.png"))).permute(2, 0, 1)
     assert float((got.float() / 127.5 - 1 - want.clamp(-1, 1)).abs().max()) <= 1 / 127.5 + 1e-6
+
+
+def test_shards_without_run_json_are_not_taken_as_this_runs(dataset, tmp_path, capsys):
+    """With run.json gone, a rerun with --sample kept the first run's mean latents as its
+    own. Now such a folder is refused, and nothing in it changes."""
+    root, _ = dataset
+    out = tmp_path / "lat"
+    args = [str(root / "imgs" / "c"), "--weights", str(root / "vae"), *ENC, "--workers", "0"]
+    assert _encode(args, out) == 2  # c/ holds a corrupt file
+    (out / "run.json").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert _encode([*args, "--sample"], out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdvae: error: "), err
+    assert "holds errors-rank00000.jsonl and 4 other" in err[0] and "no run.json" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "run.json").write_text("{cut off")
+    assert _encode(args, out) == 2
+    assert "run.json is unreadable" in capsys.readouterr().err
