@@ -43,4 +43,4 @@ def test_group_norm(benchmark, shape, dtype, layout, provider, fused):
         x = torch.empty(1, shape[0], shape[1], shape[1], device="cuda", dtype=dtype)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
-        benchmark.extra_info["plan"] = describe_plan(x, cases.GROUPS, residual=fused)
+        benchmark.extra_info["plan"] = describe_plan(x, cases.GROUPS, fused_inputs=fused)

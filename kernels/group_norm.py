@@ -64,12 +64,12 @@ Let ``L = Cg * S`` and ``P = next_pow2(L)``.
      ``cdiv(STATS_MIN_WAVES * wave, rows)`` (4 waves or more, so that the last, partly
      filled one is a small part of the time); clamped to ``[1, sblocks]`` and trimmed so no
      chunk is empty. ``per_sm`` =
-     ``STATS_PROGRAMS_PER_SM`` = 3 for fp16/bf16 without a residual,
-     ``STATS_PROGRAMS_PER_SM_WIDE`` = 2 for fp32 or with a residual.
-     That is one wave (all chunks advance together and end together, see the apply order
-     below) at the registers ptxas gives the stats kernel for sm_90 on the VAE's tiles:
-     64-80 per thread for fp16/bf16 (3 programs of 256 threads fit: <= 85), 79-115 with
-     input_bias and residual, 70-102 in fp32, 128 in fp32 with a residual (2 fit: <= 128).
+     ``STATS_PROGRAMS_PER_SM`` = 3 for plain fp16/bf16, ``STATS_PROGRAMS_PER_SM_WIDE`` = 2
+     for fp32 or with an input_bias or a residual. That is one wave (all chunks advance
+     together and end together, see the apply order below) at the registers ptxas gives the
+     stats kernel for sm_80/sm_90 on the VAE's tiles: 64-80 per thread for plain fp16/bf16
+     (3 programs of 256 threads fit: <= 85), 64-98 with an input_bias, 79-115 with a
+     residual, 70-102 in fp32, up to 128 in fp32 with a residual (2 fit: <= 128).
      Each iteration loads two tiles before using either (32 KB in flight per SM in fp16).
      Writes per-(sample, channel, chunk) (mean, M2) of ``s - K``: 8 bytes per channel per
      chunk.
@@ -587,14 +587,14 @@ def plan(
     num_sms: int,
     *,
     itemsize: int = 2,
-    residual: bool = False,
+    fused_inputs: bool = False,
     interpret: bool = False,
     path: str | None = None,
     chunks: int | None = None,
 ) -> Plan:
-    """The launch rule for one shape (``itemsize``: bytes per value of x; ``residual``: one is
-    fused). ``path`` ("single" / "two_pass") and ``chunks`` force a strategy / split (tests);
-    ``interpret`` selects the interpreter's small constants."""
+    """The launch rule for one shape (``itemsize``: bytes per value of x; ``fused_inputs``:
+    an input_bias or a residual is read too). ``path`` ("single" / "two_pass") and ``chunks``
+    force a strategy / split (tests); ``interpret`` selects the interpreter's constants."""
     single_max = INTERPRET_SINGLE_MAX if interpret else SINGLE_MAX
     tile = INTERPRET_TILE if interpret else TILE
     group_p2 = _next_pow2((c // groups) * s)
@@ -616,7 +616,7 @@ def plan(
     cblocks = -(-c // block_c)
     sblocks = -(-s // block_s)
     if chunks is None:
-        wide = itemsize > 2 or residual
+        wide = itemsize > 2 or fused_inputs
         per_sm = STATS_PROGRAMS_PER_SM_WIDE if wide else STATS_PROGRAMS_PER_SM
         wave, rows = per_sm * num_sms, n * cblocks
         # one wave when the rows leave room; otherwise at least STATS_MIN_WAVES waves, so the
@@ -655,19 +655,19 @@ def _layout(x: torch.Tensor) -> str | None:
     return None
 
 
-def _plan_for(x: torch.Tensor, num_groups: int, residual: bool) -> Plan:
+def _plan_for(x: torch.Tensor, num_groups: int, fused_inputs: bool) -> Plan:
     layout = _layout(x) or "nchw"
     n, c = x.shape[0], x.shape[1]
     s = x.shape[2:].numel()
-    interpret = x.device.type != "cuda"
-    return plan(n, c, s, num_groups, layout == "channels_last", _num_sms(x.device),
-                itemsize=x.element_size(), residual=residual, interpret=interpret)  # fmt: skip
+    cl = layout == "channels_last"
+    return plan(n, c, s, num_groups, cl, _num_sms(x.device), itemsize=x.element_size(),
+                fused_inputs=fused_inputs, interpret=x.device.type != "cuda")  # fmt: skip
 
 
-def describe_plan(x: torch.Tensor, num_groups: int, *, residual: bool = False) -> str:
-    """One line saying what ``group_norm`` launches for ``x`` (with a fused residual when
-    ``residual``); the bench logs it."""
-    p = _plan_for(x, num_groups, residual)
+def describe_plan(x: torch.Tensor, num_groups: int, *, fused_inputs: bool = False) -> str:
+    """One line saying what ``group_norm`` launches for ``x`` (``fused_inputs``: with an
+    input_bias or a residual); the bench logs it."""
+    p = _plan_for(x, num_groups, fused_inputs)
     grids = p.grids(x.shape[0], num_groups)
     if p.path == "single":
         return f"single: block {p.block}, {p.num_warps} warps, {grids['single']} programs"
@@ -798,7 +798,8 @@ def _launch(
     s = x.shape[2:].numel()
     cg = c // num_groups
     p = plan(n, c, s, num_groups, cl, _num_sms(x.device), itemsize=x.element_size(),
-             residual=residual is not None, interpret=x.device.type != "cuda", path=path,
+             fused_inputs=input_bias is not None or residual is not None,
+             interpret=x.device.type != "cuda", path=path,
              chunks=chunks)  # fmt: skip
     ib = input_bias if input_bias is not None else x
     r = residual if residual is not None else x

@@ -307,11 +307,12 @@ def test_plan_fills_an_h200_at_vae_shapes(shape, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_stats_programs_per_sm_follow_the_rule(layout):
-    """3 per SM for 2-byte values, 2 for fp32 or with a residual (one wave, module header)."""
+    """3 per SM for plain 2-byte values, 2 for fp32 or with an input_bias or a residual (one
+    wave, module header)."""
     cl = layout == "channels_last"
     for kw, per_sm in [
         ({}, gn.STATS_PROGRAMS_PER_SM),
-        ({"residual": True}, gn.STATS_PROGRAMS_PER_SM_WIDE),
+        ({"fused_inputs": True}, gn.STATS_PROGRAMS_PER_SM_WIDE),
         ({"itemsize": 4}, gn.STATS_PROGRAMS_PER_SM_WIDE),
     ]:
         p = gn.plan(1, 128, 1024 * 1024, 32, cl, 132, **kw)

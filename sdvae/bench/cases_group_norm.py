@@ -121,7 +121,7 @@ def make_case(
     elif provider == "sdvae":
         from sdvae.kernels.group_norm import describe_plan, group_norm
 
-        picked = describe_plan(x, GROUPS, residual=fused)
+        picked = describe_plan(x, GROUPS, fused_inputs=fused)
         log(f"    group_norm plan for 1x{channels}x{hw}x{hw} {layout}: {picked}")
         if fused:
 
