@@ -728,7 +728,7 @@ def _latent_files(arg: str) -> list[str]:
     raise InputError(f"{arg}: no such file or folder; give latents files or shard folders")
 
 
-def _items_of(path: str, channels: int) -> list[_LatentItem]:
+def _items_of(path: str, channels: int, factors=None) -> list[_LatentItem]:
     from safetensors import safe_open
 
     fix = "give files written by `sdvae encode` (or a safetensors file with a 'latents' tensor)"
@@ -755,6 +755,15 @@ def _items_of(path: str, channels: int) -> list[_LatentItem]:
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: shard metadata 'sdvae' is unreadable; {fix}") from exc
     if info is not None and info.get("format") == SHARD_FORMAT:
+        # Two models with the same latent channels (SD and SDXL, SD3 and FLUX) scale their
+        # latents differently: decoding with the other one gives wrong images silently.
+        wrote = (info.get("scaling_factor"), info.get("shift_factor"))
+        if factors is not None and wrote != tuple(factors):
+            raise InputError(
+                f"{path}: latents scaled by {wrote[0]} (shift {wrote[1]}), but this model "
+                f"uses {factors[0]} (shift {factors[1]}); give the --weights/--config of "
+                "the model that wrote them"
+            )
         if "latents" in shapes:
             shape = shapes["latents"]
             if len(shape) != 4 or shape[0] != len(sources):
@@ -787,7 +796,9 @@ def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int =
     """Decode latents files and shard folders to PNGs under ``out_dir`` (sub-folders of the
     sources kept). Every input is checked before anything is written. Returns the count."""
     files = [f for arg in inputs for f in _latent_files(arg)]
-    items = [it for f in files for it in _items_of(f, vae.config.latent_channels)]
+    cfg = vae.config
+    factors = (cfg.scaling_factor, cfg.shift_factor)
+    items = [it for f in files for it in _items_of(f, cfg.latent_channels, factors)]
     # Images whose names differ only by their extension (cat.jpg, cat.png: one shard can
     # hold both) keep it: cat.jpg.png, cat.png.png.
     by_name: dict[str, list[_LatentItem]] = {}

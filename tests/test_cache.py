@@ -487,3 +487,24 @@ def test_shards_without_run_json_are_not_taken_as_this_runs(dataset, tmp_path, c
     (out / "run.json").write_text("{cut off")
     assert _encode(args, out) == 2
     assert "run.json is unreadable" in capsys.readouterr().err
+
+
+def test_decode_refuses_latents_of_another_scaling(dataset, tmp_path, capsys):
+    """Same channels, other scaling factor (SD latents, SDXL weights): decode wrote wrong
+    images without a word. Now it says which model wrote them, and writes nothing."""
+    root, _ = dataset
+    out = tmp_path / "lat"
+    args = [str(root / "imgs" / "a" / "img00.jpg"), "--weights", str(root / "vae"), *ENC]
+    assert _encode([*args, "--workers", "0"], out) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(CFG.replace(scaling_factor=0.5).to_diffusers()))
+    weights = root / "vae" / "diffusion_pytorch_model.safetensors"
+    (other / "diffusion_pytorch_model.safetensors").write_bytes(weights.read_bytes())
+    capsys.readouterr()
+    cmd = ["decode", str(out), "--device", "cpu", "--no-fuse", "-o", str(tmp_path / "dec")]
+    assert cli.main([*cmd, "--weights", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scaled by 0.18215 (shift 0.0), but this model uses 0.5" in err[0]
+    assert not (tmp_path / "dec").exists()
+    assert cli.main([*cmd, "--weights", str(root / "vae")]) == 0
