@@ -192,7 +192,12 @@ def load_image(
 
     with Image.open(path) as im:
         im.load()
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        png = im.format == "PNG"
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16") or (im.mode == "I" and png):
+            # 16-bit grey: convert("RGB") clips at 255 (a white image); scale to 8 bits.
+            im = im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+        im = im.convert("RGB")
     w0, h0 = im.size
     if isinstance(size, list):
         size = _nearest_bucket(size, h0, w0)

@@ -303,6 +303,15 @@ def test_load_image_cover_box_stays_inside(tmp_path, h0, w0, size):
     assert abs((right - left) / (bottom - top) - size[1] / size[0]) < 1e-3
 
 
+def test_load_image_16_bit_grey(tmp_path):
+    """A 16-bit grey PNG came out almost all white (convert("RGB") clips at 255)."""
+    a = np.linspace(0, 65535, 16 * 24).reshape(16, 24).astype(np.uint16)
+    PIL.fromarray(a).save(tmp_path / "g.png")
+    image, _ = cache.load_image(str(tmp_path / "g.png"), None, "cover", 8)
+    want = torch.from_numpy((a >> 8).astype(np.uint8)).expand(3, 16, 24)
+    assert torch.equal(image, want)
+
+
 def test_load_image_odd_size_and_too_small(tmp_path):
     PIL.fromarray(np.zeros((21, 30, 3), np.uint8)).save(tmp_path / "x.png")
     image, meta = cache.load_image(str(tmp_path / "x.png"), None, "cover", 8)
