@@ -775,9 +775,14 @@ def _launch(
     *,
     path=None,
     chunks=None,
+    out=None,
 ):
     """Run the Triton kernels on validated input; returns (y, s or None). ``path`` and
-    ``chunks`` force the launch rule's strategy and split (tests)."""
+    ``chunks`` force the launch rule's strategy and split (tests). ``out`` (checked by
+    ``_check_out``) receives y; it may be x itself: every program reads the values it
+    overwrites before it writes them (one launch: the whole group is in registers; two
+    passes: statistics are complete before the apply pass, whose programs each read and
+    write one tile)."""
     layout = _layout(x)
     if layout is None:
         x = x.contiguous()
@@ -790,7 +795,12 @@ def _launch(
             residual = residual.contiguous()
             res_layout = "nchw"
         res_cl = res_layout == "channels_last"
-    y = _empty_like_layout(x, layout)
+    if out is not None and out.stride() != x.stride():  # x was made contiguous above
+        raise ValueError(
+            f"out must have the strides of x's layout {tuple(x.stride())}, "
+            f"got {tuple(out.stride())}"
+        )
+    y = _empty_like_layout(x, layout) if out is None else out
     total = _empty_like_layout(x, layout) if return_sum else None
     if x.numel() == 0:
         return y, total
@@ -835,13 +845,35 @@ def _launch(
     return y, total
 
 
-def _forward(x, num_groups, weight, bias, eps, silu, input_bias, residual, return_sum):
+def _forward(x, num_groups, weight, bias, eps, silu, input_bias, residual, return_sum, out=None):
     args = (x, num_groups, weight, bias, eps)
     kw = dict(silu=silu, input_bias=input_bias, residual=residual, return_sum=return_sum)
     if not_supported_reasons(*args, **kw):
-        out = group_norm_reference(*args, **kw)
-        return out if return_sum else (out, None)
-    return _launch(*args, silu, input_bias, residual, return_sum)
+        ref = group_norm_reference(*args, **kw)
+        y, total = ref if return_sum else (ref, None)
+        if out is not None:
+            out.copy_(y)
+            y = out
+        return y, total
+    return _launch(*args, silu, input_bias, residual, return_sum, out=out)
+
+
+def _check_out(out, x, residual) -> None:
+    """``out`` for ``group_norm(..., out=)``: x's shape, dtype, device and dense layout; it may
+    be x itself, but not the residual (a different tensor read while y is written)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got shape "
+            f"{tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
+    if _layout(out) is None or out.stride() != x.stride():
+        raise ValueError(
+            f"out must be dense with x's strides {tuple(x.stride())}, got {tuple(out.stride())}"
+        )
+    if residual is not None and out.data_ptr() == residual.data_ptr():
+        raise ValueError("out must not be the residual (it is read while y is written)")
 
 
 # ------------------------------------------------------------------------ torch.library ops
@@ -955,20 +987,37 @@ def group_norm(
     input_bias=None,
     residual=None,
     return_sum=False,
+    out=None,
 ):
     """GroupNorm of ``s = x + input_bias[c] + residual`` over (N, C, *spatial), with optional
     fused SiLU; same memory format out as ``x``. Returns ``y``, or ``(y, s)`` when
     ``return_sum`` (``s`` written once by the same kernel, in ``x``'s dtype and layout).
+
+    ``out``: where to write ``y`` (x's shape, dtype and strides); ``out=x`` normalises in
+    place, which is what lets a model free the input's memory (the kernels read every value
+    before they overwrite it). Not with inputs that require grad.
 
     CUDA tensors run the Triton kernels; CPU tensors run ``group_norm_reference`` unless
     ``TRITON_INTERPRET=1``; inputs requiring grad (with grad mode on) run the reference.
     Also available as ``torch.ops.sdvae.group_norm(x, num_groups, weight, bias, eps, silu,
     input_bias=None, residual=None)`` and ``torch.ops.sdvae.group_norm_sum(...)`` -> (y, s).
     """
+    if out is not None:
+        _check(x, num_groups, weight, bias, eps, input_bias, residual)
+        _check_out(out, x, residual)
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, input_bias, residual)
+        ):
+            raise ValueError("out= is for inference: an input requires grad")
     if torch.compiler.is_compiling():
         op = torch.ops.sdvae.group_norm_sum if return_sum else torch.ops.sdvae.group_norm
-        return op(x, num_groups, weight, bias, float(eps), bool(silu), input_bias, residual)
+        res = op(x, num_groups, weight, bias, float(eps), bool(silu), input_bias, residual)
+        if out is None:
+            return res
+        y, total = res if return_sum else (res, None)
+        out.copy_(y)
+        return (out, total) if return_sum else out
     y, total = _forward(
-        x, num_groups, weight, bias, eps, silu, input_bias, residual, bool(return_sum)
+        x, num_groups, weight, bias, eps, silu, input_bias, residual, bool(return_sum), out
     )
     return (y, total) if return_sum else y

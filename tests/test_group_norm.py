@@ -705,3 +705,50 @@ def test_over_2_31_elements_on_gpu(layout):
             torch.nn.functional.group_norm(x[i : i + 1].float(), 32, eps=EPS)
         )
         assert_close(y[i : i + 1], ref, torch.float16, name=f"sample {i}")
+
+
+# ------------------------------------------------------------------------- out= / in place
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_out_in_place_on_each_path(device, layout, path):
+    """out=x overwrites x with y (what lets the model free its activations early); the
+    result equals the float64 reference on both paths, with and without an input bias."""
+    _device_or_skip(device)
+    for ib in (False, True):
+        x = _input(2, 12, (5, 7), torch.float32, device, layout)
+        w, b = _affine(12, torch.float32, device)
+        cb = _vec(12, torch.float32, device) if ib else None
+        want = _ref(x, 3, w, b, True, input_bias=cb)
+        ptr = x.data_ptr()
+        y, _ = gn._launch(x, 3, w, b, EPS, True, cb, path=path, out=x)
+        assert y.data_ptr() == ptr and y is x
+        assert_close(x, want, torch.float32, name=f"in place {path} ib={ib}")
+
+
+def test_out_public_function_and_reference_path(device):
+    x = _input(1, 8, (4, 4), torch.float32, device, "nchw")
+    w, b = _affine(8, torch.float32, device)
+    want = _ref(x, 2, w, b, False)
+    out = torch.empty_like(x)
+    y = K.group_norm(x, 2, w, b, EPS, out=out)
+    assert y is out
+    assert_close(out, want, torch.float32)
+    y = K.group_norm(x, 2, w, b, EPS, out=x)  # the reference path (no interpreter) too
+    assert y is x
+    assert_close(x, want, torch.float32)
+
+
+def test_out_bad_arguments():
+    x = torch.randn(1, 8, 4, 4)
+    with pytest.raises(TypeError, match="out"):
+        K.group_norm(x, 2, out=[1])
+    with pytest.raises(ValueError, match="out must match x"):
+        K.group_norm(x, 2, out=torch.empty(1, 8, 4, 5))
+    with pytest.raises(ValueError, match="out must be dense with x's strides"):
+        K.group_norm(x, 2, out=torch.empty_like(x).to(memory_format=torch.channels_last))
+    r = torch.randn_like(x)
+    with pytest.raises(ValueError, match="out must not be the residual"):
+        K.group_norm(x, 2, residual=r, out=r)
+    xg = x.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="inference"):
+        K.group_norm(xg, 2, out=torch.empty_like(x))
