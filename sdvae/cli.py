@@ -350,18 +350,22 @@ def _model_args(p, batch_size: int):
     p.add_argument("--no-fuse", action="store_true", help="run the eager reference model")
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        v = int(text)
+    except ValueError:  # argparse would say "invalid _positive value"
+        v = None
+    if v is None or v < low:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least {low}")
     return v
+
+
+def _positive(text: str) -> int:
+    return _int_at_least(text, 1)
 
 
 def _non_negative(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 0")
-    return v
+    return _int_at_least(text, 0)
 
 
 def main(argv: list[str] | None = None) -> int:

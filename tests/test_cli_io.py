@@ -213,3 +213,18 @@ def test_profile_header_names_the_dtype_that_ran(tmp_path, weights, capsys, monk
     out = capsys.readouterr().out
     assert "encode + decode of one 16x16 image, bfloat16, CPU" in out
     assert "| category |" in out and "| kernel | category | calls |" in out
+
+
+@pytest.mark.parametrize(
+    "option, value, low",
+    [("--batch-size", "x", 1), ("--workers", "-1", 0), ("--shard-size", "0", 1)],
+)
+def test_count_options_say_what_to_give(option, value, low, capsys):
+    """argparse said "invalid _positive value: 'x'" (the name of a helper function)."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["encode", "a.png", "--weights", "w", "-o", "o", option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"sdvae encode: error: argument {option}: {value!r}: give a whole number of at least {low}"
+    )
