@@ -58,7 +58,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .io import InputError, Progress, pil, write_bytes_atomic, write_image
+from .io import InputError, Progress, make_out_dir, pil, write_bytes_atomic, write_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -822,10 +822,7 @@ def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int =
                 "decode them into separate -o folders"
             )
         seen[it.out_name] = it.file
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"-o {out_dir}: cannot create the folder ({exc.strerror})") from exc
+    make_out_dir(out_dir)
     return _decode_items(vae, items, out_dir, batch_size)
 
 

@@ -224,10 +224,9 @@ def _default_workers() -> int:
 
 
 def _make_out_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"-o {path}: cannot create the folder ({exc.strerror})") from exc
+    from .io import make_out_dir
+
+    make_out_dir(path)
 
 
 def _encode(args) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -58,6 +59,22 @@ def write_image(t: torch.Tensor, path: str) -> None:
     image = pil().fromarray(to_uint8(t))
     with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
+
+
+def make_out_dir(path: str, option: str = "-o") -> None:
+    """Create the output folder and check that a file can be written in it (an existing
+    read-only folder would otherwise fail with a traceback at the first output)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{option} {path}: cannot create the folder ({exc.strerror})") from exc
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".sdvae-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"{option} {path}: cannot write in the folder ({exc.strerror}); give a writable one"
+        ) from exc
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -228,3 +229,24 @@ def test_count_options_say_what_to_give(option, value, low, capsys):
     assert err == (
         f"sdvae encode: error: argument {option}: {value!r}: give a whole number of at least {low}"
     )
+
+
+def _unwritable_dir() -> str | None:
+    """An existing folder no file can be created in, even as root (sysfs), or None."""
+    try:
+        with tempfile.NamedTemporaryFile(dir="/sys"):
+            return None
+    except OSError:
+        return "/sys" if os.path.isdir("/sys") else None
+
+
+@pytest.mark.skipif(_unwritable_dir() is None, reason="needs a read-only folder such as /sys")
+def test_existing_unwritable_output_folder(tmp_path, weights, capsys):
+    """An existing folder that cannot be written in gave a traceback (writing run.json, or
+    the first decoded image)."""
+    _, _, folder = weights
+    _png(tmp_path / "a.png", 8, 8, 0)
+    save_file({"latents": torch.zeros(4, 2, 2)}, tmp_path / "ok.safetensors")
+    common = ["--weights", str(folder), "--device", "cpu", "--no-fuse", "-o", _unwritable_dir()]
+    for argv in (["encode", str(tmp_path / "a.png")], ["decode", str(tmp_path / "ok.safetensors")]):
+        _fails(capsys, [*argv, *common], "-o /sys: cannot write in the folder", "writable")
