@@ -44,9 +44,17 @@ class GroupNorm(nn.GroupNorm):
         self.silu = silu
         self.fused = False
 
-    def forward(self, x: torch.Tensor, input_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_bias: torch.Tensor | None = None,
+        *,
+        inplace: bool = False,
+    ) -> torch.Tensor:
         """GroupNorm(+SiLU) of ``x + input_bias[c]`` (``input_bias``: the producing conv's
-        bias, left out of that conv so that it is added here, inside the kernel's loads)."""
+        bias, left out of that conv so that it is added here, inside the kernel's loads).
+        ``inplace``: the fused kernel may write the result over ``x`` (the caller will not
+        read ``x`` again); callers always use the returned tensor."""
         if self.fused:
             from . import kernels
 
@@ -58,6 +66,7 @@ class GroupNorm(nn.GroupNorm):
                 self.eps,
                 silu=self.silu,
                 input_bias=input_bias,
+                out=x if inplace and not torch.compiler.is_compiling() else None,
             )
         if input_bias is not None:
             x = x + input_bias.view(1, -1, *([1] * (x.dim() - 2)))
@@ -117,13 +126,8 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, pending_bias: torch.Tensor | None = None) -> torch.Tensor:
         """The block of ``x + pending_bias[c]`` (``pending_bias``: the bias of the upsampler
-        before it, folded in here instead of being added to its output).
-
-        Fused (``norm2.fused``): conv1 runs without its bias, which norm2 adds in its loads;
-        conv2's bias and the residual go into conv2's epilogue (one cuDNN graph when the
-        convs are fused). A pending bias enters norm1's loads and the residual: through the
-        1x1 shortcut as ``W @ pending`` added to its bias, else into conv2's bias. Unfused,
-        this is the plain eager block."""
+        before it, folded in here instead of being added to its output; see ``run``).
+        Unfused, this is the plain eager block."""
         if not self.norm2.fused and pending_bias is None:
             h = self.conv1(self.norm1(x))
             h = self.norm2(h)
@@ -131,20 +135,48 @@ class ResnetBlock(nn.Module):
             if self.conv_shortcut is not None:
                 x = self.conv_shortcut(x)
             return x + h
+        state = [x]
+        del x
+        self.run(state, pending_bias, owned=False)
+        return state.pop()
+
+    def run(self, state: list, pending_bias: torch.Tensor | None = None, *, owned: bool) -> None:
+        """The fused block on ``state = [x]``, replaced by ``[output]``: the block holds the
+        only reference it needs, so each activation is freed as soon as its last reader ran.
+
+        * conv1 runs without its bias, which norm2 adds in its loads (when norm2 is fused);
+          conv2's bias and the residual go into conv2's epilogue (one cuDNN graph when the
+          convs are fused).
+        * A pending bias (the upsampler's, see ``Decoder.forward``) enters norm1's loads and
+          the residual: through the 1x1 shortcut as ``W @ pending`` added to its bias, else
+          into conv2's bias.
+        * Memory: norm2 writes over conv1's output; with ``owned`` (x is the model's own
+          activation, read by no one after this block) and a shortcut, the shortcut runs
+          first and norm1 then writes over x. At the decoder's last level (256 -> 128
+          channels at 2048^2, 2 GiB per 256-channel tensor in fp16) that is the difference
+          between five live tensors' worth and four."""
+        x = state.pop()
         fold = self.norm2.fused
-        h = self.conv1(self.norm1(x, input_bias=pending_bias), bias=not fold)
-        h = self.norm2(h, input_bias=self.conv1.bias if fold else None)
-        bias2 = True
         if self.conv_shortcut is not None:
             sb = (
                 True
                 if pending_bias is None
                 else _bias_through_1x1(self.conv_shortcut, pending_bias)
             )
-            x = self.conv_shortcut(x, bias=sb)
-        elif pending_bias is not None:
-            bias2 = self.conv2.bias + pending_bias if self.conv2.bias is not None else pending_bias
-        return self.conv2(h, residual=x, bias=bias2)
+            res = self.conv_shortcut(x, bias=sb)
+            h = self.norm1(x, input_bias=pending_bias, inplace=owned)
+            del x
+        else:
+            res = x
+            del x
+            h = self.norm1(res, input_bias=pending_bias)
+        h = self.conv1(h, bias=not fold)
+        h = self.norm2(h, input_bias=self.conv1.bias if fold else None, inplace=True)
+        bias2 = True
+        if self.conv_shortcut is None and pending_bias is not None:
+            b2 = self.conv2.bias
+            bias2 = pending_bias if b2 is None else b2 + pending_bias
+        state.append(self.conv2(h, residual=res, bias=bias2))
 
 
 class AttentionBlock(nn.Module):
@@ -325,24 +357,31 @@ class _Level(nn.Module):
         else:
             setattr(self, sampler_name, None)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        pending_bias: torch.Tensor | None = None,
-        *,
-        defer_bias: bool = False,
-    ):
-        """The level's output. In the decoder (``Decoder.forward``) a fused upsampler's bias
-        can be passed on instead of added (``defer_bias``): the level then returns
-        ``(x, bias)``, and the next level takes it as ``pending_bias`` (see ``ResnetBlock``)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resnets:
+            x = block(x)
+        sampler = getattr(self, self.sampler_name)
+        return x if sampler is None else sampler[0](x)
+
+    def run(
+        self, state: list, pending_bias: torch.Tensor | None = None, *, defer_bias: bool = False
+    ) -> torch.Tensor | None:
+        """``forward`` on ``state = [x]`` (see ``ResnetBlock.run``). In the decoder
+        (``Decoder.forward``) a fused upsampler's bias can be handed on instead of added
+        (``defer_bias``): it is returned, and the next level takes it as ``pending_bias``;
+        else None is returned."""
         for i, block in enumerate(self.resnets):
-            x = block(x, pending_bias) if i == 0 and pending_bias is not None else block(x)
+            block.run(state, pending_bias if i == 0 else None, owned=True)
         sampler = getattr(self, self.sampler_name)
         if sampler is None:
-            return x
+            return None
+        x = state.pop()
         if defer_bias:
-            return sampler[0](x, defer_bias=True)
-        return sampler[0](x)
+            x, bias = sampler[0](x, defer_bias=True)
+            state.append(x)
+            return bias
+        state.append(sampler[0](x))
+        return None
 
 
 class MidBlock(nn.Module):
@@ -363,6 +402,19 @@ class MidBlock(nn.Module):
         if self.attentions is not None:
             x = self.attentions[0](x)
         return self.resnets[1](x)
+
+    def run(self, state: list) -> None:
+        """``forward`` on ``state = [x]`` (see ``ResnetBlock.run``)."""
+        self.resnets[0].run(state, owned=True)
+        if self.attentions is not None:
+            state.append(self.attentions[0](state.pop()))
+        self.resnets[1].run(state, owned=True)
+
+
+def _fused_run(part) -> bool:
+    """Whether ``part`` (Encoder/Decoder) runs its blocks through ``run``: the fused path,
+    where activations are freed early and GroupNorms write in place."""
+    return part.conv_norm_out.fused
 
 
 class Encoder(nn.Module):
@@ -386,6 +438,13 @@ class Encoder(nn.Module):
         self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused_run(self):
+            state = [self.conv_in(x)]
+            del x
+            for level in self.down_blocks:
+                level.run(state)
+            self.mid_block.run(state)
+            return self.conv_out(self.conv_norm_out(state.pop(), inplace=True))
         x = self.conv_in(x)
         for level in self.down_blocks:
             x = level(x)
@@ -414,7 +473,13 @@ class Decoder(nn.Module):
         self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
+        if not _fused_run(self):
+            x = self.mid_block(self.conv_in(z))
+            for level in self.up_blocks:
+                x = level(x)
+            return self.conv_out(self.conv_norm_out(x))
+        state = [self.conv_in(z)]
+        self.mid_block.run(state)
         pending = None
         levels = list(self.up_blocks)
         for level, after in zip(levels, levels[1:] + [None]):
@@ -426,11 +491,8 @@ class Decoder(nn.Module):
                 and level.upsamplers[0].fused
                 and after.resnets[0].norm1.fused
             )
-            if defer:
-                x, pending = level(x, pending, defer_bias=True)
-            else:
-                x, pending = level(x, pending), None
-        return self.conv_out(self.conv_norm_out(x))
+            pending = level.run(state, pending, defer_bias=defer)
+        return self.conv_out(self.conv_norm_out(state.pop(), inplace=True))
 
 
 def sample_reference(

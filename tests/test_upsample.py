@@ -145,14 +145,14 @@ def test_decoder_defers_upsampler_bias_into_the_next_block(monkeypatch, channels
     fast = sdvae.optimize(sdvae.VAE(cfg).eval())
     fast.load_state_dict(ref.state_dict())
     seen = []
-    original = ResnetBlock.forward
+    original = ResnetBlock.run
 
-    def spy(self, x, pending_bias=None):
+    def spy(self, state, pending_bias=None, *, owned):
         if pending_bias is not None:
             seen.append(self.conv_shortcut is not None)
-        return original(self, x, pending_bias)
+        return original(self, state, pending_bias, owned=owned)
 
-    monkeypatch.setattr(ResnetBlock, "forward", spy)
+    monkeypatch.setattr(ResnetBlock, "run", spy)
     z = torch.randn(2, cfg.latent_channels, 3, 5)
     out = fast.decode(z)
     assert len(seen) == len(channels) - 1
