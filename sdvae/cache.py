@@ -405,7 +405,11 @@ def _crash_hook(done: int, stage: str) -> bool:
 
 
 def check_run_file(out_dir: str, record: dict) -> str | None:
-    """Write ``run.json`` or check that an existing one matches; returns an error or None."""
+    """Write ``run.json`` or check that an existing one matches; returns an error or None.
+
+    When the run can go on, the merged ``index.jsonl`` and ``errors.jsonl`` of an earlier
+    run are removed (rank 0 writes them again at the end): a rerun that redoes a shard and
+    is killed must not leave a merged index that disagrees with that shard."""
     path = os.path.join(out_dir, "run.json")
     if os.path.isfile(path):
         try:
@@ -423,6 +427,7 @@ def check_run_file(out_dir: str, record: dict) -> str | None:
                 f"{out_dir} holds a run with other arguments ({shown}); rerun with the same "
                 "arguments to resume it, or give another -o folder"
             )
+        _remove_merged(out_dir)
         return None
     # run.json is written before any shard: shards or indexes without it come from a run
     # whose arguments are unknown, and the resume would keep them as if they were this run's.
@@ -438,8 +443,15 @@ def check_run_file(out_dir: str, record: dict) -> str | None:
             "run.json, so they cannot be checked against these arguments; give another -o "
             "folder, or delete them"
         )
+    _remove_merged(out_dir)
     write_bytes_atomic(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     return None
+
+
+def _remove_merged(out_dir: str) -> None:
+    for name in ("index.jsonl", "errors.jsonl"):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
 
 
 def _plan(n_files: int, shard_size: int, rank: int, world: int) -> list[tuple[int, int, int]]:

@@ -517,3 +517,26 @@ def test_decode_refuses_latents_of_another_scaling(dataset, tmp_path, capsys):
     assert len(err) == 1 and "scaled by 0.18215 (shift 0.0), but this model uses 0.5" in err[0]
     assert not (tmp_path / "dec").exists()
     assert cli.main([*cmd, "--weights", str(root / "vae")]) == 0
+
+
+def test_interrupted_rerun_leaves_no_stale_merged_index(dataset, tmp_path):
+    """A rerun that redid a shard and was killed left the previous run's index.jsonl, whose
+    rows need not match the new shard (an image fixed since then shifts the rows)."""
+    root, _ = dataset
+    out = tmp_path / "lat"
+    args = [str(root / "imgs" / "a"), "--weights", str(root / "vae"), *ENC, "--workers", "0"]
+    assert _encode(args, out) == 2  # a/ holds a corrupt file
+    index = _lines(out / "index.jsonl")
+    (out / "shard-000001.safetensors").unlink()
+    p = subprocess.run(
+        [sys.executable, "-m", "sdvae.cli", "encode", *args, "-o", str(out)],
+        env=_env(SDVAE_TEST_CRASH="0:errors"),  # killed once the redone shard is renamed
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 1, p.stderr
+    assert (out / "shard-000001.safetensors").exists()
+    assert not (out / "index.jsonl").exists() and not (out / "errors.jsonl").exists()
+    assert _encode(args, out) == 2
+    assert _lines(out / "index.jsonl") == index
