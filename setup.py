@@ -139,12 +139,14 @@ def _extension():
     include_dirs, link_args = [], []
     fe_inc, fe_reason = _find_cudnn_frontend()
     cudnn_inc, cudnn_lib, cudnn_reason = _find_cudnn(cuda_home)
+    nvrtc_inc, nvrtc_lib = _find_nvrtc(cuda_home)
+    if fe_inc and cudnn_inc and not nvrtc_inc:
+        fe_inc, fe_reason = None, "nvrtc.h not found (cudnn-frontend's headers include it)"
     if fe_inc and cudnn_inc:
         # cudnn.h first: the frontend must see the cuDNN that torch loads at run time.
         include_dirs = [cudnn_inc, fe_inc]
         # Link the very library torch uses (DT_NEEDED libcudnn.so.9, found already loaded).
         link_args = [cudnn_lib]
-        nvrtc_inc, nvrtc_lib = _find_nvrtc(cuda_home)
         if nvrtc_inc and nvrtc_inc != os.path.join(cuda_home, "include"):
             include_dirs.append(nvrtc_inc)
         if nvrtc_lib:

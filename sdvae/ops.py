@@ -109,13 +109,14 @@ def _check_args(
         )
     if weight.shape[1] != x.shape[1]:
         raise ValueError(
-            f"{op}: weight has {weight.shape[1]} input channels but x has {x.shape[1]} "
-            "(groups = 1)"
+            f"{op}: weight has {weight.shape[1]} input channels but x has {x.shape[1]} (groups = 1)"
         )
     if min(weight.shape) < 1:
         raise ValueError(f"{op}: weight must have non-zero sizes, got {tuple(weight.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        raise ValueError(
+            f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
+        )
     if x.dtype not in _DTYPES:
         raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
@@ -248,13 +249,9 @@ def conv2d(
     if not isinstance(fuse_epilogue, bool):
         raise TypeError(f"conv2d: fuse_epilogue must be a bool, got {type(fuse_epilogue).__name__}")
     if _needs_grad(x, weight, bias, residual):
-        return conv2d_reference(
-            x, weight, bias, stride=stride, padding=padding, residual=residual
-        )
+        return conv2d_reference(x, weight, bias, stride=stride, padding=padding, residual=residual)
     _check_device("conv2d", x)
-    return torch.ops.sdvae.conv2d(
-        x, weight, bias, stride, list(padding), residual, fuse_epilogue
-    )
+    return torch.ops.sdvae.conv2d(x, weight, bias, stride, list(padding), residual, fuse_epilogue)
 
 
 def pad_conv2d(
