@@ -1,5 +1,6 @@
 // CUDA half of sdvae::conv2d (and of sdvae::pad_conv2d): one cuDNN graph per call shape,
-//   y = conv(x, w; stride, pre_padding (top, left), post_padding (bottom, right)) [+ bias] [+ residual]
+//   y = conv(x, w; stride, pre_padding (top, left), post_padding (bottom, right))
+//       [+ bias] [+ residual]
 // built with cudnn-frontend's header-only C++ graph API (the `nvidia-cudnn-frontend` wheel's
 // include/ folder; setup.py finds it) against the cuDNN library torch already loads.
 //
@@ -13,13 +14,13 @@
 // (`sdvae bench conv`), so both are callable: `fuse_epilogue` = false runs the bare graph and
 // adds bias and residual with ATen afterwards.
 //
-// Plans: one per (device, dtype, memory layout, shapes, strides, pointer alignments, padding,
-// stride, epilogue, TF32 setting), built on first use and kept in a process-wide map (mutex
-// protected); the second call with the same key builds nothing (`sdvae._C.conv2d_stats()`
+// Plans: one per (device, dtype, memory layout, shapes, pointer alignments, padding, stride,
+// epilogue, TF32 and determinism settings), built on first use and kept in a process-wide map
+// (mutex protected); the second call with the same key builds nothing (`sdvae.ops.plan_stats()`
 // counts the builds). A graph that cuDNN refuses (validate / heuristics / check_support /
 // build fails) is remembered as refused with cuDNN's message: every call with that key runs
 // the eager path (at::conv2d of the padded input, + residual) and the reason is recorded once
-// in the fallback list that `sdvae check` prints (`sdvae.ops.conv2d_fallback_reasons()`) and
+// in the fallback list that `sdvae check` prints (`sdvae.ops.fallback_reasons()`) and
 // warned once. A failure while *executing* a plan that was built is an error, never a fallback.
 //
 // Execution: torch's cuDNN handle for the current device with the current stream, workspace
@@ -29,6 +30,11 @@
 // epilogue runs in fp32 (intermediate type FLOAT). Engines that down-convert their inputs are
 // never taken; for fp32, engines on tensor cores (TF32) are taken only when
 // torch.backends.cudnn.allow_tf32 is on, as for torch's own convolutions.
+// Host code that runs once per plan: cudnn-frontend's headers (templates, JSON) take GCC 154 s
+// and 3.7 GB at -O3 for this one file, 83 s at -O1 (2-core VM), so this file is built at -O1.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("O1")
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/cudnn/Handle.h>
@@ -112,7 +118,7 @@ std::string describe(fe::error_t e, const char* step) {
 std::shared_ptr<GraphPlan> build_plan(const ConvGeometry& g, const at::Tensor& x,
                                       const at::Tensor& w, const at::Tensor* b,
                                       const at::Tensor* r, const at::Tensor& y, bool tf32,
-                                      cudnnHandle_t handle) {
+                                      bool deterministic, cudnnHandle_t handle) {
   auto plan = std::make_shared<GraphPlan>();
   auto graph = std::make_shared<fe::graph::Graph>();
   const auto io = fe_dtype(x.scalar_type());
@@ -145,8 +151,9 @@ std::shared_ptr<GraphPlan> build_plan(const ConvGeometry& g, const at::Tensor& x
                                .set_dim({1, g.Cout, 1, 1})
                                .set_stride(bias_strides(g.Cout, g.channels_last))
                                .set_alignment(alignment_of(b->const_data_ptr())));
-    Y = graph->pointwise(
-        Y, B, fe::graph::Pointwise_attributes().set_name("bias").set_mode(fe::PointwiseMode_t::ADD));
+    Y = graph->pointwise(Y, B,
+                         fe::graph::Pointwise_attributes().set_name("bias").set_mode(
+                             fe::PointwiseMode_t::ADD));
   }
   if (r != nullptr) {
     auto R = graph->tensor(fe::graph::Tensor_attributes()
@@ -181,10 +188,12 @@ std::shared_ptr<GraphPlan> build_plan(const ConvGeometry& g, const at::Tensor& x
     plan->refused = describe(e, "create_execution_plans");
     return plan;
   }
-  // As torch's own cuDNN convolutions: never an engine that down-converts its inputs, and for
-  // fp32 no tensor-core (TF32) engine unless allow_tf32.
+  // As torch's own cuDNN convolutions: never an engine that down-converts its inputs, for fp32
+  // no tensor-core (TF32) engine unless allow_tf32, and no non-deterministic engine when
+  // torch.backends.cudnn.deterministic (or torch.use_deterministic_algorithms) asks.
   std::vector<fe::NumericalNote_t> excluded{fe::NumericalNote_t::DOWN_CONVERT_INPUTS};
   if (x.scalar_type() == at::kFloat && !tf32) excluded.push_back(fe::NumericalNote_t::TENSOR_CORE);
+  if (deterministic) excluded.push_back(fe::NumericalNote_t::NONDETERMINISTIC);
   graph->deselect_numeric_notes(excluded);
   e = graph->check_support(handle);
   if (e.is_bad()) {
@@ -209,11 +218,11 @@ std::shared_ptr<GraphPlan> build_plan(const ConvGeometry& g, const at::Tensor& x
 
 std::vector<int64_t> plan_key(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w,
                               const at::Tensor* b, const at::Tensor* r, const at::Tensor& y,
-                              bool tf32) {
+                              bool tf32, bool deterministic) {
   // Sizes, layout and pointer alignments fix the graph's tensors; padding, stride, epilogue and
   // TF32 the rest. Strides need no entry: every tensor is dense in the layout given.
   std::vector<int64_t> k{x.device().index(), static_cast<int64_t>(x.scalar_type()), tf32,
-                         g.channels_last};
+                         deterministic, g.channels_last};
   k.insert(k.end(), x.sizes().begin(), x.sizes().end());
   k.insert(k.end(), w.sizes().begin(), w.sizes().end());
   k.insert(k.end(), {g.stride, g.pl, g.pr, g.pt, g.pb});
@@ -235,11 +244,13 @@ bool graph_conv2d_cuda(const ConvGeometry& g, const at::Tensor& x, const at::Ten
                        std::string* why) {
   const c10::cuda::CUDAGuard guard(x.device());
   const bool tf32 = x.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN();
+  const bool deterministic =
+      at::globalContext().deterministicCuDNN() || at::globalContext().deterministicAlgorithms();
   cudnnHandle_t handle = at::native::getCudnnHandle();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   TORCH_CHECK(cudnnSetStream(handle, stream) == CUDNN_STATUS_SUCCESS,
               "conv2d: cudnnSetStream failed");
-  const std::vector<int64_t> key = plan_key(g, x, w, b, r, y, tf32);
+  const std::vector<int64_t> key = plan_key(g, x, w, b, r, y, tf32, deterministic);
   std::shared_ptr<GraphPlan> plan;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
@@ -248,7 +259,7 @@ bool graph_conv2d_cuda(const ConvGeometry& g, const at::Tensor& x, const at::Ten
       plan = it->second;
     } else {
       // Built under the lock: two threads never build the same plan twice, and a build is rare.
-      plan = build_plan(g, x, w, b, r, y, tf32, handle);
+      plan = build_plan(g, x, w, b, r, y, tf32, deterministic, handle);
       g_plans.emplace(key, plan);
       conv2d_note_plan_built(plan->graph != nullptr);
     }
