@@ -120,10 +120,12 @@ ConvGeometry conv2d_check_args(const char* op, const at::Tensor& x, const at::Te
 void conv2d_note_plan_built(bool ok) { (ok ? g_built : g_refused)++; }
 
 void conv2d_record_fallback(const std::string& reason) {
-  std::lock_guard<std::mutex> lock(g_fallback_mutex);
-  if (std::find(g_fallbacks.begin(), g_fallbacks.end(), reason) != g_fallbacks.end()) return;
-  g_fallbacks.push_back(reason);
-  TORCH_WARN("sdvae: ", reason);
+  {
+    std::lock_guard<std::mutex> lock(g_fallback_mutex);
+    if (std::find(g_fallbacks.begin(), g_fallbacks.end(), reason) != g_fallbacks.end()) return;
+    g_fallbacks.push_back(reason);
+  }
+  TORCH_WARN("sdvae: ", reason);  // outside the lock: a warning handler may take the GIL
 }
 
 std::vector<std::string> conv2d_fallbacks() {
