@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sdvae-installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp)
 
 .PHONY: test bench install lint device-check clean
 
@@ -13,6 +13,8 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python $(SOURCES)
 	$(BIN)/python -m pip install -q "setuptools>=64" wheel ninja packaging numpy safetensors "torch>=2.6"
+	# cudnn-frontend's header-only C++ graph API for the cuDNN conv (headers only: no deps).
+	$(BIN)/python -m pip install -q --no-deps "nvidia-cudnn-frontend>=1.32"
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,plot]"
 	$(BIN)/python -c "import sdvae, sdvae._ext as e; print('sdvae', sdvae.__version__, '|', e.build_info())"
 	touch $(STAMP)

@@ -9,11 +9,13 @@
 # sizes, most important suites first, writing the CSV row by row so a timeout keeps what ran.
 # Writes <date>-<gpu>.csv, the markdown table and device_check.log to OUT_DIR, and prints the
 # table last.
-# BENCH_SUITES narrows the benchmark, e.g. `BENCH_SUITES="ceiling pad_conv2d"` to settle the
-# pad_conv2d issue alone (its rows include the kernel at every pipeline depth and cuDNN with a
-# covering padding), and TEST_TIMEOUT / BENCH_TIMEOUT move the caps.
-# Wheels for packages the GPU image lacks (diffusers) are taken from .whl/ when present
-# (see bench/fetch_wheels.sh). Target: under 8 minutes on an H100, which is why the
+# BENCH_SUITES narrows the benchmark, e.g. `BENCH_SUITES="ceiling conv pad_conv2d"` to settle
+# the convolution issue alone (cuDNN's bare conv, sdvae's graph bare / unfused / with its fused
+# epilogue, and eager), and TEST_TIMEOUT / BENCH_TIMEOUT move the caps.
+# Wheels for packages the GPU image lacks (diffusers; nvidia-cudnn-frontend, whose headers the
+# build needs for the cuDNN graph conv) are taken from .whl/ when present (see
+# bench/fetch_wheels.sh); without cudnn-frontend the build goes on and conv2d runs eager, which
+# the build line and `sdvae check` say. Target: under 8 minutes on an H100, which is why the
 # whole-model `compile` rows use torch.compile's default mode here (COMPILE_MODE=...
 # overrides; `sdvae bench` alone defaults to max-autotune-no-cudagraphs, whose autotuning of
 # every conv shape takes longer than this whole script may).
@@ -43,6 +45,8 @@ step() { echo; echo "=== $* ($(date +%T))"; }
     echo "BUILD FAILED"
   fi
   $PY -c 'import sdvae._ext as e; print("sdvae._C:", e.build_info())'
+  $PY -c 'import sdvae.ops as o, sys; sys.exit(0 if o._GRAPH_CONV else 1)' \
+    || echo "NO CUDNN GRAPH CONV: sdvae._C was built without cudnn-frontend (carry .whl/, see bench/fetch_wheels.sh); conv2d and pad_conv2d run eager"
   echo "build took $((SECONDS - t0)) s"
 
   $PY -c 'import diffusers; print("diffusers", diffusers.__version__)' \
@@ -59,7 +63,7 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   # Most important first: the CSV is written row by row, so a timeout keeps what ran.
   timeout ${BENCH_TIMEOUT:-210} $PY -m sdvae.cli bench --out "$OUT_DIR" \
     --compile-mode "${COMPILE_MODE:-default}" --rep-ms "${REP_MS:-100}" \
-    ${BENCH_SUITES:-ceiling decode encode attention group_norm_silu vae_sample pad_conv2d} \
+    ${BENCH_SUITES:-ceiling decode encode conv pad_conv2d attention group_norm_silu vae_sample} \
     > "$OUT_DIR/bench_table.txt" || echo "BENCH FAILED OR TIMED OUT"
   echo "bench took $((SECONDS - t0)) s"
 } 2>&1 | tee "$LOG"

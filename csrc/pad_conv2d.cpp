@@ -45,7 +45,10 @@
 // fp16 and bf16 inputs are widened to fp32 while gathering; the GEMM accumulates in fp32 and each
 // output is rounded once.
 //
-// CUDA strategy: csrc/cuda/pad_conv2d.cu (implicit GEMM on tensor cores, predicated loads).
+// CUDA: the cuDNN graph conv of sdvae::conv2d (csrc/conv2d.cpp, csrc/cuda/conv2d.cpp), with the
+// padding as the conv's pre (top, left) / post (bottom, right) padding: no padded copy either. A
+// hand-written tensor-core kernel lived here before; on an H200 it ran at 0.27-0.54x of cuDNN on
+// an already padded input at every shape, and was removed.
 // The fake (meta) implementation and the argument checks users see first live in sdvae/ops.py.
 //
 // References: K. Chellapilla et al., "High Performance Convolutional Neural Networks for Document
@@ -61,77 +64,20 @@
 #include <optional>
 #include <vector>
 
+#include "conv2d.h"
+
 namespace sdvae {
 
 namespace {
 
-struct Geometry {
-  int64_t N, C, H, W;         // input
-  int64_t Cout, KH, KW;       // weight
-  int64_t stride;
-  int64_t pl, pr, pt, pb;     // padding: left, right, top, bottom
-  int64_t OH, OW;             // output
-  bool channels_last;         // input (and therefore output) memory format
-};
+using Geometry = ConvGeometry;
 
-// Argument checks shared by the CPU and CUDA entries: ValueError / TypeError naming the argument.
+// Argument checks shared by the CPU and CUDA entries (csrc/conv2d.cpp, with no residual):
+// ValueError / TypeError naming the argument.
 Geometry check_args(const at::Tensor& x, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, int64_t stride,
                     at::IntArrayRef padding) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "pad_conv2d: x must be 4-D (N, C, H, W), got ", x.dim(),
-                    "-D with shape ", x.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 4, "pad_conv2d: weight must be 4-D (Cout, C, KH, KW), got ",
-                    weight.dim(), "-D with shape ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "pad_conv2d: weight has ", weight.size(1),
-                    " input channels but x has ", x.size(1), " (groups = 1)");
-  TORCH_CHECK_VALUE(x.size(1) > 0 && weight.size(0) > 0 && weight.size(2) > 0 &&
-                        weight.size(3) > 0,
-                    "pad_conv2d: weight must have non-zero sizes, got ", weight.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-                   "pad_conv2d: x must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK_TYPE(weight.scalar_type() == dt, "pad_conv2d: weight dtype ",
-                   weight.scalar_type(), " differs from x dtype ", dt);
-  TORCH_CHECK_VALUE(weight.device() == x.device(), "pad_conv2d: weight is on ", weight.device(),
-                    " but x is on ", x.device());
-  if (bias.has_value()) {
-    const auto& b = *bias;
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == weight.size(0),
-                      "pad_conv2d: bias must have shape (", weight.size(0), ",), got ", b.sizes());
-    TORCH_CHECK_TYPE(b.scalar_type() == dt, "pad_conv2d: bias dtype ", b.scalar_type(),
-                     " differs from x dtype ", dt);
-    TORCH_CHECK_VALUE(b.device() == x.device(), "pad_conv2d: bias is on ", b.device(),
-                      " but x is on ", x.device());
-  }
-  TORCH_CHECK_VALUE(stride >= 1, "pad_conv2d: stride must be >= 1, got ", stride);
-  TORCH_CHECK_VALUE(padding.size() == 4,
-                    "pad_conv2d: padding must be (left, right, top, bottom), got ", padding);
-  for (auto p : padding) {
-    TORCH_CHECK_VALUE(p >= 0, "pad_conv2d: padding must be non-negative, got ", padding);
-  }
-  Geometry g{};
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.Cout = weight.size(0);
-  g.KH = weight.size(2);
-  g.KW = weight.size(3);
-  g.stride = stride;
-  g.pl = padding[0];
-  g.pr = padding[1];
-  g.pt = padding[2];
-  g.pb = padding[3];
-  const int64_t hp = g.H + g.pt + g.pb, wp = g.W + g.pl + g.pr;
-  TORCH_CHECK_VALUE(hp >= g.KH && wp >= g.KW, "pad_conv2d: padded input ", hp, "x", wp,
-                    " is smaller than the kernel ", g.KH, "x", g.KW, " (x shape ", x.sizes(),
-                    ", padding ", padding, ")");
-  g.OH = (hp - g.KH) / stride + 1;
-  g.OW = (wp - g.KW) / stride + 1;
-  // Same rule as the fake implementation in sdvae/ops.py: channels_last only when the input is
-  // channels_last and not also plain contiguous.
-  g.channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-  return g;
+  return conv2d_check_args("pad_conv2d", x, weight, bias, std::nullopt, stride, padding);
 }
 
 at::Tensor empty_output(const Geometry& g, const at::Tensor& x) {
@@ -322,6 +268,8 @@ Cover aten_cover(int64_t size, int64_t k, int64_t s, int64_t lo, int64_t hi) {
 // 1x64x31x3 -> 15x1).
 constexpr int64_t kMinAtenOutput = 4;
 
+}  // namespace
+
 at::Tensor pad_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, int64_t stride,
                           at::IntArrayRef padding) {
@@ -359,27 +307,12 @@ at::Tensor pad_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   return out;
 }
 
-}  // namespace
-
 #ifdef SDVAE_WITH_CUDA
-// csrc/cuda/pad_conv2d.cu: launches on the current stream; `out` is allocated here.
-void pad_conv2d_cuda_launch(const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, at::Tensor& out,
-                            int64_t stride, int64_t pad_left, int64_t pad_top);
-
 namespace {
-at::Tensor pad_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& weight,
+at::Tensor pad_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, int64_t stride,
                            at::IntArrayRef padding) {
-  const Geometry g = check_args(x_in, weight, bias, stride, padding);
-  TORCH_CHECK_VALUE(x_in.is_cuda(), "pad_conv2d: x must be a CUDA tensor here, got ",
-                    x_in.device());
-  const at::Tensor x = x_in.contiguous(g.channels_last ? at::MemoryFormat::ChannelsLast
-                                                       : at::MemoryFormat::Contiguous);
-  at::Tensor out = empty_output(g, x);
-  if (out.numel() == 0) return out;
-  pad_conv2d_cuda_launch(x, weight, bias, out, stride, g.pl, g.pt);
-  return out;
+  return conv2d_cuda_run("pad_conv2d", x, weight, bias, std::nullopt, stride, padding, true);
 }
 }  // namespace
 #endif

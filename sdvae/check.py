@@ -149,6 +149,28 @@ def _attention(device, quick):
         )
 
 
+def _conv_path(device, reasons):
+    if reasons:
+        return "eager reference" if any("requires grad" in r for r in reasons) else "eager"
+    return "cuDNN graph (C++ CUDA)" if device.type == "cuda" else "C++ CPU kernel"
+
+
+def _run_conv(op, case, dtype, device, static_reasons, fn, ref):
+    """_run for the conv ops, with the eager fallbacks that cuDNN's refusals recorded during
+    the call (ops.fallback_reasons) added to the reasons and the path."""
+    from . import ops
+
+    before = set(ops.fallback_reasons())
+    res = _run(
+        op, case, dtype, _conv_path(device, static_reasons), static_reasons, fn, ref, tf32=False
+    )
+    new = [r for r in ops.fallback_reasons() if r not in before]
+    if new:
+        res.reasons = list(static_reasons) + new
+        res.path = "eager (cuDNN refused the graph)"
+    return res
+
+
 def _pad_conv2d(device, quick):
     import torch.nn.functional as F
 
@@ -161,21 +183,39 @@ def _pad_conv2d(device, quick):
             x = x.to(memory_format=torch.channels_last)
         w = (torch.randn(c, c, 3, 3) / (3 * c**0.5)).to(device, dtype)
         b = torch.randn(c).to(device, dtype)
-        reasons = ops.not_supported_reasons(x, w, b)
-        path = (
-            "eager reference"
-            if reasons
-            else f"C++ {'CUDA' if device.type == 'cuda' else 'CPU'} kernel"
-        )
-        yield _run(
+        res = _run_conv(
             "pad_conv2d",
             f"1x{c}x{hw}x{hw} 3x3 stride 2 pad (0,1,0,1)",
             dtype,
-            path,
-            reasons,
+            device,
+            ops.not_supported_reasons(x, w, b),
             lambda: ops.pad_conv2d(x, w, b),
             lambda: F.conv2d(F.pad(x.double(), (0, 1, 0, 1)), w.double(), b.double(), stride=2),
         )
+        yield res
+
+
+def _conv2d(device, quick):
+    from . import ops
+
+    c, hw = (32, 16) if quick else (256, 64)
+    for dtype in _dtypes(device):
+        fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        x = torch.randn(1, c, hw, hw).to(device, dtype).contiguous(memory_format=fmt)
+        w = (torch.randn(c, c, 3, 3) / (3 * c**0.5)).to(device, dtype)
+        w = w.contiguous(memory_format=fmt)
+        b = torch.randn(c).to(device, dtype)
+        r = torch.randn(1, c, hw, hw).to(device, dtype).contiguous(memory_format=fmt)
+        res = _run_conv(
+            "conv2d",
+            f"1x{c}x{hw}x{hw} 3x3 pad 1 + bias + residual (one graph)",
+            dtype,
+            device,
+            ops.not_supported_reasons(x, w, b, r),
+            lambda: ops.conv2d(x, w, b, residual=r),
+            lambda: ops.conv2d_reference(x.double(), w.double(), b.double(), residual=r.double()),
+        )
+        yield res
 
 
 def _model(device, quick):
@@ -261,6 +301,7 @@ CHECKS = {
     "vae_sample": _vae_sample,
     "attention": _attention,
     "pad_conv2d": _pad_conv2d,
+    "conv2d": _conv2d,
     "model": _model,
 }
 

@@ -87,28 +87,9 @@ def test_pad_conv2d_bench_providers_compute_the_op(size, fmt):
     assert torch.allclose(nopad, ref[:, :, : nopad.shape[2], : nopad.shape[3]], atol=1e-12)
 
 
-def test_pad_conv2d_depth_provider_sets_and_restores_the_env(monkeypatch):
-    import os
-
+def test_pad_conv2d_strict_fp32_wrapper(monkeypatch):
     from sdvae.bench import cases_pad_conv2d as cp
 
-    monkeypatch.delenv("SDVAE_PAD_CONV2D_STAGES", raising=False)
-    assert cp._at_depth(2, lambda: os.environ["SDVAE_PAD_CONV2D_STAGES"])() == "2"
-    assert "SDVAE_PAD_CONV2D_STAGES" not in os.environ
-    monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", "3")
-    assert cp._at_depth(4, lambda: os.environ["SDVAE_PAD_CONV2D_STAGES"])() == "4"
-    assert os.environ["SDVAE_PAD_CONV2D_STAGES"] == "3"
-
-
-def test_pad_conv2d_default_depth_and_strict_fp32_wrappers(monkeypatch):
-    import os
-
-    from sdvae.bench import cases_pad_conv2d as cp
-
-    monkeypatch.setenv("SDVAE_PAD_CONV2D_STAGES", "2")
-    # The `sdvae` row runs at the kernel's default depth whatever the shell says.
-    assert cp._at_depth(None, lambda: os.environ.get("SDVAE_PAD_CONV2D_STAGES"))() is None
-    assert os.environ["SDVAE_PAD_CONV2D_STAGES"] == "2"
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert cp._strict_fp32(lambda: torch.backends.cudnn.allow_tf32)() is False
     assert torch.backends.cudnn.allow_tf32 is True
@@ -131,3 +112,36 @@ def test_whole_model_plan_sizes_from_the_environment(monkeypatch):
     monkeypatch.setenv("SDVAE_BENCH_VAE_SIZES", "big")
     with pytest.raises(ValueError, match="SDVAE_BENCH_VAE_SIZES"):
         cases_vae.plan(gpu)
+
+
+@pytest.mark.parametrize("k, with_residual", [(3, True), (1, False)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_conv_bench_providers_compute_the_op(k, with_residual, fmt):
+    # Every provider of `sdvae bench conv` computes conv + bias (+ residual), the bare ones the
+    # conv alone; checked in fp32 against float64 (ops.conv2d takes no float64).
+    from conftest import assert_close
+
+    from sdvae.bench import cases_conv as cc
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(1, 8, 12, 12, generator=g).contiguous(memory_format=fmt)
+    w = (torch.randn(6, 8, k, k, generator=g) / (8 * k * k) ** 0.5).contiguous(memory_format=fmt)
+    b = torch.randn(6, generator=g)
+    r = torch.randn(1, 6, 12, 12, generator=g) if with_residual else None
+    p = k // 2
+    ref = cc._eager(x.double(), w.double(), b.double(), None if r is None else r.double(), p)
+    assert_close(cc._eager(x, w, b, r, p), ref, torch.float32)
+    assert_close(cc._graph(x, w, b, r, p), ref, torch.float32)
+    assert_close(cc._graph(x, w, b, r, p, False), ref, torch.float32)
+    bare = torch.nn.functional.conv2d(x.double(), w.double(), padding=p)
+    assert_close(cc._cudnn_bare(x, w, p), bare, torch.float32)
+    assert_close(cc._graph(x, w, None, None, p), bare, torch.float32)
+
+
+def test_cpu_conv_suite_runs():
+    rows = engine.run(engine.Context(CPU, quick=True), ["conv"], rep_ms=1)
+    got = {(r.shape, r.dtype, r.layout, r.provider) for r in rows}
+    for shape in ("1x64x32x32 -> 64 3x3 +res", "1x32x64x64 -> 32 3x3 +res", "1x64x32x32 -> 32 1x1"):
+        for provider in ("eager", "cudnn_epilogue", "sdvae"):
+            assert (shape, "fp32", "nchw", provider) in got, sorted(got)
+    assert all(r.median_ms and r.median_ms > 0 and r.tflops > 0 for r in rows)

@@ -1,7 +1,8 @@
 """sdvae.ops.pad_conv2d (C++/CUDA extension) against a float64 F.pad + F.conv2d.
 
-CPU cases run the C++ kernel; the same cases with CUDA tensors run the CUDA kernels (the
-``cuda`` marker, skipped without a GPU). Registration: opcheck, fake tensors, torch.compile.
+CPU cases run the C++ kernel; the same cases with CUDA tensors run the cuDNN graph conv with
+pre/post padding (the ``cuda`` marker, skipped without a GPU). Registration: opcheck, fake
+tensors, torch.compile.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"{_ext.LOAD_ERROR}
 
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # (N, C, H, W, Cout, K): odd and even sizes, 1x1 / 3x3 / 4x4 kernels, channels not multiples of 8
-# and multiples of 8 (the CUDA kernel's vector path), a 2x2 input.
+# and multiples of 8, a 2x2 input.
 SHAPES = [
     (1, 3, 8, 8, 4, 3),
     (2, 5, 7, 9, 6, 3),
@@ -74,8 +75,7 @@ def test_matches_float64_reference(device, shape, stride, padding, layout, with_
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("size", [32, 33])
 def test_encoder_downsample_shape(device, size, layout, dtype):
-    # The encoder's downsample at a small size: 3x3, stride 2, pad (0, 1, 0, 1), Cin = Cout;
-    # 64 channels take the CUDA kernel's 16-byte vector path in NHWC.
+    # The encoder's downsample at a small size: 3x3, stride 2, pad (0, 1, 0, 1), Cin = Cout.
     x, w, b = _inputs((2, 64, size, size, 64, 3), dtype, device, FORMATS[layout], True)
     out = pad_conv2d(x, w, b)
     assert out.shape == (2, 64, (size + 1 - 3) // 2 + 1, (size + 1 - 3) // 2 + 1)
@@ -83,7 +83,7 @@ def test_encoder_downsample_shape(device, size, layout, dtype):
 
 
 def test_many_tiles_and_batch(device):
-    # More output pixels than one CPU tile / one CUDA block in both GEMM dimensions.
+    # More output pixels than one CPU tile in both GEMM dimensions.
     x, w, b = _inputs((3, 24, 70, 45, 136, 3), torch.float32, device, torch.contiguous_format, True)
     out = pad_conv2d(x, w, b, stride=1, padding=(1, 2, 0, 3))
     assert_close(out, _ref64(x, w, b, 1, (1, 2, 0, 3)), torch.float32)
@@ -282,6 +282,6 @@ def test_cpu_bench_suite_runs():
 def test_kernels_registered_for_cpu_and_cuda():
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     assert has("sdvae::pad_conv2d", "CPU")
-    # The CUDA kernel is compiled and registered whenever the extension was built with nvcc
-    # (sm_80 and sm_90 by default), with or without a GPU on the build machine.
+    # The CUDA kernel (the cuDNN graph conv) is compiled and registered whenever the extension
+    # was built with nvcc, with or without a GPU on the build machine.
     assert has("sdvae::pad_conv2d", "CUDA") == _ext.with_cuda()

@@ -10,27 +10,23 @@ Providers:
 * ``cudnn_cover`` (GPU): cuDNN on the unpadded input with a symmetric padding that covers
   (0, 1, 0, 1) (2, so the windows line up with stride 2), then the first row and column dropped
   and the result made dense: the other way to avoid the padded copy (the C++ CPU path's way);
-  it computes (OH+1)(OW+1) outputs and copies the output once. Measured so the GPU run shows
-  whether the tensor-core kernel beats it;
+  it computes (OH+1)(OW+1) outputs and copies the output once;
 * ``compile`` (GPU): ``torch.compile`` of the eager code;
-* ``sdvae``: ``sdvae.ops.pad_conv2d``;
-* ``sdvae_2stage`` / ``sdvae_4stage`` (GPU, fp16/bf16): the same with the tensor-core kernel's
-  pipeline 2 or 4 deep instead of the default 3 (``SDVAE_PAD_CONV2D_STAGES``), so one GPU run
-  says which depth to keep.
+* ``sdvae``: ``sdvae.ops.pad_conv2d`` (on a GPU: one cuDNN graph with pre (0, 0) / post (1, 1)
+  padding and the bias in its epilogue).
 
 GPU: fp16 and bf16 in channels_last, fp32 in NCHW, 512² and 1024² images. CPU: fp32 NCHW and
 bf16 channels_last at the 512²-image shapes only (the C++ CPU path, no Triton involved; about
 40 s on 2 cores).
 TFLOP/s counts 2·N·Cout·OH·OW·Cin·KH·KW of the outputs each provider computes (cudnn_nopad: one
 row and column fewer; cudnn_cover is credited with ours only, its extra ones being waste); GB/s
-counts input, weight and output once. On the GPU the fp32 rows run with cuDNN's TF32 off, as
-sdvae's fp32 kernel is true fp32. Weights are channels_last like the activations (as after
-``sdvae.optimize``); an NCHW weight costs the CUDA kernel one reorder per call, not shown here.
+counts input, weight and output once. On the GPU the fp32 rows run with cuDNN's TF32 off for
+every provider (sdvae's graph conv follows the same switch). Weights are channels_last like the
+activations (as after ``sdvae.optimize``); a weight in the other layout costs one reorder per
+call, not shown here.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -57,31 +53,9 @@ def _cover(x, w, b):
     return y.contiguous(memory_format=fmt or torch.contiguous_format)
 
 
-def _at_depth(stages, fn):
-    """``fn`` run with the tile kernel's pipeline depth set through SDVAE_PAD_CONV2D_STAGES,
-    which the extension reads at every call (the cost of setting it is a few microseconds
-    against kernels of tens to hundreds); ``stages=None``: unset, the kernel's default."""
-
-    def run():
-        old = os.environ.get("SDVAE_PAD_CONV2D_STAGES")
-        if stages is None:
-            os.environ.pop("SDVAE_PAD_CONV2D_STAGES", None)
-        else:
-            os.environ["SDVAE_PAD_CONV2D_STAGES"] = str(stages)
-        try:
-            return fn()
-        finally:
-            if old is None:
-                os.environ.pop("SDVAE_PAD_CONV2D_STAGES", None)
-            else:
-                os.environ["SDVAE_PAD_CONV2D_STAGES"] = old
-
-    return run
-
-
 def _strict_fp32(fn):
-    """``fn`` run with cuDNN's TF32 off: sdvae's fp32 kernel computes in true fp32, so the
-    fp32 rows compare like with like (torch lets cuDNN convolutions use TF32 by default)."""
+    """``fn`` run with cuDNN's TF32 off, so the fp32 rows compare true fp32 convolutions
+    (torch lets cuDNN convolutions use TF32 by default)."""
 
     def run():
         old = torch.backends.cudnn.allow_tf32
@@ -137,10 +111,7 @@ def cases(ctx: Context):
             w = w.contiguous(memory_format=fmt)
             out = size // 2
             shape = f"1x{c}x{size}x{size} -> {out}x{out}"
-            extra = (
-                ["sdvae_2stage", "sdvae_4stage"] if ctx.is_cuda and dtype != torch.float32 else []
-            )
-            for provider in providers + extra:
+            for provider in providers:
                 if provider == "eager":
                     fn = lambda x=x, w=w, b=b: _eager(x, w, b)
                 elif provider == "cudnn_nopad":
@@ -151,12 +122,8 @@ def cases(ctx: Context):
                     torch._dynamo.reset()  # one shape per compile: no recompile limit to hit
                     compiled = torch.compile(_eager)
                     fn = lambda x=x, w=w, b=b, f=compiled: f(x, w, b)
-                else:  # sdvae: the default depth, whatever the shell's SDVAE_PAD_CONV2D_STAGES
-                    depth = None if provider == "sdvae" else int(provider.split("_")[1][0])
-                    fn = _at_depth(
-                        depth,
-                        lambda x=x, w=w, b=b: ops.pad_conv2d(x, w, b, stride=_STRIDE, padding=_PAD),
-                    )
+                else:  # sdvae
+                    fn = lambda x=x, w=w, b=b: ops.pad_conv2d(x, w, b, stride=_STRIDE, padding=_PAD)
                 if ctx.is_cuda and dtype == torch.float32:
                     fn = _strict_fp32(fn)
                 # Work actually done: cudnn_nopad computes one output row and column fewer.

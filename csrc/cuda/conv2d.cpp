@@ -1,0 +1,306 @@
+// CUDA half of sdvae::conv2d (and of sdvae::pad_conv2d): one cuDNN graph per call shape,
+//   y = conv(x, w; stride, pre_padding (top, left), post_padding (bottom, right))
+//       [+ bias] [+ residual]
+// built with cudnn-frontend's header-only C++ graph API (the `nvidia-cudnn-frontend` wheel's
+// include/ folder; setup.py finds it) against the cuDNN library torch already loads.
+//
+// Why a graph: cuDNN's graph API takes separate pre- and post-padding, so the encoder's
+// (0, 1, 0, 1)-padded stride-2 conv needs no padded copy of its input, and the bias add and the
+// residual add can run inside the same graph as pointwise nodes (the "epilogue", fp32 between the
+// nodes, one rounding at the end) instead of as separate broadcast adds. Measured on an H200
+// (shared/gpu/2026-11-30-h200, probes.jsonl): the padded conv at 0.93-0.97x cuDNN on an already
+// padded input; the fused epilogue 13-51% slower than the bare conv but faster than eager's conv
+// + bias + add on the big shapes. Which one the model takes is decided per shape by the bench
+// (`sdvae bench conv`), so both are callable: `fuse_epilogue` = false runs the bare graph and
+// adds bias and residual with ATen afterwards.
+//
+// Plans: one per (device, dtype, memory layout, shapes, pointer alignments, padding, stride,
+// epilogue, TF32 and determinism settings), built on first use and kept in a process-wide map
+// (mutex protected); the second call with the same key builds nothing (`sdvae.ops.plan_stats()`
+// counts the builds). A graph that cuDNN refuses (validate / heuristics / check_support /
+// build fails) is remembered as refused with cuDNN's message: every call with that key runs
+// the eager path (at::conv2d of the padded input, + residual) and the reason is recorded once
+// in the fallback list that `sdvae check` prints (`sdvae.ops.fallback_reasons()`) and
+// warned once. A failure while *executing* a plan that was built is an error, never a fallback.
+//
+// Execution: torch's cuDNN handle for the current device with the current stream, workspace
+// from torch's caching allocator (at::empty on the device).
+//
+// Numerics: fp16 / bf16 / fp32 I/O; the conv accumulates in fp32 (compute type FLOAT) and the
+// epilogue runs in fp32 (intermediate type FLOAT). Engines that down-convert their inputs are
+// never taken; for fp32, engines on tensor cores (TF32) are taken only when
+// torch.backends.cudnn.allow_tf32 is on, as for torch's own convolutions.
+// Host code that runs once per plan: cudnn-frontend's headers (templates, JSON) take GCC 154 s
+// and 3.7 GB at -O3 for this one file, 83 s at -O1 (2-core VM), so this file is built at -O1.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("O1")
+#endif
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/cudnn/Handle.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cudnn.h>
+#include <cudnn_frontend.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "../conv2d.h"
+
+namespace sdvae {
+
+namespace fe = cudnn_frontend;
+
+namespace {
+
+constexpr int64_t kUidX = 1, kUidW = 2, kUidB = 3, kUidR = 4, kUidY = 5;
+
+struct GraphPlan {
+  std::shared_ptr<fe::graph::Graph> graph;  // null when cuDNN refused the graph
+  int64_t workspace = 0;
+  std::string refused;  // cuDNN's reason when graph is null
+};
+
+std::mutex g_mutex;
+std::map<std::vector<int64_t>, std::shared_ptr<GraphPlan>> g_plans;
+
+fe::DataType_t fe_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return fe::DataType_t::HALF;
+    case at::kBFloat16:
+      return fe::DataType_t::BFLOAT16;
+    default:
+      return fe::DataType_t::FLOAT;
+  }
+}
+
+// The largest power of two (at most 16) dividing the address: the alignment cuDNN may assume.
+int64_t alignment_of(const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  int64_t al = 16;
+  while (al > 1 && (a % static_cast<std::uintptr_t>(al)) != 0) al /= 2;
+  return al;
+}
+
+std::vector<int64_t> vec(at::IntArrayRef r) { return std::vector<int64_t>(r.begin(), r.end()); }
+
+// The strides of a dense (N, C, H, W) tensor in NCHW or NHWC order. The tensors handed to cuDNN
+// are dense in that order; strides of size-1 dimensions are normalised this way, so that e.g. a
+// 1x1 weight has the same description whatever torch reports for it.
+std::vector<int64_t> dense_strides(at::IntArrayRef s, bool channels_last) {
+  const int64_t n = s[0], c = s[1], h = s[2], w = s[3];
+  (void)n;
+  if (channels_last) return {h * w * c, 1, w * c, c};
+  return {c * h * w, h * w, w, 1};
+}
+
+// Bias as a (1, K, 1, 1) tensor whose strides follow the output's layout.
+std::vector<int64_t> bias_strides(int64_t K, bool channels_last) {
+  return channels_last ? std::vector<int64_t>{K, 1, K, K} : std::vector<int64_t>{K, 1, 1, 1};
+}
+
+std::string describe(fe::error_t e, const char* step) {
+  std::ostringstream s;
+  s << step << ": " << e.get_message();
+  return s.str();
+}
+
+// Build (validate, lower, heuristics, filter, check support, build) the graph for this call.
+std::shared_ptr<GraphPlan> build_plan(const ConvGeometry& g, const at::Tensor& x,
+                                      const at::Tensor& w, const at::Tensor* b,
+                                      const at::Tensor* r, const at::Tensor& y, bool tf32,
+                                      bool deterministic, cudnnHandle_t handle) {
+  auto plan = std::make_shared<GraphPlan>();
+  auto graph = std::make_shared<fe::graph::Graph>();
+  const auto io = fe_dtype(x.scalar_type());
+  graph->set_io_data_type(io)
+      .set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  auto X = graph->tensor(fe::graph::Tensor_attributes()
+                             .set_name("x")
+                             .set_uid(kUidX)
+                             .set_dim(vec(x.sizes()))
+                             .set_stride(dense_strides(x.sizes(), g.channels_last))
+                             .set_alignment(alignment_of(x.const_data_ptr())));
+  auto W = graph->tensor(fe::graph::Tensor_attributes()
+                             .set_name("w")
+                             .set_uid(kUidW)
+                             .set_dim(vec(w.sizes()))
+                             .set_stride(dense_strides(w.sizes(), g.channels_last))
+                             .set_alignment(alignment_of(w.const_data_ptr())));
+  auto conv = fe::graph::Conv_fprop_attributes()
+                  .set_name("conv")
+                  .set_pre_padding({g.pt, g.pl})
+                  .set_post_padding({g.pb, g.pr})
+                  .set_stride({g.stride, g.stride})
+                  .set_dilation({1, 1});
+  auto Y = graph->conv_fprop(X, W, conv);
+  if (b != nullptr) {
+    auto B = graph->tensor(fe::graph::Tensor_attributes()
+                               .set_name("bias")
+                               .set_uid(kUidB)
+                               .set_dim({1, g.Cout, 1, 1})
+                               .set_stride(bias_strides(g.Cout, g.channels_last))
+                               .set_alignment(alignment_of(b->const_data_ptr())));
+    Y = graph->pointwise(Y, B,
+                         fe::graph::Pointwise_attributes().set_name("bias").set_mode(
+                             fe::PointwiseMode_t::ADD));
+  }
+  if (r != nullptr) {
+    auto R = graph->tensor(fe::graph::Tensor_attributes()
+                               .set_name("residual")
+                               .set_uid(kUidR)
+                               .set_dim(vec(r->sizes()))
+                               .set_stride(dense_strides(r->sizes(), g.channels_last))
+                               .set_alignment(alignment_of(r->const_data_ptr())));
+    Y = graph->pointwise(Y, R,
+                         fe::graph::Pointwise_attributes().set_name("residual").set_mode(
+                             fe::PointwiseMode_t::ADD));
+  }
+  Y->set_output(true)
+      .set_uid(kUidY)
+      .set_data_type(io)
+      .set_dim(vec(y.sizes()))
+      .set_stride(dense_strides(y.sizes(), g.channels_last))
+      .set_alignment(alignment_of(y.const_data_ptr()));
+
+  fe::error_t e = graph->validate();
+  if (e.is_bad()) {
+    plan->refused = describe(e, "validate");
+    return plan;
+  }
+  e = graph->build_operation_graph(handle);
+  if (e.is_bad()) {
+    plan->refused = describe(e, "build_operation_graph");
+    return plan;
+  }
+  e = graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
+  if (e.is_bad()) {
+    plan->refused = describe(e, "create_execution_plans");
+    return plan;
+  }
+  // As torch's own cuDNN convolutions: never an engine that down-converts its inputs, for fp32
+  // no tensor-core (TF32) engine unless allow_tf32, and no non-deterministic engine when
+  // torch.backends.cudnn.deterministic (or torch.use_deterministic_algorithms) asks.
+  std::vector<fe::NumericalNote_t> excluded{fe::NumericalNote_t::DOWN_CONVERT_INPUTS};
+  if (x.scalar_type() == at::kFloat && !tf32) excluded.push_back(fe::NumericalNote_t::TENSOR_CORE);
+  if (deterministic) excluded.push_back(fe::NumericalNote_t::NONDETERMINISTIC);
+  graph->deselect_numeric_notes(excluded);
+  e = graph->check_support(handle);
+  if (e.is_bad()) {
+    plan->refused = describe(e, "check_support");
+    return plan;
+  }
+  e = graph->build_plans(handle, fe::BuildPlanPolicy_t::HEURISTICS_CHOICE);
+  if (e.is_bad()) {
+    plan->refused = describe(e, "build_plans");
+    return plan;
+  }
+  int64_t ws = 0;
+  e = graph->get_workspace_size(ws);
+  if (e.is_bad()) {
+    plan->refused = describe(e, "get_workspace_size");
+    return plan;
+  }
+  plan->graph = std::move(graph);
+  plan->workspace = ws;
+  return plan;
+}
+
+std::vector<int64_t> plan_key(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w,
+                              const at::Tensor* b, const at::Tensor* r, const at::Tensor& y,
+                              bool tf32, bool deterministic) {
+  // Sizes, layout and pointer alignments fix the graph's tensors; padding, stride, epilogue and
+  // TF32 the rest. Strides need no entry: every tensor is dense in the layout given.
+  std::vector<int64_t> k{x.device().index(), static_cast<int64_t>(x.scalar_type()), tf32,
+                         deterministic, g.channels_last};
+  k.insert(k.end(), x.sizes().begin(), x.sizes().end());
+  k.insert(k.end(), w.sizes().begin(), w.sizes().end());
+  k.insert(k.end(), {g.stride, g.pl, g.pr, g.pt, g.pb});
+  k.push_back(alignment_of(x.const_data_ptr()));
+  k.push_back(alignment_of(w.const_data_ptr()));
+  k.push_back(alignment_of(y.const_data_ptr()));
+  k.push_back(b != nullptr ? alignment_of(b->const_data_ptr()) : 0);
+  k.push_back(r != nullptr ? alignment_of(r->const_data_ptr()) : 0);
+  return k;
+}
+
+}  // namespace
+
+// Runs the graph conv into y (allocated by the caller in x's memory format). Returns false, with
+// the reason in *why, when cuDNN refused this graph (then y is untouched); throws when a built
+// plan fails to execute.
+bool graph_conv2d_cuda(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w,
+                       const at::Tensor* b, const at::Tensor* r, at::Tensor& y,
+                       std::string* why) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool tf32 = x.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN();
+  const bool deterministic =
+      at::globalContext().deterministicCuDNN() || at::globalContext().deterministicAlgorithms();
+  cudnnHandle_t handle = at::native::getCudnnHandle();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  TORCH_CHECK(cudnnSetStream(handle, stream) == CUDNN_STATUS_SUCCESS,
+              "conv2d: cudnnSetStream failed");
+  const std::vector<int64_t> key = plan_key(g, x, w, b, r, y, tf32, deterministic);
+  std::shared_ptr<GraphPlan> plan;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_plans.find(key);
+    if (it != g_plans.end()) {
+      plan = it->second;
+    } else {
+      // Built under the lock: two threads never build the same plan twice, and a build is rare.
+      plan = build_plan(g, x, w, b, r, y, tf32, deterministic, handle);
+      g_plans.emplace(key, plan);
+      conv2d_note_plan_built(plan->graph != nullptr);
+    }
+  }
+  if (!plan->graph) {
+    *why = plan->refused;
+    return false;
+  }
+  at::Tensor workspace;
+  if (plan->workspace > 0) {
+    workspace = at::empty({plan->workspace}, x.options().dtype(at::kByte));
+  }
+  std::unordered_map<int64_t, void*> pack{
+      {kUidX, const_cast<void*>(x.const_data_ptr())},
+      {kUidW, const_cast<void*>(w.const_data_ptr())},
+      {kUidY, y.mutable_data_ptr()},
+  };
+  if (b != nullptr) pack.emplace(kUidB, const_cast<void*>(b->const_data_ptr()));
+  if (r != nullptr) pack.emplace(kUidR, const_cast<void*>(r->const_data_ptr()));
+  fe::error_t e = plan->graph->execute(
+      handle, pack, workspace.defined() ? workspace.mutable_data_ptr() : nullptr);
+  TORCH_CHECK(e.is_good(), "conv2d: executing the cuDNN graph failed: ", e.get_message());
+  return true;
+}
+
+int64_t graph_conv_cached_plans() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return static_cast<int64_t>(g_plans.size());
+}
+
+void graph_conv_clear_plans() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_plans.clear();
+}
+
+std::string graph_conv_build_info() {
+  return "cudnn-frontend " + std::to_string(CUDNN_FRONTEND_MAJOR_VERSION) + "." +
+         std::to_string(CUDNN_FRONTEND_MINOR_VERSION) + "." +
+         std::to_string(CUDNN_FRONTEND_PATCH_VERSION) + " (cuDNN headers " +
+         std::to_string(CUDNN_MAJOR) + "." + std::to_string(CUDNN_MINOR) + ", runtime " +
+         std::to_string(cudnnGetVersion()) + ")";
+}
+
+}  // namespace sdvae

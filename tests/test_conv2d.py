@@ -1,0 +1,360 @@
+"""sdvae.ops.conv2d (C++ CPU kernel / cuDNN graph on CUDA) against a float64 eager reference.
+
+CPU cases run the C++ CPU path; the same cases with CUDA tensors run the cuDNN graph (``cuda``
+marker, skipped without a GPU), where the plan cache, the TF32 switch and the fused epilogue
+are checked too. Registration: opcheck, fake tensors, torch.compile(fullgraph=True).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+
+from sdvae import _ext, ops
+from sdvae.ops import conv2d, conv2d_reference
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"{_ext.LOAD_ERROR}")
+
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+PADDINGS = [(1, 1, 1, 1), (0, 1, 0, 1), (0, 0, 0, 0), (2, 0, 1, 3)]
+
+
+def _inputs(shape, dtype, device, fmt, *, bias=True, residual=False, stride=1, padding=(1,) * 4):
+    n, c, h, w, cout, k = shape
+    x = (torch.randn(n, c, h, w) + 0.3).to(device, dtype).contiguous(memory_format=fmt)
+    wt = (torch.randn(cout, c, k, k) / (c * k * k) ** 0.5).to(device, dtype)
+    wt = wt.contiguous(memory_format=fmt)
+    b = torch.randn(cout).to(device, dtype) if bias else None
+    r = None
+    if residual:
+        left, right, top, bottom = padding
+        oh = (h + top + bottom - k) // stride + 1
+        ow = (w + left + right - k) // stride + 1
+        r = torch.randn(n, cout, oh, ow).to(device, dtype).contiguous(memory_format=fmt)
+    return x, wt, b, r
+
+
+def _ref64(x, w, b, r, stride, padding):
+    def d(t):
+        return None if t is None else t.double().cpu()
+
+    return conv2d_reference(d(x), d(w), d(b), stride=stride, padding=padding, residual=d(r))
+
+
+def _dtypes(device):
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_matches_float64_reference(device, padding, stride, with_bias, with_residual, layout):
+    shape = (2, 5, 9, 8, 6, 3)
+    for dtype in _dtypes(device):
+        x, w, b, r = _inputs(
+            shape,
+            dtype,
+            device,
+            FORMATS[layout],
+            bias=with_bias,
+            residual=with_residual,
+            stride=stride,
+            padding=padding,
+        )
+        out = conv2d(x, w, b, stride=stride, padding=padding, residual=r)
+        assert out.dtype == dtype and out.device == x.device
+        assert_close(
+            out, _ref64(x, w, b, r, stride, padding), dtype, name=f"{dtype} {padding} s{stride}"
+        )
+        assert out.is_contiguous(memory_format=FORMATS[layout])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("fuse_epilogue", [True, False])
+def test_bare_and_epilogue_variants_agree(device, fuse_epilogue, layout):
+    # fuse_epilogue=False: the bare graph conv, then bias and residual added by ATen.
+    for dtype in _dtypes(device):
+        x, w, b, r = _inputs((1, 8, 10, 7, 8, 3), dtype, device, FORMATS[layout], residual=True)
+        out = conv2d(x, w, b, residual=r, fuse_epilogue=fuse_epilogue)
+        assert_close(out, _ref64(x, w, b, r, 1, (1, 1, 1, 1)), dtype)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_vae_block_convs(device, layout):
+    # A resnet block's second conv (3x3, pad 1, + the shortcut) and a 1x1 channel-changing
+    # shortcut (no padding), at small sizes.
+    fmt = FORMATS[layout]
+    x, w, b, r = _inputs((1, 16, 12, 12, 16, 3), torch.float32, device, fmt, residual=True)
+    out = conv2d(x, w, b, residual=r)
+    assert_close(out, _ref64(x, w, b, r, 1, (1, 1, 1, 1)), torch.float32)
+    x, w, b, _ = _inputs((1, 16, 12, 12, 8, 1), torch.float32, device, fmt)
+    out = conv2d(x, w, b, padding=(0, 0, 0, 0))
+    assert_close(out, _ref64(x, w, b, None, 1, (0, 0, 0, 0)), torch.float32)
+
+
+def test_mixed_layouts_follow_x(device):
+    # An NCHW weight and residual with an NHWC x: the output is NHWC and exact.
+    x, w, b, r = _inputs((1, 8, 9, 9, 8, 3), torch.float32, device, torch.channels_last)
+    r = torch.randn(1, 8, 9, 9).to(device)
+    out = conv2d(x, w.contiguous(), b, residual=r)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, _ref64(x, w, b, r, 1, (1, 1, 1, 1)), torch.float32)
+
+
+def test_non_contiguous_input_is_made_contiguous(device):
+    x, w, b, _ = _inputs((2, 6, 12, 10, 5, 3), torch.float32, device, torch.contiguous_format)
+    xs = x[:, :, 1:-1, ::2]
+    out = conv2d(xs, w, b)
+    assert out.is_contiguous()
+    assert_close(out, _ref64(xs, w, b, None, 1, (1, 1, 1, 1)), torch.float32)
+
+
+def test_empty_batch(device):
+    x, w, b, _ = _inputs((1, 3, 5, 5, 4, 3), torch.float32, device, torch.contiguous_format)
+    assert conv2d(x[:0], w, b).shape == (0, 4, 5, 5)
+
+
+def test_grad_runs_the_reference(device):
+    x, w, b, r = _inputs(
+        (1, 4, 6, 6, 3, 3), torch.float32, device, torch.contiguous_format, residual=True
+    )
+    x.requires_grad_(True)
+    r.requires_grad_(True)
+    assert any("requires grad" in s for s in ops.not_supported_reasons(x, w, b, r))
+    conv2d(x, w, b, residual=r).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    r2 = r.detach().clone().requires_grad_(True)
+    conv2d_reference(x2, w, b, residual=r2).square().sum().backward()
+    assert_close(x.grad, x2.grad.double(), torch.float32, name="x.grad")
+    assert_close(r.grad, r2.grad.double(), torch.float32, name="residual.grad")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_opcheck(device, layout):
+    x, w, b, r = _inputs(
+        (2, 8, 7, 6, 5, 3),
+        torch.float32,
+        device,
+        FORMATS[layout],
+        residual=True,
+        stride=2,
+        padding=(0, 1, 0, 1),
+    )
+    op = torch.ops.sdvae.conv2d.default
+    torch.library.opcheck(op, (x, w, b, 2, [0, 1, 0, 1], r, True))
+    torch.library.opcheck(op, (x, w, None, 1, [2, 0, 1, 3], None, False))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_torch_compile_fullgraph(device, layout):
+    x, w, b, r = _inputs(
+        (1, 8, 10, 11, 8, 3), torch.float32, device, FORMATS[layout], residual=True
+    )
+
+    def f(x, w, b, r):
+        h = conv2d(x, w, b, residual=r).relu()
+        return ops.pad_conv2d(h, w, b) * 2.0
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="inductor")(x, w, b, r)
+    h = _ref64(x, w, b, r, 1, (1, 1, 1, 1)).relu()
+    ref = ops.pad_conv2d_reference(h, w.double().cpu(), b.double().cpu()) * 2.0
+    assert_close(out, ref, torch.float32)
+
+
+def test_ops_do_not_call_the_extension_for_its_build_flags(monkeypatch):
+    # Dynamo cannot trace a pybind call: whether the build has CUDA kernels is read at import.
+    def boom():
+        raise AssertionError("_ext.with_cuda() called inside the op")
+
+    monkeypatch.setattr(_ext, "with_cuda", boom)
+    x, w, b, r = _inputs(
+        (1, 3, 5, 5, 4, 3), torch.float32, "cpu", torch.contiguous_format, residual=True
+    )
+    conv2d(x, w, b, residual=r)
+    ops.pad_conv2d(x, w, b)
+
+
+def test_cpu_has_no_plans_and_no_fallbacks():
+    before = ops.plan_stats()
+    x, w, b, r = _inputs(
+        (1, 3, 5, 5, 4, 3), torch.float32, "cpu", torch.contiguous_format, residual=True
+    )
+    conv2d(x, w, b, residual=r)
+    assert ops.plan_stats() == before
+    assert set(before) == {"built", "refused", "cached"}
+    assert not any(s.startswith("conv2d 1x3x5x5") for s in ops.fallback_reasons())
+
+
+def test_no_extension_raises_with_the_reason(monkeypatch):
+    x, w, b, _ = _inputs((1, 3, 5, 5, 4, 3), torch.float32, "cpu", torch.contiguous_format)
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "LOAD_ERROR", "sdvae._C could not be loaded: simulated")
+    with pytest.raises(RuntimeError, match="simulated"):
+        conv2d(x, w, b)
+    assert ops.fallback_reasons() == []
+
+
+def _bad(**over):
+    args = {
+        "x": torch.randn(1, 4, 6, 6),
+        "weight": torch.randn(3, 4, 3, 3),
+        "bias": torch.randn(3),
+    }
+    kw = {"stride": 1, "padding": (1, 1, 1, 1), "residual": torch.randn(1, 3, 6, 6)}
+    for k, v in over.items():
+        (args if k in args else kw)[k] = v
+    return args, kw
+
+
+@pytest.mark.parametrize(
+    "over, exc, match",
+    [
+        ({"x": torch.randn(4, 6, 6)}, ValueError, "x must be 4-D"),
+        ({"x": "x"}, TypeError, "x must be a torch.Tensor"),
+        ({"weight": torch.randn(3, 4, 3)}, ValueError, "weight must be 4-D"),
+        ({"weight": torch.randn(3, 5, 3, 3)}, ValueError, "weight has 5 input channels"),
+        ({"bias": torch.randn(4)}, ValueError, "bias must have shape"),
+        ({"x": torch.randn(1, 4, 6, 6).double()}, TypeError, "x must be float32"),
+        ({"weight": torch.randn(3, 4, 3, 3).half()}, TypeError, "weight dtype"),
+        ({"weight": torch.randn(3, 4, 3, 3, device="meta")}, ValueError, "weight is on meta"),
+        ({"residual": torch.randn(1, 3, 5, 6)}, ValueError, "residual must have the output's"),
+        ({"residual": torch.randn(3, 6, 6)}, ValueError, "residual must have the output's"),
+        ({"residual": torch.randn(1, 3, 6, 6).half()}, TypeError, "residual dtype"),
+        ({"residual": torch.randn(1, 3, 6, 6, device="meta")}, ValueError, "residual is on"),
+        ({"residual": [1.0]}, TypeError, "residual must be a torch.Tensor or None"),
+        ({"stride": 0}, ValueError, "stride must be >= 1"),
+        ({"stride": 2.0}, TypeError, "stride must be an int"),
+        ({"padding": (1, 1)}, ValueError, "padding must have 4 values"),
+        ({"padding": (1, -1, 1, 1)}, ValueError, "padding must be non-negative"),
+        ({"fuse_epilogue": 1}, TypeError, "fuse_epilogue must be a bool"),
+    ],
+)
+def test_bad_inputs(over, exc, match):
+    args, kw = _bad(**over)
+    with pytest.raises(exc, match=match):
+        conv2d(args["x"], args["weight"], args["bias"], **kw)
+
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        (
+            (
+                torch.randn(1, 4, 6, 6),
+                torch.randn(3, 4, 3, 3),
+                None,
+                1,
+                [1] * 4,
+                torch.randn(1, 3, 5, 6),
+                True,
+            ),
+            ValueError,
+            "conv2d: residual must have the output's shape",
+        ),
+        (
+            (
+                torch.randn(1, 4, 6, 6),
+                torch.randn(3, 4, 3, 3),
+                None,
+                1,
+                [1] * 4,
+                torch.randn(1, 3, 6, 6).double(),
+                True,
+            ),
+            TypeError,
+            "conv2d: residual dtype",
+        ),
+        (
+            (torch.randn(4, 6, 6), torch.randn(3, 4, 3, 3), None, 1, [1] * 4, None, True),
+            ValueError,
+            "conv2d: x must be 4-D",
+        ),
+        (
+            (torch.randn(1, 4, 6, 6).int(), torch.randn(3, 4, 3, 3), None, 1, [1] * 4, None, True),
+            TypeError,
+            "conv2d: x must be float32",
+        ),
+    ],
+)
+def test_bad_inputs_reach_the_cpp_checks(args, exc, match):
+    with pytest.raises(exc, match=match):
+        torch.ops.sdvae.conv2d(*args)
+
+
+def test_kernels_registered_for_cpu_and_cuda():
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has("sdvae::conv2d", "CPU")
+    assert has("sdvae::conv2d", "CUDA") == _ext.with_cuda()
+
+
+# ---------------------------------------------------------------------------------- CUDA only
+@pytest.mark.cuda
+def test_plan_cache_second_call_builds_no_plan():
+    if not ops._GRAPH_CONV:
+        pytest.skip("built without cudnn-frontend")
+    _ext._C.conv2d_reset_stats()
+    x, w, b, r = _inputs(
+        (1, 32, 16, 16, 32, 3), torch.float16, "cuda", torch.channels_last, residual=True
+    )
+    first = conv2d(x, w, b, residual=r)
+    assert ops.plan_stats() == {"built": 1, "refused": 0, "cached": 1}, ops.fallback_reasons()
+    x2, _, _, r2 = _inputs(
+        (1, 32, 16, 16, 32, 3), torch.float16, "cuda", torch.channels_last, residual=True
+    )
+    second = conv2d(x2, w, b, residual=r2)  # same key, new tensors: no new plan
+    assert ops.plan_stats()["built"] == 1
+    assert_close(first, _ref64(x, w, b, r, 1, (1, 1, 1, 1)), torch.float16)
+    assert_close(second, _ref64(x2, w, b, r2, 1, (1, 1, 1, 1)), torch.float16)
+    conv2d(x, w, b)  # another epilogue: another plan
+    ops.pad_conv2d(x, w, b)  # another padding and stride: another plan
+    assert ops.plan_stats()["built"] == 3
+    assert ops.fallback_reasons() == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tf32", [False, True])
+def test_fp32_follows_allow_tf32(tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    x, w, b, r = _inputs(
+        (1, 64, 24, 24, 64, 3), torch.float32, "cuda", torch.channels_last, residual=True
+    )
+    out = conv2d(x, w, b, residual=r)
+    assert_close(out, _ref64(x, w, b, r, 1, (1, 1, 1, 1)), torch.float32, tf32=tf32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@torch.no_grad()
+def test_vae_shapes_on_gpu(dtype, layout):
+    # Real channel counts: a 512-channel resnet conv with residual, the 512->256 1x1 shortcut,
+    # the 256-channel stride-2 downsample; no shape may fall back.
+    _ext._C.conv2d_reset_stats()
+    fmt = FORMATS[layout]
+    x, w, b, r = _inputs((1, 512, 32, 32, 512, 3), dtype, "cuda", fmt, residual=True)
+    assert_close(conv2d(x, w, b, residual=r), _ref64(x, w, b, r, 1, (1, 1, 1, 1)), dtype)
+    x, w, b, _ = _inputs((1, 512, 32, 32, 256, 1), dtype, "cuda", fmt)
+    out = conv2d(x, w, b, padding=(0, 0, 0, 0))
+    assert_close(out, _ref64(x, w, b, None, 1, (0, 0, 0, 0)), dtype)
+    x, w, b, _ = _inputs((1, 256, 33, 32, 256, 3), dtype, "cuda", fmt)
+    out = ops.pad_conv2d(x, w, b)
+    assert_close(out, _ref64(x, w, b, None, 2, (0, 1, 0, 1)), dtype)
+    assert ops.fallback_reasons() == []
+    assert ops.plan_stats()["refused"] == 0
+
+
+@pytest.mark.cuda
+def test_runs_on_the_current_stream():
+    x, w, b, r = _inputs(
+        (1, 32, 32, 32, 32, 3), torch.float16, "cuda", torch.channels_last, residual=True
+    )
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = conv2d(x, w, b, residual=r)
+    s.synchronize()
+    assert_close(out, _ref64(x, w, b, r, 1, (1, 1, 1, 1)), torch.float16)
