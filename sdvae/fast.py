@@ -15,6 +15,12 @@ What runs where, once switched:
   ``sdvae.kernels.attention``, and the output projection with the residual folded into the
   matmul (``addmm``).
 * Downsample -> ``sdvae.ops.pad_conv2d`` (no padded copy).
+* Every other conv -> ``sdvae.ops.conv2d``: on CUDA one cuDNN graph with the bias and, for
+  each residual block's second conv, the residual add in its epilogue (on the CPU only under
+  the interpreter, so that the tests run the same wiring; plain CPU keeps ``F.conv2d``).
+  The first conv of each residual block runs without its bias, which the next GroupNorm
+  adds in its loads, and an upsampler's bias is handed to the block after it
+  (``ResnetBlock.run``).
 * Upsample (nearest x2 + 3x3 conv) -> one stride-2 transposed conv with the 3x3 weight folded
   once into a 4x4 one (``sdvae.model.fold_upsample_weight``): exact, 2.25x fewer FLOPs and no
   upsampled copy; on the CPU too (measured on the H200 before it was adopted: 2.1-2.5x per
@@ -29,10 +35,11 @@ tensors run the eager reference unless Triton's interpreter is on.
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
-from .model import VAE, AttentionBlock, Downsample, GroupNorm, Upsample
+from .model import VAE, AttentionBlock, Conv2d, Downsample, GroupNorm, Upsample
 
 __all__ = ["optimize", "unoptimize", "op_status", "module_reasons"]
 
@@ -53,12 +60,14 @@ def op_status() -> dict[str, list[str]]:
         "attention": _import_reasons("sdvae.kernels.attention", "attention"),
         "vae_sample": _import_reasons("sdvae.kernels.vae_sample", "vae_sample"),
         "pad_conv2d": _import_reasons("sdvae.ops", "pad_conv2d"),
+        "conv2d": _import_reasons("sdvae.ops", "conv2d"),
     }
-    if not status["pad_conv2d"]:
-        from . import _ext
+    for op in ("pad_conv2d", "conv2d"):
+        if not status[op]:
+            from . import _ext
 
-        if not _ext.available():
-            status["pad_conv2d"].append(_ext.LOAD_ERROR or "sdvae._C is not available")
+            if not _ext.available():
+                status[op].append(_ext.LOAD_ERROR or "sdvae._C is not available")
     return status
 
 
@@ -86,6 +95,13 @@ def module_reasons(module, device: torch.device, dtype: torch.dtype) -> list[str
             c = module.conv.in_channels
             x = torch.empty(1, c, 4, 4, device=device, dtype=dtype)
             return not_supported_reasons(x, module.conv.weight, module.conv.bias)
+        if isinstance(module, Conv2d):
+            from .ops import not_supported_reasons
+
+            if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+                return ["CPU without TRITON_INTERPRET=1: F.conv2d (oneDNN) runs, as in eager"]
+            x = torch.empty(1, module.in_channels, 4, 4, device=device, dtype=dtype)
+            return not_supported_reasons(x, module.weight, module.bias)
     raise TypeError(f"no fused op for {type(module).__name__}")
 
 
@@ -105,7 +121,12 @@ def optimize(vae: VAE, *, channels_last: bool | None = None, cuda_graph: bool = 
     p = next(vae.parameters())
     status = op_status()
     reasons: dict[str, list[str]] = {op: list(r) for op, r in status.items() if r}
-    kinds = {GroupNorm: "group_norm", AttentionBlock: "attention", Downsample: "pad_conv2d"}
+    kinds = {
+        GroupNorm: "group_norm",
+        AttentionBlock: "attention",
+        Downsample: "pad_conv2d",
+        Conv2d: "conv2d",
+    }
     for m in vae.modules():
         op = kinds.get(type(m))
         if op is None:
@@ -152,7 +173,7 @@ def unoptimize(vae: VAE) -> VAE:
     if not isinstance(vae, VAE):
         raise TypeError(f"vae must be a sdvae.VAE, got {type(vae).__name__}")
     for m in vae.modules():
-        if isinstance(m, (GroupNorm, AttentionBlock, Downsample, Upsample)):
+        if isinstance(m, (GroupNorm, AttentionBlock, Downsample, Upsample, Conv2d)):
             m.fused = False
     vae.fused_sampling = False
     vae.fused_reasons = {}

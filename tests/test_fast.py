@@ -14,10 +14,10 @@ from conftest import assert_close
 import sdvae
 from sdvae import VAE, VAEConfig
 from sdvae.fast import op_status
-from sdvae.model import AttentionBlock, Downsample, GroupNorm
+from sdvae.model import AttentionBlock, Conv2d, Downsample, GroupNorm
 
 CFG = VAEConfig.tiny(sample_size=16)
-ALL_OPS = ("group_norm", "attention", "vae_sample", "pad_conv2d")
+ALL_OPS = ("group_norm", "attention", "vae_sample", "pad_conv2d", "conv2d")
 
 
 def _pair(cfg=CFG, device="cpu", dtype=torch.float32):
@@ -42,12 +42,12 @@ def test_optimize_switches_modules_in_place():
     again = sdvae.optimize(fast)
     assert again is fast
     mods = list(fast.modules())
-    assert all(m.fused for m in mods if isinstance(m, (GroupNorm, AttentionBlock, Downsample)))
+    kinds = (GroupNorm, AttentionBlock, Downsample, Conv2d)
+    assert all(m.fused for m in mods if isinstance(m, kinds))
+    assert sum(isinstance(m, Conv2d) for m in mods) > 10
     assert fast.fused_sampling and fast.fused_reasons == {}
     sdvae.unoptimize(fast)
-    assert not any(
-        m.fused for m in fast.modules() if isinstance(m, (GroupNorm, AttentionBlock, Downsample))
-    )
+    assert not any(m.fused for m in fast.modules() if isinstance(m, kinds))
     assert set(fast.state_dict()) == set(ref.state_dict())
 
 
