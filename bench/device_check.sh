@@ -15,7 +15,11 @@
 # Wheels for packages the GPU image lacks (diffusers; nvidia-cudnn-frontend, whose headers the
 # build needs for the cuDNN graph conv) are taken from .whl/ when present (see
 # bench/fetch_wheels.sh); without cudnn-frontend the build goes on and conv2d runs eager, which
-# the build line and `sdvae check` say. Target: under 8 minutes on an H100, which is why the
+# the build line and `sdvae check` say. The whole-model suites time the image sizes in
+# SDVAE_BENCH_VAE_SIZES (batch 1) and SDVAE_BENCH_VAE_BATCH4 (batch 4; empty: none), see
+# sdvae/bench/cases_vae.py: each torch.compile provider compiles once per size and dtype, so
+# e.g. `BENCH_SUITES="ceiling decode encode" SDVAE_BENCH_VAE_SIZES=1024 SDVAE_BENCH_VAE_BATCH4=`
+# is the short whole-model run. Target: under 8 minutes on an H100, which is why the
 # whole-model `compile` rows use torch.compile's default mode here (COMPILE_MODE=...
 # overrides; `sdvae bench` alone defaults to max-autotune-no-cudagraphs, whose autotuning of
 # every conv shape takes longer than this whole script may).
@@ -63,7 +67,7 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   # Most important first: the CSV is written row by row, so a timeout keeps what ran.
   timeout ${BENCH_TIMEOUT:-210} $PY -m sdvae.cli bench --out "$OUT_DIR" \
     --compile-mode "${COMPILE_MODE:-default}" --rep-ms "${REP_MS:-100}" \
-    ${BENCH_SUITES:-ceiling decode encode conv pad_conv2d attention group_norm_silu vae_sample} \
+    ${BENCH_SUITES:-ceiling decode encode conv pad_conv2d attention attention_block group_norm_silu group_norm_fused vae_sample} \
     > "$OUT_DIR/bench_table.txt" || echo "BENCH FAILED OR TIMED OUT"
   echo "bench took $((SECONDS - t0)) s"
 } 2>&1 | tee "$LOG"

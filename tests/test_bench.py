@@ -106,6 +106,8 @@ def test_whole_model_plan_sizes_from_the_environment(monkeypatch):
     monkeypatch.setenv("SDVAE_BENCH_VAE_SIZES", "512, 1024,2048")
     monkeypatch.setenv("SDVAE_BENCH_VAE_BATCH4", "1024")
     assert cases_vae.plan(gpu) == [(1, 512), (1, 1024), (1, 2048), (4, 1024)]
+    monkeypatch.setenv("SDVAE_BENCH_VAE_BATCH4", "")
+    assert cases_vae.plan(gpu) == [(1, 512), (1, 1024), (1, 2048)]
     monkeypatch.setenv("SDVAE_BENCH_VAE_SIZES", "512,1001")
     with pytest.raises(ValueError, match="SDVAE_BENCH_VAE_SIZES"):
         cases_vae.plan(gpu)

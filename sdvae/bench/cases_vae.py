@@ -10,7 +10,8 @@ Providers (every one sees the same random weights):
 * ``sdvae_graph`` (GPU): ``sdvae.optimize(vae, cuda_graph=True)``, replaying CUDA graphs.
 
 Sizes: ``SDVAE_BENCH_VAE_SIZES`` (image sizes, default ``512,1024`` on a GPU, 64 on the CPU)
-at batch 1, plus ``SDVAE_BENCH_VAE_BATCH4`` (default ``512``) at batch 4, each a comma list;
+at batch 1, plus ``SDVAE_BENCH_VAE_BATCH4`` (default ``512``) at batch 4, each a comma list
+(set but empty: none);
 e.g. ``SDVAE_BENCH_VAE_SIZES=512,1024,2048 SDVAE_BENCH_VAE_BATCH4=512,1024,2048`` for the
 whole matrix (each torch.compile provider compiles once per size and dtype, which is what
 makes the whole matrix slow). On a GPU, ``decode`` also reports the peak memory of one 2048²
@@ -51,8 +52,10 @@ def _count_flops(fn) -> float:
 
 def _int_list(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     raw = os.environ.get(name)
-    if not raw:
+    if raw is None:
         return default
+    if not raw.strip():  # set but empty: none
+        return ()
     try:
         vals = tuple(int(v) for v in raw.replace(" ", "").split(",") if v)
     except ValueError:
