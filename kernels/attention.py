@@ -535,10 +535,11 @@ _BACKENDS = ("triton", "chunked")
 _CHOICES: dict[tuple, str] = {}
 
 
-def chunk_rows(lq: int, lk: int) -> int:
+def chunk_rows(lq: int, lk: int, batch: int = 1) -> int:
     """Query rows per chunk of ``attention_chunked``: as many as keep the chunk's scores
-    within ``_CHUNK_SCORES`` elements, a multiple of 64 when there are at least 64."""
-    r = max(1, min(lq, _CHUNK_SCORES // max(lk, 1)))
+    (``batch`` = batch x heads matrices of rows x lk) within ``_CHUNK_SCORES`` elements, a
+    multiple of 64 when there are at least 64."""
+    r = max(1, min(lq, _CHUNK_SCORES // max(lk * batch, 1)))
     return r - r % 64 if r >= 64 else r
 
 
@@ -570,7 +571,7 @@ def attention_chunked(q, k, v, *, scale=None) -> torch.Tensor:
         # The scale goes into q (one rounding per element of q, whose effect on a score
         # averages over D products) rather than into fp16/bf16 scores.
         q3 = q3 * scale
-    rows = chunk_rows(lq, lk)
+    rows = chunk_rows(lq, lk, q3.shape[0])
     for i in range(0, lq, rows):
         qi = q3[:, i : i + rows]
         if q.dtype == torch.float32:
@@ -608,7 +609,7 @@ def _time_ms(fn, reps: int = 3) -> float:
 def backend_for(q, k, v, scale) -> str:
     """The CUDA backend for this call: ``SDVAE_ATTENTION_BACKEND`` when set; else the faster
     of the Triton kernel and the library path, measured once per (device, dtype, batch*heads,
-    Lq, Lk, D) with CUDA events (median of 3 after a warm-up) and remembered
+    Lq, Lk, D, TF32 switch) with CUDA events (median of 3 after a warm-up) and remembered
     (``backend_choices()``). While a CUDA graph is being captured nothing can be timed: an
     unmeasured shape then takes the library path, which measured 3x faster than the Triton
     kernel at D = 512 on the H200 (0.17 / 1.73 / 26.1 ms against 0.67 / 5.2 / 82 ms at
@@ -620,7 +621,15 @@ def backend_for(q, k, v, scale) -> str:
         return forced
     if _chunked_reasons(q):
         return "triton"
-    key = (q.device.index, q.dtype, math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], q.shape[-1])
+    key = (
+        q.device.index,
+        q.dtype,
+        math.prod(q.shape[:-2]),
+        q.shape[-2],
+        k.shape[-2],
+        q.shape[-1],
+        torch.backends.cuda.matmul.allow_tf32 and q.dtype == torch.float32,
+    )
     choice = _CHOICES.get(key)
     if choice is None:
         if torch.cuda.is_current_stream_capturing():
@@ -633,7 +642,8 @@ def backend_for(q, k, v, scale) -> str:
 
 
 def backend_choices() -> dict[tuple, str]:
-    """The measured choices so far: (device index, dtype, batch*heads, Lq, Lk, D) -> backend."""
+    """The measured choices so far: (device index, dtype, batch*heads, Lq, Lk, D, fp32 matmuls
+    in TF32) -> backend."""
     return dict(_CHOICES)
 
 

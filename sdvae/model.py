@@ -66,12 +66,23 @@ class GroupNorm(nn.GroupNorm):
                 self.eps,
                 silu=self.silu,
                 input_bias=input_bias,
-                out=x if inplace and not torch.compiler.is_compiling() else None,
+                out=x if inplace and self._may_overwrite(x, input_bias) else None,
             )
         if input_bias is not None:
             x = x + input_bias.view(1, -1, *([1] * (x.dim() - 2)))
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.silu(y) if self.silu else y
+
+    def _may_overwrite(self, x: torch.Tensor, input_bias: torch.Tensor | None) -> bool:
+        """In place only for inference: not under torch.compile (which plans memory itself)
+        and not when autograd records the call (it may need x for the backward)."""
+        if torch.compiler.is_compiling():
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not any(
+            t is not None and t.requires_grad for t in (x, self.weight, self.bias, input_bias)
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", silu={self.silu}"
@@ -219,7 +230,10 @@ class AttentionBlock(nn.Module):
         out = self.to_out[0]
         res = x.permute(0, 2, 3, 1).reshape(b * h * w, c) + out.bias  # residual + bias
         y = torch.addmm(res, o.reshape(b * h * w, c), out.weight.t())  # (B*L, C)
-        return y.view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last view
+        y = y.view(b, h, w, c).permute(0, 3, 1, 2)  # a channels_last view
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return y
+        return y.contiguous()  # x's layout, so that the convs after it keep theirs
 
 
 class Downsample(nn.Module):
@@ -275,19 +289,30 @@ def refold_upsample(owner: nn.Module, conv: nn.Conv2d) -> None:
     its dtype, device and memory format (channels_last when the conv weight is); in place
     when the buffer's layout allows, since a captured CUDA graph keeps reading that buffer.
     Shared by ``Upsample`` and the diffusers patch."""
+    with torch.inference_mode(False), torch.no_grad():
+        # A plain tensor even when the fold happens under inference mode, so that a later
+        # in-place refold outside it (or inside a CUDA graph's call) is allowed.
+        _refold_upsample(owner, conv)
+
+
+def _refold_upsample(owner: nn.Module, conv: nn.Conv2d) -> None:
     w = conv.weight
     wt = fold_upsample_weight(w)
     if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
         wt = wt.contiguous(memory_format=torch.channels_last)
     old = getattr(owner, "folded_weight", None)
-    if old is not None and (old.shape, old.stride(), old.dtype, old.device) == (
-        wt.shape,
-        wt.stride(),
-        wt.dtype,
-        wt.device,
+    if (
+        old is not None
+        and (old.shape, old.stride(), old.dtype, old.device)
+        == (
+            wt.shape,
+            wt.stride(),
+            wt.dtype,
+            wt.device,
+        )
+        and not old.is_inference()
     ):
-        with torch.no_grad():
-            old.copy_(wt)
+        old.copy_(wt)
     elif "folded_weight" in owner._buffers:
         owner.folded_weight = wt
     else:
@@ -545,20 +570,8 @@ class VAE(nn.Module):
     # ------------------------------------------------------------ CUDA graphs
     def enable_cuda_graphs(self) -> None:
         """Replay ``moments`` (the encoder) and the decoder from CUDA graphs, one per input
-        signature (``sdvae.graphs``); ``sdvae.optimize(vae, cuda_graph=True)`` calls this."""
-        from .graphs import GraphedCall
-
-        ups = [m for m in self.modules() if isinstance(m, Upsample)]
-
-        def refresh_folds():
-            for m in ups:
-                if m.fused and m.folded_weight is not None and m._folded_from != m._weight_key():
-                    m.fold()
-
-        self._graphs = {
-            "moments": GraphedCall(self._moments, before_replay=refresh_folds),
-            "decode": GraphedCall(self._decode, before_replay=refresh_folds),
-        }
+        shape (``sdvae.graphs``); ``sdvae.optimize(vae, cuda_graph=True)`` calls this."""
+        self._graphs = {}
 
     def disable_cuda_graphs(self) -> None:
         self._graphs = None
@@ -567,22 +580,47 @@ class VAE(nn.Module):
     def cuda_graphs(self) -> bool:
         return self._graphs is not None
 
+    def _refresh_folds(self) -> None:
+        for m in self.modules():
+            if isinstance(m, Upsample) and m.fused and m.folded_weight is not None:
+                if m._folded_from != m._weight_key():
+                    m.fold()
+
     def _apply(self, fn, *args, **kwargs):
         # Moving or casting reallocates every weight: captured graphs would read freed memory.
-        if self._graphs is not None:
-            for g in self._graphs.values():
-                g.clear()
+        if self._graphs:
+            self._graphs = {}
         return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # Captured graphs belong to this model's memory: a copy (deepcopy, pickle) keeps the
+        # switch and captures its own.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
+        state = dict(state)
+        if state.get("_graphs"):
+            state["_graphs"] = {}
+        return state
 
     def _graphed(self, name: str, x: torch.Tensor):
         """The graph runner for ``name`` when this call may be replayed from a graph."""
+        from .graphs import GraphedCall, autocast_on
+
         if self._graphs is None or not x.is_cuda or torch.compiler.is_compiling():
+            return None
+        if autocast_on():
             return None
         if torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         ):
             return None
-        return self._graphs[name]
+        runner = self._graphs.get(name)
+        if runner is None:
+            fn = self._moments if name == "moments" else self._decode
+            runner = GraphedCall(
+                fn, before_replay=self._refresh_folds, memory_format=self.memory_format
+            )
+            self._graphs[name] = runner
+        return runner
 
     # -------------------------------------------------------------- checks
     def _check_input(self, name: str, x: torch.Tensor, channels: int) -> None:

@@ -361,6 +361,7 @@ def test_chunk_rows_bound_the_scores():
         assert r * lk <= A._CHUNK_SCORES or r == 1
         assert r < 64 or r % 64 == 0
     assert A.chunk_rows(65536, 65536) == 256 and A.chunk_rows(4096, 4096) == 4096
+    assert A.chunk_rows(65536, 65536, 4) == 64  # batch x heads share the bound
 
 
 @pytest.mark.parametrize("lead,lq,lk,d", [((2,), 130, 53, 64), ((1, 2), 70, 97, 40)])
@@ -406,7 +407,7 @@ def test_cuda_backend_is_measured_once_and_remembered(monkeypatch):
     monkeypatch.delenv(A.BACKEND_ENV, raising=False)
     q, k, v = _inputs((1,), 1024, 1024, 512, torch.float16, "cuda")
     K.attention(q, k, v)
-    key = (q.device.index, torch.float16, 1, 1024, 1024, 512)
+    key = (q.device.index, torch.float16, 1, 1024, 1024, 512, False)
     choice = A.backend_choices()[key]
     assert choice in ("triton", "chunked")
     assert A.backend_for(q, k, v, 512**-0.5) == choice

@@ -248,3 +248,31 @@ def test_fused_model_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = fast.encode(x, sample=False)
     assert_close(got, want, torch.bfloat16, end_to_end=True)
+
+
+def test_fused_model_with_grad_mode_on():
+    """Parameters require grad and grad mode is on (no torch.no_grad): the fused model must
+    not write in place (autograd may need the values) and its gradients are those of the
+    unfused model."""
+    ref, fast = _pair()
+    z = torch.randn(1, 4, 4, 4)
+    out = fast.decode(z)
+    assert_close(out, ref.decode(z), name="decode, grad mode on")
+    zr = z.clone().requires_grad_(True)
+    fast.decode(zr).square().mean().backward()
+    zr_ref = z.clone().requires_grad_(True)
+    ref.decode(zr_ref).square().mean().backward()
+    assert_close(zr.grad, zr_ref.grad, name="grad wrt latents")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert_close(fast.encode(x, sample=False), ref.encode(x, sample=False), name="encode")
+
+
+@torch.no_grad()
+def test_attention_block_keeps_the_input_layout():
+    ref, fast = _pair()
+    block = fast.encoder.mid_block.attentions[0]
+    assert block.fused
+    x = torch.randn(1, block.to_q.in_features, 3, 5)
+    assert block(x).is_contiguous()
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert block(xc).is_contiguous(memory_format=torch.channels_last)

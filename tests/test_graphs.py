@@ -78,7 +78,7 @@ def test_graphs_follow_in_place_weight_changes_and_moves():
         assert_close(vae.decode(z), ref.decode(z), name="after an in-place update")
     vae.half()
     ref.half()
-    assert not vae._graphs["decode"].graphs, "casting must drop the captured graphs"
+    assert not vae._graphs, "casting must drop the captured graphs"
     with torch.no_grad():
         zh = z.half()
         assert_close(vae.decode(zh), ref.decode(zh), name="after .half()")
@@ -103,3 +103,32 @@ def test_grad_mode_runs_eagerly():
     assert vae._graphed("decode", z) is None  # parameters require grad, grad mode on
     with torch.no_grad():
         assert vae._graphed("decode", z) is not None
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_graph_inputs_of_any_layout_and_no_graph_under_autocast():
+    eager = sdvae.optimize(_vae("cuda", torch.float16))
+    graphed = sdvae.optimize(copy.deepcopy(eager), cuda_graph=True)
+    z = torch.randn(1, 4, 4, 4, device="cuda", dtype=torch.float16)
+    want = eager.decode(z.expand(3, -1, -1, -1))
+    got = graphed.decode(z.expand(3, -1, -1, -1))  # overlapping strides
+    assert_close(got, want, name="expanded input")
+    graphed.decode(z.expand(3, -1, -1, -1).contiguous(memory_format=torch.channels_last))
+    assert len(graphed._graphs["decode"].graphs) == 1  # one graph for both layouts
+    with torch.autocast("cuda"):
+        assert graphed._graphed("decode", z) is None
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_tf32_switch_gets_its_own_graph():
+    from sdvae.check import tf32
+
+    vae = sdvae.optimize(_vae("cuda"), cuda_graph=True)
+    z = torch.randn(1, 4, 4, 4, device="cuda")
+    with tf32(False):
+        vae.decode(z)
+    with tf32(True):
+        vae.decode(z)
+    assert len(vae._graphs["decode"].graphs) == 2

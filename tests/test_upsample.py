@@ -161,3 +161,17 @@ def test_decoder_defers_upsampler_bias_into_the_next_block(monkeypatch, channels
     assert_close(
         out, ref.double().decode(z.double()), torch.float32, name="decode", end_to_end=True
     )
+
+
+def test_fold_made_under_inference_mode_can_be_refreshed_outside_it():
+    torch.manual_seed(9)
+    m = Upsample(4)
+    m.fused = True
+    with torch.inference_mode():
+        m.fold()
+        m(torch.randn(1, 4, 3, 3))
+    assert not m.folded_weight.is_inference()
+    with torch.no_grad():
+        m.conv.weight.mul_(0.5)
+        x = torch.randn(1, 4, 3, 3)
+        assert_close(m(x), _upsample_reference(x, m.conv.weight, m.conv.bias))

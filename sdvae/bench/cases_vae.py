@@ -207,7 +207,7 @@ def _memory_providers(providers, models):
         if name == "sdvae_graph":
 
             def fn(run=fn):
-                graphed._graphs["decode"].clear()
+                graphed._graphs.pop("decode", None)  # its graphs and their memory pool
                 return run()
 
         out.append((name, lay, fn))
