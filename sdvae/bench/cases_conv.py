@@ -3,7 +3,9 @@
 Shapes (batch 1): the 3x3 convs Cin = Cout at 512×64², 512×128², 512×256², 256×256², 256×512²,
 128×512², 128×1024² (the decoder of a 1024² image; the encoder's mirror runs the same (channels,
 size) pairs), each with the resnet block's residual add; the 1x1 shortcuts 512→256 at 512² and
-256→128 at 1024² (no residual: their output is the residual of the block's second conv).
+256→128 at 1024² (no residual: their output is the residual of the block's second conv); and
+the thin convs at the ends of the model (conv_in / conv_out / quant_conv: 3, 4 or 8 channels on
+one side).
 
 Providers (each computes ``conv2d(x, w, padding) + bias (+ residual)`` unless said otherwise):
 * ``eager``: ``F.conv2d`` with bias, then ``+ residual`` (what the model did before);
@@ -42,6 +44,14 @@ _GPU_SHAPES = [
     (128, 128, 1024, 3, True),
     (512, 256, 512, 1, False),
     (256, 128, 1024, 1, False),
+    # The model's thin convs (few channels in NHWC, where cuDNN's graph may refuse or pick a
+    # slow engine): decoder conv_in 4->512 at 128², conv_out 128->3 at 1024², encoder
+    # conv_in 3->128 at 1024², conv_out 512->8 at 128², quant_conv 8->8 1x1 at 128².
+    (4, 512, 128, 3, False),
+    (128, 3, 1024, 3, False),
+    (3, 128, 1024, 3, False),
+    (512, 8, 128, 3, False),
+    (8, 8, 128, 1, False),
 ]
 _CPU_SHAPES = [(64, 64, 32, 3, True), (32, 32, 64, 3, True), (64, 32, 32, 1, False)]
 
