@@ -258,9 +258,7 @@ def _encode_rank(args, dist, device) -> int:
     if dist.rank == 0:
         try:
             exts = [e.strip() for e in args.ext.split(",") if e.strip()]
-            listing = cache.collect_sources(
-                args.images, args.files_from or (), exts, notes=notes
-            )
+            listing = cache.collect_sources(args.images, args.files_from or (), exts, notes=notes)
         except InputError as exc:
             listing = str(exc)
     listing = dist.broadcast(listing)

@@ -76,8 +76,8 @@ def _weights_of(*modules):
 def _set_forward(module, fn) -> None:
     """Make ``fn`` the module's forward; beneath an accelerate hook when the module has one
     (accelerate's wrapper calls ``_old_forward``), so that the hook still runs around it."""
-    slot = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in vars(module) else None
-    slot = slot or "forward"
+    hooked = hasattr(module, "_hf_hook") and "_old_forward" in vars(module)
+    slot = "_old_forward" if hooked else "forward"
     mine = types.MethodType(fn, module)
     setattr(module, _ORIG, getattr(module, slot))
     setattr(module, slot, mine)

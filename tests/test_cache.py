@@ -565,10 +565,13 @@ def test_collect_sources_follows_symlinked_folders_and_lists_each_file_once(tmp_
     assert len({os.path.realpath(s.path) for s in found}) == len(found)
     assert notes == ["2 symlinked folder(s) followed, 3 file(s) reached twice listed once"]
     # Two folders given that overlap: each file once too.
-    found = cache.collect_sources([str(d / "real"), str(d / "zz-again")], notes=(notes := []))
-    assert [s.name for s in found] == ["a.png"] and notes[0].endswith("1 file(s) reached twice listed once")
+    notes = []
+    found = cache.collect_sources([str(d / "real"), str(d / "zz-again")], notes=notes)
+    assert [s.name for s in found] == ["a.png"]
+    assert notes[0].endswith("1 file(s) reached twice listed once")
     # No links, no overlap: no note.
-    cache.collect_sources([str(elsewhere)], notes=(notes := []))
+    notes = []
+    cache.collect_sources([str(elsewhere)], notes=notes)
     assert notes == []
 
 
@@ -598,7 +601,8 @@ def test_encode_summary_says_what_symlinks_did(tmp_path, capsys):
     (imgs / "linked").symlink_to(shared, target_is_directory=True)
     (imgs / "a-again.png").symlink_to(imgs / "own" / "a.png")
     out = tmp_path / "lat"
-    assert _encode([str(imgs), "--weights", str(tmp_path / "vae"), *ENC, "--workers", "0"], out) == 0
+    args = [str(imgs), "--weights", str(tmp_path / "vae"), *ENC, "--workers", "0"]
+    assert _encode(args, out) == 0
     err = capsys.readouterr().err
     assert "encoded 2 images" in err, err
     assert "1 symlinked folder(s) followed, 1 file(s) reached twice listed once" in err, err
