@@ -95,29 +95,92 @@ def _norm_name(name: str) -> str:
     return name.replace(os.sep, "/")
 
 
+def _inside(folder: str, path: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both real, absolute paths)."""
+    try:
+        return os.path.commonpath([folder, path]) == folder
+    except ValueError:  # different drives (Windows)
+        return False
+
+
+def _walk_images(top: str, exts: tuple[str, ...], notes: dict[str, int]) -> list[tuple]:
+    """The image files under folder ``top``, as (name relative to ``top``, path, reached
+    through a symlink), in name order. Symlinked sub-folders are followed (``notes["links"]``
+    counts them); one that points at a folder on its own path is a cycle: ``InputError``.
+    Folders that cannot be read are counted in ``notes["unreadable"]``."""
+    found: list[tuple] = []
+    stack = [(top, "", (os.path.realpath(top),), False)]
+    while stack:
+        folder, rel, chain, via_link = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            notes["unreadable"] += 1
+            continue
+        subfolders = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows a symlink
+            except OSError:
+                is_dir = False
+            if is_dir:
+                link = e.is_symlink()
+                real = os.path.realpath(e.path)
+                if link:
+                    notes["links"] += 1
+                    if any(_inside(real, c) for c in chain):
+                        raise InputError(
+                            f"{e.path}: symlink cycle: it points to {real}, a folder that holds "
+                            "the link itself; remove the link or point it elsewhere"
+                        )
+                subfolders.append((e.path, f"{rel}{e.name}/", (*chain, real), via_link or link))
+            elif e.name.lower().endswith(exts) and not e.name.startswith("."):
+                found.append((rel + e.name, e.path, via_link or e.is_symlink()))
+        stack.extend(reversed(subfolders))
+    return found
+
+
 def collect_sources(
     inputs: Sequence[str],
     files_from: Sequence[str] = (),
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    *,
+    notes: list[str] | None = None,
 ) -> list[Source]:
     """The sorted image list: folders walked recursively (files whose extension is in
     ``extensions``), files named directly (any extension), and the lines of each
     ``files_from`` list (paths relative to the current folder). Raises ``InputError`` for a
-    missing input, an empty set, or two images with the same name."""
+    missing input, an empty set, two images with the same name, or a symlink cycle.
+
+    Symlinks in the folders are followed, to files and to sub-folders. A file that the walk
+    reaches more than once (through a link, or two folders given that overlap) is listed once,
+    by its real path: under a path that goes through no symlink when there is one, the first
+    by name among those. ``notes`` (a list) receives one line on what the links did, for the
+    run's summary."""
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     found: list[Source] = []
+    walked: list[tuple] = []
+    counts = {"links": 0, "unreadable": 0}
     for arg in inputs:
         if os.path.isdir(arg):
-            for root, dirs, files in os.walk(arg):
-                dirs.sort()
-                for f in sorted(files):
-                    if f.lower().endswith(exts) and not f.startswith("."):
-                        p = os.path.join(root, f)
-                        found.append(Source(_norm_name(os.path.relpath(p, arg)), p))
+            for name, path, via_link in _walk_images(arg, exts, counts):
+                walked.append((via_link, _norm_name(name), path))
         elif os.path.isfile(arg):
             found.append(Source(os.path.basename(arg), arg))
         else:
             raise InputError(f"{arg}: no such file or folder; give image files or folders")
+    kept: dict[str, tuple] = {}
+    for item in sorted(walked):  # no symlink first, then by name
+        kept.setdefault(os.path.realpath(item[2]), item)
+    found.extend(Source(name, path) for _, name, path in kept.values())
+    if notes is not None and (counts["links"] or counts["unreadable"] or len(kept) < len(walked)):
+        dropped = len(walked) - len(kept)
+        notes.append(
+            f"{counts['links']} symlinked folder(s) followed, {dropped} file(s) reached twice "
+            "listed once"
+            + (f", {counts['unreadable']} folder(s) unreadable" if counts["unreadable"] else "")
+        )
     for listing in files_from:
         try:
             with open(listing) as fh:
@@ -870,8 +933,11 @@ def _decode_items(vae, items: list[_LatentItem], out_dir: str, batch_size: int) 
     return written
 
 
-def print_summary(summaries: Sequence[Summary], wall: float, out_dir: str) -> str:
-    """The job's summary line (printed by rank 0)."""
+def print_summary(
+    summaries: Sequence[Summary], wall: float, out_dir: str, notes: Sequence[str] = ()
+) -> str:
+    """The job's summary line (printed by rank 0); ``notes`` (from ``collect_sources``) are
+    appended to it."""
     enc = sum(s.encoded for s in summaries)
     kept = sum(s.kept for s in summaries)
     failed = sum(s.failed + s.failed_before for s in summaries)
@@ -882,5 +948,6 @@ def print_summary(summaries: Sequence[Summary], wall: float, out_dir: str) -> st
         f"{sum(s.shards_kept for s in summaries)} complete shards kept ({kept} images); "
         f"{failed} failed"
     )
+    line = "; ".join([line, *notes])
     print(line, file=sys.stderr, flush=True)
     return line

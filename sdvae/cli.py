@@ -254,10 +254,11 @@ def _encode_rank(args, dist, device) -> int:
 
     pil()  # Pillow missing: say so before anything starts
     listing = None
+    notes: list[str] = []  # what symlinks did to the listing, for the summary (rank 0)
     if dist.rank == 0:
         try:
             exts = [e.strip() for e in args.ext.split(",") if e.strip()]
-            listing = cache.collect_sources(args.images, args.files_from or (), exts)
+            listing = cache.collect_sources(args.images, args.files_from or (), exts, notes=notes)
         except InputError as exc:
             listing = str(exc)
     listing = dist.broadcast(listing)
@@ -308,7 +309,7 @@ def _encode_rank(args, dist, device) -> int:
     failed = sum(s.failed + s.failed_before for s in summaries)
     if dist.rank == 0:
         wall = max(s.seconds for s in summaries)
-        cache.print_summary(summaries, wall, args.output)
+        cache.print_summary(summaries, wall, args.output, notes)
         if failed:
             print(
                 f"sdvae: error: {failed} of {len(listing)} images could not be read and were "
@@ -406,7 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         "index. Resumable: a rerun with the same arguments keeps complete shards. Under "
         "torchrun each rank encodes its own block of shards.",
     )
-    e.add_argument("images", nargs="*", help="image files and folders (searched recursively)")
+    e.add_argument(
+        "images",
+        nargs="*",
+        help="image files and folders (searched recursively, following symlinks; each file once)",
+    )
     e.add_argument(
         "--files-from",
         action="append",

@@ -21,10 +21,27 @@ the instance (never on diffusers' classes, so other models are untouched) and
   ``vae_sample`` kernel (noise drawn in-kernel from a seed taken from ``generator``).
 
 ``enable_slicing()`` and ``enable_tiling()`` keep working: they call the same patched modules.
+
+Weights on the meta device (a model built under accelerate's ``init_empty_weights`` or
+``torch.device("meta")``, whose weights arrive later through ``load_state_dict(...,
+assign=True)``): nothing is computed from them. Each op's blocks stay stock, with the reason
+in ``_sdvae_reasons`` (patch after loading to get the kernels); the upsamplers, which need no
+kernel, are patched and fold at their first call on real weights, and refold whenever the
+conv weight is changed, replaced, moved or cast (``sdvae.model.fold_is_current``).
+
+accelerate's hooks (``cpu_offload``, ``enable_sequential_cpu_offload``, ``dispatch_model``)
+bring a module's weights to its execution device when the module is called. The patched
+forwards read some submodules' weights without calling them (a GroupNorm's affine, a conv's
+weight, the q/k/v projections), so they run those submodules' hooks around the read
+(``_weights_of``); a patched module that already has a hook gets the new forward beneath it.
+Patch before enabling sequential CPU offload: its weights live on the meta device between
+calls. ``enable_model_cpu_offload`` moves the whole model at each call, which refolds the
+upsamplers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -35,6 +52,49 @@ from .fast import op_status
 __all__ = ["patch_diffusers", "unpatch_diffusers", "is_patched"]
 
 _ORIG = "_sdvae_original_forward"
+_MINE = "_sdvae_forward"
+
+
+@contextlib.contextmanager
+def _weights_of(*modules):
+    """Run the accelerate hook of each of ``modules`` that has one (``_hf_hook``) around a
+    block that reads their weights without calling them: ``pre_forward`` brings offloaded
+    weights to the execution device, ``post_forward`` offloads them again."""
+    entered = []
+    try:
+        for m in modules:
+            hook = getattr(m, "_hf_hook", None)
+            if hook is not None:
+                hook.pre_forward(m)
+                entered.append(m)
+        yield
+    finally:
+        for m in reversed(entered):
+            m._hf_hook.post_forward(m, None)
+
+
+def _set_forward(module, fn) -> None:
+    """Make ``fn`` the module's forward; beneath an accelerate hook when the module has one
+    (accelerate's wrapper calls ``_old_forward``), so that the hook still runs around it."""
+    hooked = hasattr(module, "_hf_hook") and "_old_forward" in vars(module)
+    slot = "_old_forward" if hooked else "forward"
+    mine = types.MethodType(fn, module)
+    setattr(module, _ORIG, getattr(module, slot))
+    setattr(module, slot, mine)
+    setattr(module, _MINE, mine)
+
+
+def _restore_forward(module) -> None:
+    """Undo ``_set_forward``, wherever the patched forward sits now (an accelerate hook may
+    have been added or removed since)."""
+    orig, mine = vars(module).pop(_ORIG), vars(module).pop(_MINE)
+    for slot in ("_old_forward", "forward"):
+        if vars(module).get(slot) is mine:
+            cls_forward = getattr(orig, "__func__", None) is type(module).forward
+            if slot == "forward" and cls_forward and getattr(orig, "__self__", None) is module:
+                del module.forward  # the class's forward shows through again
+            else:
+                setattr(module, slot, orig)
 
 
 def _diffusers():
@@ -64,9 +124,11 @@ def _gn(norm, x, silu):
 
 
 def _resnet_forward(self, input_tensor, temb=None, *args, **kwargs):
-    h = _gn(self.norm1, input_tensor, True)
+    with _weights_of(self.norm1):
+        h = _gn(self.norm1, input_tensor, True)
     h = self.conv1(h)
-    h = _gn(self.norm2, h, True)
+    with _weights_of(self.norm2):
+        h = _gn(self.norm2, h, True)
     h = self.conv2(self.dropout(h))
     x = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
     return x + h
@@ -91,10 +153,12 @@ def _gn_silu_forward(self, x):
 def _downsample_forward(self, hidden_states, *args, **kwargs):
     from . import ops
 
-    w, b = self.conv.weight, self.conv.bias
-    if w.dtype != hidden_states.dtype:  # under autocast, as autocast's own conv would
-        w, b = w.to(hidden_states.dtype), (b.to(hidden_states.dtype) if b is not None else None)
-    return ops.pad_conv2d(hidden_states, w, b, stride=2, padding=(0, 1, 0, 1))
+    with _weights_of(self.conv):
+        w, b = self.conv.weight, self.conv.bias
+        if w.dtype != hidden_states.dtype:  # under autocast, as autocast's own conv would
+            w = w.to(hidden_states.dtype)
+            b = b.to(hidden_states.dtype) if b is not None else None
+        return ops.pad_conv2d(hidden_states, w, b, stride=2, padding=(0, 1, 0, 1))
 
 
 def _upsample_supported(up) -> bool:
@@ -122,7 +186,8 @@ def _upsample_forward(self, hidden_states, output_size=None, *args, **kwargs):
         2 * s for s in hidden_states.shape[-2:]
     ):
         return getattr(self, _ORIG)(hidden_states, output_size, *args, **kwargs)
-    return upsample_folded(self, self.conv, hidden_states)
+    with _weights_of(self.conv):
+        return upsample_folded(self, self.conv, hidden_states)
 
 
 class FusedAttnProcessor:
@@ -157,11 +222,14 @@ class FusedAttnProcessor:
 
         b, c, h, w = hidden_states.shape
         residual = hidden_states
-        t = _gn(attn.group_norm, hidden_states, False).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        w_qkv = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
-        b_qkv = None
-        if attn.to_q.bias is not None:
-            b_qkv = torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias])
+        with _weights_of(attn.group_norm):
+            t = _gn(attn.group_norm, hidden_states, False)
+        t = t.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        with _weights_of(attn.to_q, attn.to_k, attn.to_v):
+            w_qkv = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+            b_qkv = None
+            if attn.to_q.bias is not None:
+                b_qkv = torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias])
         q, k, v = F.linear(t, w_qkv, b_qkv).split(attn.inner_dim, dim=-1)
         heads = attn.heads
         d = attn.inner_dim // heads
@@ -223,6 +291,12 @@ class _Usable:
 
     def __init__(self, device, dtype):
         self.status = op_status()
+        if device.type == "meta":
+            why = (
+                "the weights were on the meta device when patched (built empty, or offloaded "
+                "by accelerate): patch after loading them, before enabling CPU offload"
+            )
+            self.status = {op: [*r, why] for op, r in self.status.items()}
         self.device, self.dtype = device, dtype
         self.reasons: dict[str, list[str]] = {op: list(r) for op, r in self.status.items() if r}
 
@@ -290,8 +364,7 @@ def patch_diffusers(autoencoder_kl, *, channels_last: bool | None = None):
                 lambda m=module: usable.group_norm(m.norm1) + usable.group_norm(m.norm2),
             )
         ):
-            setattr(module, _ORIG, module.forward)
-            module.forward = types.MethodType(_resnet_forward, module)
+            _set_forward(module, _resnet_forward)
             patched.append(module)
         elif (
             isinstance(module, Downsample2D)
@@ -300,13 +373,12 @@ def patch_diffusers(autoencoder_kl, *, channels_last: bool | None = None):
             and module.norm is None
             and usable("pad_conv2d", lambda m=module: usable.pad_conv2d(m.conv))
         ):
-            setattr(module, _ORIG, module.forward)
-            module.forward = types.MethodType(_downsample_forward, module)
+            _set_forward(module, _downsample_forward)
             patched.append(module)
         elif isinstance(module, Upsample2D) and _upsample_supported(module):
-            # Plain torch ops (cuDNN's transposed conv): runs wherever the model runs.
-            setattr(module, _ORIG, module.forward)
-            module.forward = types.MethodType(_upsample_forward, module)
+            # Plain torch ops (cuDNN's transposed conv): runs wherever the model runs. The fold
+            # is made here when the weights are real, else at the first call.
+            _set_forward(module, _upsample_forward)
             patched.append(module)
         elif isinstance(module, Attention) and usable(
             "attention", lambda m=module: usable.attention(m)
@@ -321,8 +393,7 @@ def patch_diffusers(autoencoder_kl, *, channels_last: bool | None = None):
             and isinstance(norm, torch.nn.GroupNorm)
             and usable("group_norm", lambda n=norm: usable.group_norm(n))
         ):
-            setattr(norm, _ORIG, norm.forward)
-            norm.forward = types.MethodType(_gn_silu_forward, norm)
+            _set_forward(norm, _gn_silu_forward)
             part._sdvae_original_act = part.conv_act
             part.conv_act = torch.nn.Identity()
             patched.append(norm)
@@ -355,11 +426,9 @@ def unpatch_diffusers(autoencoder_kl):
             module.set_processor(module._sdvae_original_processor)
             del module._sdvae_original_processor
         if _ORIG in module.__dict__:
-            del module.forward  # the class's forward shows through again
-            delattr(module, _ORIG)
-        if "folded_weight" in module._buffers:
-            del module._buffers["folded_weight"]
-            del module._folded_from
+            _restore_forward(module)
+        for name in ("folded_weight", "_folded_from"):  # the upsamplers' fold
+            module.__dict__.pop(name, None)
     for part in (autoencoder_kl.encoder, autoencoder_kl.decoder):
         if hasattr(part, "_sdvae_original_act"):
             part.conv_act = part._sdvae_original_act

@@ -14,6 +14,8 @@ each forward is plain eager PyTorch.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -279,16 +281,56 @@ def fold_upsample_weight(weight: torch.Tensor) -> torch.Tensor:
     return wt.to(weight.dtype)
 
 
+class _StorageRef:
+    """A weak reference to a weight's storage. A fold is current only while the storage it was
+    made from lives: once freed, its address may be reused by another weight with the same
+    version, dtype and device (a cast there and back, accelerate's offload bringing weights
+    per call). Copies and pickles are dead references (their owner refolds)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, t: torch.Tensor | None = None):
+        self.ref = None if t is None else weakref.ref(t.untyped_storage())
+
+    def __call__(self):
+        return None if self.ref is None else self.ref()
+
+    def __reduce__(self):
+        return (_StorageRef, ())
+
+
 def _conv_weight_key(conv: nn.Conv2d) -> tuple:
     w = conv.weight
     return (w.data_ptr(), w._version, w.dtype, w.device)
 
 
+def fold_is_current(owner: nn.Module, conv: nn.Conv2d) -> bool:
+    """Whether ``owner.folded_weight`` was folded from ``conv.weight`` as it is now: the same
+    live storage, address, version, dtype and device."""
+    key = getattr(owner, "_folded_from", None)
+    w = conv.weight
+    return (
+        key is not None
+        and getattr(owner, "folded_weight", None) is not None
+        and not w.is_meta
+        and key[0]() is w.untyped_storage()
+        and key[1:] == _conv_weight_key(conv)
+    )
+
+
 def refold_upsample(owner: nn.Module, conv: nn.Conv2d) -> None:
-    """(Re)compute ``owner.folded_weight`` (a non-persistent buffer) from ``conv.weight``, in
-    its dtype, device and memory format (channels_last when the conv weight is); in place
-    when the buffer's layout allows, since a captured CUDA graph keeps reading that buffer.
+    """(Re)compute ``owner.folded_weight`` from ``conv.weight``, in its dtype, device and
+    memory format (channels_last when the conv weight is); in place when the tensor's layout
+    allows, since a captured CUDA graph keeps reading it. It is a non-persistent buffer of
+    ``Upsample`` and a plain attribute of a diffusers ``Upsample2D`` (which accelerate's hooks
+    then leave alone).
+
+    Nothing is folded while ``conv.weight`` is on the meta device (a model built empty and
+    loaded later with ``assign=True``, or offloaded by accelerate): a meta buffer would make
+    the later ``.to(device)`` fail, so the fold waits for the first call on real weights.
     Shared by ``Upsample`` and the diffusers patch."""
+    if conv.weight.is_meta:
+        return
     with torch.inference_mode(False), torch.no_grad():
         # A plain tensor even when the fold happens under inference mode, so that a later
         # in-place refold outside it (or inside a CUDA graph's call) is allowed.
@@ -313,11 +355,9 @@ def _refold_upsample(owner: nn.Module, conv: nn.Conv2d) -> None:
         and not old.is_inference()
     ):
         old.copy_(wt)
-    elif "folded_weight" in owner._buffers:
-        owner.folded_weight = wt
     else:
-        owner.register_buffer("folded_weight", wt, persistent=False)
-    owner._folded_from = _conv_weight_key(conv)
+        owner.folded_weight = wt  # a buffer where one is registered, else a plain attribute
+    owner._folded_from = (_StorageRef(w), *_conv_weight_key(conv))
 
 
 def upsample_folded(
@@ -325,13 +365,18 @@ def upsample_folded(
 ) -> torch.Tensor:
     """``conv(interpolate(x, 2, nearest))`` as one transposed conv with ``owner``'s folded
     weight, refolded first if ``conv.weight`` changed since (not under torch.compile, which
-    traces the weights as they are); ``bias=False`` leaves ``conv.bias`` out."""
-    if not torch.compiler.is_compiling() and (
-        getattr(owner, "folded_weight", None) is None
-        or owner._folded_from != _conv_weight_key(conv)
-    ):
-        refold_upsample(owner, conv)
-    w, b = owner.folded_weight, (conv.bias if bias else None)
+    traces the weights as they are; there a missing fold is computed in the graph);
+    ``bias=False`` leaves ``conv.bias`` out. On meta weights (a shape-only call) the fold is
+    computed for the call and not kept."""
+    if conv.weight.is_meta:
+        w = fold_upsample_weight(conv.weight)
+    else:
+        if not torch.compiler.is_compiling() and not fold_is_current(owner, conv):
+            refold_upsample(owner, conv)
+        w = getattr(owner, "folded_weight", None)
+        if w is None:
+            w = fold_upsample_weight(conv.weight)
+    b = conv.bias if bias else None
     if w.dtype != x.dtype:  # under autocast, as autocast's own conv would
         w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
     return F.conv_transpose2d(x, w, b, stride=2, padding=1)
@@ -342,8 +387,10 @@ class Upsample(nn.Module):
 
     Fused (``sdvae.optimize``): one stride-2 transposed conv with the folded 4x4 weight
     (``fold_upsample_weight``), kept in the non-persistent buffer ``folded_weight`` (not in the
-    state dict) and refolded (in place when it can) if ``conv.weight`` was changed in place
-    or replaced since."""
+    state dict) and refolded (in place when it can) if ``conv.weight`` was changed in place,
+    replaced, moved or cast since. Never folded while the weights are on the meta device
+    (``refold_upsample``): a model built empty and loaded with ``assign=True`` folds at its
+    first call."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -351,9 +398,6 @@ class Upsample(nn.Module):
         self.fused = False
         self.register_buffer("folded_weight", None, persistent=False)
         self._folded_from: tuple | None = None
-
-    def _weight_key(self) -> tuple:
-        return _conv_weight_key(self.conv)
 
     def fold(self) -> None:
         refold_upsample(self, self.conv)
@@ -582,9 +626,8 @@ class VAE(nn.Module):
 
     def _refresh_folds(self) -> None:
         for m in self.modules():
-            if isinstance(m, Upsample) and m.fused and m.folded_weight is not None:
-                if m._folded_from != m._weight_key():
-                    m.fold()
+            if isinstance(m, Upsample) and m.fused and not fold_is_current(m, m.conv):
+                m.fold()
 
     def _apply(self, fn, *args, **kwargs):
         # Moving or casting reallocates every weight: captured graphs would read freed memory.

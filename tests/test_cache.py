@@ -540,3 +540,70 @@ def test_interrupted_rerun_leaves_no_stale_merged_index(dataset, tmp_path):
     assert not (out / "index.jsonl").exists() and not (out / "errors.jsonl").exists()
     assert _encode(args, out) == 2
     assert _lines(out / "index.jsonl") == index
+
+
+def _touch(*paths):
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+
+
+def test_collect_sources_follows_symlinked_folders_and_lists_each_file_once(tmp_path):
+    """os.walk skipped a symlinked sub-folder without a word. Now it is walked; a second path
+    to a folder already walked and a link to a file already listed add nothing (the path
+    without a symlink is kept), and the notes for the summary say what happened."""
+    d, elsewhere = tmp_path / "d", tmp_path / "elsewhere"
+    _touch(d / "real" / "a.png", elsewhere / "b.png", elsewhere / "deep" / "c.jpg")
+    (d / "linked").symlink_to(elsewhere, target_is_directory=True)  # outside the tree
+    (d / "zz-again").symlink_to(d / "real", target_is_directory=True)  # inside it, again
+    (d / "a-link.png").symlink_to(d / "real" / "a.png")  # a file already listed
+    (d / "b-link.png").symlink_to(elsewhere / "b.png")  # reached twice, both through links
+    notes = []
+    found = cache.collect_sources([str(d)], notes=notes)
+    assert [s.name for s in found] == ["b-link.png", "linked/deep/c.jpg", "real/a.png"]
+    assert found[2].path == str(d / "real" / "a.png")
+    assert len({os.path.realpath(s.path) for s in found}) == len(found)
+    assert notes == ["2 symlinked folder(s) followed, 3 file(s) reached twice listed once"]
+    # Two folders given that overlap: each file once too.
+    notes = []
+    found = cache.collect_sources([str(d / "real"), str(d / "zz-again")], notes=notes)
+    assert [s.name for s in found] == ["a.png"]
+    assert notes[0].endswith("1 file(s) reached twice listed once")
+    # No links, no overlap: no note.
+    notes = []
+    cache.collect_sources([str(elsewhere)], notes=notes)
+    assert notes == []
+
+
+@pytest.mark.parametrize("target", ["parent", "self", "root"])
+def test_symlink_cycle_is_refused_with_one_line(tmp_path, capsys, target):
+    d = tmp_path / "d"
+    _touch(d / "s" / "x.png")
+    to = {"parent": d, "self": d / "s", "root": tmp_path.anchor}[target]
+    (d / "s" / "loop").symlink_to(to, target_is_directory=True)
+    with pytest.raises(InputError, match="symlink cycle") as info:
+        cache.collect_sources([str(d)])
+    assert str(d / "s" / "loop") in str(info.value)
+    # Through the CLI: one `sdvae: error:` line, before the weights are even looked at.
+    args = ["encode", str(d), "--weights", str(tmp_path / "no-weights"), "-o", str(tmp_path / "o")]
+    assert cli.main([*args, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdvae: error: ") and "symlink cycle" in err[0]
+
+
+def test_encode_summary_says_what_symlinks_did(tmp_path, capsys):
+    _write_weights(tmp_path / "vae")
+    rng = np.random.default_rng(1)
+    imgs, shared = tmp_path / "imgs", tmp_path / "shared"
+    for p in (imgs / "own" / "a.png", shared / "b.png"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        PIL.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(p)
+    (imgs / "linked").symlink_to(shared, target_is_directory=True)
+    (imgs / "a-again.png").symlink_to(imgs / "own" / "a.png")
+    out = tmp_path / "lat"
+    args = [str(imgs), "--weights", str(tmp_path / "vae"), *ENC, "--workers", "0"]
+    assert _encode(args, out) == 0
+    err = capsys.readouterr().err
+    assert "encoded 2 images" in err, err
+    assert "1 symlinked folder(s) followed, 1 file(s) reached twice listed once" in err, err
+    assert [x["source"] for x in _lines(out / "index.jsonl")] == ["linked/b.png", "own/a.png"]

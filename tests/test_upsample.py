@@ -120,7 +120,7 @@ def test_patch_diffusers_folds_its_upsamplers():
     assert odd.shape[-2:] == (7, 9)
     assert_close(ups[0](x, output_size=(6, 8)), ups[0].__dict__["_sdvae_original_forward"](x))
     sdvae.unpatch_diffusers(akl)
-    assert not any("folded_weight" in m._buffers for m in ups)
+    assert not any(hasattr(m, "folded_weight") or hasattr(m, "_folded_from") for m in ups)
     assert set(akl.state_dict()) == keys
 
 
@@ -175,3 +175,56 @@ def test_fold_made_under_inference_mode_can_be_refreshed_outside_it():
         m.conv.weight.mul_(0.5)
         x = torch.randn(1, 4, 3, 3)
         assert_close(m(x), _upsample_reference(x, m.conv.weight, m.conv.bias))
+
+
+@torch.no_grad()
+def test_optimize_on_meta_folds_at_the_first_call_on_real_weights():
+    """``sdvae.optimize`` on a model built on the meta device (as ``sdvae.load`` builds it)
+    registered meta folds, and the ``.to()`` after an ``assign=True`` load failed with
+    "Cannot copy out of meta tensor". Now nothing is folded until the weights are real."""
+    torch.manual_seed(10)
+    cfg = sdvae.VAEConfig.tiny(sample_size=16)
+    ref = sdvae.VAE(cfg).eval()
+    for p in ref.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    with torch.device("meta"):
+        fast = sdvae.optimize(sdvae.VAE(cfg).eval())
+    ups = [m for m in fast.modules() if isinstance(m, Upsample)]
+    assert ups and all(m.fused and m.folded_weight is None for m in ups)
+    fast.load_state_dict(ref.state_dict(), assign=True)
+    fast = fast.to("cpu")
+    z = torch.randn(2, cfg.latent_channels, 3, 5)
+    want = ref.double().decode(z.double())
+    assert_close(fast.decode(z), want, torch.float32, name="decode", end_to_end=True)
+    assert all(m.folded_weight is not None and not m.folded_weight.is_meta for m in ups)
+    # A shape-only call on meta weights folds for the call and keeps nothing.
+    m = Upsample(4).to("meta")
+    m.fused = True
+    assert m(torch.empty(1, 4, 3, 5, device="meta")).shape == (1, 4, 6, 10)
+    assert m.folded_weight is None
+
+
+@torch.no_grad()
+def test_refold_in_place_keeps_the_buffer_a_cuda_graph_reads():
+    """A captured CUDA graph keeps reading ``folded_weight``'s memory: a refold after the weight
+    changed in place (or was replaced by one of the same layout) writes into that memory."""
+    from sdvae.model import fold_is_current
+
+    torch.manual_seed(11)
+    m = Upsample(4)
+    m.fused = True
+    m.fold()
+    buf, ptr = m.folded_weight, m.folded_weight.data_ptr()
+    assert fold_is_current(m, m.conv)
+    x = torch.randn(1, 4, 3, 3)
+    for change in ("in place", "replaced"):
+        if change == "in place":
+            m.conv.weight.mul_(-0.5)
+        else:
+            m.conv.weight = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
+        assert not fold_is_current(m, m.conv)
+        assert_close(m(x), _upsample_reference(x, m.conv.weight, m.conv.bias), name=change)
+        assert m.folded_weight is buf and buf.data_ptr() == ptr, change
+    m.half().float()  # the module's buffers are replaced: refold from the rounded weight
+    assert not fold_is_current(m, m.conv)
+    assert_close(m(x), _upsample_reference(x, m.conv.weight, m.conv.bias), name="cast back")
