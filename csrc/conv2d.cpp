@@ -238,13 +238,14 @@ int64_t conv2d_workspace_limit() {
   if (unit == "KiB") scale = int64_t{1} << 10;
   if (unit == "MiB") scale = int64_t{1} << 20;
   if (unit == "GiB") scale = int64_t{1} << 30;
-  const bool ok = digits > 0 && digits <= 15 && scale > 0;
-  TORCH_CHECK_VALUE(ok, kVar, " must be a byte count, optionally with a KiB, MiB or GiB suffix ",
-                    "(e.g. 268435456 or 256MiB), got '", text, "'");
-  const int64_t value = std::stoll(text.substr(0, digits));
-  TORCH_CHECK_VALUE(value <= std::numeric_limits<int64_t>::max() / scale, kVar, " is too large: '",
-                    text, "'");
-  return value * scale;
+  TORCH_CHECK_VALUE(digits > 0 && scale > 0, kVar,
+                    " must be a byte count, optionally with a KiB, MiB or GiB suffix (e.g. ",
+                    "268435456 or 256MiB), got '", text, "'");
+  // 15 digits at most: stoll cannot overflow, and the product below stays in range.
+  TORCH_CHECK_VALUE(digits <= 15 && std::stoll(text.substr(0, digits)) <=
+                                        std::numeric_limits<int64_t>::max() / scale,
+                    kVar, " is too large: '", text, "'");
+  return std::stoll(text.substr(0, digits)) * scale;
 }
 
 std::tuple<std::string, std::string, std::vector<bool>> conv2d_ladder_probe(
@@ -257,9 +258,12 @@ std::tuple<std::string, std::string, std::vector<bool>> conv2d_ladder_probe(
                       next + 1);
     const std::string& o = outcomes[next++];
     if (o == "ran") return GraphAttempt{GraphOutcome::kRan, ""};
-    if (o == "refused") return GraphAttempt{GraphOutcome::kRefused, f ? "no fused engine" : "no engine"};
+    if (o == "refused") {
+      return GraphAttempt{GraphOutcome::kRefused, f ? "no fused engine" : "no engine"};
+    }
     TORCH_CHECK_VALUE(o == "transient", "conv2d_ladder_probe: unknown outcome '", o, "'");
-    return GraphAttempt{GraphOutcome::kTransient, "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"};
+    return GraphAttempt{GraphOutcome::kTransient,
+                        "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"};
   };
   std::string why;
   const ConvPath path = conv2d_ladder(fused, try_graph, &why);

@@ -316,9 +316,7 @@ INT32_MAX = 2**31 - 1
         (0, 10, 10, []),
     ],
 )
-def test_batch_chunks_keep_every_tensor_under_2_31_elements(
-    n, in_per_sample, out_per_sample, want
-):
+def test_batch_chunks_keep_every_tensor_under_2_31_elements(n, in_per_sample, out_per_sample, want):
     chunks = _ext._C.conv2d_batch_chunks(n, in_per_sample, out_per_sample)
     assert chunks == want
     if chunks:
@@ -366,8 +364,11 @@ def test_plan_cache_keeps_refusals_not_failures_for_now_per_handle():
 @pytest.mark.parametrize(
     "message, transient",
     [
-        ("build_plans: cudnnBackendFinalize failed with message: , and code: "
-         "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED", True),
+        (
+            "build_plans: cudnnBackendFinalize failed with message: , and code: "
+            "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+            True,
+        ),
         ("code: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED", True),
         ("building the plan: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB", True),
         ("check_support: [cudnn_frontend] Error: No execution plans support the graph.", False),
@@ -380,8 +381,16 @@ def test_transient_failures_are_allocations(message, transient):
 
 @pytest.mark.parametrize(
     "value, limit",
-    [(None, 2**30), ("", 2**30), ("0", 0), ("268435456", 2**28), ("256MiB", 2**28),
-     ("2GiB", 2**31), ("64KiB", 2**16), ("100B", 100)],
+    [
+        (None, 2**30),
+        ("", 2**30),
+        ("0", 0),
+        ("268435456", 2**28),
+        ("256MiB", 2**28),
+        ("2GiB", 2**31),
+        ("64KiB", 2**16),
+        ("100B", 100),
+    ],
 )
 def test_workspace_limit_from_the_environment(monkeypatch, value, limit):
     if value is None:

@@ -112,9 +112,7 @@ def test_sdvae_check_runs_after_the_per_op_api(fp32_precision_restored, monkeypa
     if not _ext.available():
         pytest.skip(_ext.LOAD_ERROR)
     torch.backends.cudnn.conv.fp32_precision = "ieee"
-    monkeypatch.setattr(
-        check, "CHECKS", {k: check.CHECKS[k] for k in ("pad_conv2d", "conv2d")}
-    )
+    monkeypatch.setattr(check, "CHECKS", {k: check.CHECKS[k] for k in ("pad_conv2d", "conv2d")})
     results = check.run_checks(torch.device("cpu"), quick=True)
     assert results and all(r.ok for r in results), check.format_results(results)
     assert torch.backends.cudnn.conv.fp32_precision == "ieee"
