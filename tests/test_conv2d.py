@@ -580,7 +580,7 @@ def test_workspace_limit_zero_still_gives_the_right_result(monkeypatch):
     out = conv2d(x, w, b, residual=r)
     assert_close(out, _ref64(x, w, b, r, 1, (1, 1, 1, 1)), torch.float16)
     for reason in ops.fallback_reasons():
-        assert "workspace" in reason or "No execution plans" in reason, reason
+        assert "workspace" in reason.lower() or "No execution plans" in reason, reason
 
 
 @pytest.mark.cuda
