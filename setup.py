@@ -1,10 +1,16 @@
 """Build sdvae and its extension ``sdvae._C``.
 
 ``csrc/*.cpp`` (operator schemas and CPU kernels) always; ``csrc/cuda/*.cu`` whenever the
-installed torch is a CUDA build and nvcc is found. No GPU is needed to build: with none
-visible, the architectures default to 8.0 and 9.0 (override with TORCH_CUDA_ARCH_LIST).
-The extension is built against the torch already installed, so install with
-``pip install --no-build-isolation``.
+installed torch is a CUDA build and a CUDA toolkit of the same major version as torch's is
+found. No GPU is needed to build: with none visible, the architectures default to 8.0 and 9.0
+(override with TORCH_CUDA_ARCH_LIST). The extension is built against the torch already
+installed, so install with ``pip install --no-build-isolation``.
+
+The toolkit: the first of CUDA_HOME (or CUDA_PATH), the toolkit of the ``nvcc`` on PATH, and
+``/usr/local/cuda*`` (newest first) whose nvcc has torch's CUDA major version (torch refuses to
+build with another major version). When none has, the CPU extension is built instead, and why
+is compiled into it: ``sdvae._ext.build_info()`` and ``sdvae check`` print it (as they print
+any other reason for a CPU-only build).
 
 The cuDNN graph convolution (``csrc/cuda/*.cpp``, host code only) is added to a CUDA build when
 cudnn-frontend's header-only C++ API is found (the ``nvidia-cudnn-frontend`` wheel puts it in
@@ -16,9 +22,12 @@ says why, and ``sdvae.ops.conv2d`` on CUDA then runs eager with that reason reco
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
+from packaging.version import InvalidVersion, Version
 from setuptools import setup
 
 try:
@@ -31,27 +40,131 @@ except ImportError:  # pragma: no cover - the build needs torch first
     )
 
 
+def _nvcc_release(home):
+    """The CUDA release of ``home``'s nvcc (e.g. Version("13.0")), None when it cannot tell."""
+    try:
+        out = subprocess.run(
+            [os.path.join(home, "bin", "nvcc"), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return Version(m.group(1)) if m else None
+
+
+def _is_toolkit(home):
+    """A toolkit folder: include/ and a real bin/nvcc (not a wrapper script, which some images
+    put on PATH: the folder it calls into is found through /usr/local/cuda* instead)."""
+    nvcc = os.path.join(home, "bin", "nvcc")
+    if not (os.path.isdir(os.path.join(home, "include")) and os.path.isfile(nvcc)):
+        return False
+    with open(nvcc, "rb") as f:
+        return f.read(2) != b"#!"
+
+
+def _cuda_folder_version(path):
+    try:
+        return Version(os.path.basename(path).partition("-")[2] or "0")
+    except InvalidVersion:
+        return Version("0")
+
+
+def _toolkit_candidates():
+    """CUDA toolkit folders in order of preference: CUDA_HOME / CUDA_PATH, the toolkit of the
+    nvcc on PATH, then /usr/local/cuda* newest first; each folder once."""
+    cands = []
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env and os.path.isfile(os.path.join(env, "bin", "nvcc")):
+        cands.append(env)
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if _is_toolkit(home):
+            cands.append(home)
+    local = sorted(glob.glob("/usr/local/cuda*"), key=_cuda_folder_version, reverse=True)
+    cands += [c for c in local if _is_toolkit(c)]
+    seen, out = set(), []
+    for c in cands:
+        real = os.path.realpath(c)
+        if real not in seen:
+            seen.add(real)
+            out.append(c)
+    return out
+
+
+def select_toolkit(torch_cuda, candidates, release_of=None):
+    """Return (cuda_home, reason_if_none): the first candidate folder whose nvcc has the major
+    version of torch's CUDA (``torch_cuda``, e.g. "13.0"; None for a CPU-only torch).
+    ``release_of(folder)`` gives a folder's CUDA release (default: ask its nvcc)."""
+    release_of = release_of or _nvcc_release
+    if torch_cuda is None:
+        return None, f"torch {torch.__version__} is a CPU-only build"
+    if not candidates:
+        return None, (
+            "no CUDA toolkit found (nvcc is not on PATH, CUDA_HOME is not set, and no "
+            "/usr/local/cuda* holds one)"
+        )
+    want = Version(torch_cuda)
+    found = []
+    for home in candidates:
+        release = release_of(home)
+        if release is not None and release.major == want.major:
+            if found:
+                print(
+                    f"sdvae: using the CUDA {release} toolkit at {home}, which matches torch's "
+                    f"CUDA {torch_cuda}; skipped: {', '.join(found)}",
+                    file=sys.stderr,
+                )
+            return home, None
+        found.append(f"{home} (CUDA {release if release is not None else 'unknown'})")
+    return None, (
+        f"no CUDA toolkit matches torch's CUDA {torch_cuda} (major version {want.major}, which "
+        f"torch requires for extensions): found {', '.join(found)}; install that toolkit or set "
+        "CUDA_HOME to it"
+    )
+
+
 def _find_cuda_home():
     """Return (cuda_home, reason_if_none)."""
-    if torch.version.cuda is None:
-        return None, f"torch {torch.__version__} is a CPU-only build"
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-        return home, None
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None, "nvcc was not found on PATH and CUDA_HOME is not set"
-    # The nvcc on PATH may be a wrapper script: prefer a real toolkit folder beside it.
-    for cand in [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] + sorted(
-        glob.glob("/usr/local/cuda*"), reverse=True
-    ):
-        if os.path.isdir(os.path.join(cand, "include")) and os.path.isfile(
-            os.path.join(cand, "bin", "nvcc")
-        ):
-            with open(os.path.join(cand, "bin", "nvcc"), "rb") as f:
-                if f.read(2) != b"#!":
-                    return cand, None
-    return None, f"found {nvcc}, but no CUDA toolkit folder (set CUDA_HOME)"
+    return select_toolkit(torch.version.cuda, _toolkit_candidates())
+
+
+def _c_string(text):
+    """``text`` as a C string literal (ASCII; anything else escaped as octal bytes)."""
+    out = []
+    for byte in text.encode():
+        ch = chr(byte)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 32 <= byte < 127:
+            out.append(ch)
+        else:
+            out.append(f"\\{byte:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def write_build_config(folder, cpu_only_reason):
+    """Write ``sdvae_build_config.h`` into ``folder`` (csrc/sdvae.cpp includes it): why this
+    build has no CUDA kernels, empty when it has them."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "sdvae_build_config.h")
+    text = (
+        "// Generated by setup.py (not in git): how this build of sdvae._C was configured.\n"
+        "#pragma once\n"
+        "// Why the CUDA kernels were not built (empty when they were).\n"
+        f"#define SDVAE_CPU_ONLY_REASON {_c_string(cpu_only_reason or '')}\n"
+    )
+    old = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read()
+    if old != text:  # unchanged: keep its timestamp, so ninja rebuilds nothing
+        with open(path, "w") as f:
+            f.write(text)
+    return path
 
 
 def _site_dirs():
@@ -117,8 +230,9 @@ def _find_nvrtc(cuda_home):
     return None, None
 
 
-def _extension():
+def _extension(generated_dir=None):
     here = os.path.dirname(os.path.abspath(__file__))
+    generated_dir = generated_dir or os.path.join(here, "build", "sdvae_generated")
     cpp = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))
     cu = sorted(
         os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "cuda", "*.cu"))
@@ -130,13 +244,16 @@ def _extension():
         cuda_home, reason = None, "csrc/cuda/ holds no .cu sources"
     else:
         cuda_home, reason = _find_cuda_home()
+    write_build_config(generated_dir, reason if cuda_home is None else "")
     if cuda_home is None:
         print(f"sdvae: building the CPU extension only ({reason})", file=sys.stderr)
-        return cpp_extension.CppExtension("sdvae._C", cpp, extra_compile_args={"cxx": cxx_flags})
+        return cpp_extension.CppExtension(
+            "sdvae._C", cpp, include_dirs=[generated_dir], extra_compile_args={"cxx": cxx_flags}
+        )
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
     macros = [("SDVAE_WITH_CUDA", None)]
-    include_dirs, link_args = [], []
+    include_dirs, link_args = [generated_dir], []
     fe_inc, fe_reason = _find_cudnn_frontend()
     cudnn_inc, cudnn_lib, cudnn_reason = _find_cudnn(cuda_home)
     nvrtc_inc, nvrtc_lib = _find_nvrtc(cuda_home)
@@ -144,7 +261,7 @@ def _extension():
         fe_inc, fe_reason = None, "nvrtc.h not found (cudnn-frontend's headers include it)"
     if fe_inc and cudnn_inc:
         # cudnn.h first: the frontend must see the cuDNN that torch loads at run time.
-        include_dirs = [cudnn_inc, fe_inc]
+        include_dirs = [cudnn_inc, fe_inc, generated_dir]
         # Link the very library torch uses (DT_NEEDED libcudnn.so.9, found already loaded).
         link_args = [cudnn_lib]
         if nvrtc_inc and nvrtc_inc != os.path.join(cuda_home, "include"):
@@ -185,9 +302,10 @@ def _extension():
     )
 
 
-setup(
-    packages=["sdvae", "sdvae.bench", "sdvae.kernels"],
-    package_dir={"sdvae": "sdvae", "sdvae.kernels": "kernels"},
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":  # pip runs this file as __main__; tests import its functions
+    setup(
+        packages=["sdvae", "sdvae.bench", "sdvae.kernels"],
+        package_dir={"sdvae": "sdvae", "sdvae.kernels": "kernels"},
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    )

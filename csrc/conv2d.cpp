@@ -3,29 +3,43 @@
 //
 // CUDA: one cuDNN graph (csrc/cuda/conv2d.cpp): the asymmetric padding as the conv's pre/post
 // padding (no padded copy), bias and residual as pointwise adds in the same graph when
-// fuse_epilogue (else the bare graph conv, then ATen adds). A graph cuDNN refuses, or a build
-// without cudnn-frontend, runs eager (at::conv2d of the padded input, + residual) with the reason
-// recorded (conv2d_fallbacks(), printed by `sdvae check`) and warned once: never silently.
+// fuse_epilogue (else the bare graph conv, then ATen adds). When cuDNN refuses the fused graph,
+// the bare graph + ATen adds runs; when it refuses that too, or in a build without
+// cudnn-frontend, eager (at::conv2d of the padded input, + residual). Every step down the ladder
+// is recorded with its reason (conv2d_fallbacks(), printed by `sdvae check`) and warned once:
+// never silently. A failure for now (out of memory while building a plan or allocating its
+// workspace) steps down this once and is not cached. Tensors of 2^31 elements or more never reach
+// cuDNN (32-bit indexing): the batch is split into chunks under that, as torch does; a single
+// sample that large runs eager, recorded.
 // CPU: pad_conv2d's C++ CPU kernel (csrc/pad_conv2d.cpp), then the residual added in place.
+//
+// The decisions (TF32 switch, batch chunks, ladder, plan-cache policy, workspace limit) are plain
+// functions compiled into every build, so that the tests exercise them without a GPU.
 //
 // The Python wrapper (sdvae/ops.py) checks the arguments first, runs the eager reference when an
 // input requires grad, and registers the fake (meta) kernel.
 #include "conv2d.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
+#include <cstdlib>
+#include <limits>
 #include <mutex>
 #include <sstream>
+#include <type_traits>
 
 namespace sdvae {
 
 namespace {
 
-std::atomic<int64_t> g_built{0}, g_refused{0};
+std::atomic<int64_t> g_built{0}, g_refused{0}, g_transient{0};
 std::mutex g_fallback_mutex;
 std::vector<std::string> g_fallbacks;
 
@@ -117,7 +131,167 @@ ConvGeometry conv2d_check_args(const char* op, const at::Tensor& x, const at::Te
   return g;
 }
 
-void conv2d_note_plan_built(bool ok) { (ok ? g_built : g_refused)++; }
+void conv2d_note_plan_built(GraphOutcome outcome) {
+  switch (outcome) {
+    case GraphOutcome::kRan:
+      g_built++;
+      break;
+    case GraphOutcome::kRefused:
+      g_refused++;
+      break;
+    case GraphOutcome::kTransient:
+      g_transient++;
+      break;
+  }
+}
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+namespace {
+// torch >= 2.9 asks for the operator: by name in 2.9 (const std::string&), as an
+// std::optional<at::Float32Op> since. Which one the installed header declares is read off the
+// method's parameter type, so this compiles against either.
+template <typename Method>
+struct FirstParameter;
+template <typename R, typename C, typename A>
+struct FirstParameter<R (C::*)(A) const> {
+  using type = std::decay_t<A>;
+};
+
+// Ctx is a template parameter too, so that neither call is checked before the one that applies
+// is chosen.
+template <typename OpArg, typename Ctx>
+bool conv_tf32_per_op(const Ctx& ctx) {
+  if constexpr (std::is_same_v<OpArg, std::string>) {
+    return ctx.allowTF32CuDNN(std::string("conv"));
+  } else {
+    return ctx.allowTF32CuDNN(OpArg::value_type::CONV);
+  }
+}
+}  // namespace
+#endif
+
+bool cudnn_conv_allows_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  using OpArg = FirstParameter<decltype(&at::Context::allowTF32CuDNN)>::type;
+  return conv_tf32_per_op<OpArg>(at::globalContext());
+#else
+  return at::globalContext().allowTF32CuDNN();  // torch 2.6-2.8: one switch for all of cuDNN
+#endif
+}
+
+std::vector<int64_t> conv2d_batch_chunks(int64_t n, int64_t in_per_sample,
+                                         int64_t out_per_sample) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();  // elements per tensor, at most
+  const int64_t per_sample = std::max(in_per_sample, out_per_sample);
+  if (n <= 0) return {};
+  if (per_sample == 0 || n <= kMax / per_sample) return {n};
+  const int64_t fit = kMax / per_sample;  // samples per chunk, at most
+  if (fit == 0) return {};
+  const int64_t count = (n + fit - 1) / fit;
+  const int64_t size = (n + count - 1) / count;  // <= fit; equal chunks keep one plan for all
+  std::vector<int64_t> chunks;
+  for (int64_t left = n; left > 0; left -= size) chunks.push_back(std::min(size, left));
+  return chunks;
+}
+
+bool conv2d_failure_is_transient(const std::string& message) {
+  // cuDNN's allocation statuses (cudnn_graph.h: ..._HOST_ALLOCATION_FAILED,
+  // ..._DEVICE_ALLOCATION_FAILED, the older ALLOC_FAILED) and CUDA's out of memory.
+  for (const char* mark : {"ALLOCATION_FAILED", "ALLOC_FAILED", "out of memory",
+                           "OUT_OF_MEMORY", "cudaErrorMemoryAllocation"}) {
+    if (message.find(mark) != std::string::npos) return true;
+  }
+  return false;
+}
+
+ConvPath conv2d_ladder(bool fused, const std::function<GraphAttempt(bool fused)>& try_graph,
+                       std::string* why) {
+  why->clear();
+  auto note = [why](const char* which, const GraphAttempt& a) {
+    if (!why->empty()) *why += "; ";
+    *why += which;
+    *why += a.outcome == GraphOutcome::kTransient ? " failed for now, not cached (" :
+                                                    " refused by cuDNN (";
+    *why += a.why + ")";
+  };
+  if (fused) {
+    const GraphAttempt a = try_graph(true);
+    if (a.outcome == GraphOutcome::kRan) return ConvPath::kFusedGraph;
+    note("fused graph", a);
+  }
+  const GraphAttempt a = try_graph(false);
+  if (a.outcome == GraphOutcome::kRan) return ConvPath::kBareGraph;
+  note(fused ? "bare graph" : "graph", a);
+  return ConvPath::kEager;
+}
+
+int64_t conv2d_workspace_limit() {
+  constexpr const char* kVar = "SDVAE_CONV_WORKSPACE_LIMIT";
+  const char* env = std::getenv(kVar);
+  if (env == nullptr || *env == '\0') return kDefaultWorkspaceLimit;
+  const std::string text(env);
+  size_t digits = 0;
+  while (digits < text.size() && std::isdigit(static_cast<unsigned char>(text[digits]))) digits++;
+  const std::string unit = text.substr(digits);
+  int64_t scale = 0;
+  if (unit.empty() || unit == "B") scale = 1;
+  if (unit == "KiB") scale = int64_t{1} << 10;
+  if (unit == "MiB") scale = int64_t{1} << 20;
+  if (unit == "GiB") scale = int64_t{1} << 30;
+  TORCH_CHECK_VALUE(digits > 0 && scale > 0, kVar,
+                    " must be a byte count, optionally with a KiB, MiB or GiB suffix (e.g. ",
+                    "268435456 or 256MiB), got '", text, "'");
+  // 15 digits at most: stoll cannot overflow, and the product below stays in range.
+  TORCH_CHECK_VALUE(digits <= 15 && std::stoll(text.substr(0, digits)) <=
+                                        std::numeric_limits<int64_t>::max() / scale,
+                    kVar, " is too large: '", text, "'");
+  return std::stoll(text.substr(0, digits)) * scale;
+}
+
+std::tuple<std::string, std::string, std::vector<bool>> conv2d_ladder_probe(
+    bool fused, const std::vector<std::string>& outcomes) {
+  std::vector<bool> attempts;
+  size_t next = 0;
+  auto try_graph = [&](bool f) {
+    attempts.push_back(f);
+    TORCH_CHECK_VALUE(next < outcomes.size(), "conv2d_ladder_probe: no outcome left for attempt ",
+                      next + 1);
+    const std::string& o = outcomes[next++];
+    if (o == "ran") return GraphAttempt{GraphOutcome::kRan, ""};
+    if (o == "refused") {
+      return GraphAttempt{GraphOutcome::kRefused, f ? "no fused engine" : "no engine"};
+    }
+    TORCH_CHECK_VALUE(o == "transient", "conv2d_ladder_probe: unknown outcome '", o, "'");
+    return GraphAttempt{GraphOutcome::kTransient,
+                        "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"};
+  };
+  std::string why;
+  const ConvPath path = conv2d_ladder(fused, try_graph, &why);
+  const char* names[] = {"fused graph", "bare graph", "eager"};
+  return {names[static_cast<int>(path)], why, attempts};
+}
+
+std::vector<bool> plan_cache_probe(
+    const std::vector<std::tuple<int64_t, int64_t, std::string>>& steps) {
+  struct ProbePlan {
+    bool transient = false;
+  };
+  PlanCache<ProbePlan> cache;
+  std::vector<bool> built;
+  for (const auto& [handle, key, outcome] : steps) {
+    bool b = false;
+    cache.get_or_build(
+        reinterpret_cast<const void*>(static_cast<std::uintptr_t>(handle)), {key},
+        [&outcome = outcome] {
+          auto p = std::make_shared<ProbePlan>();
+          p->transient = outcome == "transient";
+          return p;
+        },
+        &b);
+    built.push_back(b);
+  }
+  return built;
+}
 
 void conv2d_record_fallback(const std::string& reason) {
   {
@@ -139,7 +313,7 @@ std::vector<int64_t> conv2d_stats() {
 #else
   const int64_t cached = 0;
 #endif
-  return {g_built.load(), g_refused.load(), cached};
+  return {g_built.load(), g_refused.load(), g_transient.load(), cached};
 }
 
 void conv2d_reset_stats() {
@@ -148,6 +322,7 @@ void conv2d_reset_stats() {
 #endif
   g_built = 0;
   g_refused = 0;
+  g_transient = 0;
   std::lock_guard<std::mutex> lock(g_fallback_mutex);
   g_fallbacks.clear();
 }
@@ -202,6 +377,36 @@ at::Tensor conv2d_eager(const ConvGeometry& g, const at::Tensor& x, const at::Te
   return y.contiguous(format_of(g));
 }
 
+#ifdef SDVAE_WITH_CUDNN_FE
+// One batch chunk down the ladder: the fused graph, the bare graph + ATen adds, eager. y is the
+// chunk's output (a view of the whole output); what() names the case in the fallback list.
+void conv2d_run_chunk(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w,
+                      const at::Tensor& b, const std::optional<at::Tensor>& r, at::Tensor& y,
+                      bool fuse, const std::function<std::string()>& what) {
+  const at::Tensor* bp = b.defined() ? &b : nullptr;
+  const at::Tensor* rp = r.has_value() ? &*r : nullptr;
+  std::string why;
+  const ConvPath path = conv2d_ladder(
+      fuse,
+      [&](bool fused) {
+        return fused ? graph_conv2d_cuda(g, x, w, bp, rp, y)
+                     : graph_conv2d_cuda(g, x, w, nullptr, nullptr, y);
+      },
+      &why);
+  if (path == ConvPath::kFusedGraph) return;
+  if (path == ConvPath::kBareGraph) {
+    if (bp != nullptr) y.add_(b.view({1, g.Cout, 1, 1}));
+    if (rp != nullptr) y.add_(*rp);
+    if (fuse) conv2d_record_fallback(what() + ": bare cuDNN graph + ATen adds: " + why);
+    return;
+  }
+  conv2d_record_fallback(what() + ": eager conv (padded copy, separate adds): " + why);
+  std::optional<at::Tensor> bias;
+  if (bp != nullptr) bias = b;
+  y.copy_(conv2d_eager(g, x, w, bias, r));
+}
+#endif
+
 }  // namespace
 
 at::Tensor conv2d_cuda_run(const char* op, const at::Tensor& x_in, const at::Tensor& weight_in,
@@ -227,30 +432,43 @@ at::Tensor conv2d_cuda_run(const char* op, const at::Tensor& x_in, const at::Ten
     // cuDNN to convolve.
     return conv2d_eager(g, x, w, bias, residual);
   }
-  std::string why;
+  auto what = [&](int64_t n) {
+    ConvGeometry gn = g;
+    gn.N = n;
+    return std::string(op) + " " +
+           shape_string(gn, x.scalar_type(), b.defined(), residual.has_value(), fuse);
+  };
 #ifdef SDVAE_WITH_CUDNN_FE
-  bool ok = false;
-  if (fuse) {
-    ok = graph_conv2d_cuda(g, x, w, b.defined() ? &b : nullptr,
-                           residual.has_value() ? &*residual : nullptr, y, &why);
-  } else {
-    ok = graph_conv2d_cuda(g, x, w, nullptr, nullptr, y, &why);
-    if (ok) {
-      if (b.defined()) y.add_(b.view({1, g.Cout, 1, 1}));
-      if (residual.has_value()) y.add_(*residual);
-    }
+  // Batch chunks of under 2^31 elements per tensor (x, y and the residual, which has y's shape).
+  // Batch is the outermost dimension in both layouts, so each chunk is a dense view.
+  const std::vector<int64_t> chunks =
+      conv2d_batch_chunks(g.N, g.C * g.H * g.W, g.Cout * g.OH * g.OW);
+  if (chunks.empty()) {
+    conv2d_record_fallback(what(g.N) +
+                           ": eager conv (padded copy, separate adds): one sample has 2^31 "
+                           "elements or more, past cuDNN's 32-bit indexing; no batch split helps");
+    return conv2d_eager(g, x, w, bias, residual);
   }
-  if (ok) return y;
-  why = "cuDNN refused the graph (" + why + ")";
+  int64_t start = 0;
+  for (const int64_t n : chunks) {
+    ConvGeometry gc = g;
+    gc.N = n;
+    const bool whole = n == g.N;
+    const at::Tensor xc = whole ? x : x.narrow(0, start, n);
+    std::optional<at::Tensor> rc;
+    if (residual.has_value()) rc = whole ? *residual : residual->narrow(0, start, n);
+    at::Tensor yc = whole ? y : y.narrow(0, start, n);
+    conv2d_run_chunk(gc, xc, w, b, rc, yc, fuse, [&] { return what(n); });
+    start += n;
+  }
+  return y;
 #else
-  why = "sdvae._C was built without cudnn-frontend headers (pip install nvidia-cudnn-frontend, "
-        "then rebuild)";
-#endif
-  conv2d_record_fallback(std::string(op) + " " +
-                         shape_string(g, x.scalar_type(), b.defined(), residual.has_value(),
-                                      fuse) +
-                         ": eager conv (padded copy, separate adds): " + why);
+  conv2d_record_fallback(what(g.N) +
+                         ": eager conv (padded copy, separate adds): sdvae._C was built without "
+                         "cudnn-frontend headers (pip install nvidia-cudnn-frontend, then "
+                         "rebuild)");
   return conv2d_eager(g, x, w, bias, residual);
+#endif
 }
 
 namespace {

@@ -7,6 +7,14 @@
 
 #include "conv2d.h"
 
+// setup.py writes this header (build/sdvae_generated/, not in git): SDVAE_CPU_ONLY_REASON.
+#if __has_include("sdvae_build_config.h")
+#include "sdvae_build_config.h"
+#endif
+#ifndef SDVAE_CPU_ONLY_REASON
+#define SDVAE_CPU_ONLY_REASON ""
+#endif
+
 namespace sdvae {
 
 #ifdef SDVAE_WITH_CUDA
@@ -20,6 +28,8 @@ std::string build_info() {
   info += "; " + cuda_build_info();
 #else
   info += "; CPU only";
+  const std::string reason = SDVAE_CPU_ONLY_REASON;
+  if (!reason.empty()) info += " (" + reason + ")";
 #endif
   info += "; " + conv2d_build_info();
   return info;
@@ -52,7 +62,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("graph_conv_available", &sdvae::graph_conv_available,
         "Whether the cuDNN graph conv (cudnn-frontend) was compiled in");
   m.def("conv2d_stats", &sdvae::conv2d_stats,
-        "[cuDNN graph plans built, graphs cuDNN refused, plans cached] since the last reset");
+        "[cuDNN graph plans built, graphs cuDNN refused, transient failures (not cached), plans "
+        "cached] since the last reset");
+  m.def("cudnn_conv_allows_tf32", &sdvae::cudnn_conv_allows_tf32,
+        "Whether cuDNN convolutions may use TF32: torch's switch, as the graph conv reads it");
+  m.def("conv2d_batch_chunks", &sdvae::conv2d_batch_chunks, py::arg("n"),
+        py::arg("in_per_sample"), py::arg("out_per_sample"),
+        "Batch chunks keeping each tensor handed to cuDNN under 2^31 elements ([] if none can)");
+  m.def("conv2d_workspace_limit", &sdvae::conv2d_workspace_limit,
+        "The cuDNN workspace cap in bytes (SDVAE_CONV_WORKSPACE_LIMIT, default 1 GiB)");
+  m.def("_conv2d_ladder_probe", &sdvae::conv2d_ladder_probe,
+        "Test hook: the conv fallback ladder with scripted outcomes");
+  m.def("_conv2d_failure_is_transient", &sdvae::conv2d_failure_is_transient,
+        "Test hook: whether a cuDNN / CUDA failure message is one for now (an allocation)");
+  m.def("_plan_cache_probe", &sdvae::plan_cache_probe,
+        "Test hook: the plan cache's policy with scripted (handle, key, outcome) steps");
   m.def("conv2d_fallbacks", &sdvae::conv2d_fallbacks,
         "Why conv2d / pad_conv2d ran eager instead of the cuDNN graph, one line per case");
   m.def("conv2d_reset_stats", &sdvae::conv2d_reset_stats,

@@ -5,8 +5,10 @@ kernel, or the eager reference and why), the rel. error against float64, the max
 and the tolerance from ``sdvae.numerics``, then the fused model against the unfused one.
 
 fp32 on a GPU (the contract, README "Precision"): sdvae follows torch's own TF32 switches
-(``torch.backends.cudnn.allow_tf32``, on by default for convolutions, and
-``torch.backends.cuda.matmul.allow_tf32``), exactly as eager PyTorch does, so an fp32 model
+(``torch.backends.cudnn.conv.fp32_precision`` / ``torch.backends.cudnn.allow_tf32``, on by
+default for convolutions, and ``torch.backends.cuda.matmul.fp32_precision`` /
+``torch.backends.cuda.matmul.allow_tf32``; read through ``sdvae._tf32``), exactly as eager
+PyTorch does, so an fp32 model
 is as precise as the same model in eager PyTorch with the same settings. The checks are
 therefore like for like: every op and the whole model run with TF32 off and must meet the
 fp32 entry of the table against float64; then the whole model runs once more with TF32 on and
@@ -15,13 +17,13 @@ must be within twice the error of the unfused eager model with TF32 on, both aga
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 from dataclasses import dataclass
 
 import torch
 
+from . import _tf32
 from .numerics import compare, tolerance
 
 __all__ = ["CheckResult", "run_checks", "format_results"]
@@ -44,16 +46,10 @@ class CheckResult:
         return self.error is None and self.rel is not None and self.rel <= self.tol
 
 
-@contextlib.contextmanager
 def tf32(enabled: bool):
-    """Set torch's two TF32 switches (cuDNN convolutions, cuBLAS matmuls) for a block."""
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = enabled
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    """Set torch's two TF32 switches (cuDNN convolutions, cuBLAS matmuls) for a block, through
+    the per-operator API where torch has it (``sdvae._tf32.switches``)."""
+    return _tf32.switches(enabled)
 
 
 def _interpret() -> bool:
@@ -156,8 +152,9 @@ def _conv_path(device, reasons):
 
 
 def _run_conv(op, case, dtype, device, static_reasons, fn, ref):
-    """_run for the conv ops, with the eager fallbacks that cuDNN's refusals recorded during
-    the call (ops.fallback_reasons) added to the reasons and the path."""
+    """_run for the conv ops, with the steps down the fallback ladder recorded during the call
+    (ops.fallback_reasons: the bare graph + ATen adds, or eager) added to the reasons and the
+    path."""
     from . import ops
 
     before = set(ops.fallback_reasons())
@@ -167,7 +164,10 @@ def _run_conv(op, case, dtype, device, static_reasons, fn, ref):
     new = [r for r in ops.fallback_reasons() if r not in before]
     if new:
         res.reasons = list(static_reasons) + new
-        res.path = "eager (cuDNN refused the graph)"
+        if any(": eager conv" in r for r in new):
+            res.path = "eager (no cuDNN graph ran)"
+        else:
+            res.path = "cuDNN bare graph + ATen adds (fused graph refused)"
     return res
 
 

@@ -36,6 +36,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import _tf32
+
 __all__ = ["GraphedCall", "graph_reasons"]
 
 
@@ -60,10 +62,12 @@ def autocast_on() -> bool:
 
 def settings_key() -> tuple:
     """The switches a captured graph freezes (cuDNN / cuBLAS math and algorithm choice): a
-    change of any of them gets its own graph."""
+    change of any of them gets its own graph. The TF32 switches are read through ``_tf32``
+    (torch's per-operator API where it exists: the legacy getters can raise once a program has
+    used it)."""
     return (
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cuda.matmul.allow_tf32,
+        _tf32.conv_allowed(),
+        _tf32.matmul_allowed(),
         torch.backends.cudnn.deterministic,
         torch.backends.cudnn.benchmark,
         torch.are_deterministic_algorithms_enabled(),

@@ -12,11 +12,19 @@ Kernels (``torch.ops.sdvae.conv2d`` / ``torch.ops.sdvae.pad_conv2d``, schemas in
   C++ API: the padding as the conv's pre (top, left) / post (bottom, right) padding, and with
   ``fuse_epilogue`` (the default) bias and residual as pointwise adds in the same graph (fp32
   between the nodes, one rounding). ``fuse_epilogue=False`` runs the bare graph conv and adds bias
-  and residual afterwards (the bench compares both). One execution plan per call shape, built on
-  first use and cached in C++ (``plan_stats()``). fp32 follows
-  ``torch.backends.cudnn.allow_tf32``. A graph cuDNN refuses, or an extension built without
-  cudnn-frontend, runs eager (``F.pad`` + ``F.conv2d`` + add) with the reason recorded in
-  ``fallback_reasons()`` (``sdvae check`` prints it) and warned once.
+  and residual afterwards (the bench compares both). One execution plan per call shape and
+  thread (each thread has its own cuDNN handle), built on first use and cached in C++
+  (``plan_stats()``). fp32 follows torch's TF32 switch for convolutions
+  (``torch.backends.cudnn.conv.fp32_precision`` on torch >= 2.9, else
+  ``torch.backends.cudnn.allow_tf32``). A fused graph cuDNN refuses steps down to the bare graph
+  + ATen adds; a bare graph it refuses, or an extension built without cudnn-frontend, runs eager
+  (``F.pad`` + ``F.conv2d`` + add). Each step down is recorded with its reason in
+  ``fallback_reasons()`` (``sdvae check`` prints it) and warned once; a failure for now (out of
+  memory while building a plan or allocating its workspace) is not cached, the next call tries
+  the graph again. Engines that want a workspace over ``SDVAE_CONV_WORKSPACE_LIMIT`` bytes
+  (default 1 GiB; a KiB / MiB / GiB suffix is allowed) are never chosen. Tensors of 2**31
+  elements or more never reach cuDNN (32-bit indexing): the batch is split into chunks under
+  that, as torch does; a single sample that large runs eager, recorded.
 * CPU (csrc/pad_conv2d.cpp): for outputs of at least 4x4, ATen's convolution (oneDNN) of x
   itself with a symmetric in-convolution padding that covers the asymmetric one, then one copy
   of the wanted outputs; otherwise im2col of one output tile at a time into a GEMM, parallel
@@ -202,18 +210,22 @@ def not_supported_reasons(
 
 def fallback_reasons() -> list[str]:
     """Every distinct case (op, shape, dtype, layout, epilogue) in which ``conv2d`` or
-    ``pad_conv2d`` ran eager on CUDA instead of the cuDNN graph in this process, with cuDNN's
-    reason; also warned once each. Empty on the CPU and without the extension."""
+    ``pad_conv2d`` on CUDA did not run the graph it was asked for in this process: the bare
+    cuDNN graph + ATen adds instead of the fused one, or eager instead of either, each with
+    what was taken and why (cuDNN's message); also warned once each. Empty on the CPU and
+    without the extension."""
     return list(_ext._C.conv2d_fallbacks()) if _ext.available() else []
 
 
 def plan_stats() -> dict[str, int]:
     """Counters of the cuDNN graph cache: ``built`` (plans built), ``refused`` (graphs cuDNN
-    refused, each run eager since), ``cached`` (entries in the cache)."""
+    refused, cached as such: the ladder steps down for them since), ``transient`` (builds that
+    failed for now, e.g. out of memory: not cached), ``cached`` (entries in the cache, one per
+    key and thread)."""
     if not _ext.available():
-        return {"built": 0, "refused": 0, "cached": 0}
-    built, refused, cached = _ext._C.conv2d_stats()
-    return {"built": built, "refused": refused, "cached": cached}
+        return {"built": 0, "refused": 0, "transient": 0, "cached": 0}
+    built, refused, transient, cached = _ext._C.conv2d_stats()
+    return {"built": built, "refused": refused, "transient": transient, "cached": cached}
 
 
 def _check_device(op: str, x: torch.Tensor) -> None:

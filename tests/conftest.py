@@ -4,6 +4,11 @@
   tensors in the interpreter. A GPU run (``bench/device_check.sh``) sets
   ``SDVAE_TRITON_GPU=1`` to compile them for the real device instead.
 * The ``cuda`` marker: tests that need an NVIDIA GPU; skipped cleanly without one.
+* The ``graph_conv`` marker: tests of sdvae's cuDNN graph conv itself (no fallback allowed);
+  skipped, with the build's reason, when sdvae._C has no CUDA kernels or no graph conv (e.g.
+  built without cudnn-frontend).
+* ``fp32_precision_restored``: snapshots torch's TF32 / fp32-precision switches and restores
+  them after the test (tests that use torch's per-operator precision API).
 * ``DEVICES`` / ``devices``: parametrise an op test over "cpu" and, where present, "cuda".
 * The tolerance table lives in ``sdvae.numerics`` (shared with ``sdvae check``) and is
   re-exported here with ``assert_close``, the one verbose assert.
@@ -32,13 +37,35 @@ DEVICES = [
 ]
 
 
+def graph_conv_missing_reason() -> str | None:
+    """Why sdvae's cuDNN graph conv cannot run here (None when it can, given a GPU)."""
+    from sdvae import _ext
+
+    if not _ext.available():
+        return f"the cuDNN graph conv is not available: {_ext.LOAD_ERROR}"
+    if not _ext.with_cuda():
+        return f"sdvae._C has no CUDA kernels ({_ext.build_info()})"
+    if not _ext._C.graph_conv_available():
+        return (
+            "sdvae._C was built without the cuDNN graph conv (no cudnn-frontend headers at "
+            f"build time: pip install nvidia-cudnn-frontend, then rebuild): {_ext.build_info()}"
+        )
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
+    if not HAS_CUDA:
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU (cuda marker)")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
         return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (cuda marker)")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    missing = graph_conv_missing_reason()
+    if missing is not None:
+        skip = pytest.mark.skip(reason=missing)
+        for item in items:
+            if "graph_conv" in item.keywords:
+                item.add_marker(skip)
 
 
 def assert_close(out, ref, dtype=None, *, tol=None, end_to_end=False, tf32=False, name="output"):
@@ -71,6 +98,43 @@ def aot_compile(module: str, kernel: str, configs: list[dict], targets=_aot.TARG
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+_FP32_PRECISION_SWITCHES = [  # parents first: restoring them first keeps the children's values
+    ("generic", "all"),
+    ("cuda", "all"),
+    ("cuda", "conv"),
+    ("cuda", "rnn"),
+    ("cuda", "matmul"),
+    ("mkldnn", "all"),
+    ("mkldnn", "conv"),
+    ("mkldnn", "rnn"),
+    ("mkldnn", "matmul"),
+]
+
+
+@pytest.fixture
+def fp32_precision_restored():
+    """Restore torch's TF32 switches after the test: per operator on torch >= 2.9 (the
+    effective values; torch's internal 'default' marker cannot be set back from Python), the
+    legacy flags before."""
+    from sdvae import _tf32
+
+    if _tf32.per_op_api():
+        get, set_ = torch._C._get_fp32_precision_getter, torch._C._set_fp32_precision_setter
+        saved = []
+        for b, o in _FP32_PRECISION_SWITCHES:
+            try:
+                saved.append((b, o, get(b, o)))
+            except RuntimeError:  # a switch this torch does not have
+                pass
+        yield
+        for b, o, value in saved:
+            set_(b, o, value)
+    else:
+        saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        yield
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(autouse=True)

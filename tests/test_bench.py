@@ -87,12 +87,13 @@ def test_pad_conv2d_bench_providers_compute_the_op(size, fmt):
     assert torch.allclose(nopad, ref[:, :, : nopad.shape[2], : nopad.shape[3]], atol=1e-12)
 
 
-def test_pad_conv2d_strict_fp32_wrapper(monkeypatch):
+def test_pad_conv2d_strict_fp32_wrapper():
+    from sdvae import _tf32
     from sdvae.bench import cases_pad_conv2d as cp
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert cp._strict_fp32(lambda: torch.backends.cudnn.allow_tf32)() is False
-    assert torch.backends.cudnn.allow_tf32 is True
+    with _tf32.switches(True):
+        assert cp._strict_fp32(_tf32.conv_allowed)() is False
+        assert _tf32.conv_allowed() is True
 
 
 def test_whole_model_plan_sizes_from_the_environment(monkeypatch):

@@ -38,11 +38,100 @@ def test_extension_loads_and_reports_its_build():
     assert _ext.available(), _ext.LOAD_ERROR
     info = _ext.build_info()
     assert info.startswith("torch ")
+    if torch.version.cuda is not None and not _ext.with_cuda():
+        # A CUDA torch with a CPU-only extension: the build says why (setup.py's reason).
+        assert "CPU only (" in info, info
     if torch.version.cuda is not None and _ext.with_cuda():
         assert "sm" in info
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # setup.py's default without a GPU (with one, torch builds for the GPU present).
             assert _built_archs() == {"sm_80", "sm_90"}, info
+
+
+def _setup_module():
+    """setup.py's functions (its setup() call only runs as __main__, the way pip runs it)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    spec = importlib.util.spec_from_file_location("sdvae_setup_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _releases(table):
+    from packaging.version import Version
+
+    return lambda home: Version(table[home]) if table.get(home) else None
+
+
+def test_toolkit_matching_torch_is_preferred():
+    # Several toolkits: the first (in preference order) with torch's CUDA major version wins,
+    # even over an explicit CUDA_HOME of another major version (torch would refuse that one).
+    st = _setup_module()
+    releases = _releases({"/env/cuda": "12.4", "/usr/local/cuda-13.0": "13.0", "/x": "13.2"})
+    home, reason = st.select_toolkit("13.0", ["/env/cuda", "/usr/local/cuda-13.0", "/x"], releases)
+    assert (home, reason) == ("/usr/local/cuda-13.0", None)
+    # Same major, another minor: fine for torch (it only warns), the first one is taken.
+    assert st.select_toolkit("13.0", ["/x", "/usr/local/cuda-13.0"], releases)[0] == "/x"
+    assert st.select_toolkit("12.8", ["/usr/local/cuda-13.0", "/env/cuda"], releases) == (
+        "/env/cuda",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "torch_cuda, cands, table, words",
+    [
+        (
+            "13.0",
+            ["/opt/cuda-12.4"],
+            {"/opt/cuda-12.4": "12.4"},
+            ["13.0", "/opt/cuda-12.4", "12.4"],
+        ),
+        ("13.0", ["/opt/broken"], {}, ["/opt/broken (CUDA unknown)"]),
+        ("13.0", [], {}, ["no CUDA toolkit found"]),
+        (None, ["/usr/local/cuda-13.0"], {"/usr/local/cuda-13.0": "13.0"}, ["CPU-only build"]),
+    ],
+)
+def test_no_matching_toolkit_says_why(torch_cuda, cands, table, words):
+    st = _setup_module()
+    home, reason = st.select_toolkit(torch_cuda, cands, _releases(table))
+    assert home is None
+    for w in words:
+        assert w in reason, reason
+
+
+def test_mismatched_toolkit_builds_the_cpu_extension_with_the_reason(monkeypatch, tmp_path):
+    # Only a CUDA 12 toolkit, torch built with CUDA 13: torch's own check would make the
+    # install fail. Instead the CPU extension is built, and the reason compiled into it
+    # (build_info(), which `sdvae check` prints).
+    st = _setup_module()
+    monkeypatch.delenv("SDVAE_NO_CUDA", raising=False)
+    monkeypatch.setattr(st.torch.version, "cuda", "13.0")
+    monkeypatch.setattr(st, "_toolkit_candidates", lambda: ["/opt/cuda-12.4"])
+    monkeypatch.setattr(st, "_nvcc_release", _releases({"/opt/cuda-12.4": "12.4"}))
+    ext = st._extension(generated_dir=str(tmp_path))
+    assert ext.name == "sdvae._C"
+    assert not any(src.endswith(".cu") for src in ext.sources), ext.sources
+    assert not any(name == "SDVAE_WITH_CUDA" for name, _ in (ext.define_macros or []))
+    assert str(tmp_path) in ext.include_dirs
+    header = (tmp_path / "sdvae_build_config.h").read_text()
+    assert "#define SDVAE_CPU_ONLY_REASON" in header
+    assert "/opt/cuda-12.4 (CUDA 12.4)" in header and "torch's CUDA 13.0" in header
+
+
+def test_build_config_header_is_a_valid_c_string(tmp_path):
+    st = _setup_module()
+    reason = 'a "quoted" path\\to\\cuda and caf\u00e9\nnew line'
+    text = open(st.write_build_config(str(tmp_path), reason)).read()
+    line = [ln for ln in text.splitlines() if ln.startswith("#define SDVAE_CPU_ONLY_REASON")][0]
+    literal = line.split(" ", 2)[2]
+    assert literal.startswith('"') and literal.endswith('"') and "\n" not in literal[1:-1]
+    # Decoded as C would: the same bytes.
+    assert literal[1:-1].encode().decode("unicode_escape").encode("latin-1") == reason.encode()
+    empty = open(st.write_build_config(str(tmp_path), "")).read()
+    assert '#define SDVAE_CPU_ONLY_REASON ""' in empty
 
 
 def test_extension_is_built_with_cuda_when_torch_and_nvcc_allow():

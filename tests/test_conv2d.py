@@ -3,13 +3,21 @@
 CPU cases run the C++ CPU path; the same cases with CUDA tensors run the cuDNN graph (``cuda``
 marker, skipped without a GPU), where the plan cache, the TF32 switch and the fused epilogue
 are checked too. Registration: opcheck, fake tensors, torch.compile(fullgraph=True).
+
+The graph conv's decisions are host code compiled into every build and tested here on the CPU:
+the batch split that keeps cuDNN under 2**31 elements per tensor, the fallback ladder (fused
+graph -> bare graph + ATen adds -> eager), the plan cache's policy (per cuDNN handle, i.e. per
+thread; refusals cached, failures for now not), and the workspace limit. The ``cuda`` tests run
+the real thing; ``graph_conv`` ones skip, with the build's reason, without the graph conv.
 """
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, graph_conv_missing_reason
 
 from sdvae import _ext, ops
 from sdvae.ops import conv2d, conv2d_reference
@@ -185,7 +193,7 @@ def test_cpu_has_no_plans_and_no_fallbacks():
     )
     conv2d(x, w, b, residual=r)
     assert ops.plan_stats() == before
-    assert set(before) == {"built", "refused", "cached"}
+    assert set(before) == {"built", "refused", "transient", "cached"}
     assert not any(s.startswith("conv2d 1x3x5x5") for s in ops.fallback_reasons())
 
 
@@ -285,6 +293,152 @@ def test_bad_inputs_reach_the_cpp_checks(args, exc, match):
         torch.ops.sdvae.conv2d(*args)
 
 
+# ------------------------------------------------------ graph conv decisions (host code, CPU)
+INT32_MAX = 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    "n, in_per_sample, out_per_sample, want",
+    [
+        (1, 512 * 64 * 64, 512 * 64 * 64, [1]),
+        (8, 1000, 2000, [8]),
+        # The decoder's last level at batch 4 x 2048^2: 128 channels in and out, 2^31 elements.
+        (4, 128 * 2048 * 2048, 128 * 2048 * 2048, [2, 2]),
+        # Its 256 -> 128 channel conv: 2^30 elements per sample in.
+        (4, 256 * 2048 * 2048, 128 * 2048 * 2048, [1, 1, 1, 1]),
+        # One element under the limit in total: no split.
+        (3, INT32_MAX // 3, 5, [3]),
+        (7, 2**29, 2**28, [3, 3, 1]),
+        (5, 10, 2**30, [1, 1, 1, 1, 1]),
+        # One sample already reaches 2^31: no batch split helps.
+        (2, 2**31, 1, []),
+        (1, 1, 2**31, []),
+        (0, 10, 10, []),
+    ],
+)
+def test_batch_chunks_keep_every_tensor_under_2_31_elements(n, in_per_sample, out_per_sample, want):
+    chunks = _ext._C.conv2d_batch_chunks(n, in_per_sample, out_per_sample)
+    assert chunks == want
+    if chunks:
+        assert sum(chunks) == n
+        per = max(in_per_sample, out_per_sample)
+        assert all(c * per <= INT32_MAX for c in chunks)
+        fit = INT32_MAX // per
+        assert len(chunks) == -(-n // fit)  # as few chunks as possible
+
+
+@pytest.mark.parametrize(
+    "fused, outcomes, path, attempts, why",
+    [
+        (True, ["ran"], "fused graph", [True], ""),
+        (False, ["ran"], "bare graph", [False], ""),
+        # A refused fused graph tries the bare graph (+ ATen adds) before eager.
+        (True, ["refused", "ran"], "bare graph", [True, False], "fused graph refused by cuDNN"),
+        (True, ["refused", "refused"], "eager", [True, False], "bare graph refused by cuDNN"),
+        (False, ["refused"], "eager", [False], "graph refused by cuDNN"),
+        (True, ["transient", "ran"], "bare graph", [True, False], "failed for now, not cached"),
+        (True, ["transient", "transient"], "eager", [True, False], "failed for now"),
+    ],
+)
+def test_fallback_ladder(fused, outcomes, path, attempts, why):
+    got_path, got_why, got_attempts = _ext._C._conv2d_ladder_probe(fused, outcomes)
+    assert (got_path, got_attempts) == (path, attempts)
+    assert why in got_why and (why == "") == (got_why == "")
+
+
+def test_plan_cache_keeps_refusals_not_failures_for_now_per_handle():
+    probe = _ext._C._plan_cache_probe
+    # A refusal is cached: the same key on the same handle never builds again.
+    assert probe([(1, 7, "refused"), (1, 7, "refused"), (1, 7, "ran")]) == [True, False, False]
+    # A failure for now (e.g. out of memory while building) is not: the next call tries again.
+    assert probe([(1, 8, "transient"), (1, 8, "ran"), (1, 8, "ran")]) == [True, True, False]
+    # One plan per cuDNN handle: torch gives each thread its own, so threads never share a plan.
+    assert probe([(1, 9, "ran"), (2, 9, "ran"), (1, 9, "ran"), (2, 9, "ran")]) == [
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
+@pytest.mark.parametrize(
+    "message, transient",
+    [
+        (
+            "build_plans: cudnnBackendFinalize failed with message: , and code: "
+            "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+            True,
+        ),
+        ("code: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED", True),
+        ("building the plan: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB", True),
+        ("check_support: [cudnn_frontend] Error: No execution plans support the graph.", False),
+        ("validate: CUDNN_STATUS_NOT_SUPPORTED", False),
+    ],
+)
+def test_transient_failures_are_allocations(message, transient):
+    assert _ext._C._conv2d_failure_is_transient(message) is transient
+
+
+@pytest.mark.parametrize(
+    "value, limit",
+    [
+        (None, 2**30),
+        ("", 2**30),
+        ("0", 0),
+        ("268435456", 2**28),
+        ("256MiB", 2**28),
+        ("2GiB", 2**31),
+        ("64KiB", 2**16),
+        ("100B", 100),
+    ],
+)
+def test_workspace_limit_from_the_environment(monkeypatch, value, limit):
+    if value is None:
+        monkeypatch.delenv("SDVAE_CONV_WORKSPACE_LIMIT", raising=False)
+    else:
+        monkeypatch.setenv("SDVAE_CONV_WORKSPACE_LIMIT", value)
+    assert _ext._C.conv2d_workspace_limit() == limit
+
+
+@pytest.mark.parametrize("value", ["1.5GiB", "-1", "256MB", "GiB", "lots", "9" * 20])
+def test_bad_workspace_limit_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv("SDVAE_CONV_WORKSPACE_LIMIT", value)
+    with pytest.raises(ValueError, match="SDVAE_CONV_WORKSPACE_LIMIT"):
+        _ext._C.conv2d_workspace_limit()
+
+
+def test_graph_conv_tests_skip_with_the_reason_without_the_graph_conv(monkeypatch):
+    # Tests that forbid any fallback carry the graph_conv marker; without the graph conv in the
+    # build they skip with the build's reason instead of failing.
+    for test in (
+        test_vae_shapes_on_gpu,
+        test_plan_cache_second_call_builds_no_plan,
+        test_each_thread_builds_its_own_plan,
+        test_batch_over_2_31_elements_is_split,
+    ):
+        assert "graph_conv" in [m.name for m in test.pytestmark], test.__name__
+
+    real = _ext._C
+
+    class NoGraphConv:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def graph_conv_available():
+            return False
+
+        @staticmethod
+        def with_cuda():
+            return True
+
+    monkeypatch.setattr(_ext, "_C", NoGraphConv())
+    reason = graph_conv_missing_reason()
+    assert reason is not None and "cudnn-frontend" in reason
+    monkeypatch.setattr(_ext, "with_cuda", lambda: False)
+    assert "no CUDA kernels" in graph_conv_missing_reason()
+
+
 def test_kernels_registered_for_cpu_and_cuda():
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     assert has("sdvae::conv2d", "CPU")
@@ -293,15 +447,15 @@ def test_kernels_registered_for_cpu_and_cuda():
 
 # ---------------------------------------------------------------------------------- CUDA only
 @pytest.mark.cuda
+@pytest.mark.graph_conv
 def test_plan_cache_second_call_builds_no_plan():
-    if not ops._GRAPH_CONV:
-        pytest.skip("built without cudnn-frontend")
     _ext._C.conv2d_reset_stats()
     x, w, b, r = _inputs(
         (1, 32, 16, 16, 32, 3), torch.float16, "cuda", torch.channels_last, residual=True
     )
     first = conv2d(x, w, b, residual=r)
-    assert ops.plan_stats() == {"built": 1, "refused": 0, "cached": 1}, ops.fallback_reasons()
+    want = {"built": 1, "refused": 0, "transient": 0, "cached": 1}
+    assert ops.plan_stats() == want, ops.fallback_reasons()
     x2, _, _, r2 = _inputs(
         (1, 32, 16, 16, 32, 3), torch.float16, "cuda", torch.channels_last, residual=True
     )
@@ -317,16 +471,35 @@ def test_plan_cache_second_call_builds_no_plan():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("tf32", [False, True])
-def test_fp32_follows_allow_tf32(tf32, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+def test_fp32_follows_allow_tf32(tf32, fp32_precision_restored):
+    from sdvae import _tf32
+
     x, w, b, r = _inputs(
         (1, 64, 24, 24, 64, 3), torch.float32, "cuda", torch.channels_last, residual=True
     )
-    out = conv2d(x, w, b, residual=r)
+    with _tf32.switches(tf32):
+        out = conv2d(x, w, b, residual=r)
     assert_close(out, _ref64(x, w, b, r, 1, (1, 1, 1, 1)), torch.float32, tf32=tf32)
 
 
 @pytest.mark.cuda
+def test_fp32_after_the_per_op_precision_api(fp32_precision_restored):
+    # A program that set torch.backends.cudnn.conv.fp32_precision = "ieee" (which makes the
+    # op-less allowTF32CuDNN() raise): the graph conv runs, in true fp32.
+    from sdvae import _tf32
+
+    if not _tf32.per_op_api():
+        pytest.skip(f"torch {torch.__version__} has no per-operator fp32 API")
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    x, w, b, r = _inputs(
+        (1, 64, 24, 24, 64, 3), torch.float32, "cuda", torch.channels_last, residual=True
+    )
+    out = conv2d(x, w, b, residual=r)
+    assert_close(out, _ref64(x, w, b, r, 1, (1, 1, 1, 1)), torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.graph_conv
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @torch.no_grad()
@@ -358,3 +531,75 @@ def test_runs_on_the_current_stream():
         out = conv2d(x, w, b, residual=r)
     s.synchronize()
     assert_close(out, _ref64(x, w, b, r, 1, (1, 1, 1, 1)), torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.graph_conv
+@torch.no_grad()
+def test_each_thread_builds_its_own_plan():
+    # cuDNN handles are per thread, and execution plans are not promised to be thread-safe: a
+    # second thread with the same call shape builds (and then reuses) its own plan.
+    _ext._C.conv2d_reset_stats()
+    x, w, b, r = _inputs(
+        (1, 32, 16, 16, 32, 3), torch.float16, "cuda", torch.channels_last, residual=True
+    )
+    ref = _ref64(x, w, b, r, 1, (1, 1, 1, 1))
+    assert_close(conv2d(x, w, b, residual=r), ref, torch.float16)
+    assert ops.plan_stats()["built"] == 1
+    outs, errors = [], []
+
+    def work():
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    outs.append(conv2d(x, w, b, residual=r))
+            torch.cuda.synchronize()
+        except Exception as exc:  # reported below: an assert in a thread would be lost
+            errors.append(exc)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert ops.plan_stats()["built"] == 2 and ops.plan_stats()["cached"] == 2
+    for out in outs:
+        assert_close(out, ref, torch.float16)
+    assert ops.fallback_reasons() == []
+
+
+@pytest.mark.cuda
+@pytest.mark.graph_conv
+def test_workspace_limit_zero_still_gives_the_right_result(monkeypatch):
+    # With no workspace allowed, cuDNN either finds an engine that needs none or refuses the
+    # graph (then the ladder says so): never an out-of-memory error, never a wrong result.
+    monkeypatch.setenv("SDVAE_CONV_WORKSPACE_LIMIT", "0")
+    _ext._C.conv2d_reset_stats()
+    x, w, b, r = _inputs(
+        (2, 64, 40, 40, 64, 3), torch.float16, "cuda", torch.channels_last, residual=True
+    )
+    out = conv2d(x, w, b, residual=r)
+    assert_close(out, _ref64(x, w, b, r, 1, (1, 1, 1, 1)), torch.float16)
+    for reason in ops.fallback_reasons():
+        assert "workspace" in reason.lower() or "No execution plans" in reason, reason
+
+
+@pytest.mark.cuda
+@pytest.mark.graph_conv
+@torch.no_grad()
+def test_batch_over_2_31_elements_is_split():
+    # 4 x 8 x 8192^2 = 2^31 elements in and out (fp16, 4 GiB each): cuDNN indexes in 32 bits,
+    # so the batch runs as two chunks of 2 (one plan), each under 2^31 elements.
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs about 24 GiB of GPU memory")
+    _ext._C.conv2d_reset_stats()
+    x = torch.randn(4, 8, 8192, 8192, device="cuda", dtype=torch.float16)
+    w = (torch.randn(8, 8, 3, 3, device="cuda") / 72**0.5).to(torch.float16)
+    b = torch.randn(8, device="cuda", dtype=torch.float16)
+    assert x.numel() == 2**31
+    out = conv2d(x, w, b)
+    assert ops.fallback_reasons() == []
+    assert ops.plan_stats()["built"] == 1  # both chunks have the same shape
+    for i in (0, 3):  # one sample from each chunk, against float64
+        ref = conv2d_reference(x[i : i + 1].double(), w.double(), b.double())
+        assert_close(out[i : i + 1], ref, torch.float16, name=f"sample {i}")
+        del ref

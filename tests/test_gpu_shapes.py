@@ -1,5 +1,7 @@
 """The VAE's real shapes on a GPU, for the kernels whose CPU tests use small shapes (the
-interpreter is slow): tiles, splits and column blocks that only large shapes reach."""
+interpreter is slow): tiles, splits and column blocks that only large shapes reach. Tests that
+forbid a conv fallback carry ``graph_conv``: without sdvae's cuDNN graph conv in the build they
+skip with the build's reason."""
 
 import pytest
 import torch
@@ -30,6 +32,7 @@ def test_pad_conv2d_many_output_column_blocks(dtype, channels_last, cout):
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.graph_conv
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("channels_last", [True, False])
 @torch.no_grad()

@@ -14,22 +14,29 @@
 // (`sdvae bench conv`), so both are callable: `fuse_epilogue` = false runs the bare graph and
 // adds bias and residual with ATen afterwards.
 //
-// Plans: one per (device, dtype, memory layout, shapes, pointer alignments, padding, stride,
-// epilogue, TF32 and determinism settings), built on first use and kept in a process-wide map
-// (mutex protected); the second call with the same key builds nothing (`sdvae.ops.plan_stats()`
-// counts the builds). A graph that cuDNN refuses (validate / heuristics / check_support /
-// build fails) is remembered as refused with cuDNN's message: every call with that key runs
-// the eager path (at::conv2d of the padded input, + residual) and the reason is recorded once
-// in the fallback list that `sdvae check` prints (`sdvae.ops.fallback_reasons()`) and
-// warned once. A failure while *executing* a plan that was built is an error, never a fallback.
+// Plans: one per (cuDNN handle, device, dtype, memory layout, shapes, pointer alignments,
+// padding, stride, epilogue, TF32 and determinism settings, workspace limit), built on first use
+// and kept in a PlanCache (csrc/conv2d.h): torch gives each thread its own cuDNN handle, so a plan
+// is only ever executed by one thread (cuDNN does not promise that execution plans are
+// thread-safe across engines; PyTorch keeps its cuDNN plans per thread too). The second call with
+// the same key on the same thread builds nothing (`sdvae.ops.plan_stats()` counts the builds). A
+// graph that cuDNN refuses (validate / heuristics / check_support / build fails) is remembered as
+// refused with cuDNN's message, and the caller steps down its ladder (csrc/conv2d.cpp: the bare
+// graph + ATen adds, then eager), recording why. A failure for now (out of memory while building,
+// or while allocating the workspace) is not remembered: the next call tries again. A failure
+// while *executing* a plan that was built is an error, never a fallback.
 //
-// Execution: torch's cuDNN handle for the current device with the current stream, workspace
-// from torch's caching allocator (at::empty on the device).
+// Workspace: engines that want more than conv2d_workspace_limit() (SDVAE_CONV_WORKSPACE_LIMIT,
+// default 1 GiB) are filtered out before a plan is chosen, so such an engine is never picked and
+// then fails to allocate; the workspace comes from torch's caching allocator (at::empty).
+//
+// Execution: torch's cuDNN handle for the current device and thread, with the current stream.
 //
 // Numerics: fp16 / bf16 / fp32 I/O; the conv accumulates in fp32 (compute type FLOAT) and the
 // epilogue runs in fp32 (intermediate type FLOAT). Engines that down-convert their inputs are
-// never taken; for fp32, engines on tensor cores (TF32) are taken only when
-// torch.backends.cudnn.allow_tf32 is on, as for torch's own convolutions.
+// never taken; for fp32, engines on tensor cores (TF32) are taken only when torch lets its own
+// convolutions use TF32 (cudnn_conv_allows_tf32(): torch.backends.cudnn.conv.fp32_precision on
+// torch >= 2.9, torch.backends.cudnn.allow_tf32 before).
 // Host code that runs once per plan: cudnn-frontend's headers (templates, JSON) take GCC 154 s
 // and 3.7 GB at -O3 for this one file, 83 s at -O1 (2-core VM), so this file is built at -O1.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -43,10 +50,11 @@
 #include <cudnn.h>
 #include <cudnn_frontend.h>
 
+#include <c10/util/Exception.h>
+
 #include <cstdint>
-#include <map>
+#include <exception>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -66,11 +74,14 @@ constexpr int64_t kUidX = 1, kUidW = 2, kUidB = 3, kUidR = 4, kUidY = 5;
 struct GraphPlan {
   std::shared_ptr<fe::graph::Graph> graph;  // null when cuDNN refused the graph
   int64_t workspace = 0;
-  std::string refused;  // cuDNN's reason when graph is null
+  std::string refused;     // the reason when graph is null
+  bool transient = false;  // the failure was one for now (not cached)
 };
 
-std::mutex g_mutex;
-std::map<std::vector<int64_t>, std::shared_ptr<GraphPlan>> g_plans;
+PlanCache<GraphPlan>& plan_cache() {
+  static PlanCache<GraphPlan> cache;
+  return cache;
+}
 
 fe::DataType_t fe_dtype(at::ScalarType t) {
   switch (t) {
@@ -114,12 +125,19 @@ std::string describe(fe::error_t e, const char* step) {
   return s.str();
 }
 
-// Build (validate, lower, heuristics, filter, check support, build) the graph for this call.
-std::shared_ptr<GraphPlan> build_plan(const ConvGeometry& g, const at::Tensor& x,
-                                      const at::Tensor& w, const at::Tensor* b,
-                                      const at::Tensor* r, const at::Tensor& y, bool tf32,
-                                      bool deterministic, cudnnHandle_t handle) {
+std::shared_ptr<GraphPlan> refused_plan(std::string why) {
   auto plan = std::make_shared<GraphPlan>();
+  plan->transient = conv2d_failure_is_transient(why);
+  plan->refused = std::move(why);
+  return plan;
+}
+
+// Build (validate, lower, heuristics, filter, check support, build) the graph for this call.
+std::shared_ptr<GraphPlan> build_plan_steps(const ConvGeometry& g, const at::Tensor& x,
+                                            const at::Tensor& w, const at::Tensor* b,
+                                            const at::Tensor* r, const at::Tensor& y, bool tf32,
+                                            bool deterministic, int64_t workspace_limit,
+                                            cudnnHandle_t handle) {
   auto graph = std::make_shared<fe::graph::Graph>();
   const auto io = fe_dtype(x.scalar_type());
   graph->set_io_data_type(io)
@@ -175,54 +193,72 @@ std::shared_ptr<GraphPlan> build_plan(const ConvGeometry& g, const at::Tensor& x
 
   fe::error_t e = graph->validate();
   if (e.is_bad()) {
-    plan->refused = describe(e, "validate");
-    return plan;
+    return refused_plan(describe(e, "validate"));
   }
   e = graph->build_operation_graph(handle);
   if (e.is_bad()) {
-    plan->refused = describe(e, "build_operation_graph");
-    return plan;
+    return refused_plan(describe(e, "build_operation_graph"));
   }
   e = graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
   if (e.is_bad()) {
-    plan->refused = describe(e, "create_execution_plans");
-    return plan;
+    return refused_plan(describe(e, "create_execution_plans"));
   }
   // As torch's own cuDNN convolutions: never an engine that down-converts its inputs, for fp32
-  // no tensor-core (TF32) engine unless allow_tf32, and no non-deterministic engine when
+  // no tensor-core (TF32) engine unless torch allows TF32 for convolutions (tf32, from
+  // cudnn_conv_allows_tf32()), and no non-deterministic engine when
   // torch.backends.cudnn.deterministic (or torch.use_deterministic_algorithms) asks.
   std::vector<fe::NumericalNote_t> excluded{fe::NumericalNote_t::DOWN_CONVERT_INPUTS};
   if (x.scalar_type() == at::kFloat && !tf32) excluded.push_back(fe::NumericalNote_t::TENSOR_CORE);
   if (deterministic) excluded.push_back(fe::NumericalNote_t::NONDETERMINISTIC);
   graph->deselect_numeric_notes(excluded);
+  // An engine that wants a huge workspace is never chosen: it would fail to allocate it.
+  graph->deselect_workspace_greater_than(workspace_limit);
   e = graph->check_support(handle);
   if (e.is_bad()) {
-    plan->refused = describe(e, "check_support");
-    return plan;
+    return refused_plan(describe(e, "check_support"));
   }
   e = graph->build_plans(handle, fe::BuildPlanPolicy_t::HEURISTICS_CHOICE);
   if (e.is_bad()) {
-    plan->refused = describe(e, "build_plans");
-    return plan;
+    return refused_plan(describe(e, "build_plans"));
   }
   int64_t ws = 0;
   e = graph->get_workspace_size(ws);
   if (e.is_bad()) {
-    plan->refused = describe(e, "get_workspace_size");
-    return plan;
+    return refused_plan(describe(e, "get_workspace_size"));
   }
+  auto plan = std::make_shared<GraphPlan>();
   plan->graph = std::move(graph);
   plan->workspace = ws;
   return plan;
 }
 
+// build_plan_steps, with an exception (out of memory, or one cudnn-frontend throws) turned into a
+// refusal or, for an allocation, a failure for now.
+std::shared_ptr<GraphPlan> build_plan(const ConvGeometry& g, const at::Tensor& x,
+                                      const at::Tensor& w, const at::Tensor* b,
+                                      const at::Tensor* r, const at::Tensor& y, bool tf32,
+                                      bool deterministic, int64_t workspace_limit,
+                                      cudnnHandle_t handle) {
+  try {
+    return build_plan_steps(g, x, w, b, r, y, tf32, deterministic, workspace_limit, handle);
+  } catch (const c10::OutOfMemoryError& e) {
+    auto plan = refused_plan(std::string("building the plan: out of memory: ") +
+                             e.what_without_backtrace());
+    plan->transient = true;
+    return plan;
+  } catch (const std::exception& e) {
+    return refused_plan(std::string("building the plan: ") + e.what());
+  }
+}
+
 std::vector<int64_t> plan_key(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w,
                               const at::Tensor* b, const at::Tensor* r, const at::Tensor& y,
-                              bool tf32, bool deterministic) {
-  // Sizes, layout and pointer alignments fix the graph's tensors; padding, stride, epilogue and
-  // TF32 the rest. Strides need no entry: every tensor is dense in the layout given.
+                              bool tf32, bool deterministic, int64_t workspace_limit) {
+  // Sizes, layout and pointer alignments fix the graph's tensors; padding, stride, epilogue,
+  // TF32, determinism and the workspace limit the rest. Strides need no entry: every tensor is
+  // dense in the layout given. (The cache adds the cuDNN handle.)
   std::vector<int64_t> k{x.device().index(), static_cast<int64_t>(x.scalar_type()), tf32,
-                         deterministic, g.channels_last};
+                         deterministic, g.channels_last, workspace_limit};
   k.insert(k.end(), x.sizes().begin(), x.sizes().end());
   k.insert(k.end(), w.sizes().begin(), w.sizes().end());
   k.insert(k.end(), {g.stride, g.pl, g.pr, g.pt, g.pb});
@@ -236,41 +272,41 @@ std::vector<int64_t> plan_key(const ConvGeometry& g, const at::Tensor& x, const 
 
 }  // namespace
 
-// Runs the graph conv into y (allocated by the caller in x's memory format). Returns false, with
-// the reason in *why, when cuDNN refused this graph (then y is untouched); throws when a built
-// plan fails to execute.
-bool graph_conv2d_cuda(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w,
-                       const at::Tensor* b, const at::Tensor* r, at::Tensor& y,
-                       std::string* why) {
+// Runs the graph conv into y (allocated by the caller in x's memory format): kRan, or why not
+// (then y is untouched); throws when a built plan fails to execute.
+GraphAttempt graph_conv2d_cuda(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w,
+                               const at::Tensor* b, const at::Tensor* r, at::Tensor& y) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool tf32 = x.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN();
+  const bool tf32 = x.scalar_type() == at::kFloat && cudnn_conv_allows_tf32();
   const bool deterministic =
       at::globalContext().deterministicCuDNN() || at::globalContext().deterministicAlgorithms();
-  cudnnHandle_t handle = at::native::getCudnnHandle();
+  const int64_t workspace_limit = conv2d_workspace_limit();
+  cudnnHandle_t handle = at::native::getCudnnHandle();  // this thread's, for this device
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   TORCH_CHECK(cudnnSetStream(handle, stream) == CUDNN_STATUS_SUCCESS,
               "conv2d: cudnnSetStream failed");
-  const std::vector<int64_t> key = plan_key(g, x, w, b, r, y, tf32, deterministic);
-  std::shared_ptr<GraphPlan> plan;
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto it = g_plans.find(key);
-    if (it != g_plans.end()) {
-      plan = it->second;
-    } else {
-      // Built under the lock: two threads never build the same plan twice, and a build is rare.
-      plan = build_plan(g, x, w, b, r, y, tf32, deterministic, handle);
-      g_plans.emplace(key, plan);
-      conv2d_note_plan_built(plan->graph != nullptr);
-    }
+  bool built = false;
+  const std::shared_ptr<GraphPlan> plan = plan_cache().get_or_build(
+      handle, plan_key(g, x, w, b, r, y, tf32, deterministic, workspace_limit),
+      [&] { return build_plan(g, x, w, b, r, y, tf32, deterministic, workspace_limit, handle); },
+      &built);
+  if (built) {
+    conv2d_note_plan_built(plan->graph    ? GraphOutcome::kRan :
+                           plan->transient ? GraphOutcome::kTransient :
+                                             GraphOutcome::kRefused);
   }
   if (!plan->graph) {
-    *why = plan->refused;
-    return false;
+    return {plan->transient ? GraphOutcome::kTransient : GraphOutcome::kRefused, plan->refused};
   }
   at::Tensor workspace;
   if (plan->workspace > 0) {
-    workspace = at::empty({plan->workspace}, x.options().dtype(at::kByte));
+    try {
+      workspace = at::empty({plan->workspace}, x.options().dtype(at::kByte));
+    } catch (const c10::OutOfMemoryError& e) {
+      return {GraphOutcome::kTransient, "allocating its workspace of " +
+                                            std::to_string(plan->workspace) +
+                                            " bytes: out of memory: " + e.what_without_backtrace()};
+    }
   }
   std::unordered_map<int64_t, void*> pack{
       {kUidX, const_cast<void*>(x.const_data_ptr())},
@@ -282,18 +318,12 @@ bool graph_conv2d_cuda(const ConvGeometry& g, const at::Tensor& x, const at::Ten
   fe::error_t e = plan->graph->execute(
       handle, pack, workspace.defined() ? workspace.mutable_data_ptr() : nullptr);
   TORCH_CHECK(e.is_good(), "conv2d: executing the cuDNN graph failed: ", e.get_message());
-  return true;
+  return {GraphOutcome::kRan, ""};
 }
 
-int64_t graph_conv_cached_plans() {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  return static_cast<int64_t>(g_plans.size());
-}
+int64_t graph_conv_cached_plans() { return plan_cache().size(); }
 
-void graph_conv_clear_plans() {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  g_plans.clear();
-}
+void graph_conv_clear_plans() { plan_cache().clear(); }
 
 std::string graph_conv_build_info() {
   return "cudnn-frontend " + std::to_string(CUDNN_FRONTEND_MAJOR_VERSION) + "." +

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _tf32
 from .engine import Case, Context, register
 
 _PAD = (0, 1, 0, 1)
@@ -58,12 +59,8 @@ def _strict_fp32(fn):
     (torch lets cuDNN convolutions use TF32 by default)."""
 
     def run():
-        old = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
+        with _tf32.switches(False):
             return fn()
-        finally:
-            torch.backends.cudnn.allow_tf32 = old
 
     return run
 
