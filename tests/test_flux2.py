@@ -520,6 +520,147 @@ def test_bf16_model_within_end_to_end_tolerance():
     assert_close(vae16.decode(lat.bfloat16()), vae.decode(lat), torch.bfloat16, end_to_end=True)
 
 
+# ---------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def cli_data(tmp_path_factory):
+    """A diffusers folder of the tiny FLUX.2 weights, a second one that differs only in the
+    BatchNorm statistics, and a folder of images (sides not all multiples of 4)."""
+    np = pytest.importorskip("numpy")
+    image = pytest.importorskip("PIL.Image")
+    root = tmp_path_factory.mktemp("flux2cli")
+    akl, vae = models("tiny")
+    akl.save_pretrained(root / "vae")
+    other = copy.deepcopy(akl)
+    with torch.no_grad():
+        other.bn.running_mean.add_(0.25)
+    other.save_pretrained(root / "other")
+    rng = np.random.default_rng(4)
+    (root / "imgs" / "sub").mkdir(parents=True)
+    for i, (h, w) in enumerate([(16, 16), (20, 28), (19, 13), (16, 16), (24, 12)]):
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        where = root / "imgs" / ("sub" if i % 2 else "")
+        image.fromarray(a).save(where / f"im{i}.png")
+    return root, akl, vae
+
+
+def _shards(out):
+    from safetensors import safe_open
+
+    rows = {}
+    for path in sorted(out.glob("shard-*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            info = json.loads(fh.metadata()["sdvae"])
+            for i, src in enumerate(info["sources"]):
+                key = "latents" if "latents" in fh.keys() else f"latents.{i}"
+                t = fh.get_tensor(key)
+                rows[src] = t[i] if key == "latents" else t
+    return rows, info
+
+
+@pytest.mark.parametrize("sample", [False, True])
+@torch.no_grad()
+def test_cli_encode_decode_round_trip(cli_data, tmp_path, capsys, sample):
+    from sdvae import cache, cli
+    from sdvae.io import to_uint8
+
+    root, akl, vae = cli_data
+    common = ["--device", "cpu", "--no-fuse", "--workers", "0", "--shard-size", "3"]
+    extra = ["--sample", "--seed", "9"] if sample else []
+    out = tmp_path / "lat"
+    enc = ["encode", str(root / "imgs"), "--weights", str(root / "vae"), *common, *extra]
+    assert cli.main([*enc, "-o", str(out)]) == 0, capsys.readouterr().err
+    rows, info = _shards(out)
+    assert len(rows) == 5
+    norm = info["latent_norm"]
+    assert norm["patch"] == 2 and norm["eps"] == akl.config.batch_norm_eps
+    assert norm["running_mean"] == akl.bn.running_mean.double().tolist()
+    for src, z in rows.items():
+        img, _ = cache.load_image(str(root / "imgs" / src), None, "cover", 4)
+        x = (img.float() / 127.5 - 1.0)[None]
+        assert z.shape == vae.latent_shape(*x.shape[2:])
+        if not sample:  # the pipeline's own latents of the image as read
+            assert_close(z[None], _pipeline_encode(akl, x), name=f"cached {src}")
+    dec = tmp_path / "dec"
+    decode = ["decode", str(out), *common[:3], "-o", str(dec)]
+    assert cli.main([*decode, "--weights", str(root / "vae")]) == 0, capsys.readouterr().err
+    np = pytest.importorskip("numpy")
+    image = pytest.importorskip("PIL.Image")
+    for src, z in rows.items():
+        with image.open(dec / src) as im:  # sources are .png: the same name
+            got = np.asarray(im.convert("RGB")).astype(np.int16)
+        want = to_uint8(_pipeline_decode(akl, z[None])[0]).astype(np.int16)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1, src  # rounding to 8 bits only
+    # the same model in bf16 reads the fp32 shards (statistics equal once rounded)
+    bf = ["--dtype", "bf16", "-o", str(tmp_path / "dec16")]
+    assert cli.main([*decode[:-2], *bf, "--weights", str(root / "vae")]) == 0
+
+
+def test_cli_decode_refuses_other_normalization(cli_data, tmp_path, capsys):
+    from sdvae import cli
+
+    root, akl, _ = cli_data
+    common = ["--device", "cpu", "--no-fuse", "--workers", "0"]
+    out = tmp_path / "lat"
+    one = str(root / "imgs" / "im0.png")
+    assert cli.main(["encode", one, "--weights", str(root / "vae"), *common, "-o", str(out)]) == 0
+    capsys.readouterr()
+    dec = ["decode", str(out), "--device", "cpu", "--no-fuse", "-o", str(tmp_path / "dec")]
+    assert cli.main([*dec, "--weights", str(root / "other")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "normalized by other BatchNorm statistics" in err[0], err
+    # an SD-style model with as many latent channels and scale 1: no normalization at all
+    sd = tmp_path / "sd"
+    sd_cfg = VAEConfig.tiny(latent_channels=16, scaling_factor=1.0)
+    sdvae.to_diffusers(VAE(sd_cfg)).save_pretrained(sd)
+    assert cli.main([*dec, "--weights", str(sd)]) == 2
+    assert "latents normalized otherwise" in capsys.readouterr().err
+    assert not (tmp_path / "dec").exists()
+    # and the other way round: SD latents into the FLUX.2 model
+    sd_out = tmp_path / "sdlat"
+    sd_enc = ["encode", one, "--weights", str(sd), *common, "-o", str(sd_out)]
+    assert cli.main([*sd_enc, "--size", "16"]) == 0
+    assert cli.main(["decode", str(sd_out), *dec[2:], "--weights", str(root / "vae")]) == 2
+    assert "latents normalized otherwise" in capsys.readouterr().err
+
+
+def test_cli_size_must_fit_the_patches(cli_data, tmp_path, capsys):
+    from sdvae import cli
+
+    root, _, _ = cli_data
+    args = [str(root / "imgs"), "--weights", str(root / "vae"), "--device", "cpu", "--size", "18"]
+    assert cli.main(["encode", *args, "-o", str(tmp_path / "o")]) == 2
+    assert "multiples of the model's downsampling factor 4" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- bench
+@torch.no_grad()
+def test_bench_eager_provider_is_the_pipeline():
+    from sdvae.bench.cases_vae import pipeline_calls
+
+    akl, vae = models("tiny")
+    encode, decode = pipeline_calls(akl, vae.config)
+    x = _images((16, 12))
+    assert_close(encode(x), _pipeline_encode(akl, x), name="bench eager encode")
+    lat = _latents(vae, (16, 12))
+    assert_close(decode(lat), _pipeline_decode(akl, lat), name="bench eager decode")
+
+
+def test_bench_flux2_plan(monkeypatch):
+    from sdvae.bench import cases_vae, engine
+
+    gpu = engine.Context(torch.device("cuda"), quick=False)  # planning allocates nothing
+    monkeypatch.delenv("SDVAE_BENCH_FLUX2_SIZES", raising=False)
+    assert cases_vae.flux2_plan(gpu) == [(1, 1024), (1, 2048)]
+    assert cases_vae._flux2_dtypes(gpu) == (torch.bfloat16,)
+    assert cases_vae.flux2_plan(engine.Context(torch.device("cpu"), quick=True)) == [(1, 32)]
+    monkeypatch.setenv("SDVAE_BENCH_FLUX2_SIZES", "512")
+    assert cases_vae.flux2_plan(gpu) == [(1, 512)]
+    monkeypatch.setenv("SDVAE_BENCH_FLUX2_SIZES", "1000")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cases_vae.flux2_plan(gpu)
+
+
 # ---------------------------------------------------------------------------- on a GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
