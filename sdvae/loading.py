@@ -275,9 +275,10 @@ def load(
 ) -> VAE:
     """Load a VAE from a checkpoint file, a diffusers folder or a state dict.
 
-    ``config=None`` uses the folder's ``config.json`` for a diffusers folder and the SD 1.x
-    config (``VAEConfig()``) otherwise: pass ``VAEConfig.sdxl()`` for SDXL's VAE, whose
-    weights have the same shapes but another scaling factor.
+    ``config=None`` uses the folder's ``config.json`` for a diffusers folder; otherwise
+    ``VAEConfig.flux2()`` when the weights hold FLUX.2's ``bn.running_mean``, else the SD 1.x
+    config (``VAEConfig()``): pass ``VAEConfig.sdxl()`` for SDXL's VAE, whose weights have the
+    same shapes but another scaling factor.
     """
     if config is not None and not isinstance(config, VAEConfig):
         raise TypeError(f"config must be a sdvae.VAEConfig or None, got {type(config).__name__}")
@@ -300,8 +301,18 @@ def load(
             f"got {type(path_or_state_dict).__name__}"
         )
     if config is None:
-        config = VAEConfig.from_diffusers(folder_cfg) if folder_cfg is not None else VAEConfig()
+        config = (
+            VAEConfig.from_diffusers(folder_cfg) if folder_cfg is not None else default_config(sd)
+        )
     return _build(config, convert_state_dict(sd, config), dtype, device)
+
+
+def default_config(state_dict: Mapping[str, torch.Tensor]) -> VAEConfig:
+    """The preset a checkpoint without a config is read with: FLUX.2's when it holds the
+    latent BatchNorm's statistics (``bn.running_mean``, bare or under a prefix), else SD 1.x."""
+    if "bn.running_mean" in _strip_prefix(dict(state_dict)):
+        return VAEConfig.flux2()
+    return VAEConfig()
 
 
 def diffusers_kind(model) -> str | None:

@@ -892,21 +892,22 @@ class VAE(nn.Module):
         # The encode factors stay in float64 for a float64 model, else fp32 (the kernel reads
         # fp32); the decode fold is cast to the latents' dtype, as a conv's weight would be.
         dtype = x.dtype if which == "decode" else torch.promote_types(x.dtype, torch.float32)
+        if (
+            torch.compiler.is_compiling()
+            or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
+        ):
+            return self._fold_norm(which, pqc, x.device, dtype)
         key = (dtype, x.device) + tuple((t.data_ptr(), t._version) for t in sources)
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
-        cacheable = not (torch.compiler.is_compiling() or capturing or with_grad)
         hit = self._norm_cache.get(which)
-        if cacheable and hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == key:
             return hit[1]
-        if cacheable:
-            # Plain tensors even when called under inference mode, so that a later call with
-            # autograd on may read them.
-            with torch.inference_mode(False), torch.no_grad():
-                out = self._fold_norm(which, pqc, x.device, dtype)
-            self._norm_cache[which] = (key, out)
-            return out
-        return self._fold_norm(which, pqc, x.device, dtype)
+        # Plain tensors even when called under inference mode, so that a later call with
+        # autograd on may read them.
+        with torch.inference_mode(False), torch.no_grad():
+            out = self._fold_norm(which, pqc, x.device, dtype)
+        self._norm_cache[which] = (key, out)
+        return out
 
     def _fold_norm(self, which: str, pqc, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """See ``_norm_folded``: the folded tensors, computed in float64."""

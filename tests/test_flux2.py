@@ -348,6 +348,17 @@ def test_fold_keeps_gradients_to_post_quant_conv():
     assert_close(g_folded, vae.post_quant_conv.weight.grad, name="d post_quant_conv.weight")
 
 
+@torch.no_grad()
+def test_folds_trace_under_torch_compile_fullgraph():
+    # The fold is recomputed inside the traced call (no cache lookup on fake tensors).
+    _, vae = models("tiny")
+    x, lat = _images((16, 16), n=1), _latents(vae, (16, 16), n=1)
+    dec = torch.compile(vae.decode, backend="aot_eager", fullgraph=True)
+    enc = torch.compile(lambda x: vae.encode(x, sample=False), backend="aot_eager", fullgraph=True)
+    assert torch.equal(dec(lat), vae.decode(lat))
+    assert torch.equal(enc(x), vae.encode(x, sample=False))
+
+
 # ---------------------------------------------------------------- fused and patched
 @pytest.mark.parametrize("name", ["tiny", "tiny-dec-noquant"])
 @torch.no_grad()
@@ -476,6 +487,19 @@ def test_load_refuses_missing_extra_and_wrong_kind_of_bn_keys(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "diffusion_pytorch_model.safetensors")
     with pytest.raises(ValueError, match="AutoencoderKL and AutoencoderKLFlux2"):
         sdvae.load(tmp_path)
+
+
+def test_weights_without_a_config_are_read_as_flux2():
+    from sdvae.loading import default_config
+
+    akl, _ = models("tiny")
+    sd = akl.state_dict()
+    assert default_config(sd) == VAEConfig.flux2()
+    assert default_config({f"vae.{k}": v for k, v in sd.items()}) == VAEConfig.flux2()
+    assert default_config(VAE(VAEConfig.tiny()).state_dict()) == VAEConfig()
+    # tiny weights, FLUX.2's full-size preset: refused, and the message names that config
+    with pytest.raises(CheckpointError, match="latent_channels=32"):
+        sdvae.load(sd)
 
 
 def test_single_file_loader_has_no_flux2_vae_converter():
@@ -685,3 +709,16 @@ def test_flux2_on_gpu_within_end_to_end_tolerance(dtype, cuda_graph):
         )
         lat = torch.randn(1, 128, 16, 16, device="cuda", dtype=torch.float64)
         assert_close(fast.decode(lat.to(dtype)), ref.decode(lat), dtype, end_to_end=True)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_flux2_compile_fullgraph_on_gpu():
+    _, vae = models("tiny")
+    fast = sdvae.optimize(copy.deepcopy(vae).to("cuda", torch.bfloat16))
+    x = _images((32, 32), n=1).to("cuda", torch.bfloat16)
+    lat = _latents(vae, (32, 32), n=1).to("cuda", torch.bfloat16)
+    dec = torch.compile(fast.decode, fullgraph=True)
+    assert_close(dec(lat), fast.decode(lat), torch.bfloat16, end_to_end=True)
+    enc = torch.compile(lambda x: fast.encode(x, sample=False), fullgraph=True)
+    assert_close(enc(x), fast.encode(x, sample=False), torch.bfloat16, end_to_end=True)
