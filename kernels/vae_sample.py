@@ -6,7 +6,11 @@ log-variance. The result is the (N, C, H, W) latent
     sample=True:   ((mean + exp(0.5 * clamp(logvar, -30, 20)) * noise) - shift) * scale
     sample=False:  (mean - shift) * scale
 
-in ``moments``' dtype and memory format, computed in fp32 inside. Eager PyTorch spends a
+in ``moments``' dtype and memory format, computed in fp32 inside. ``scale`` and ``shift`` are
+floats (one value for every channel, the SD/SDXL/SD3/FLUX.1 latents) or (C,) tensors, one value
+per latent channel: FLUX.2 normalizes its 2x2-patchified latents per channel with its
+BatchNorm's running statistics, which ``sdvae.VAE`` hands to this op as
+``scale = 1/sqrt(var + eps)``, ``shift = mean`` on the patchified moments. Eager PyTorch spends a
 kernel (and a round trip through memory) on each of clamp, scale, exp, randn, multiply, add,
 subtract and multiply; here one program reads each moment once and writes each latent once.
 
@@ -53,6 +57,11 @@ matter. The op is memory- and launch-bound (a batch-8 4x128x128 latent is 2 MiB 
 the Philox rounds (~100 integer ops per element) hide under the loads. Offsets are int64
 throughout: the cost is noise next to the memory traffic, and no size can overflow.
 
+Without Triton (a Linux-only dependency) this module still imports: ``vae_sample_reference``
+is the model's unfused sampling step everywhere, and ``vae_sample`` runs it, saying why in
+``not_supported_reasons``. The reference lives here, beside the kernel; ``sdvae.model`` imports
+it from here when it samples, never the other way round.
+
 References: Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC'11, Philox);
 Triton's ``triton.language.random`` and its dropout tutorial (seeded in-kernel RNG);
 ``torch.distributions`` / diffusers ``DiagonalGaussianDistribution`` (the op chain).
@@ -66,10 +75,17 @@ import numbers
 import os
 
 import torch
-import triton
-import triton.language as tl
 
-from sdvae.model import sample_reference
+try:
+    import triton
+    import triton.language as tl
+except ImportError as _exc:  # Triton is Linux-only: the reference path works without it
+    if _exc.name is None or _exc.name.split(".")[0] != "triton":
+        raise
+    triton = tl = None
+    _NO_TRITON = f"Triton is not installed ({_exc}): the eager reference runs"
+else:
+    _NO_TRITON = None
 
 __all__ = ["vae_sample", "vae_sample_reference", "not_supported_reasons"]
 
@@ -82,10 +98,19 @@ BLOCK_G_CHOICES = (4, 16, 64, 256, 1024)
 MODE_MEAN, MODE_NOISE, MODE_RNG = 0, 1, 2
 #: XORed into a CUDA generator's seed: domain separation from torch's own Philox streams.
 _GENERATOR_KEY_SALT = 0x5DA1_7E5A_9E37_79B9
+#: The log-variance clamp of the seed's op chain.
+LOGVAR_MIN = -30.0
+LOGVAR_MAX = 20.0
+
+
+def _jit(**kwargs):
+    """``triton.jit``; without Triton the function is left as it is (never launched: the
+    dispatcher runs the reference and ``not_supported_reasons`` says why)."""
+    return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
 
 
 # ------------------------------------------------------------------------------ kernel
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "base_lo", "base_hi"])
+@_jit(do_not_specialize=["ch_div", "seed_lo", "seed_hi", "base_lo", "base_hi"])
 def _vae_sample_kernel(
     moments_ptr,  # (N, 2C, H, W) in memory order viewed as (R, 2, G); mean half first
     noise_ptr,  # (N, C, H, W) in the output's memory order, (R, G); read only when MODE == 1
@@ -93,8 +118,11 @@ def _vae_sample_kernel(
     R,  # rows: N (NCHW) or N*H*W (channels_last)
     G,  # row length: C*H*W (NCHW) or C (channels_last)
     HW,  # H*W, for the logical noise index of channels_last tensors
-    scale,
+    ch_div,  # H*W (NCHW) or 1 (channels_last): the channel of column g is g // ch_div
+    scale,  # scalar factors, used unless PER_CHANNEL
     shift,
+    scale_ptr,  # (C,) fp32 per-channel factors, read only when PER_CHANNEL
+    shift_ptr,
     seed_lo,  # low / high 32 bits of the Philox key, as signed i32
     seed_hi,
     base_lo,  # low / high 32 bits of the first Philox counter, as signed i32
@@ -103,6 +131,7 @@ def _vae_sample_kernel(
     MODE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     KEY_FROM_PTR: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
@@ -154,7 +183,17 @@ def _vae_sample_kernel(
                 tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1)
             )
         z = mean + std * noise
-    z = (z - shift) * scale
+    if PER_CHANNEL:
+        # The channel of a column: NCHW rows are (C, H, W) planes, channels_last rows are C.
+        # A runtime divisor, not the CHANNELS_LAST constexpr, so that the mean-only and
+        # given-noise modes need no second variant per layout.
+        ch = cols // ch_div
+        ch_mask = cols < G
+        shift_c = tl.load(shift_ptr + ch, mask=ch_mask, other=0.0)
+        scale_c = tl.load(scale_ptr + ch, mask=ch_mask, other=1.0)
+        z = (z - shift_c[None, :]) * scale_c[None, :]
+    else:
+        z = (z - shift) * scale
     tl.store(out_ptr + out_off, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -163,16 +202,26 @@ def vae_sample_reference(
     moments: torch.Tensor,
     noise: torch.Tensor | None,
     *,
-    scaling_factor: float,
-    shift_factor: float,
+    scaling_factor: float | torch.Tensor,
+    shift_factor: float | torch.Tensor,
     sample: bool,
 ) -> torch.Tensor:
-    """The seed's op chain, op by op (``sdvae.model.sample_reference``): chunk, clamp(-30, 20),
-    exp(0.5 * logvar), mean + std * noise, (z - shift) * scale. ``noise`` is used only when
-    ``sample`` is true. One definition serves the model's unfused path and this op."""
-    return sample_reference(
-        moments, noise, scaling_factor=scaling_factor, shift_factor=shift_factor, sample=sample
+    """The seed's op chain, op by op: chunk, clamp(-30, 20), exp(0.5 * logvar),
+    mean + std * noise, (z - shift) * scale. ``noise`` is used only when ``sample`` is true.
+    A factor may be a (C,) tensor (one value per latent channel); the result has ``moments``'
+    dtype. One definition serves the model's unfused path (``sdvae.VAE.encode``) and this op."""
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    if sample:
+        logvar = torch.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX)
+        std = torch.exp(0.5 * logvar)
+        z = mean + std * noise
+    else:
+        z = mean
+    shift, scale = (
+        f.reshape(1, -1, 1, 1) if isinstance(f, torch.Tensor) else f
+        for f in (shift_factor, scaling_factor)
     )
+    return ((z - shift) * scale).to(moments.dtype)
 
 
 # ------------------------------------------------------------------------------ checks
@@ -197,9 +246,23 @@ def _check_args(moments, noise, scaling_factor, shift_factor, seed, sample) -> N
         )
     if not isinstance(sample, bool):
         raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
+    channels = moments.shape[1] // 2
     for name, val in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)):
-        if isinstance(val, bool) or not isinstance(val, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(val).__name__}")
+        if isinstance(val, torch.Tensor):
+            if not val.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor, got {val.dtype}")
+            if val.dim() != 1 or val.shape[0] != channels:
+                raise ValueError(
+                    f"{name} must be a real number or a ({channels},) tensor (one value per "
+                    f"latent channel of moments {tuple(moments.shape)}), got shape "
+                    f"{tuple(val.shape)}"
+                )
+            if val.device != moments.device:
+                raise ValueError(f"{name} is on {val.device} but moments are on {moments.device}")
+        elif isinstance(val, bool) or not isinstance(val, numbers.Real):
+            raise TypeError(
+                f"{name} must be a real number or a (C,) tensor, got {type(val).__name__}"
+            )
     symbolic = isinstance(seed, torch.SymInt)  # a seed that varies under torch.compile
     if (
         seed is not None
@@ -230,10 +293,17 @@ def _check_args(moments, noise, scaling_factor, shift_factor, seed, sample) -> N
         raise TypeError(f"noise must have moments' dtype {moments.dtype}, got {noise.dtype}")
 
 
-def not_supported_reasons(moments: torch.Tensor, noise: torch.Tensor | None = None) -> list[str]:
+def not_supported_reasons(
+    moments: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    scaling_factor: float | torch.Tensor = 1.0,
+    shift_factor: float | torch.Tensor = 0.0,
+) -> list[str]:
     """Why ``vae_sample`` would run the eager reference instead of the Triton kernel for
     these inputs (empty when the kernel runs). Invalid inputs raise in ``vae_sample``."""
     reasons = []
+    if _NO_TRITON is not None:
+        reasons.append(_NO_TRITON)
     dev = moments.device.type
     if dev == "cpu" and not _interpret():
         reasons.append("CPU tensor and TRITON_INTERPRET is not 1: the eager reference runs")
@@ -241,7 +311,8 @@ def not_supported_reasons(moments: torch.Tensor, noise: torch.Tensor | None = No
         reasons.append(f"device {moments.device}: the kernel runs on CUDA (or the interpreter)")
     if moments.dtype not in _KERNEL_DTYPES:
         reasons.append(f"dtype {moments.dtype}: the kernel takes float32, float16 and bfloat16")
-    tensors = [moments] + ([noise] if noise is not None else [])
+    tensors = [moments, noise, scaling_factor, shift_factor]
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         reasons.append("an input requires grad: the inference kernel has no backward")
     return reasons
@@ -296,11 +367,19 @@ def _signed_seed(seed: int | None) -> int | None:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
+def _per_channel(value, c: int, device: torch.device) -> torch.Tensor:
+    """A factor as the kernel reads it per channel: a (C,) contiguous fp32 tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float32).contiguous()
+    return torch.full((c,), float(value), dtype=torch.float32, device=device)
+
+
 def _launch(
     moments, noise, scaling_factor, shift_factor, seed, sample, key_tensor=None
 ) -> torch.Tensor:
     """Launch the kernel. ``key_tensor`` (tests only): a (1,) int64 tensor holding the Philox
-    key, read by the kernel as under CUDA graph capture (``seed`` must then be None)."""
+    key, read by the kernel as under CUDA graph capture (``seed`` must then be None).
+    Either factor may be a (C,) tensor; then both are read per channel."""
     if moments.is_contiguous():
         channels_last = False
     elif moments.is_contiguous(memory_format=torch.channels_last):
@@ -320,6 +399,12 @@ def _launch(
     key, base = (0, 0)
     if mode == MODE_RNG and key_tensor is None:
         key, base, key_tensor = _philox_key_and_base(moments.device, seed, out.numel())
+    per_channel = isinstance(scaling_factor, torch.Tensor) or isinstance(shift_factor, torch.Tensor)
+    scale_t = shift_t = out  # placeholders, never read unless PER_CHANNEL
+    if per_channel:
+        scale_t = _per_channel(scaling_factor, c, moments.device)
+        shift_t = _per_channel(shift_factor, c, moments.device)
+        scaling_factor, shift_factor = 1.0, 0.0
     seed_lo, seed_hi = _as_i32_halves(key)
     base_lo, base_hi = _as_i32_halves(base)
     rows, g = (n * h * w, c) if channels_last else (n, c * h * w)
@@ -334,8 +419,11 @@ def _launch(
             rows,
             g,
             h * w,
+            1 if channels_last else h * w,
             float(scaling_factor),
             float(shift_factor),
+            scale_t,
+            shift_t,
             seed_lo,
             seed_hi,
             base_lo,
@@ -344,6 +432,7 @@ def _launch(
             MODE=mode,
             CHANNELS_LAST=channels_last and mode == MODE_RNG,
             KEY_FROM_PTR=key_tensor is not None and mode == MODE_RNG,
+            PER_CHANNEL=per_channel,
             BLOCK_R=block_r,
             BLOCK_G=block_g,
             num_warps=_NUM_WARPS,
@@ -367,7 +456,7 @@ def _eager(moments, noise, scaling_factor, shift_factor, seed, sample) -> torch.
 
 
 def _dispatch(moments, noise, scaling_factor, shift_factor, seed, sample) -> torch.Tensor:
-    if not_supported_reasons(moments, noise):
+    if not_supported_reasons(moments, noise, scaling_factor, shift_factor):
         return _eager(moments, noise, scaling_factor, shift_factor, seed, sample)
     return _launch(moments, noise, scaling_factor, shift_factor, seed, sample)
 
@@ -387,14 +476,31 @@ def _vae_sample_op(
     shift_factor: float,
     seed: int | None,
     sample: bool,
+    channel_scale: torch.Tensor | None = None,
+    channel_shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check_args(moments, noise, scaling_factor, shift_factor, seed, sample)
-    return _dispatch(moments, noise, scaling_factor, shift_factor, seed, sample)
+    """The op's schema takes floats; ``channel_scale`` / ``channel_shift`` ((C,) tensors),
+    when given, replace ``scaling_factor`` / ``shift_factor``."""
+    scale = scaling_factor if channel_scale is None else channel_scale
+    shift = shift_factor if channel_shift is None else channel_shift
+    _check_args(moments, noise, scale, shift, seed, sample)
+    return _dispatch(moments, noise, scale, shift, seed, sample)
 
 
 @_vae_sample_op.register_fake
-def _(moments, noise, scaling_factor, shift_factor, seed, sample):
-    _check_args(moments, noise, scaling_factor, shift_factor, seed, sample)
+def _(
+    moments,
+    noise,
+    scaling_factor,
+    shift_factor,
+    seed,
+    sample,
+    channel_scale=None,
+    channel_shift=None,
+):
+    scale = scaling_factor if channel_scale is None else channel_scale
+    shift = shift_factor if channel_shift is None else channel_shift
+    _check_args(moments, noise, scale, shift, seed, sample)
     n, c2, h, w = moments.shape
     return moments.new_empty((n, c2 // 2, h, w)).contiguous(memory_format=_memory_format(moments))
 
@@ -404,8 +510,8 @@ def vae_sample(
     moments: torch.Tensor,
     noise: torch.Tensor | None = None,
     *,
-    scaling_factor: float = 0.18215,
-    shift_factor: float = 0.0,
+    scaling_factor: float | torch.Tensor = 0.18215,
+    shift_factor: float | torch.Tensor = 0.0,
     seed: int | None = None,
     sample: bool = True,
 ) -> torch.Tensor:
@@ -413,12 +519,25 @@ def vae_sample(
 
     ``noise`` (N, C, H, W), same dtype and device as ``moments``, is used when given; else
     noise is drawn in the kernel from ``seed`` or, when ``seed`` is None, from torch's default
-    generator for the device. ``sample=False`` returns the scaled mean. Inputs that require
-    grad (with grad mode on) run the differentiable eager reference.
+    generator for the device. ``sample=False`` returns the scaled mean. ``scaling_factor`` and
+    ``shift_factor`` are floats or (C,) floating tensors on ``moments``' device (one value
+    per latent channel; the kernel reads them in fp32). Inputs that require grad (with grad
+    mode on) run the differentiable eager reference.
     """
     _check_args(moments, noise, scaling_factor, shift_factor, seed, sample)
     if torch.compiler.is_compiling():
+        # The schema takes floats; a per-channel tensor travels in its own argument.
+        scale, shift = scaling_factor, shift_factor
+        scale_t = scale if isinstance(scale, torch.Tensor) else None
+        shift_t = shift if isinstance(shift, torch.Tensor) else None
         return torch.ops.sdvae.vae_sample(
-            moments, noise, float(scaling_factor), float(shift_factor), _signed_seed(seed), sample
+            moments,
+            noise,
+            1.0 if scale_t is not None else float(scale),
+            0.0 if shift_t is not None else float(shift),
+            _signed_seed(seed),
+            sample,
+            scale_t,
+            shift_t,
         )
     return _dispatch(moments, noise, scaling_factor, shift_factor, seed, sample)

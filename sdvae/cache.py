@@ -19,7 +19,9 @@ are encoded in batches of ``--batch-size`` in file order.
 A shard holds ``latents``, shape (n, C, h, w), when its images share a size (always with
 ``--size``); otherwise one ``latents.<row>`` tensor (C, h, w) per row. Its metadata lists the
 sources (metadata ``sdvae``: JSON with ``sources``, the scaling and shift factors, ``sampled``
-and ``seed``), so shards can be decoded without the index. An index line holds
+and ``seed``; for FLUX.2 also ``latent_norm``: the BatchNorm statistics that normalized the
+latents, their dtype, eps and patch size), so shards can be decoded without the index, and
+``sdvae decode`` refuses a model that scales or normalizes latents otherwise. An index line holds
 ``source`` (the name), ``path``, ``height``/``width`` (of the image as read, EXIF orientation
 applied), ``crop`` (left, top, right, bottom: the box of the original image that was resized
 to the output size), ``shard``, ``row``, ``key`` (the tensor name), ``seed`` (with
@@ -575,8 +577,6 @@ class _Encoder:
         self.vae, self.opts, self.on_done = vae, opts, on_done
         p = next(vae.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.factor = vae.config.downsample_factor
-        self.channels = vae.config.latent_channels
         self.pending: dict[tuple, list] = {}
         self.out: dict[int, torch.Tensor] = {}
 
@@ -602,10 +602,10 @@ class _Encoder:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         if self.opts.sample:
-            h, w = x.shape[2] // self.factor, x.shape[3] // self.factor
+            shape = self.vae.latent_shape(x.shape[2], x.shape[3])  # what encode returns
             noise = torch.stack(
                 [
-                    torch.randn((self.channels, h, w), generator=torch.Generator().manual_seed(s))
+                    torch.randn(shape, generator=torch.Generator().manual_seed(s))
                     for _, _, s in group
                 ]
             ).to(self.device)
@@ -637,6 +637,9 @@ def _shard_bytes(latents: list[torch.Tensor], names: list[str], vae, opts) -> tu
         "sampled": bool(opts.sample),
         "seed": opts.seed if opts.sample else None,
     }
+    norm = latent_norm_record(vae)
+    if norm is not None:  # absent for the SD configs: their shards stay byte for byte the same
+        info["latent_norm"] = norm
     # One metadata entry: safetensors writes several in a random order, and the shard's
     # bytes (and checksum) must be the same on every run.
     meta = {"sdvae": json.dumps(info, sort_keys=True)}
@@ -666,7 +669,7 @@ def encode_sources(
         [sources[i] for i in files],
         buckets(opts.size, opts.bucket_step) if opts.bucket_step else opts.size,
         opts.fit,
-        vae.config.downsample_factor,
+        vae.config.image_factor,
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -771,8 +774,47 @@ def run_record(opts: EncodeOptions, sources: Sequence[Source], vae, world: int) 
         "scaling_factor": vae.config.scaling_factor,
         "shift_factor": vae.config.shift_factor,
         "dtype": str(next(vae.parameters()).dtype).replace("torch.", ""),
+        **({"latent_norm": latent_norm_record(vae)} if vae.config.is_flux2 else {}),
         **opts.run_args,
     }
+
+
+def latent_norm_record(vae) -> dict | None:
+    """How ``vae`` normalizes its latents beyond the scaling factors: FLUX.2's BatchNorm
+    running statistics as the model holds them (exact values; their dtype), eps and patch
+    size. None for the other configs."""
+    bn = getattr(vae, "bn", None)
+    if bn is None:
+        return None
+    return {
+        "patch": vae.config.patch_size,
+        "eps": vae.config.batch_norm_eps,
+        "dtype": str(bn.running_mean.dtype).replace("torch.", ""),
+        "running_mean": [float(v) for v in bn.running_mean.detach().cpu().double()],
+        "running_var": [float(v) for v in bn.running_var.detach().cpu().double()],
+    }
+
+
+def _same_latent_norm(wrote, mine) -> bool:
+    """Whether two ``latent_norm_record``s normalize alike: same patch size and eps, and the
+    statistics equal once both are rounded to either side's dtype (a bf16 model decodes the
+    latents of the same model run in fp32, and the other way round)."""
+    if wrote is None or mine is None:
+        return wrote is None and mine is None
+    try:
+        if (wrote["patch"], wrote["eps"]) != (mine["patch"], mine["eps"]):
+            return False
+        dtypes = {getattr(torch, rec["dtype"]) for rec in (wrote, mine)}
+        for key in ("running_mean", "running_var"):
+            a = torch.tensor(wrote[key], dtype=torch.float64)
+            b = torch.tensor(mine[key], dtype=torch.float64)
+            if a.shape != b.shape:
+                return False
+            if not any(torch.equal(a.to(d), b.to(d)) for d in dtypes):
+                return False
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- decode
@@ -808,7 +850,7 @@ def _latent_files(arg: str) -> list[str]:
     raise InputError(f"{arg}: no such file or folder; give latents files or shard folders")
 
 
-def _items_of(path: str, channels: int, factors=None) -> list[_LatentItem]:
+def _items_of(path: str, channels: int, factors=None, norm=None) -> list[_LatentItem]:
     from safetensors import safe_open
 
     fix = "give files written by `sdvae encode` (or a safetensors file with a 'latents' tensor)"
@@ -844,6 +886,18 @@ def _items_of(path: str, channels: int, factors=None) -> list[_LatentItem]:
                 f"uses {factors[0]} (shift {factors[1]}); give the --weights/--config of "
                 "the model that wrote them"
             )
+        # FLUX.2: latents normalized by one model's BatchNorm statistics decode to wrong
+        # images with another's (or with a model that has none), silently.
+        if factors is not None and not _same_latent_norm(info.get("latent_norm"), norm):
+            what = (
+                "FLUX.2 latents normalized by other BatchNorm statistics"
+                if norm is not None and info.get("latent_norm") is not None
+                else "latents normalized otherwise"
+            )
+            raise InputError(
+                f"{path}: {what} than this model's; give the --weights/--config of the model "
+                "that wrote them"
+            )
         if "latents" in shapes:
             shape = shapes["latents"]
             if len(shape) != 4 or shape[0] != len(sources):
@@ -878,7 +932,9 @@ def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int =
     files = [f for arg in inputs for f in _latent_files(arg)]
     cfg = vae.config
     factors = (cfg.scaling_factor, cfg.shift_factor)
-    items = [it for f in files for it in _items_of(f, cfg.latent_channels, factors)]
+    norm = latent_norm_record(vae)
+    channels = cfg.pipeline_latent_channels  # what decode takes (FLUX.2: patchified)
+    items = [it for f in files for it in _items_of(f, channels, factors, norm)]
     # Images whose names differ only by their extension (cat.jpg, cat.png: one shard can
     # hold both) keep it: cat.jpg.png, cat.png.png.
     by_name: dict[str, list[_LatentItem]] = {}

@@ -82,7 +82,7 @@ def _bench(args) -> int:
     return 1 if errors else 0
 
 
-_CONFIGS = ("sd", "sdxl", "sd3", "flux")
+_CONFIGS = ("sd", "sdxl", "sd3", "flux", "flux2")
 
 
 def _check(args) -> int:
@@ -114,10 +114,10 @@ def _profile(args) -> int:
     else:
         torch.manual_seed(0)
         vae = sdvae.VAE(sdvae.VAEConfig()).to(device, dtype).eval()
-    if size % vae.config.downsample_factor:
+    if size % vae.config.image_factor:
         raise InputError(
-            f"--size {size}: must be a multiple of the model's downsampling factor "
-            f"{vae.config.downsample_factor}"
+            f"--size {size}: must be a multiple of {vae.config.image_factor}, the image pixels "
+            "per latent pixel of this model"
         )
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -127,8 +127,7 @@ def _profile(args) -> int:
         ) from exc
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(device, dtype)
-    f = vae.config.downsample_factor
-    z = torch.randn(1, vae.config.latent_channels, size // f, size // f, generator=gen)
+    z = torch.randn(1, *vae.latent_shape(size, size), generator=gen)
     z = z.to(device, dtype)
     if device.type == "cuda":
         x, z = (t.contiguous(memory_format=torch.channels_last) for t in (x, z))
@@ -187,7 +186,7 @@ def _load_weights(args, device: torch.device, dtype: torch.dtype):
     config = getattr(sdvae.VAEConfig, args.config)() if args.config else None
     fix = (
         "give a VAE checkpoint (.safetensors, .ckpt/.pt/.pth/.bin) or a diffusers folder, "
-        "with --config sdxl|sd3|flux for those VAEs"
+        "with --config sdxl|sd3|flux|flux2 for those VAEs"
     )
     try:
         return sdvae.load(args.weights, config, dtype=dtype, device=device)
@@ -265,7 +264,7 @@ def _encode_rank(args, dist, device) -> int:
     if isinstance(listing, str):
         raise InputError(listing)
     vae = _load_model(args, device)
-    f = vae.config.downsample_factor
+    f = vae.config.image_factor  # 8, or 16 for FLUX.2's 2x2-patchified latents
     if args.size and (args.size[0] % f or args.size[1] % f):
         raise InputError(
             f"--size {args.size[1]}x{args.size[0]}: width and height must be multiples of "

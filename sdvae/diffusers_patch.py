@@ -1,5 +1,9 @@
 """``sdvae.patch_diffusers``: the fused kernels inside a stock diffusers ``AutoencoderKL``.
 
+FLUX.2's ``AutoencoderKLFlux2`` has the same encoder and decoder blocks and is patched the
+same way (its pipeline normalizes the latents itself, with ``vae.bn``'s statistics). Any other
+diffusers autoencoder is refused with a TypeError naming the two supported classes.
+
 A pipeline user's whole change is ``sdvae.patch_diffusers(pipe.vae)``. The patch is made on
 the instance (never on diffusers' classes, so other models are untouched) and
 ``sdvae.unpatch_diffusers`` restores every original:
@@ -48,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .fast import op_status
+from .loading import check_diffusers_model
 
 __all__ = ["patch_diffusers", "unpatch_diffusers", "is_patched"]
 
@@ -346,10 +351,7 @@ def patch_diffusers(autoencoder_kl, *, channels_last: bool | None = None):
     AutoencoderKL, Attention, DiagonalGaussian, Downsample2D, ResnetBlock2D, Upsample2D = (
         _diffusers()
     )
-    if not isinstance(autoencoder_kl, AutoencoderKL):
-        raise TypeError(
-            f"autoencoder_kl must be a diffusers AutoencoderKL, got {type(autoencoder_kl).__name__}"
-        )
+    check_diffusers_model(autoencoder_kl)  # AutoencoderKL or AutoencoderKLFlux2
     if is_patched(autoencoder_kl):
         return autoencoder_kl
     p = next(autoencoder_kl.parameters())

@@ -25,7 +25,8 @@ What runs where, once switched:
   once into a 4x4 one (``sdvae.model.fold_upsample_weight``): exact, 2.25x fewer FLOPs and no
   upsampled copy; on the CPU too (measured on the H200 before it was adopted: 2.1-2.5x per
   layer, 1024^2 decode 38.5 -> 33.9 ms, error unchanged).
-* Encoder sampling -> ``sdvae.kernels.vae_sample``.
+* Encoder sampling -> ``sdvae.kernels.vae_sample`` (for FLUX.2 with per-channel scale and
+  shift: the latent normalization, see ``sdvae.model``).
 With ``cuda_graph=True`` the encoder and decoder are replayed from CUDA graphs
 (``sdvae.graphs``). On CUDA the model is moved to channels_last, so cuDNN runs its fastest
 convolutions and the kernels keep that layout. Each op keeps DESIGN.md's device rules: CPU

@@ -9,6 +9,10 @@ attention names), bare or under ``first_stage_model.`` / ``vae.`` inside a whole
 checkpoint. Every key of the model must be present with the right shape and every key of the
 file must be used (the discriminator/LPIPS ``loss.*`` entries of VAE training checkpoints and
 the two EMA counters are the only ones skipped); otherwise ``load`` raises and lists them.
+FLUX.2's VAE (diffusers' ``AutoencoderKLFlux2``) loads the same ways with its diffusers keys,
+``bn.running_mean``, ``bn.running_var`` and ``bn.num_batches_tracked`` included; its
+original (Black Forest Labs) key names are not mapped, since diffusers' single-file loader
+(0.42) has no converter for this class to check such a mapping against.
 The model is built on the meta device and receives the checkpoint's tensors, so nothing is
 ever left randomly initialised.
 """
@@ -24,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .config import VAEConfig
+from .config import SUPPORTED_DIFFUSERS_CLASSES, VAEConfig
 from .model import VAE
 
 __all__ = [
@@ -221,14 +225,19 @@ def _check_against(model: VAE, sd: Mapping[str, torch.Tensor]) -> None:
         for k in set(sd) & set(expected)
         if tuple(sd[k].shape) != expected[k]
     )
-    not_float = sorted(k for k, v in sd.items() if k in expected and not v.is_floating_point())
+    # Floating weights must be floating; integer buffers (BatchNorm's num_batches_tracked)
+    # must not be.
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    not_float = sorted(
+        k for k, v in sd.items() if k in expected and v.is_floating_point() != (k in floating)
+    )
     if missing or unexpected or shapes or not_float:
         parts = []
         for title, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
             ("mis-shaped keys", shapes),
-            ("non-floating tensors", not_float),
+            ("tensors of the wrong kind (floating vs integer)", not_float),
         ):
             if items:
                 shown = "\n    ".join(items[:40])
@@ -248,7 +257,10 @@ def _build(config: VAEConfig, sd: Mapping[str, torch.Tensor], dtype, device) -> 
     _check_against(model, sd)
     # copy=True: the model never shares storage with the caller's tensors (from_diffusers,
     # a state dict), so changing one never changes the other.
-    sd = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in sd.items()}
+    sd = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
+        for k, v in sd.items()
+    }
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
 
@@ -263,9 +275,10 @@ def load(
 ) -> VAE:
     """Load a VAE from a checkpoint file, a diffusers folder or a state dict.
 
-    ``config=None`` uses the folder's ``config.json`` for a diffusers folder and the SD 1.x
-    config (``VAEConfig()``) otherwise: pass ``VAEConfig.sdxl()`` for SDXL's VAE, whose
-    weights have the same shapes but another scaling factor.
+    ``config=None`` uses the folder's ``config.json`` for a diffusers folder; otherwise
+    ``VAEConfig.flux2()`` when the weights hold FLUX.2's ``bn.running_mean``, else the SD 1.x
+    config (``VAEConfig()``): pass ``VAEConfig.sdxl()`` for SDXL's VAE, whose weights have the
+    same shapes but another scaling factor.
     """
     if config is not None and not isinstance(config, VAEConfig):
         raise TypeError(f"config must be a sdvae.VAEConfig or None, got {type(config).__name__}")
@@ -288,32 +301,73 @@ def load(
             f"got {type(path_or_state_dict).__name__}"
         )
     if config is None:
-        config = VAEConfig.from_diffusers(folder_cfg) if folder_cfg is not None else VAEConfig()
+        config = (
+            VAEConfig.from_diffusers(folder_cfg) if folder_cfg is not None else default_config(sd)
+        )
     return _build(config, convert_state_dict(sd, config), dtype, device)
+
+
+def default_config(state_dict: Mapping[str, torch.Tensor]) -> VAEConfig:
+    """The preset a checkpoint without a config is read with: FLUX.2's when it holds the
+    latent BatchNorm's statistics (``bn.running_mean``, bare or under a prefix), else SD 1.x."""
+    if "bn.running_mean" in _strip_prefix(dict(state_dict)):
+        return VAEConfig.flux2()
+    return VAEConfig()
+
+
+def diffusers_kind(model) -> str | None:
+    """The name of the supported diffusers class ``model`` is an instance of (``AutoencoderKL``
+    or ``AutoencoderKLFlux2``), else None."""
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    for name in SUPPORTED_DIFFUSERS_CLASSES:
+        cls = getattr(diffusers, name, None)
+        if cls is not None and isinstance(model, cls):
+            return name
+    return None
+
+
+def check_diffusers_model(model, argname: str = "autoencoder_kl") -> str:
+    """``diffusers_kind(model)``, or a TypeError naming what sdvae supports."""
+    kind = diffusers_kind(model)
+    if kind is None:
+        raise TypeError(
+            f"{argname} must be a diffusers {' or '.join(SUPPORTED_DIFFUSERS_CLASSES)} (the "
+            f"autoencoders sdvae supports), got {type(model).__name__}"
+        )
+    return kind
 
 
 def from_diffusers(autoencoder_kl) -> VAE:
     """A ``VAE`` with the same config and weights (same dtype and device) as a diffusers
-    ``AutoencoderKL``."""
-    if not hasattr(autoencoder_kl, "config") or not hasattr(autoencoder_kl, "state_dict"):
-        raise TypeError(
-            f"autoencoder_kl must be a diffusers AutoencoderKL, got {type(autoencoder_kl).__name__}"
-        )
-    config = VAEConfig.from_diffusers(autoencoder_kl.config)
+    ``AutoencoderKL`` or ``AutoencoderKLFlux2``."""
+    kind = check_diffusers_model(autoencoder_kl)
+    config = VAEConfig.from_diffusers(
+        {**autoencoder_kl.config, "_class_name": kind}  # the instance's config lacks its name
+    )
     sd = convert_state_dict(autoencoder_kl.state_dict(), config)
     p = next(autoencoder_kl.parameters())
     return _build(config, sd, p.dtype, p.device)
 
 
 def to_diffusers(vae: VAE):
-    """A diffusers ``AutoencoderKL`` with this VAE's config and weights (needs diffusers)."""
+    """A diffusers ``AutoencoderKL`` (``AutoencoderKLFlux2`` for a FLUX.2 config) with this
+    VAE's config and weights (needs diffusers)."""
     try:
-        from diffusers import AutoencoderKL
+        import diffusers
     except ImportError as exc:
         raise ImportError("to_diffusers needs diffusers: pip install 'sdvae[test]'") from exc
     if not isinstance(vae, VAE):
         raise TypeError(f"vae must be a sdvae.VAE, got {type(vae).__name__}")
     p = next(vae.parameters())
-    akl = AutoencoderKL(**vae.config.to_diffusers())
+    cls = getattr(diffusers, vae.config.diffusers_class, None)
+    if cls is None:
+        raise ImportError(
+            f"to_diffusers: this diffusers ({diffusers.__version__}) has no "
+            f"{vae.config.diffusers_class}; upgrade diffusers"
+        )
+    akl = cls(**vae.config.to_diffusers())
     akl.load_state_dict(vae.state_dict(), strict=True)
     return akl.to(device=p.device, dtype=p.dtype).eval()

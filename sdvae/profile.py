@@ -257,11 +257,9 @@ def build_models(vae, with_diffusers: bool = True):
         except ImportError:
             akl = None
         if akl is not None:
-            models["eager"] = (
-                lambda x: akl.encode(x).latent_dist.sample() * cfg.scaling_factor,
-                lambda z: akl.decode(z / cfg.scaling_factor).sample,
-                akl,
-            )
+            from .bench.cases_vae import pipeline_calls
+
+            models["eager"] = (*pipeline_calls(akl, cfg), akl)
     if "eager" not in models:
         ref = copy.deepcopy(vae)
         sdvae.unoptimize(ref)

@@ -45,6 +45,13 @@ def test_decode_encode_rows_on_cpu(tmp_path, monkeypatch):
         ("encode", "eager"),
         ("encode", "sdvae"),
     }
+    flux2 = {(r.bench, r.shape, r.provider) for r in rows if r.shape.startswith("flux2 ")}
+    assert flux2 == {
+        ("decode", "flux2 1x128x2x2 -> 32x32", "eager"),
+        ("decode", "flux2 1x128x2x2 -> 32x32", "sdvae"),
+        ("encode", "flux2 1x3x32x32 -> 128x2x2", "eager"),
+        ("encode", "flux2 1x3x32x32 -> 128x2x2", "sdvae"),
+    }
     for r in rows:
         assert r.median_ms > 0 and r.p20_ms <= r.median_ms <= r.p80_ms
         assert r.tflops > 0  # FLOPs counted by torch's flop counter

@@ -1,6 +1,7 @@
 """``vae_sample``: the fused sampling step against its float64 reference, the in-kernel noise
-(determinism, reproducibility, distribution), the torch.library op, bad input, the AOT
-compile of every kernel variant the launcher can pick, and the benchmark suite."""
+(determinism, reproducibility, distribution), per-channel scale and shift (FLUX.2's latent
+normalization), the torch.library op, bad input, the AOT compile of every kernel variant the
+launcher can pick, and the benchmark suite."""
 
 from __future__ import annotations
 
@@ -168,6 +169,134 @@ def test_noise_in_other_layout_than_moments(device):
 def test_empty_batch(device):
     out = vae_sample(torch.randn(0, 8, 4, 4, device=device), seed=1)
     assert out.shape == (0, 4, 4, 4)
+
+
+# ------------------------------------------------------------ per-channel scale and shift
+def _channel_factors(c, device, dtype=torch.float32):
+    """Per-channel factors like FLUX.2's: shift = a running mean, scale = 1/sqrt(var + eps)."""
+    shift = (torch.randn(c) * 0.7 + 0.2).to(device, dtype)
+    scale = (1.0 / torch.sqrt(torch.rand(c) * 3.0 + 0.05)).to(device, dtype)
+    return scale, shift
+
+
+PER_CHANNEL_SHAPES = [(1, 2, 1, 1), (2, 8, 5, 7), (1, 16, 3, 4), (2, 6, 20, 20)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PER_CHANNEL_SHAPES)
+def test_per_channel_factors_match_reference(device, shape, dtype, layout):
+    m = _moments(shape, dtype, device, layout)
+    c = shape[1] // 2
+    scale, shift = _channel_factors(c, device)
+    noise = torch.randn(_latent_shape(shape)).to(device, dtype)
+    out = vae_sample(m, noise, scaling_factor=scale, shift_factor=shift)
+    _check_format(out, m, layout)
+    ref = _ref(m, noise, scale.double(), shift.double())
+    assert_close(out, ref, dtype, name=f"per-channel {shape}")
+    mean = vae_sample(m, sample=False, scaling_factor=scale, shift_factor=shift)
+    _check_format(mean, m, layout)
+    assert_close(mean, _ref(m, None, scale.double(), shift.double(), sample=False), dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_channel_in_kernel_noise_matches_reference(device, layout):
+    if not _kernel_runs(device):
+        pytest.skip("CPU without the interpreter runs the reference with torch.randn noise")
+    shape = (2, 12, 5, 9)
+    noise = _noise_of(99, _latent_shape(shape), device)
+    m = _moments(shape, torch.float32, device, layout)
+    scale, shift = _channel_factors(6, device)
+    out = vae_sample(m, seed=99, scaling_factor=scale, shift_factor=shift)
+    _check_format(out, m, layout)
+    assert_close(out, _ref(m, noise, scale.double(), shift.double()))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_channel_mixed_with_a_float(device, layout):
+    m = _moments((2, 8, 4, 6), torch.float32, device, layout)
+    noise = torch.randn(2, 4, 4, 6, device=device)
+    scale, shift = _channel_factors(4, device)
+    for s_, h_ in [(scale, 0.25), (0.5, shift)]:
+        out = vae_sample(m, noise, scaling_factor=s_, shift_factor=h_)
+        ref_s = s_.double() if isinstance(s_, torch.Tensor) else s_
+        ref_h = h_.double() if isinstance(h_, torch.Tensor) else h_
+        assert_close(out, _ref(m, noise, ref_s, ref_h))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_constant_per_channel_equals_the_float_path_bitwise(device, layout):
+    # Same fp32 values, same arithmetic: the per-channel variant changes where they come from.
+    m = _moments((2, 8, 6, 5), torch.float32, device, layout)
+    noise = torch.randn(2, 4, 6, 5, device=device)
+    full = torch.full((4,), 0.13025, device=device)
+    shift = torch.full((4,), 0.0625, device=device)
+    a = vae_sample(m, noise, scaling_factor=0.13025, shift_factor=0.0625)
+    b = vae_sample(m, noise, scaling_factor=full, shift_factor=shift)
+    assert torch.equal(a, b)
+    assert torch.equal(
+        vae_sample(m, seed=4, scaling_factor=0.13025, shift_factor=0.0625),
+        vae_sample(m, seed=4, scaling_factor=full, shift_factor=shift),
+    )
+
+
+def test_per_channel_float64_factors_for_a_float64_reference(device):
+    m = _moments((1, 8, 3, 3), torch.float64, device)
+    noise = torch.randn(1, 4, 3, 3, dtype=torch.float64, device=device)
+    scale, shift = _channel_factors(4, device, torch.float64)
+    out = vae_sample(m, noise, scaling_factor=scale, shift_factor=shift)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, _ref(m, noise, scale, shift))
+
+
+def test_per_channel_gradients_match(device):
+    m = _moments((2, 8, 3, 4), torch.float32, device).requires_grad_()
+    scale, shift = _channel_factors(4, device)
+    scale.requires_grad_()
+    noise = torch.randn(2, 4, 3, 4, device=device)
+    out = vae_sample(m, noise, scaling_factor=scale, shift_factor=shift)
+    g = torch.randn_like(out)
+    gm, gs = torch.autograd.grad(out, (m, scale), g)
+    m2 = m.detach().double().requires_grad_()
+    s2 = scale.detach().double().requires_grad_()
+    ref = _ref(m2, noise, s2, shift.double())
+    gm_ref, gs_ref = torch.autograd.grad(ref, (m2, s2), g.double())
+    assert_close(gm, gm_ref, name="d moments")
+    assert_close(gs, gs_ref, name="d scale")
+
+
+def test_bad_per_channel_factors():
+    m = torch.randn(1, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"scaling_factor must be a real number or a \(4,\)"):
+        vae_sample(m, scaling_factor=torch.ones(3))
+    with pytest.raises(ValueError, match="shift_factor.*got shape \\(1, 4, 1, 1\\)"):
+        vae_sample(m, shift_factor=torch.zeros(1, 4, 1, 1))
+    with pytest.raises(ValueError, match="scaling_factor.*got shape \\(\\)"):
+        vae_sample(m, scaling_factor=torch.tensor(0.5))
+    with pytest.raises(TypeError, match="shift_factor must be a floating tensor"):
+        vae_sample(m, shift_factor=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="scaling_factor is on meta"):
+        vae_sample(m, scaling_factor=torch.ones(4, device="meta"))
+    with pytest.raises(TypeError, match="scaling_factor must be a real number or a"):
+        vae_sample(m, scaling_factor=[1.0] * 4)
+
+
+def test_per_channel_opcheck_and_compile(device):
+    m = _moments((2, 8, 3, 5), torch.float32, device, "channels_last")
+    noise = torch.randn(2, 4, 3, 5, device=device)
+    scale, shift = _channel_factors(4, device)
+    for args in [
+        (m, noise, 1.0, 0.0, None, True, scale, shift),
+        (m, None, 1.0, 0.25, 77, True, scale, None),
+        (m, None, 0.5, 0.0, None, False, None, shift),
+    ]:
+        torch.library.opcheck(torch.ops.sdvae.vae_sample.default, args)
+
+    def f(x, s, h):
+        return vae_sample(x * 1.0, seed=5, scaling_factor=s, shift_factor=h) + 0.0
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(m, scale, shift), f(m, scale, shift))
 
 
 # ------------------------------------------------------------------- in-kernel noise
@@ -421,6 +550,112 @@ def test_package_attribute_is_the_function():
         assert K.vae_sample_reference is vae_sample_reference
 
 
+# ------------------------------------------------------------------ dependency direction
+def test_kernels_import_nothing_from_the_rest_of_sdvae():
+    """DESIGN.md: sdvae -> sdvae.kernels, never back. Each kernel file keeps its reference
+    beside its kernel instead of importing one from the package that uses it."""
+    import ast
+    import pathlib
+
+    import sdvae.kernels
+
+    bad = []
+    for path in sorted(pathlib.Path(sdvae.kernels.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level > 1:
+                    bad.append(f"{path.name}:{node.lineno} imports from above sdvae.kernels")
+                names = [node.module or ""] if node.level == 0 else []
+            else:
+                continue
+            for name in names:
+                top = name.split(".")
+                if top[0] == "sdvae" and top[:2] != ["sdvae", "kernels"]:
+                    bad.append(f"{path.name}:{node.lineno} imports {name}")
+    assert not bad, "kernels/ imports the package above it:\n" + "\n".join(bad)
+
+
+def test_the_model_samples_with_the_reference_beside_the_kernel(monkeypatch):
+    """One definition: the unfused model's sampling step is vae_sample_reference itself."""
+    import importlib
+
+    import sdvae
+
+    module = importlib.import_module("sdvae.kernels.vae_sample")  # the package attr is the op
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return vae_sample_reference(*args, **kwargs)
+
+    monkeypatch.setattr(module, "vae_sample_reference", spy)
+    vae = sdvae.VAE(sdvae.VAEConfig.tiny()).eval()
+    with torch.no_grad():
+        vae.encode(torch.rand(1, 3, 8, 8) * 2 - 1, seed=3)
+        vae.encode(torch.rand(1, 3, 8, 8) * 2 - 1, sample=False)
+    assert [c["sample"] for c in calls] == [True, False]
+    assert all(c["scaling_factor"] == vae.config.scaling_factor for c in calls)
+
+
+_WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # `import triton` now raises ModuleNotFoundError
+import torch
+import sdvae
+vae = sdvae.VAE(sdvae.VAEConfig.tiny()).eval()
+x = torch.rand(2, 3, 16, 16) * 2 - 1
+with torch.no_grad():
+    z = vae.encode(x, seed=1)
+    assert z.shape == (2, 4, 8, 8) and torch.isfinite(z).all()
+    assert torch.equal(vae.encode(x, sample=False), vae.encode(x, sample=False))
+    assert vae.decode(z).shape == (2, 3, 16, 16)
+import sdvae.kernels as K
+m = torch.randn(1, 8, 2, 2)
+assert torch.equal(
+    K.vae_sample(m, sample=False, scaling_factor=0.5),
+    K.vae_sample_reference(m, None, scaling_factor=0.5, shift_factor=0.0, sample=False),
+)
+from sdvae.kernels.vae_sample import not_supported_reasons
+assert any("Triton is not installed" in r for r in not_supported_reasons(m)), "no reason"
+try:
+    K.group_norm
+except ImportError as exc:
+    assert "needs Triton" in str(exc), exc
+else:
+    raise AssertionError("K.group_norm without Triton did not raise")
+sdvae.optimize(vae)
+assert not vae.fused_sampling and "vae_sample" in vae.fused_reasons
+with torch.no_grad():
+    assert vae.encode(x, seed=1).shape == (2, 4, 8, 8)
+print("ok")
+"""
+
+
+def test_unfused_model_and_reference_work_without_triton():
+    """Triton is a Linux-only dependency: without it the unfused model still samples (with
+    the reference beside the kernel), and the Triton-only ops say what is missing."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_import_sdvae_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, sdvae; print('triton' in sys.modules, 'sdvae.kernels' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "False"], proc.stdout
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_moments():
     with pytest.raises(ValueError, match="moments.*rank"):
@@ -477,12 +712,15 @@ def _aot_configs():
     configs = []
     for dt in ("fp32", "fp16", "bf16"):
         sig = {"moments_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
-        sig.update({k: "i32" for k in ("R", "G", "HW")})
+        sig.update({k: "i32" for k in ("R", "G", "HW", "ch_div")})
         sig.update({"scale": "fp32", "shift": "fp32"})
         sig.update({k: "i32" for k in ("seed_lo", "seed_hi", "base_lo", "base_hi")})
         variants = [(0, False, False), (1, False, False), (2, False, False), (2, True, False)]
         variants += [(2, False, True), (2, True, True)]  # key read from a device tensor
-        for mode, channels_last, key_from_ptr in variants:
+        # Per-channel factors: every variant again (the layout enters through a runtime
+        # divisor, so modes 0 and 1 still need no channels_last variant).
+        variants = [v + (per_ch,) for per_ch in (False, True) for v in variants]
+        for mode, channels_last, key_from_ptr, per_ch in variants:
             for block_g in BLOCK_G_CHOICES:
                 block_r, got = block_shape(block_g)
                 assert got == block_g
@@ -490,10 +728,13 @@ def _aot_configs():
                     "MODE": mode,
                     "CHANNELS_LAST": channels_last,
                     "KEY_FROM_PTR": key_from_ptr,
+                    "PER_CHANNEL": per_ch,
                     "BLOCK_R": block_r,
                     "BLOCK_G": block_g,
                 }
                 cfg_sig = dict(sig, key_ptr="*i64" if key_from_ptr else f"*{dt}")
+                factor_ptr = "*fp32" if per_ch else f"*{dt}"
+                cfg_sig.update(scale_ptr=factor_ptr, shift_ptr=factor_ptr)
                 configs.append({"signature": cfg_sig, "constexprs": constexprs, "num_warps": 4})
     return configs
 
@@ -510,7 +751,7 @@ def test_block_shape_choices():
 def test_aot_compile_every_variant_for_sm80_and_sm90():
     configs = _aot_configs()
     results = aot_compile("sdvae.kernels.vae_sample", "_vae_sample_kernel", configs)
-    assert len(results) == 2 * len(configs) == 2 * 3 * 6 * len(BLOCK_G_CHOICES)
+    assert len(results) == 2 * len(configs) == 2 * 3 * 2 * 6 * len(BLOCK_G_CHOICES)
 
 
 # --------------------------------------------------------------------------- benchmark
