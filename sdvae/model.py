@@ -311,9 +311,25 @@ class _StorageRef:
         return (_StorageRef, ())
 
 
-def _conv_weight_key(conv: nn.Conv2d) -> tuple:
-    w = conv.weight
-    return (w.data_ptr(), w._version, w.dtype, w.device)
+def _tensors_key(tensors, *extra) -> tuple:
+    """What ``_tensors_unchanged`` compares: each tensor's live storage (weakly), address and
+    version, plus ``extra`` (e.g. the dtype and device a result was made for)."""
+    return (extra, tuple((_StorageRef(t), t.data_ptr(), t._version) for t in tensors))
+
+
+def _tensors_unchanged(key: tuple, tensors, *extra) -> bool:
+    """Whether ``tensors`` are still the ones ``key`` was made from, unmodified: the same live
+    storages (an address alone may be reused after a cast there and back), addresses and
+    versions."""
+    made_extra, made = key
+    return (
+        made_extra == extra
+        and len(made) == len(tensors)
+        and all(
+            not t.is_meta and ref() is t.untyped_storage() and (p, v) == (t.data_ptr(), t._version)
+            for (ref, p, v), t in zip(made, tensors)
+        )
+    )
 
 
 def fold_is_current(owner: nn.Module, conv: nn.Conv2d) -> bool:
@@ -324,9 +340,7 @@ def fold_is_current(owner: nn.Module, conv: nn.Conv2d) -> bool:
     return (
         key is not None
         and getattr(owner, "folded_weight", None) is not None
-        and not w.is_meta
-        and key[0]() is w.untyped_storage()
-        and key[1:] == _conv_weight_key(conv)
+        and _tensors_unchanged(key, [w], w.dtype, w.device)
     )
 
 
@@ -369,7 +383,7 @@ def _refold_upsample(owner: nn.Module, conv: nn.Conv2d) -> None:
         old.copy_(wt)
     else:
         owner.folded_weight = wt  # a buffer where one is registered, else a plain attribute
-    owner._folded_from = (_StorageRef(w), *_conv_weight_key(conv))
+    owner._folded_from = _tensors_key([w], w.dtype, w.device)
 
 
 def upsample_folded(
@@ -924,7 +938,8 @@ class VAE(nn.Module):
           ``W' = kron(W, I4) * std[None, :]`` and ``b' = repeat(b, 4) + kron(W, I4) @ mean``;
           without it, (mean, std) for the explicit pass.
 
-        Kept while the weights and statistics are unchanged (same tensors, same versions);
+        Kept while the weights and statistics are unchanged (same live storages, addresses and
+        versions: ``_tensors_unchanged``);
         recomputed every call under torch.compile or CUDA-graph capture, so that a traced or
         captured call always reads the current values, and when autograd must see the fold
         (``post_quant_conv``'s weights require grad)."""
@@ -937,14 +952,15 @@ class VAE(nn.Module):
         dtype = x.dtype if which == "decode" else torch.promote_types(x.dtype, torch.float32)
         if (
             torch.compiler.is_compiling()
+            or any(t.is_meta for t in sources)
             or (x.is_cuda and torch.cuda.is_current_stream_capturing())
             or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
         ):
             return self._fold_norm(which, pqc, x.device, dtype)
-        key = (dtype, x.device) + tuple((t.data_ptr(), t._version) for t in sources)
         hit = self._norm_cache.get(which)
-        if hit is not None and hit[0] == key:
+        if hit is not None and _tensors_unchanged(hit[0], sources, dtype, x.device):
             return hit[1]
+        key = _tensors_key(sources, dtype, x.device)
         # Plain tensors even when called under inference mode, so that a later call with
         # autograd on may read them.
         with torch.inference_mode(False), torch.no_grad():

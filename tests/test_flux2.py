@@ -337,6 +337,26 @@ def test_fold_follows_weight_and_statistics_changes():
     assert not torch.allclose(vae.encode(x, sample=False), enc)
 
 
+@torch.no_grad()
+def test_fold_cache_is_dropped_when_the_storages_change():
+    """The cached fold is reused while the weights and statistics are the same live tensors;
+    after a cast there and back (which may put a tensor back at its old address with version
+    0) it is recomputed from the rounded values."""
+    _, vae = models("tiny")
+    vae = copy.deepcopy(vae)
+    lat = _latents(vae, (8, 8), n=1)
+    vae.decode(lat)
+    entry = vae._norm_cache["decode"]
+    vae.decode(lat)
+    assert vae._norm_cache["decode"] is entry
+    vae.half().float()
+    out = vae.decode(lat)
+    assert vae._norm_cache["decode"] is not entry
+    fresh = copy.deepcopy(vae)
+    fresh._norm_cache.clear()
+    assert torch.equal(out, fresh.decode(lat))
+
+
 def test_fold_keeps_gradients_to_post_quant_conv():
     _, vae = models("tiny")
     vae = copy.deepcopy(vae)
