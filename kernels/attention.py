@@ -313,7 +313,7 @@ def shared_estimate(block_m: int, block_n: int, block_d: int, elem: int, num_sta
 
 
 def configs_for(d: int, dtype: torch.dtype) -> list[dict]:
-    """All autotune configs for head dim ``d`` and ``dtype`` (before the shared-memory prune)."""
+    """All configs for head dim ``d`` and ``dtype`` (before ``launchable_configs``' prune)."""
     elem = torch.empty((), dtype=dtype).element_size()
     bd = _block_d(d)
     return [

@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import triton
 from conftest import aot_compile, assert_close
+from packaging.version import Version
 
 from sdvae import _aot
 from sdvae import kernels as K
@@ -295,17 +297,28 @@ def _launchable(cc):
     return out
 
 
+#: The Triton from which the attention configs must compile without a register spill: the
+#: table is chosen with its ptxas (12.9; Triton 3.9's is 13.4 for sm_90). Older ones spill some
+#: sm_80 configs (ptxas 12.4 in Triton 3.2, 12.8 in 3.5: 112-548 B): correct but slower.
+SPILL_FREE_FROM = Version("3.8")
+
+
 def test_every_autotune_config_compiles_for_sm80_and_sm90():
     """Every config the launch rule can pick for an sm_80 / sm_90 device compiles for that
-    target within its shared memory and without a register spill (aot_compile asserts all
-    three; the spill check is what caught (64, 32, 8, 2) at D = 512, 120 B on sm_90 with
-    ptxas 13.4, and (64, 32, 4, 2) for fp32 at D = 64); two compile workers run at once."""
+    target within its shared memory and, from Triton 3.8 on, without a register spill
+    (aot_compile asserts all three; the spill check is what caught (64, 32, 8, 2) at D = 512,
+    120 B on sm_90 with ptxas 13.4, and (64, 32, 4, 2) for fp32 at D = 64); two compile
+    workers run at once. With an older Triton, spills make the test an expected failure that
+    names them."""
     jobs = [(_launchable(cc), cc) for cc in (80, 90)]
+    strict = Version(triton.__version__) >= SPILL_FREE_FROM
+
+    def compile_for(cfgs, cc):
+        kernel = ("sdvae.kernels.attention", "_attn_fwd_kernel")
+        return aot_compile(*kernel, cfgs, (cc,), no_spills=strict)
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futs = [
-            pool.submit(aot_compile, "sdvae.kernels.attention", "_attn_fwd_kernel", cfgs, (cc,))
-            for cfgs, cc in jobs
-        ]
+        futs = [pool.submit(compile_for, cfgs, cc) for cfgs, cc in jobs]
         results = [r for f in futs for r in f.result()]
     assert len(results) == sum(len(cfgs) for cfgs, _ in jobs)
     # Between them the two targets compile every entry of the table (sm_90 keeps them all).
@@ -320,7 +333,14 @@ def test_every_autotune_config_compiles_for_sm80_and_sm90():
         c = r["config"]
         print(f"sm_{r['cc']} {c['signature']['q_ptr']} {c['constexprs']}", end=" ")
         print(f"warps={r['num_warps']} stages={r['num_stages']}: shared {r['shared']} B", end=" ")
-        print(f"{r['regs']} registers")
+        print(f"{r['regs']} registers, {r['spill_stores']} B spill stores")
+    spilled = [r for r in results if r["spill_stores"] or r["spill_loads"]]
+    if spilled:  # only with a Triton older than SPILL_FREE_FROM: strict ones failed above
+        names = [
+            f"sm_{r['cc']} D={r['config']['constexprs']['BLOCK_D']} "
+            f"{r['config']['signature']['q_ptr']} {r['spill_stores']} B" for r in spilled
+        ]  # fmt: skip
+        pytest.xfail(f"Triton {triton.__version__}'s ptxas spills: {', '.join(names)}")
 
 
 def test_aot_reports_register_spills():
