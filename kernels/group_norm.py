@@ -106,13 +106,13 @@ Offsets: per-program bases are int64 (tensors of 2^31 values and more), and so i
 product that can pass 2^31, the group shift's element included (the group's first channel
 enters the int64 base, not the in-tile offset: ``gc * S`` passes 2^31 at (1, 256, 4096^2) in
 NCHW). The per-channel scratch indices ``n * C + c`` are int32 (int64 there cost spills on
-sm_80): with ``N * C >= 2^31`` the reference runs. Offsets inside a tile are int32: an NCHW tile has
-``BLOCK_C > 1`` only when ``S < BLOCK_S``, so it spans at most ``BLOCK_C * S <= TILE`` values
-(channels_last likewise with ``C``); the one-launch path only runs when a sample has fewer
-than 2^31 values. Pixel indices are int32: with ``S >= 2^31 - 4 * TILE`` the reference runs,
-and the apply kernel clamps a padding slot's tile index to the tile just past the tensor (an
-unclamped one can pass 2^31 by up to ``tiles_per_chunk`` tiles, wrap negative and pass the
-mask).
+sm_80): with ``N * C >= 2^31`` the reference runs. Offsets inside a tile are int32: an NCHW
+tile has ``BLOCK_C > 1`` only when ``S < BLOCK_S``, so it spans at most
+``BLOCK_C * S <= TILE`` values (channels_last likewise with ``C``); the one-launch path only
+runs when a sample has fewer than 2^31 values. Pixel indices are int32: with
+``S >= 2^31 - 4 * TILE`` the reference runs, and the apply kernel clamps a padding slot's
+tile index to the tile just past the tensor (an unclamped one can pass 2^31 by up to
+``tiles_per_chunk`` tiles, wrap negative and pass the mask).
 
 Under ``TRITON_INTERPRET=1`` (tests) the rule is the same with ``INTERPRET_SINGLE_MAX`` = 1024,
 ``INTERPRET_TILE`` = 64, ``INTERPRET_SMS`` = 4 and a finalize block of 16, so small shapes
