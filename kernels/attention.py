@@ -5,8 +5,8 @@
 ``scale`` defaults to ``D**-0.5``; D a multiple of 8 in [16, 512]. fp32, fp16 and bf16 inputs;
 the softmax statistics (row max ``m``, row sum ``l``) and the output accumulator are fp32
 (online softmax, FlashAttention-2 style, in base 2 with ``scale * log2(e)`` folded into the
-scores). fp32 inputs use IEEE dot products (no TF32), so fp32 meets the 1e-5 table entry. No
-Lq x Lk tensor is ever allocated: the only extra memory is the output.
+scores). fp32 inputs use IEEE dot products (no TF32), so fp32 meets the 1e-5 table entry. The
+Triton kernel allocates no Lq x Lk tensor: its only extra memory is the output.
 
 The kernel
 ----------
@@ -15,8 +15,10 @@ stays resident (in shared memory, where wgmma reads it on sm_90); K and V stream
 BLOCK_N-row tiles, software-pipelined with cp.async over ``num_stages`` buffers. Per tile:
 ``S = Q K^T`` (fp32), running max, ``P = exp2(S - m)``, ``acc = acc * alpha + P V`` with P
 rounded to the input dtype for the second product. K/V rows are masked only when
-Lk % BLOCK_N != 0 (EVEN_N, a heuristic on the launch), D only when it is not a power of two.
-Query rows past Lq re-read row Lq - 1 instead of being masked. Base and row offsets are int64.
+Lk % BLOCK_N != 0 (EVEN_N, set by the launcher), D only when it is not a power of two.
+Query rows past Lq re-read row Lq - 1 instead of being masked. Base and row offsets are int64;
+the per-tile pointer step ``BLOCK_N * stride`` is int32, so the launcher copies an input
+whose row stride is 2^24 elements or more.
 The launcher guarantees 16-byte-aligned bases and strides that are multiples of 8 elements
 (else it copies) and the kernel states this with ``tl.multiple_of``: without it Triton cannot
 prove the rows aligned and silently drops cp.async pipelining (a compile without divisibility
@@ -42,28 +44,37 @@ minimum work is 4 L^2 D FLOPs:
   will sustain at these tile shapes. Shared memory is Q (64 KiB) plus 2 BLOCK_N D bytes per
   pipeline stage, which is what bounds BLOCK_N and the stage count.
 
-The D = 512 fp16/bf16 configs, as compiled here (ptxas via the AOT path; shared bytes are the
-compiler's figure):
+The D = 512 fp16/bf16 configs, as compiled by the AOT test (shared bytes and registers per
+thread are the compiler's figures; ptxas 12.9 is Triton 3.8's for both targets and 3.9's for
+sm_80, ptxas 13.4 is Triton 3.9's for sm_90):
 
-  (BLOCK_M, BLOCK_N, warps, stages): sm_90 shared / registers; sm_80 shared; why
-  (64, 32, 8, 2): 192 KiB / 255, no spill; pruned on sm_80; largest S tile (wgmma n = 32)
-  (64, 16, 8, 3): 160 KiB / 255, no spill; pruned on sm_80; deeper pipeline
-  (64, 16, 8, 2): 128 KiB / 255, no spill; 98 KiB; the one that fits sm_80
-  (32, 32, 8, 2):  98 KiB / 200, no spill; 98 KiB; twice the programs: L = 4096 at B = H = 1
+  (BLOCK_M, BLOCK_N, warps, stages): sm_90 shared, registers (12.9 / 13.4); sm_80 shared; why
+  (64, 16, 8, 3): 160 KiB, 197-204 / 234-236; pruned on sm_80; deeper pipeline, the default
+  (64, 16, 8, 2): 128 KiB, 206 / 248; 98 KiB, 239-240; the one that fits sm_80
+  (32, 32, 8, 2):  98 KiB, 168 / 168; 98 KiB; twice the programs: L = 4096 at B = H = 1
       gives 64 programs at BLOCK_M = 64 for 132 SMs, 128 at BLOCK_M = 32 (mma.sync, since
       wgmma needs M >= 64)
 
-Autotuning: keyed on (Lq, Lk, D) over the table ``_CONFIGS`` for (BLOCK_D, element size);
-configs whose estimated shared memory (``shared_estimate``, conservative) exceeds the device's
-opt-in limit are pruned before benchmarking. Every config the pruner can keep on sm_80 or sm_90
-is compiled ahead of time for that target in the tests. Under TRITON_INTERPRET=1 nothing is
-tuned: ``_INTERPRET_CONFIG`` runs. The interpreter's bf16 ``tl.dot`` multiplies bit patterns
-(triton-lang/triton#11584), so there (only) bf16 operands are upcast to fp32 for the dots,
-which is exact for bf16 x bf16 products.
+None spills. (64, 32, 8, 2), the largest S tile (192 KiB), was dropped: ptxas 13.4 spills it
+on sm_90 at 255 registers (64-96 B of spill stores as the AOT test compiles it, 120 B with
+the JIT's specialisations). Likewise fp32 at D = 64 runs (32, 32, 4, 2): (64, 32, 4, 2)
+spilled 220-236 B with both ptxas versions. The AOT test fails on any spill.
+
+Which config runs: on a GPU, every config of the table ``_CONFIGS`` for (BLOCK_D, element
+size) whose estimated shared memory (``shared_estimate``, conservative) fits the device's
+opt-in limit (``launchable_configs``) is timed once per shape, and the fastest is remembered
+(``kernel_config_for``; no Triton autotuner). During a CUDA graph capture nothing is timed:
+an unmeasured shape runs the table's first launchable config, remembered like a measured one,
+so eager calls after the capture compute what the graph computes, bit for bit. Every config
+``launchable_configs`` can return on sm_80 or sm_90 is compiled ahead of time for that target
+in the tests. Under TRITON_INTERPRET=1 nothing is timed: ``_INTERPRET_CONFIG`` runs. The
+interpreter's bf16 ``tl.dot`` multiplies bit patterns (triton-lang/triton#11584), so there
+(only) bf16 operands are upcast to fp32 for the dots, which is exact for bf16 x bf16
+products.
 
 What the GPU run must measure (none of this was measured: written without a GPU): TFLOP/s at
 L = 4096 and 16384, D = 512, fp16/bf16 against ``F.scaled_dot_product_attention`` (target
->= 1.5x at both); which config the tuner picks at each length; whether L = 4096 at B = H = 1
+>= 1.5x at both); which config is picked at each length; whether L = 4096 at B = H = 1
 (64 programs at BLOCK_M = 64) needs a split over Lk (two programs per query block writing
 partial (acc, m, l), then a combine: 16 MiB of fp32 workspace at L = 4096, ~10% extra traffic)
 to fill the 132 SMs; and peak memory at L = 65536 (inputs plus output: linear in L).
@@ -74,10 +85,13 @@ The first H200 run measured this kernel slower than plain chunked attention on c
 matmuls and ``torch.softmax`` per block of 4096 query rows: 0.17 / 1.73 / 26.1 ms against
 0.67 / 5.2 / 82 ms at L = 4096 / 16384 / 65536, D = 512, fp16). So ``attention_chunked`` keeps
 that shape but stays exact: fp32 scores straight out of the GEMM, an fp32
-softmax, and a query block sized so its scores are at most 2**24 elements (extra memory at
-most 192 MiB at any L). On CUDA the op measures both once per shape and runs the faster
+softmax, and chunks of query rows (and of batch x heads, when one row each is too much) sized
+so that a chunk's scores and its scaled q are at most 2**24 elements each: extra memory at
+most 160 MiB whatever L and batch x heads (q is scaled chunk by chunk: a scaled copy of the
+whole q grew with both). On CUDA the op measures both once per shape and runs the faster
 (``backend_for``; ``SDVAE_ATTENTION_BACKEND`` forces one), so the kernel stays in use only
-where it wins.
+where it wins; a choice made during a CUDA graph capture (the library path, untimed) is
+remembered too.
 
 References: Dao et al., FlashAttention (2022) and FlashAttention-2 (2023); the Triton
 fused-attention tutorial; Rabe & Staats, "Self-attention does not need O(n^2) memory" (2021).
@@ -99,12 +113,18 @@ __all__ = [
     "attention_reference",
     "backend_choices",
     "backend_for",
+    "chunk_heads",
     "chunk_rows",
+    "kernel_config_choices",
+    "kernel_config_for",
+    "launchable_configs",
     "not_supported_reasons",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_D, _MAX_D = 16, 512
+#: Row strides the kernel takes as they are: its per-tile step BLOCK_N * stride is int32.
+_MAX_ROW_STRIDE = 2**24
 _LOG2E = 1.4426950408889634
 
 
@@ -253,19 +273,19 @@ def _attn_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (BLOCK_D, bytes per element). Kept small: every
-# entry is compiled ahead of time in the tests, and each is benchmarked once per (Lq, Lk, D) on
-# the GPU. All D = 512 entries compile without register spills on sm_80 and sm_90 (ptxas).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (BLOCK_D, bytes per element), the first being
+# the default. Kept small: every entry is compiled ahead of time in the tests, and each is timed
+# once per shape on the GPU. No entry spills registers on sm_80 or sm_90 (the AOT test checks).
 _CONFIGS: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {
     (16, 2): [(128, 64, 4, 3), (64, 64, 4, 3)],
     (32, 2): [(128, 64, 4, 3), (64, 64, 4, 3)],
     (64, 2): [(128, 64, 4, 3), (64, 64, 4, 3)],
     (128, 2): [(128, 64, 8, 3), (64, 64, 4, 3)],
     (256, 2): [(64, 64, 8, 2), (64, 32, 8, 2)],
-    (512, 2): [(64, 32, 8, 2), (64, 16, 8, 3), (64, 16, 8, 2), (32, 32, 8, 2)],
+    (512, 2): [(64, 16, 8, 3), (64, 16, 8, 2), (32, 32, 8, 2)],
     (16, 4): [(64, 32, 4, 2)],
     (32, 4): [(64, 32, 4, 2)],
-    (64, 4): [(64, 32, 4, 2)],
+    (64, 4): [(32, 32, 4, 2)],
     (128, 4): [(32, 32, 4, 2)],
     (256, 4): [(32, 32, 8, 2)],
     (512, 4): [(32, 16, 8, 2), (16, 16, 4, 1)],
@@ -293,28 +313,13 @@ def shared_estimate(block_m: int, block_n: int, block_d: int, elem: int, num_sta
 
 
 def configs_for(d: int, dtype: torch.dtype) -> list[dict]:
-    """All autotune configs for head dim ``d`` and ``dtype`` (before the shared-memory prune)."""
+    """All configs for head dim ``d`` and ``dtype`` (before ``launchable_configs``' prune)."""
     elem = torch.empty((), dtype=dtype).element_size()
     bd = _block_d(d)
     return [
         {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
         for bm, bn, w, s in _CONFIGS[(bd, 4 if elem == 4 else 2)]
     ]
-
-
-def _triton_config(bm: int, bn: int, w: int, s: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-
-
-def _all_triton_configs() -> list[triton.Config]:
-    seen = set()
-    out = []
-    for rows in _CONFIGS.values():
-        for row in rows:
-            if row not in seen:
-                seen.add(row)
-                out.append(_triton_config(*row))
-    return out
 
 
 def _shared_limit(device: torch.device) -> int:
@@ -325,35 +330,16 @@ def _shared_limit(device: torch.device) -> int:
     return _SHARED_LIMIT.get(props.major * 10 + props.minor, 101376)
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """Keep the table's configs for this (BLOCK_D, dtype) whose estimated shared memory fits the
-    device's opt-in limit (never none: the smallest table entry stays)."""
-    q = named_args["q_ptr"]
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    elem = q.element_size()
+def launchable_configs(block_d: int, elem: int, shared_limit: int) -> list[tuple[int, ...]]:
+    """The table's configs for (BLOCK_D, bytes per element) whose estimated shared memory fits
+    ``shared_limit`` (never none: the smallest entry stays), in table order: the first is the
+    one that runs where nothing can be measured (during a CUDA graph capture)."""
     rows = _CONFIGS[(block_d, 4 if elem == 4 else 2)]
-    limit = _shared_limit(q.device)
 
     def est(t):
         return shared_estimate(t[0], t[1], block_d, elem, t[3])
 
-    wanted = {t for t in rows if est(t) <= limit} or {min(rows, key=est)}
-    return [
-        c
-        for c in configs
-        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted
-    ]
-
-
-def _even_n(args) -> bool:
-    return args["Lk"] % args["BLOCK_N"] == 0
-
-
-_attn_fwd_tuned = triton.autotune(
-    configs=_all_triton_configs(),
-    key=["Lq", "Lk", "D"],
-    prune_configs_by={"early_config_prune": prune_configs},
-)(triton.heuristics({"EVEN_N": _even_n})(_attn_fwd_kernel))
+    return [t for t in rows if est(t) <= shared_limit] or [min(rows, key=est)]
 
 
 # ------------------------------------------------------------------------------ host side
@@ -460,7 +446,8 @@ def attention_reference(q, k, v, *, scale=None):
 def _as4d(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(B, H, L, D) view of ``t`` meeting the kernel's alignment hints, and its (B, H, L)
     strides: last dim contiguous, 16-byte aligned base, the other strides multiples of 8
-    elements (a dim of size 1 gets stride 0). Anything else is copied first."""
+    elements (a dim of size 1 gets stride 0), rows less than ``_MAX_ROW_STRIDE`` elements
+    apart. Anything else is copied first."""
     t = t.unsqueeze(1) if t.dim() == 3 else t
 
     def ok(x):
@@ -468,6 +455,7 @@ def _as4d(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
             x.stride(-1) == 1
             and x.data_ptr() % 16 == 0
             and all(x.stride(i) % 8 == 0 or x.shape[i] == 1 for i in range(3))
+            and x.stride(2) < _MAX_ROW_STRIDE
         )
 
     if not ok(t):
@@ -477,10 +465,13 @@ def _as4d(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
 
 def _launch(q, k, v, scale: float, config: tuple[int, ...] | None = None) -> torch.Tensor:
     """Run the Triton kernel. ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) forces one
-    configuration (tests); otherwise the autotuner picks (the interpreter: _INTERPRET_CONFIG)."""
+    configuration (tests, and the measurement in ``kernel_config_for``); otherwise the
+    interpreter runs ``_INTERPRET_CONFIG`` and a GPU the config ``kernel_config_for`` chose."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[-2] == 0 or out.numel() == 0:
         return out
+    if config is None:
+        config = _INTERPRET_CONFIG if _interpret() else kernel_config_for(q, k, v, scale)
     q4, sq = _as4d(q)
     k4, sk = _as4d(k)
     v4, sv = _as4d(v)
@@ -489,7 +480,6 @@ def _launch(q, k, v, scale: float, config: tuple[int, ...] | None = None) -> tor
     b, h, lq, d = q4.shape
     lk = k4.shape[2]
     block_d = _block_d(d)
-    args = (q4, k4, v4, o4, *sq, *sk, *sv, *so, h, lq, lk, d, float(scale) * _LOG2E)
     meta = {
         "BLOCK_D": block_d,
         "EVEN_D": d == block_d,
@@ -500,47 +490,42 @@ def _launch(q, k, v, scale: float, config: tuple[int, ...] | None = None) -> tor
         # bf16 x bf16 products are exact in fp32, so fp32 dots on upcast operands compute what
         # the tensor cores do (fp32 accumulation).
         meta["UPCAST_DOT"] = True
-    if config is None and _interpret():
-        config = _INTERPRET_CONFIG
+    bm, bn, w, s = config
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        if config is not None:
-            bm, bn, w, s = config
-            grid = (triton.cdiv(lq, bm) * b * h,)
-            _attn_fwd_kernel[grid](
-                *args,
-                BLOCK_M=bm,
-                BLOCK_N=bn,
-                EVEN_N=lk % bn == 0,
-                num_warps=w,
-                num_stages=s,
-                **meta,
-            )
-        else:
-
-            def grid(m):
-                return (triton.cdiv(lq, m["BLOCK_M"]) * b * h,)
-
-            _attn_fwd_tuned[grid](*args, **meta)
+        _attn_fwd_kernel[(triton.cdiv(lq, bm) * b * h,)](
+            q4, k4, v4, o4, *sq, *sk, *sv, *so, h, lq, lk, d, float(scale) * _LOG2E,
+            BLOCK_M=bm, BLOCK_N=bn, EVEN_N=lk % bn == 0, num_warps=w, num_stages=s, **meta,
+        )  # fmt: skip
     return out
 
 
 # ------------------------------------------------------------------ library (cuBLAS) path
-#: Scores per query chunk of the library path: 2**24 fp32 scores (64 MiB), their fp32
-#: probabilities (64 MiB) and those cast to the input dtype (<= 64 MiB): at most 192 MiB of
-#: extra memory whatever L (the issue's bound is 256 MiB at L = 65536).
+#: Elements per chunk of the library path: a chunk of ``b`` (batch x head) matrices of
+#: ``rows`` query rows keeps ``b * rows * max(Lk, D)`` within this. Live at once, for fp16/bf16:
+#: the chunk's scaled q (<= 32 MiB), its fp32 scores (<= 64 MiB) and their fp32 probabilities
+#: (<= 64 MiB), then the probabilities in the input dtype (<= 32 MiB) once the scores are
+#: freed: at most 160 MiB of extra memory whatever L and batch x heads (fp32: 128 MiB, no
+#: copy of q), as long as one row of scores fits (Lk <= 2**24).
 _CHUNK_SCORES = 2**24
 #: Environment override of the CUDA backend choice: "triton", "chunked" or unset (measure).
 BACKEND_ENV = "SDVAE_ATTENTION_BACKEND"
 _BACKENDS = ("triton", "chunked")
 _CHOICES: dict[tuple, str] = {}
+_KERNEL_CONFIGS: dict[tuple, tuple[int, int, int, int]] = {}
 
 
-def chunk_rows(lq: int, lk: int, batch: int = 1) -> int:
+def chunk_rows(lq: int, lk: int, batch: int = 1, d: int = 0) -> int:
     """Query rows per chunk of ``attention_chunked``: as many as keep the chunk's scores
-    (``batch`` = batch x heads matrices of rows x lk) within ``_CHUNK_SCORES`` elements, a
-    multiple of 64 when there are at least 64."""
-    r = max(1, min(lq, _CHUNK_SCORES // max(lk * batch, 1)))
+    (``batch`` = batch x heads matrices of rows x lk) and its scaled q (rows x ``d``) within
+    ``_CHUNK_SCORES`` elements, a multiple of 64 when there are at least 64."""
+    r = max(1, min(lq, _CHUNK_SCORES // max(max(lk, d) * batch, 1)))
     return r - r % 64 if r >= 64 else r
+
+
+def chunk_heads(lk: int, batch: int, d: int = 0) -> int:
+    """Batch x heads matrices per chunk of ``attention_chunked``: all of them while one query
+    row of each fits ``_CHUNK_SCORES``, else as many as fit (at least one)."""
+    return max(1, min(batch, _CHUNK_SCORES // max(lk, d, 1)))
 
 
 def _scores_out_dtype_supported() -> bool:
@@ -549,14 +534,15 @@ def _scores_out_dtype_supported() -> bool:
 
 
 def attention_chunked(q, k, v, *, scale=None) -> torch.Tensor:
-    """Exact attention on the matrix library, one block of query rows at a time: the scores
-    ``q_i k^T * scale`` in fp32 (cuBLAS with fp32 output: never rounded to fp16/bf16), an
-    fp32 softmax, the probabilities cast to the input dtype (as the Triton
-    kernel does for its second product) and ``p v`` into the output rows. For fp16/bf16 the
-    scale is applied to q before the GEMM (rounded once per element of q). Extra memory is
-    bounded by ``_CHUNK_SCORES`` (see above), independent of L. Same shapes and dtypes as
-    ``attention``; CUDA (fp16/bf16 need a torch whose ``bmm`` has ``out_dtype``), or fp32
-    anywhere."""
+    """Exact attention on the matrix library, one chunk of query rows (and, for very long keys
+    or many heads, of batch x heads) at a time: the scores ``q_i k^T * scale`` in fp32 (cuBLAS
+    with fp32 output: never rounded to fp16/bf16), an fp32 softmax, the probabilities cast to
+    the input dtype (as the Triton kernel does for its second product) and ``p v`` into the
+    output rows. For fp16/bf16 the scale is applied to each chunk of q before the GEMM
+    (rounded once per element of q). Extra memory beside the output is bounded by
+    ``_CHUNK_SCORES`` (see above), independent of L and of batch x heads. Same shapes and
+    dtypes as ``attention``; CUDA (fp16/bf16 need a torch whose ``bmm`` has ``out_dtype``),
+    or fp32 anywhere."""
     _check(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     lq, d = q.shape[-2], q.shape[-1]
@@ -566,22 +552,23 @@ def attention_chunked(q, k, v, *, scale=None) -> torch.Tensor:
         return out
     q3, k3, v3 = (t.reshape(-1, t.shape[-2], d) for t in (q, k, v))
     o3 = out.view(-1, lq, d)
-    kt = k3.transpose(1, 2)
-    if q.dtype != torch.float32:
-        # The scale goes into q (one rounding per element of q, whose effect on a score
-        # averages over D products) rather than into fp16/bf16 scores.
-        q3 = q3 * scale
-    rows = chunk_rows(lq, lk, q3.shape[0])
-    for i in range(0, lq, rows):
-        qi = q3[:, i : i + rows]
-        if q.dtype == torch.float32:
-            s = qi.new_empty((qi.shape[0], qi.shape[1], lk))
-            torch.baddbmm(s, qi, kt, beta=0.0, alpha=scale, out=s)
-        else:
-            s = torch.ops.aten.bmm.dtype(qi, kt, torch.float32)  # fp32 scores from cuBLAS
-        p = torch.softmax(s, dim=-1)
-        del s
-        torch.bmm(p.to(q.dtype), v3, out=o3[:, i : i + rows])
+    heads = chunk_heads(lk, q3.shape[0], d)
+    rows = chunk_rows(lq, lk, heads, d)
+    for h in range(0, q3.shape[0], heads):
+        hs = slice(h, h + heads)
+        kt, vh = k3[hs].transpose(1, 2), v3[hs]
+        for i in range(0, lq, rows):
+            qi = q3[hs, i : i + rows]
+            if q.dtype == torch.float32:
+                s = qi.new_empty((qi.shape[0], qi.shape[1], lk))
+                torch.baddbmm(s, qi, kt, beta=0.0, alpha=scale, out=s)
+            else:
+                # The scale goes into this chunk of q (one rounding per element, whose effect
+                # on a score averages over D products) rather than into fp16/bf16 scores.
+                s = torch.ops.aten.bmm.dtype(qi * scale, kt, torch.float32)  # fp32 scores
+            p = torch.softmax(s, dim=-1)
+            del s
+            torch.bmm(p.to(q.dtype), vh, out=o3[hs, i : i + rows])
     return out
 
 
@@ -594,7 +581,7 @@ def _chunked_reasons(q) -> list[str]:
 
 
 def _time_ms(fn, reps: int = 3) -> float:
-    fn()  # warm-up (and the Triton autotuner's first run)
+    fn()  # warm-up (and the JIT compile)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
@@ -606,6 +593,49 @@ def _time_ms(fn, reps: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _matmul_tf32() -> bool:
+    """May fp32 cuBLAS matmuls use TF32? torch >= 2.9 answers per operator; its legacy getter
+    (``torch.backends.cuda.matmul.allow_tf32``) raises once a program has mixed the two APIs.
+    The same rule as ``sdvae._tf32.matmul_allowed`` (the kernels import nothing from sdvae)."""
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    if getter is not None:
+        return getter("cuda", "matmul") == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def _key(q, k) -> tuple:
+    return (
+        q.device.index,
+        q.dtype,
+        math.prod(q.shape[:-2]),
+        q.shape[-2],
+        k.shape[-2],
+        q.shape[-1],
+        q.dtype == torch.float32 and _matmul_tf32(),
+    )
+
+
+def kernel_config_for(q, k, v, scale) -> tuple[int, int, int, int]:
+    """The Triton kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU: measured once
+    per ``backend_for`` key over ``launchable_configs`` (CUDA events, median of 3 after a
+    warm-up) and remembered. While a CUDA graph is being captured nothing can be timed (and
+    nothing may be compiled and benchmarked): an unmeasured shape then takes the table's
+    first launchable config, and that choice is remembered too, so that later eager calls
+    run what the graph runs, bit for bit."""
+    key = _key(q, k)
+    config = _KERNEL_CONFIGS.get(key)
+    if config is None:
+        elem = q.element_size()
+        cands = launchable_configs(_block_d(q.shape[-1]), elem, _shared_limit(q.device))
+        if len(cands) == 1 or torch.cuda.is_current_stream_capturing():
+            config = cands[0]
+        else:
+            times = [_time_ms(lambda c=c: _launch(q, k, v, scale, c)) for c in cands]
+            config = cands[times.index(min(times))]
+        _KERNEL_CONFIGS[key] = config
+    return config
+
+
 def backend_for(q, k, v, scale) -> str:
     """The CUDA backend for this call: ``SDVAE_ATTENTION_BACKEND`` when set; else the faster
     of the Triton kernel and the library path, measured once per (device, dtype, batch*heads,
@@ -613,7 +643,9 @@ def backend_for(q, k, v, scale) -> str:
     (``backend_choices()``). While a CUDA graph is being captured nothing can be timed: an
     unmeasured shape then takes the library path, which measured 3x faster than the Triton
     kernel at D = 512 on the H200 (0.17 / 1.73 / 26.1 ms against 0.67 / 5.2 / 82 ms at
-    L = 4096 / 16384 / 65536, with fp16 scores)."""
+    L = 4096 / 16384 / 65536, with fp16 scores), and that choice is remembered like a
+    measured one: later eager calls then compute what the graph computes, bit for bit (run
+    the shape once before capturing to get a measured choice)."""
     forced = os.environ.get(BACKEND_ENV)
     if forced:
         if forced not in _BACKENDS:
@@ -621,30 +653,28 @@ def backend_for(q, k, v, scale) -> str:
         return forced
     if _chunked_reasons(q):
         return "triton"
-    key = (
-        q.device.index,
-        q.dtype,
-        math.prod(q.shape[:-2]),
-        q.shape[-2],
-        k.shape[-2],
-        q.shape[-1],
-        torch.backends.cuda.matmul.allow_tf32 and q.dtype == torch.float32,
-    )
+    key = _key(q, k)
     choice = _CHOICES.get(key)
     if choice is None:
         if torch.cuda.is_current_stream_capturing():
-            return "chunked"
-        t_triton = _time_ms(lambda: _launch(q, k, v, scale))
-        t_chunked = _time_ms(lambda: attention_chunked(q, k, v, scale=scale))
-        choice = "triton" if t_triton < t_chunked else "chunked"
+            choice = "chunked"
+        else:
+            t_triton = _time_ms(lambda: _launch(q, k, v, scale))
+            t_chunked = _time_ms(lambda: attention_chunked(q, k, v, scale=scale))
+            choice = "triton" if t_triton < t_chunked else "chunked"
         _CHOICES[key] = choice
     return choice
 
 
 def backend_choices() -> dict[tuple, str]:
-    """The measured choices so far: (device index, dtype, batch*heads, Lq, Lk, D, fp32 matmuls
-    in TF32) -> backend."""
+    """The choices so far, measured or made during a capture: (device index, dtype,
+    batch*heads, Lq, Lk, D, fp32 matmuls in TF32) -> backend."""
     return dict(_CHOICES)
+
+
+def kernel_config_choices() -> dict[tuple, tuple[int, int, int, int]]:
+    """The Triton kernel's configs so far, same keys as ``backend_choices()``."""
+    return dict(_KERNEL_CONFIGS)
 
 
 def _forward(q, k, v, scale) -> torch.Tensor:

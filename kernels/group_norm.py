@@ -13,7 +13,8 @@ groups of ``Cg = C // G`` channels:
 with the statistics of ``s`` over the ``Cg * S`` values of each ``(n, g)`` and
 ``rstd = 1 / sqrt(var + eps)`` (biased variance): exactly ``F.group_norm(s)`` followed by
 ``F.silu``. ``input_bias`` is the producing conv's bias (so the conv can run without it),
-``residual`` a tensor of ``x``'s shape in either layout. With ``return_sum=True`` the kernel
+``residual`` a tensor of ``x``'s shape in either layout (copied into x's layout first when
+they differ). With ``return_sum=True`` the kernel
 also writes ``s`` (once, in ``x``'s dtype and layout) for a later residual add. fp32, fp16 and
 bf16 ``x``; weight/bias/input_bias in ``x``'s dtype or fp32; residual in ``x``'s dtype;
 statistics and arithmetic in fp32 (``s`` itself is formed in fp32 and only rounded when it is
@@ -59,17 +60,22 @@ Let ``L = Cg * S`` and ``P = next_pow2(L)``.
   1. ``_gn_stats_kernel``: grid ``N * cblocks * chunks``; the ``sblocks = cdiv(S, BLOCK_S)``
      pixel tiles of each (sample, channel block) are cut into ``chunks`` runs of
      ``tiles_per_chunk`` tiles. With ``wave = per_sm * SMs`` and ``rows = N * cblocks``:
-     ``chunks = wave // rows`` when ``rows <= wave`` (one wave: every SM gets at most
-     ``per_sm`` programs whatever the batch and layout), else
-     ``cdiv(STATS_MIN_WAVES * wave, rows)`` (4 waves or more, so that the last, partly
-     filled one is a small part of the time); clamped to ``[1, sblocks]`` and trimmed so no
-     chunk is empty. ``per_sm`` =
+     ``chunks = cdiv(wave, rows)`` when ``rows <= wave`` (at least one full wave, and fewer
+     than ``rows`` programs past it), else ``cdiv(STATS_MIN_WAVES * wave, rows)`` (4 waves
+     or more, so that the last, partly filled one is a small part of the time); clamped to
+     ``[1, sblocks]`` and trimmed so no chunk is empty; ``describe_plan`` prints the
+     programs and the waves they make. The ceiling matters for NCHW, where rows are
+     channels: a floor gave C = 256 one chunk, 256 programs for 132 SMs (0.65 of a wave of
+     396), and C = 128 with an input bias 2 chunks; the ceiling gives 512 and 384. Channels
+     last has one row per sample (``cblocks`` = 1 up to 4096 channels), so there the two
+     roundings agree for batch 1. ``per_sm`` =
      ``STATS_PROGRAMS_PER_SM`` = 3 for plain fp16/bf16, ``STATS_PROGRAMS_PER_SM_WIDE`` = 2
-     for fp32 or with an input_bias or a residual. That is one wave (all chunks advance
-     together and end together, see the apply order below) at the registers ptxas gives the
-     stats kernel for sm_80/sm_90 on the VAE's tiles: 64-80 per thread for plain fp16/bf16
-     (3 programs of 256 threads fit: <= 85), 64-98 with an input_bias, 79-115 with a
-     residual, 70-102 in fp32, up to 128 in fp32 with a residual (2 fit: <= 128).
+     for fp32 or with an input_bias or a residual: what fits at the registers ptxas gives
+     the stats kernel for sm_80/sm_90 on the VAE's tiles: 64-80 per thread for plain
+     fp16/bf16 (3 programs of 256 threads fit: <= 85), 64-98 with an input_bias, 79-115
+     with a residual, 70-102 in fp32, up to 128 in fp32 with a residual (2 fit: <= 128).
+     NCHW tiles take 53-64 registers in plain fp16 on sm_90 (4 programs per SM fit), so
+     C = 256's 512 programs still run as one wave there (528 slots on 132 SMs).
      Each iteration loads two tiles before using either (32 KB in flight per SM in fp16).
      Writes per-(sample, channel, chunk) (mean, M2) of ``s - K``: 8 bytes per channel per
      chunk.
@@ -88,18 +94,25 @@ The NCHW and channels_last paths are the same kernels: only which tile axis is c
 differs (a constexpr), and Triton's coalescing puts the 16-byte vectors along it. The
 vectors need the JIT's "divisible by 16" specialisation of ``S`` (NCHW) or ``C``
 (channels_last), true for the VAE's shapes; other sizes still run, with narrower accesses.
-A residual in the other layout is read through its own strides: correct, not coalesced, and
-the layout conversion Triton inserts costs up to ~240 registers and 16 KB of shared memory in
-the stats kernel (the model never mixes layouts; nothing else pays for this).
+A residual in the other layout is first copied into x's layout (the model never mixes
+layouts). Read through its own strides instead, it was not coalesced, and the layout
+conversion Triton inserted cost up to ~240 registers and 16 KB of shared memory in the stats
+kernel, with register spills in the stats and one-launch kernels.
 
 Scratch per two-pass call: ``2 * N * C * chunks`` + ``3 * N * C`` fp32 values (under 0.5 MB
 at the VAE's shapes), from PyTorch's caching allocator.
 
-Offsets: per-program bases are int64 (tensors of 2^31 values and more). Offsets inside a
-tile are int32: an NCHW tile has ``BLOCK_C > 1`` only when ``S < BLOCK_S``, so it spans at
-most ``BLOCK_C * S <= TILE`` values (channels_last likewise with ``C``); the one-launch path
-only runs when a sample has fewer than 2^31 values; a residual in the other layout gets int64
-in-tile offsets. Pixel indices are int32: with ``S >= 2^31 - 4 * TILE`` the reference runs.
+Offsets: per-program bases are int64 (tensors of 2^31 values and more), and so is every
+product that can pass 2^31, the group shift's element included (the group's first channel
+enters the int64 base, not the in-tile offset: ``gc * S`` passes 2^31 at (1, 256, 4096^2) in
+NCHW). The per-channel scratch indices ``n * C + c`` are int32 (int64 there cost spills on
+sm_80): with ``N * C >= 2^31`` the reference runs. Offsets inside a tile are int32: an NCHW
+tile has ``BLOCK_C > 1`` only when ``S < BLOCK_S``, so it spans at most
+``BLOCK_C * S <= TILE`` values (channels_last likewise with ``C``); the one-launch path only
+runs when a sample has fewer than 2^31 values. Pixel indices are int32: with
+``S >= 2^31 - 4 * TILE`` the reference runs, and the apply kernel clamps a padding slot's
+tile index to the tile just past the tensor (an unclamped one can pass 2^31 by up to
+``tiles_per_chunk`` tiles, wrap negative and pass the mask).
 
 Under ``TRITON_INTERPRET=1`` (tests) the rule is the same with ``INTERPRET_SINGLE_MAX`` = 1024,
 ``INTERPRET_TILE`` = 64, ``INTERPRET_SMS`` = 4 and a finalize block of 16, so small shapes
@@ -189,27 +202,21 @@ def group_norm_reference(
 if triton is not None:
 
     @triton.jit
-    def _offsets(n, c0, s0, dc, ds, C, S, CL: tl.constexpr, WIDE: tl.constexpr):
-        """int64 base of element (n, c0, s0) and in-tile offsets of channels ``c0 + dc`` and
-        pixels ``s0 + ds`` (int32, int64 when WIDE) in a dense NCHW or channels_last tensor."""
+    def _offsets(n, c0, s0, dc, ds, C, S, CL: tl.constexpr):
+        """int64 base of element (n, c0, s0) and int32 in-tile offsets of channels ``c0 + dc``
+        and pixels ``s0 + ds`` in a dense NCHW or channels_last tensor."""
         if CL:
             base = (n.to(tl.int64) * S + s0) * C + c0
-            if WIDE:
-                rel = ds.to(tl.int64) * C + dc
-            else:
-                rel = ds * C + dc
+            rel = ds * C + dc
         else:
             base = (n.to(tl.int64) * C + c0) * S + s0
-            if WIDE:
-                rel = dc.to(tl.int64) * S + ds
-            else:
-                rel = dc * S + ds
+            rel = dc * S + ds
         return base, rel
 
     @triton.jit
     def _load_sum(
         x_ptr,  # (N, C, S) input, NCHW or channels_last per CL
-        r_ptr,  # (N, C, S) residual, layout per RES_CL (unused unless HAS_RES)
+        r_ptr,  # (N, C, S) residual in x's layout (unused unless HAS_RES)
         ib,  # fp32 input bias per value, broadcasting like dc (unused unless HAS_IB)
         n,
         c0,
@@ -220,20 +227,15 @@ if triton is not None:
         C,
         S,
         CL: tl.constexpr,
-        RES_CL: tl.constexpr,
         HAS_IB: tl.constexpr,
         HAS_RES: tl.constexpr,
     ):
         """``s = (x + residual) + input_bias[c]`` in fp32 (always in this order, so that every
         kernel forms bit-identical values), and the int64 base / int32 offsets of x."""
-        base, rel = _offsets(n, c0, s0, dc, ds, C, S, CL, False)
+        base, rel = _offsets(n, c0, s0, dc, ds, C, S, CL)
         v = tl.load(x_ptr + base + rel, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
-            if RES_CL == CL:
-                v = v + tl.load(r_ptr + base + rel, mask=mask, other=0.0).to(tl.float32)
-            else:
-                rbase, rrel = _offsets(n, c0, s0, dc, ds, C, S, RES_CL, True)
-                v = v + tl.load(r_ptr + rbase + rrel, mask=mask, other=0.0).to(tl.float32)
+            v = v + tl.load(r_ptr + base + rel, mask=mask, other=0.0).to(tl.float32)
         if HAS_IB:
             v = v + ib
         return v, base, rel
@@ -257,15 +259,16 @@ if triton is not None:
         C,
         S,
         CL: tl.constexpr,
-        RES_CL: tl.constexpr,
         HAS_IB: tl.constexpr,
         HAS_RES: tl.constexpr,
     ):
-        """K = s at (n, gc, pixel 0), fp32, bit-identical to what ``_load_sum`` forms there."""
+        """K = s at (n, gc, pixel 0), fp32, bit-identical to what ``_load_sum`` forms there.
+        ``gc`` goes into the int64 base (as the tile's first channel), never into the int32
+        in-tile offset: ``gc * S`` passes 2^31 at (1, 256, 4096^2) in NCHW."""
         zero = gc * 0
         ib = _channel_load(ib_ptr, gc, mask, HAS_IB)
         v, _, _ = _load_sum(
-            x_ptr, r_ptr, ib, n, zero, zero, gc, zero, mask, C, S, CL, RES_CL, HAS_IB, HAS_RES
+            x_ptr, r_ptr, ib, n, gc, zero, zero, zero, mask, C, S, CL, HAS_IB, HAS_RES
         )
         return v
 
@@ -291,7 +294,6 @@ if triton is not None:
         eps,
         BLOCK: tl.constexpr,
         CL: tl.constexpr,
-        RES_CL: tl.constexpr,
         HAS_IB: tl.constexpr,
         HAS_RES: tl.constexpr,
         HAS_W: tl.constexpr,
@@ -316,7 +318,7 @@ if triton is not None:
         zero = pid * 0
         ib = _channel_load(ib_ptr, c0 + dc, mask, HAS_IB)  # a gather per value
         v, base, rel = _load_sum(
-            x_ptr, r_ptr, ib, n, c0, zero, dc, ds, mask, C, S, CL, RES_CL, HAS_IB, HAS_RES
+            x_ptr, r_ptr, ib, n, c0, zero, dc, ds, mask, C, S, CL, HAS_IB, HAS_RES
         )
         k = tl.sum(tl.where(e == 0, v, 0.0), axis=0)  # s at (n, c0, 0): exact
         count = L.to(tl.float32)
@@ -352,7 +354,6 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr,
         CL: tl.constexpr,
-        RES_CL: tl.constexpr,
         HAS_IB: tl.constexpr,
         HAS_RES: tl.constexpr,
     ):
@@ -367,9 +368,8 @@ if triton is not None:
         ds = tl.arange(0, BLOCK_S)[None, :]
         cmask = c0 + dc < C
         c = c0 + tl.arange(0, BLOCK_C)  # channels as a 1-D vector: one load per row
-        k = _group_shift(
-            x_ptr, ib_ptr, r_ptr, n, c // Cg * Cg, c < C, C, S, CL, RES_CL, HAS_IB, HAS_RES
-        )[:, None]
+        gc = c // Cg * Cg  # the first channel of each channel's group
+        k = _group_shift(x_ptr, ib_ptr, r_ptr, n, gc, c < C, C, S, CL, HAS_IB, HAS_RES)[:, None]
         ib = _channel_load(ib_ptr, c, c < C, HAS_IB)[:, None]
         t0 = chunk * tiles_per_chunk
         n_tiles = tl.minimum(tiles_per_chunk, tl.cdiv(S, BLOCK_S) - t0)
@@ -382,14 +382,16 @@ if triton is not None:
         for i in range(0, n_tiles, 2):
             s0 = (t0 + i) * BLOCK_S
             mask_a = cmask & (s0 + ds < S)
-            mask_b = cmask & (s0 + BLOCK_S + ds < S) & (i + 1 < n_tiles)
+            # the chunk's end, as a tile-shaped mask: Triton 3.9's interpreter turns a block
+            # bool & a scalar bool into int32, which tl.load then refuses as a mask
+            mask_b = cmask & (s0 + BLOCK_S + ds < S) & (ds * 0 + i + 1 < n_tiles)
             va, _, _ = _load_sum(
                 x_ptr, r_ptr, ib, n, c0, s0, dc, ds, mask_a, C, S,
-                CL, RES_CL, HAS_IB, HAS_RES,
+                CL, HAS_IB, HAS_RES,
             )  # fmt: skip
             vb, _, _ = _load_sum(
                 x_ptr, r_ptr, ib, n, c0, s0 + BLOCK_S, dc, ds, mask_b, C, S,
-                CL, RES_CL, HAS_IB, HAS_RES,
+                CL, HAS_IB, HAS_RES,
             )  # fmt: skip
             d = va - k
             delta = tl.where(mask_a, d - mean, 0.0)
@@ -429,7 +431,6 @@ if triton is not None:
         eps,
         BLOCK: tl.constexpr,
         CL: tl.constexpr,
-        RES_CL: tl.constexpr,
         HAS_IB: tl.constexpr,
         HAS_RES: tl.constexpr,
         HAS_W: tl.constexpr,
@@ -464,7 +465,7 @@ if triton is not None:
             m2 = m2 + b_m2 + delta * delta * (count * b_count / new_count)
             count = new_count
         rstd = 1.0 / tl.sqrt(m2 / count + eps)
-        k = _group_shift(x_ptr, ib_ptr, r_ptr, n, g * Cg, True, C, S, CL, RES_CL, HAS_IB, HAS_RES)
+        k = _group_shift(x_ptr, ib_ptr, r_ptr, n, g * Cg, True, C, S, CL, HAS_IB, HAS_RES)
         nc = (N * C).to(tl.int64)
         for j0 in range(0, Cg, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
@@ -498,7 +499,6 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr,
         CL: tl.constexpr,
-        RES_CL: tl.constexpr,
         HAS_IB: tl.constexpr,
         HAS_RES: tl.constexpr,
         SILU: tl.constexpr,
@@ -514,17 +514,21 @@ if triton is not None:
         rest = q // chunks
         n = rest // cblocks
         c0 = (rest % cblocks) * BLOCK_C
-        s0 = (chunk * tiles_per_chunk + tiles_per_chunk - 1 - back) * BLOCK_S
+        # The few slots past a short last chunk are clamped to the tile just past the tensor
+        # (s0 >= S: all lanes off). Unclamped, their s0 could pass 2^31 for S just under it,
+        # wrap negative and pass the mask.
+        tile = chunk * tiles_per_chunk + tiles_per_chunk - 1 - back
+        s0 = tl.minimum(tile, tl.cdiv(S, BLOCK_S)) * BLOCK_S
         dc = tl.arange(0, BLOCK_C)[:, None]
         ds = tl.arange(0, BLOCK_S)[None, :]
         cmask = c0 + dc < C
-        mask = cmask & (s0 + ds < S)  # all off for the few slots past a short last chunk
+        mask = cmask & (s0 + ds < S)
         # per-channel values as 1-D vectors: one load per tile row, not per value
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
         ib = _channel_load(ib_ptr, c, c_ok, HAS_IB)[:, None]
         v, base, rel = _load_sum(
-            x_ptr, r_ptr, ib, n, c0, s0, dc, ds, mask, C, S, CL, RES_CL, HAS_IB, HAS_RES
+            x_ptr, r_ptr, ib, n, c0, s0, dc, ds, mask, C, S, CL, HAS_IB, HAS_RES
         )
         nc = N * C
         ci = n * C + c
@@ -568,6 +572,7 @@ class Plan(NamedTuple):
     chunks: int = 0
     tiles_per_chunk: int = 0
     finalize_block: int = 0
+    wave: int = 0
 
     def grids(self, n: int, groups: int) -> dict[str, int]:
         """Programs per kernel launch."""
@@ -615,13 +620,14 @@ def plan(
         block_c = tile // block_s
     cblocks = -(-c // block_c)
     sblocks = -(-s // block_s)
+    wide = itemsize > 2 or fused_inputs
+    per_sm = STATS_PROGRAMS_PER_SM_WIDE if wide else STATS_PROGRAMS_PER_SM
+    wave, rows = per_sm * num_sms, n * cblocks
     if chunks is None:
-        wide = itemsize > 2 or fused_inputs
-        per_sm = STATS_PROGRAMS_PER_SM_WIDE if wide else STATS_PROGRAMS_PER_SM
-        wave, rows = per_sm * num_sms, n * cblocks
-        # one wave when the rows leave room; otherwise at least STATS_MIN_WAVES waves, so the
-        # last, partly filled wave is a small part of the time
-        chunks = wave // rows if rows <= wave else -(-STATS_MIN_WAVES * wave // rows)
+        # at least one full wave when the rows leave room (a ceiling: a floor gave 256 rows
+        # one chunk, 256 programs for a wave of 396); otherwise at least STATS_MIN_WAVES
+        # waves, so that the last, partly filled one is a small part of the time
+        chunks = -(-wave // rows) if rows <= wave else -(-STATS_MIN_WAVES * wave // rows)
     chunks = _clamp(chunks, 1, sblocks)
     tiles_per_chunk = -(-sblocks // chunks)
     chunks = -(-sblocks // tiles_per_chunk)  # no empty chunk
@@ -635,6 +641,7 @@ def plan(
         chunks=chunks,
         tiles_per_chunk=tiles_per_chunk,
         finalize_block=INTERPRET_FINALIZE_BLOCK if interpret else FINALIZE_BLOCK,
+        wave=wave,
     )
 
 
@@ -673,8 +680,9 @@ def describe_plan(x: torch.Tensor, num_groups: int, *, fused_inputs: bool = Fals
         return f"single: block {p.block}, {p.num_warps} warps, {grids['single']} programs"
     return (
         f"two_pass: tile [{p.block_c} ch x {p.block_s} px], {p.num_warps} warps, "
-        f"{p.chunks} chunks x {p.tiles_per_chunk} tiles; programs stats {grids['stats']}, "
-        f"finalize {grids['finalize']}, apply {grids['apply']}"
+        f"{p.chunks} chunks x {p.tiles_per_chunk} tiles; programs stats {grids['stats']} "
+        f"({grids['stats'] / p.wave:.2f} waves of {p.wave}), finalize {grids['finalize']}, "
+        f"apply {grids['apply']}"
     )
 
 
@@ -752,7 +760,20 @@ def not_supported_reasons(
         reasons.append("an input requires grad: the (differentiable) eager reference runs")
     if x.shape[2:].numel() >= 2**31 - 4 * TILE:
         reasons.append("2^31 pixels per sample or more: pixel indices are int32")
+    if x.shape[0] * x.shape[1] >= 2**31:
+        reasons.append("N * C >= 2^31: the per-channel scratch indices are int32")
     return reasons
+
+
+def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` dense in ``layout`` ("nchw" or "channels_last"): itself when it already is, else a
+    copy (a residual in the other layout: read through its own strides, it cost the kernels
+    ~240 registers of layout conversion and spilled)."""
+    if _layout(t) == layout:
+        return t
+    if layout == "nchw":
+        return t.contiguous()
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
 def _empty_like_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -788,13 +809,8 @@ def _launch(
         x = x.contiguous()
         layout = "nchw"
     cl = layout == "channels_last"
-    res_cl = cl
     if residual is not None:
-        res_layout = _layout(residual)
-        if res_layout is None:
-            residual = residual.contiguous()
-            res_layout = "nchw"
-        res_cl = res_layout == "channels_last"
+        residual = _in_layout(residual, layout)
     if out is not None and out.stride() != x.stride():  # x was made contiguous above
         raise ValueError(
             f"out must have the strides of x's layout {tuple(x.stride())}, "
@@ -816,7 +832,7 @@ def _launch(
     w = weight if weight is not None else x
     b = bias if bias is not None else x
     out_s = total if total is not None else y
-    flags = dict(CL=cl, RES_CL=res_cl, HAS_IB=input_bias is not None, HAS_RES=residual is not None)
+    flags = dict(CL=cl, HAS_IB=input_bias is not None, HAS_RES=residual is not None)
     grids = p.grids(n, num_groups)
     on_other_gpu = x.device.type == "cuda" and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if on_other_gpu else contextlib.nullcontext():

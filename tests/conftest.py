@@ -13,7 +13,7 @@
 * The tolerance table lives in ``sdvae.numerics`` (shared with ``sdvae check``) and is
   re-exported here with ``assert_close``, the one verbose assert.
 * ``aot_compile``: compiles a Triton kernel ahead of time for sm_80 and sm_90 and checks that
-  it fits their shared memory.
+  it fits their shared memory (and, where the test asks, that ptxas spills no registers).
 """
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ def graph_conv_missing_reason() -> str | None:
     return None
 
 
+def pytest_report_header(config):
+    try:
+        import triton
+    except ImportError:
+        return "triton: not installed"
+    return f"triton {triton.__version__} ({os.path.dirname(triton.__file__)})"
+
+
 def pytest_collection_modifyitems(config, items):
     if not HAS_CUDA:
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU (cuda marker)")
@@ -79,9 +87,14 @@ def assert_close(out, ref, dtype=None, *, tol=None, end_to_end=False, tf32=False
     return rep
 
 
-def aot_compile(module: str, kernel: str, configs: list[dict], targets=_aot.TARGETS):
-    """Compile ``module.kernel`` for each config on sm_80 and sm_90; fail on any error or on
-    shared memory over the target's limit. Returns the per-(config, target) results."""
+def aot_compile(
+    module: str, kernel: str, configs: list[dict], targets=_aot.TARGETS, *, no_spills=False
+):
+    """Compile ``module.kernel`` for each config on sm_80 and sm_90; fail on any error, on
+    shared memory over the target's limit, and with ``no_spills`` on a register spill
+    (``ptxas -v``'s figure: spilled registers go to local memory, slow, and a sign the config
+    is too big for the target). Returns the per-(config, target) results, which carry the
+    registers and spills either way."""
     results = _aot.compile_configs(module, kernel, configs, targets)
     errors = [f"sm_{r['cc']} {r['config']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "AOT compile failed:\n" + "\n".join(errors)
@@ -91,8 +104,23 @@ def aot_compile(module: str, kernel: str, configs: list[dict], targets=_aot.TARG
         if r["shared"] > r["shared_limit"]
     ]
     assert not over, "shared memory over the limit:\n" + "\n".join(over)
+    spilled = [
+        f"sm_{r['cc']} {r['config']}: {r['regs']} registers, {r['spill_stores']} B spill "
+        f"stores, {r['spill_loads']} B spill loads"
+        for r in results
+        if r["spill_stores"] or r["spill_loads"]
+    ]
+    if spilled:
+        print(f"register spills (ptxas of triton {_triton_version()}):", *spilled, sep="\n")
+    assert not (no_spills and spilled), "register spills:\n" + "\n".join(spilled)
     assert all(r["has_cubin"] for r in results)
     return results
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 @pytest.fixture(params=DEVICES)

@@ -289,6 +289,123 @@ def test_empty_batch(device):
     assert y.shape == s.shape == (0, 8, 3, 3)
 
 
+# ------------------------------------------------------------------ offsets past 2^31
+# Tensors of 2^31 values and more cannot be run through the interpreter (it would take hours)
+# but single programs of the real kernels can, on the real shapes: an uninitialised CPU tensor
+# of several GiB costs only the pages a test touches (the allocator maps them lazily), and the
+# interpreter computes the kernels' int32 products exactly as the GPU does, wrap included. Each
+# tensor sits 2^31 values into a larger buffer, so that an offset that wraps negative still
+# lands inside memory the test owns: the test then fails on a wrong value instead of crashing.
+_LEAD = 2**31
+
+
+def _lazy_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    try:
+        return torch.empty(numel, dtype=dtype)
+    except RuntimeError as exc:  # e.g. a kernel that refuses to overcommit
+        pytest.skip(f"cannot map {numel * dtype.itemsize / 2**30:.0f} GiB lazily here: {exc}")
+
+
+# (x layout, residual (x itself, read a second time), input bias)
+SHIFT_CASES = [("nchw", False, False), ("nchw", True, True), ("channels_last", True, True)]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the kernel in Triton's interpreter")
+@pytest.mark.parametrize("case", SHIFT_CASES, ids=["nchw", "nchw-res-ib", "cl-res-ib"])
+def test_group_shift_reads_its_group_past_2_31_values(case):
+    """(1, 256, 4096, 4096) fp16, 32 groups (the first norm of the last decoder block at a
+    4096^2 decode): the shift K of the last groups sits (C - C/G) * S >= 2^31 values into x.
+    The finalize kernel (one program per group, which reads K and no other value of x) runs
+    on that tensor in the interpreter with given partial statistics; every channel's K must be
+    ``(x + residual) + input_bias`` at its group's first channel and pixel, bit for bit. Before
+    the fix ``gc * S`` was an int32 product: groups 16 to 31 read up to 4 GiB before x."""
+    layout, res, has_ib = case
+    n, c, h, w, groups = 1, 256, 4096, 4096, 32
+    s, cg = h * w, c // groups
+    assert (c - cg) * s >= 2**31
+    buf = _lazy_buffer(_LEAD + n * c * s, torch.float16)
+    if layout == "nchw":
+        x = buf[_LEAD:].view(n, c, h, w)
+    else:
+        x = buf[_LEAD:].view(n, h, w, c).permute(0, 3, 1, 2)
+    r = x if res else None
+    firsts = torch.arange(groups) * cg
+    x[0, firsts, 0, 0] = (torch.randn(groups) * 2 + 3).half()
+    ib = _vec(c, torch.float32, "cpu", mean=0.5) if has_ib else None
+    want = x[0, firsts, 0, 0].float()
+    if r is not None:
+        want = want + r[0, firsts, 0, 0].float()
+    if ib is not None:
+        want = want + ib[firsts]
+    want = want.repeat_interleave(cg)
+    chunks = 3
+    part = torch.rand(2 * n * c * chunks) + 0.5  # (mean, M2) per channel and chunk
+    coef = torch.full((3 * n * c,), float("nan"))
+    gn._gn_finalize_kernel[(n * groups,)](
+        x, x if ib is None else ib, x if r is None else r, x, x, part, coef,
+        n, c, s, cg, groups, chunks, -(-s // chunks), EPS,
+        BLOCK=gn.INTERPRET_FINALIZE_BLOCK, CL=layout != "nchw", HAS_IB=ib is not None,
+        HAS_RES=r is not None, HAS_W=False, HAS_B=False, num_warps=gn.FINALIZE_WARPS,
+    )  # fmt: skip
+    k = coef[: n * c]
+    bad = (k != want).nonzero().flatten()
+    assert bad.numel() == 0, (
+        f"K wrong for channels {bad.tolist()[:8]}... (groups "
+        f"{sorted({int(i) // cg for i in bad})}): got {k[bad[:4]].tolist()}, "
+        f"want {want[bad[:4]].tolist()}"
+    )
+    assert torch.isfinite(coef).all()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the kernel in Triton's interpreter")
+def test_apply_padding_slots_stay_off_just_under_2_31_pixels():
+    """S = 2^31 - 4 * TILE - 1, the most pixels the kernels take: the launch rule cuts the
+    tiles into chunks whose last one is short, and the apply kernel's first ``chunks``
+    programs each take their chunk's last tile, so one of them gets a padding slot. Its pixel
+    index, unclamped, is past 2^31: as an int32 it wrapped negative, passed the
+    ``s0 + ds < S`` mask and wrote a tile 4 GiB before y. That holds for the GPU plans of
+    132 SMs (H100/H200) and of 16 (Jetson AGX Orin); the interpreter runs the latter's 48
+    programs (the former's 396 take several times longer) on the real tensor (y = x in place,
+    K = 0, a = 1, d = 7): the real tiles hold 7 afterwards, the buffer before the tensor
+    nothing."""
+    n, c, groups = 1, 1, 1
+    s = 2**31 - 4 * gn.TILE - 1
+    for sms in (132, 16):
+        p = gn.plan(n, c, s, groups, False, sms)
+        assert p.path == "two_pass" and p.chunks * p.tiles_per_chunk > p.sblocks, p
+        assert (p.chunks * p.tiles_per_chunk - 1) * p.block_s >= 2**31, p  # unclamped s0
+    buf = _lazy_buffer(_LEAD + n * c * s, torch.float16)
+    x = buf[_LEAD:].view(n, c, s)
+    lead = buf[:_LEAD].view(torch.int64)
+    assert not lead.any()  # freshly mapped pages read as zero
+    coef = torch.tensor([0.0, 1.0, 7.0])  # K, a, d of the one channel
+    programs = n * p.cblocks * p.chunks  # the last tile of every chunk
+    gn._gn_apply_kernel[(programs,)](
+        x, x, x, coef, x, x, n, c, s, p.cblocks, p.chunks, p.tiles_per_chunk,
+        BLOCK_C=p.block_c, BLOCK_S=p.block_s, CL=False, HAS_IB=False, HAS_RES=False,
+        SILU=False, WRITE_SUM=False, num_warps=p.num_warps,
+    )  # fmt: skip
+    written = int(torch.count_nonzero(lead))
+    assert written == 0, f"{written} 8-byte words written before the tensor"
+    tiles = x.view(-1)[: (p.sblocks - 1) * p.block_s].view(-1, p.block_s)
+    last = torch.arange(p.chunks - 1) * p.tiles_per_chunk + p.tiles_per_chunk - 1
+    assert (tiles[last] == 7).all()
+    assert not tiles[last - 1].any() and not tiles[last + 1].any()  # one tile per program
+
+
+def test_int32_limits_send_the_call_to_the_reference():
+    """What the kernels index in int32 is checked before launching: pixels per sample (up to
+    2^31 - 4 * TILE) and N * C (the per-channel scratch). The 4096^2 decode shape is inside."""
+    assert gn.not_supported_reasons(torch.empty(1, 256, 4096, 4096, device="meta"), 32) == []
+    s = 2**31 - 4 * gn.TILE
+    assert gn.not_supported_reasons(torch.empty(1, 1, s - 1, device="meta"), 1) == []
+    reasons = gn.not_supported_reasons(torch.empty(1, 1, s, device="meta"), 1)
+    assert any("pixel indices are int32" in r for r in reasons)
+    assert gn.not_supported_reasons(torch.empty(2**21, 1023, 1, device="meta"), 1) == []
+    reasons = gn.not_supported_reasons(torch.empty(2**21, 1024, 1, device="meta"), 32)
+    assert any("N * C >= 2^31" in r for r in reasons)
+
+
 # -------------------------------------------------------------------------- the plan
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(512, 64), (512, 128), (256, 512), (128, 1024)])
@@ -307,8 +424,9 @@ def test_plan_fills_an_h200_at_vae_shapes(shape, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_stats_programs_per_sm_follow_the_rule(layout):
-    """3 per SM for plain 2-byte values, 2 for fp32 or with an input_bias or a residual (one
-    wave, module header)."""
+    """The wave is 3 programs per SM for plain 2-byte values, 2 for fp32 or with an
+    input_bias or a residual; the statistics pass fills it (up to the chunks that trimming
+    empty ones takes off) and passes it by fewer than one row of chunks (module header)."""
     cl = layout == "channels_last"
     for kw, per_sm in [
         ({}, gn.STATS_PROGRAMS_PER_SM),
@@ -316,7 +434,40 @@ def test_stats_programs_per_sm_follow_the_rule(layout):
         ({"itemsize": 4}, gn.STATS_PROGRAMS_PER_SM_WIDE),
     ]:
         p = gn.plan(1, 128, 1024 * 1024, 32, cl, 132, **kw)
-        assert 0.9 * per_sm * 132 <= p.grids(1, 32)["stats"] <= per_sm * 132, (kw, p)
+        rows = p.cblocks
+        assert p.wave == per_sm * 132
+        assert 0.9 * p.wave <= p.grids(1, 32)["stats"] < p.wave + rows, (kw, p)
+
+
+# (C, fused inputs): the NCHW shapes the floor left under one wave on 132 SMs (256 rows
+# at one chunk: 256 programs for 396; 128 rows with an input bias at two: 256 for 264).
+UNDERFILLED = [(256, False), (128, True), (128, False), (512, False), (512, True)]
+
+
+@pytest.mark.parametrize("c,fused", UNDERFILLED, ids=[f"C{c}{'-ib' * f}" for c, f in UNDERFILLED])
+@pytest.mark.parametrize("hw", [256, 512, 1024])
+def test_stats_chunks_fill_the_wave_from_above(c, fused, hw):
+    """chunks = cdiv(wave, rows) while the rows fit in a wave: at least one full wave of
+    statistics programs, never more than one row of chunks past it; 4 waves or more when the
+    rows alone pass a wave."""
+    p = gn.plan(1, c, hw * hw, 32, False, 132, fused_inputs=fused)
+    stats = p.grids(1, 32)["stats"]
+    rows = p.cblocks
+    assert rows == c  # NCHW at these sizes: one channel per tile row
+    if rows <= p.wave:
+        assert p.wave <= stats < p.wave + rows, p
+    else:
+        assert stats >= gn.STATS_MIN_WAVES * p.wave, p
+    assert {(256, False): 512, (128, True): 384}.get((c, fused), stats) == stats
+
+
+def test_describe_plan_shows_the_stats_waves(monkeypatch):
+    monkeypatch.setattr(gn, "_num_sms", lambda device: 132)
+    x = torch.empty(1, 256, 512, 512, dtype=torch.float16)
+    text = gn.describe_plan(x, 32)
+    p = gn.plan(1, 256, 512 * 512, 32, False, 132, interpret=True)
+    assert f"stats {p.chunks * 256} (" in text and f"waves of {p.wave})" in text, text
+    assert p.wave == gn.STATS_PROGRAMS_PER_SM * 132 and p.chunks * 256 >= p.wave, text
 
 
 def test_plan_picks_one_launch_when_the_group_fits():
@@ -575,8 +726,8 @@ _FLAGS = {
     "finalize": ("HAS_IB", "HAS_RES", "HAS_W", "HAS_B"),
     "apply": ("HAS_IB", "HAS_RES", "SILU", "WRITE_SUM"),
 }
-# Rotated over the tiles, so every dtype pairing, flag value and residual layout is compiled:
-# (x dtype, affine dtype, flags on, residual in the other layout, S/C/Cg divisible by 16).
+# Rotated over the tiles, so every dtype pairing and flag value is compiled: (x dtype, affine
+# dtype, flags on, residual forced on, S/C/Cg divisible by 16).
 _VARIANTS = [
     ("fp16", "fp32", True, False, True),
     ("bf16", "bf16", False, False, False),
@@ -632,12 +783,12 @@ def _configs(kernel: str) -> list[dict]:
         tiles.append((cl, blocks, warps, names))
     out = []
     for i, (cl, blocks, warps, *ones_names) in enumerate(tiles):
-        xd, wd, on, res_other, div16 = _VARIANTS[i % len(_VARIANTS)]
+        xd, wd, on, res_on, div16 = _VARIANTS[i % len(_VARIANTS)]
         types = {"x": f"*{xd}", "w": f"*{wd}", "fp32": "*fp32", "f": "fp32"}
         sig = {a: types[_ROLES[a]] if a in _ROLES else "i32" for a in _ARGS[kernel].split()}
         flags = {f: (on if j % 2 == 0 else not on) for j, f in enumerate(_FLAGS[kernel])}
-        flags["HAS_RES"] = True if res_other else flags["HAS_RES"]
-        ce = dict(blocks, CL=cl, RES_CL=cl != res_other, **flags)
+        flags["HAS_RES"] = True if res_on else flags["HAS_RES"]
+        ce = dict(blocks, CL=cl, **flags)
         divisible = [a for a in sig if sig[a].startswith("*")]
         if div16:
             divisible += [a for a in ("C", "S", "Cg") if a in sig]
@@ -705,6 +856,53 @@ def test_over_2_31_elements_on_gpu(layout):
             torch.nn.functional.group_norm(x[i : i + 1].float(), 32, eps=EPS)
         )
         assert_close(y[i : i + 1], ref, torch.float16, name=f"sample {i}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@torch.no_grad()
+def test_last_groups_past_2_31_values_on_gpu(layout):
+    """(1, 256, 4096, 4096) fp16, 32 groups (the first norm of the last decoder block at a
+    4096^2 decode): the last 16 groups start 2^31 values or more into x. Every group against
+    an fp32 reference of that group alone."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    c, groups = 256, 32
+    cg = c // groups
+    x = torch.randn(1, c, 4096, 4096, device="cuda", dtype=torch.float16).mul_(2.0).add_(1.0)
+    x = _to_layout(x, layout)
+    w, b = _affine(c, torch.float16, "cuda")
+    assert (c - cg) * 4096 * 4096 >= 2**31 and gn.not_supported_reasons(x, groups, w, b) == []
+    y = K.group_norm(x, groups, w, b, EPS, silu=True)
+    for g in range(groups):
+        sl = slice(g * cg, (g + 1) * cg)
+        ref = torch.nn.functional.silu(
+            torch.nn.functional.group_norm(x[:, sl].float(), 1, w[sl].float(), b[sl].float(), EPS)
+        )
+        assert_close(y[:, sl], ref, torch.float16, name=f"group {g}")
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_padding_slots_write_nothing_outside_y_on_gpu():
+    """S = 2^31 - 4 * TILE - 1 pixels (the most the kernels take) in one group: the apply
+    kernel's padding slots, whose pixel index passes 2^31, must write nothing. y sits 4 GiB
+    into a zeroed buffer; the buffer before it stays zero, and y is the GroupNorm of x."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    s = 2**31 - 4 * gn.TILE - 1
+    x = torch.randn(1, 1, s, device="cuda", dtype=torch.float16).add_(0.5)
+    assert gn.not_supported_reasons(x, 1) == []
+    buf = torch.zeros(_LEAD + s, dtype=torch.float16, device="cuda")
+    y = buf[_LEAD:].view(1, 1, s)
+    K.group_norm(x, 1, None, None, EPS, out=y)
+    assert int(torch.count_nonzero(buf[:_LEAD])) == 0
+    eighths = [slice(i * (s // 8), s if i == 7 else (i + 1) * (s // 8)) for i in range(8)]
+    mean = sum(x[..., sl].double().sum() for sl in eighths) / s  # float64, in eighths
+    var = sum((x[..., sl].double() - mean).square().sum() for sl in eighths) / s
+    for i, sl in enumerate(eighths):
+        ref = (x[..., sl].double() - mean) * (var + EPS).rsqrt()
+        assert_close(y[..., sl], ref, torch.float16, name=f"y, eighth {i}")
 
 
 # ------------------------------------------------------------------------- out= / in place
