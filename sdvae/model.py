@@ -644,16 +644,21 @@ class VAE(nn.Module):
             raise ValueError(f"{name} is on {x.device} but the model is on {p.device}")
 
     # ------------------------------------------------------------- encode
-    def moments(self, images: torch.Tensor) -> torch.Tensor:
-        """The encoder's (N, 2*latent_channels, h, w) output: mean channels, then log-variance."""
+    def moments(self, images: torch.Tensor, *, max_memory=None, offload=None) -> torch.Tensor:
+        """The encoder's (N, 2*latent_channels, h, w) output: mean channels, then log-variance.
+        ``max_memory`` / ``offload``: see ``encode``."""
         self._check_input("images", images, self.config.in_channels)
+        if max_memory is not None or offload is not None:
+            from . import budget
+
+            return budget.moments(self, images, max_memory=max_memory, offload=offload)
         graphed = self._graphed("moments", images)
         return graphed(images) if graphed is not None else self._moments(images)
 
-    def _moments(self, images: torch.Tensor) -> torch.Tensor:
+    def _moments(self, images: torch.Tensor, encoder=None) -> torch.Tensor:
         if self.memory_format is not None:
             images = images.contiguous(memory_format=self.memory_format)
-        m = self.encoder(images)
+        m = (encoder or self.encoder)(images)
         if self.quant_conv is not None:
             m = self.quant_conv(m)
         return m
@@ -665,6 +670,8 @@ class VAE(nn.Module):
         *,
         sample: bool = True,
         seed: int | None = None,
+        max_memory=None,
+        offload=None,
     ) -> torch.Tensor:
         """Images -> scaled latents ``(z - shift_factor) * scaling_factor``.
 
@@ -680,7 +687,7 @@ class VAE(nn.Module):
             raise ValueError("give either noise or seed, not both")
         if seed is not None and not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        moments = self.moments(images)
+        moments = self.moments(images, max_memory=max_memory, offload=offload)
         cfg = self.config
         lat_shape = (moments.shape[0], cfg.latent_channels, *moments.shape[2:])
         if noise is not None:
@@ -724,21 +731,36 @@ class VAE(nn.Module):
         )
 
     # ------------------------------------------------------------- decode
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, *, max_memory=None, offload=None) -> torch.Tensor:
         """Scaled latents -> images (nominally in [-1, 1]; not clamped).
 
-        Never modifies ``latents``."""
+        Never modifies ``latents``. ``max_memory`` / ``offload``: see ``encode``."""
         self._check_input("latents", latents, self.config.latent_channels)
+        if max_memory is not None or offload is not None:
+            from . import budget
+
+            return budget.decode(self, latents, max_memory=max_memory, offload=offload)
         graphed = self._graphed("decode", latents)
         return graphed(latents) if graphed is not None else self._decode(latents)
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def memory_plan(self, shape, *, op: str = "decode", dtype=None, device=None,
+                    max_memory=None, offload=None):  # fmt: skip
+        """The estimated peak memory and the plan ``decode`` (``op="decode"``, ``shape`` of the
+        latents) or ``encode`` (``op="encode"``, ``shape`` of the images) would use within
+        ``max_memory`` (``sdvae.budget.MemoryPlan``; ``.describe()`` prints it). ``dtype`` and
+        ``device`` default to the model's."""
+        from . import budget
+
+        return budget.vae_plan(self, op, shape, dtype=dtype, device=device,
+                               max_memory=max_memory, offload=offload)  # fmt: skip
+
+    def _decode(self, latents: torch.Tensor, decoder=None) -> torch.Tensor:
         if self.memory_format is not None:
             latents = latents.contiguous(memory_format=self.memory_format)
         z = latents / self.config.scaling_factor + self.config.shift_factor
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return (decoder or self.decoder)(z)
 
     def forward(self, images: torch.Tensor, *, sample: bool = False) -> torch.Tensor:
         """Encode then decode (the reconstruction)."""
