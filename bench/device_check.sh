@@ -67,7 +67,7 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   # Most important first: the CSV is written row by row, so a timeout keeps what ran.
   timeout ${BENCH_TIMEOUT:-210} $PY -m sdvae.cli bench --out "$OUT_DIR" \
     --compile-mode "${COMPILE_MODE:-default}" --rep-ms "${REP_MS:-100}" \
-    ${BENCH_SUITES:-ceiling decode encode conv pad_conv2d attention attention_block group_norm_silu group_norm_fused vae_sample} \
+    ${BENCH_SUITES:-ceiling decode encode conv pad_conv2d attention attention_block group_norm_silu group_norm_fused vae_sample decode_large} \
     > "$OUT_DIR/bench_table.txt" || echo "BENCH FAILED OR TIMED OUT"
   echo "bench took $((SECONDS - t0)) s"
 } 2>&1 | tee "$LOG"

@@ -31,6 +31,7 @@ import torch
 from . import stream
 
 __all__ = [
+    "BudgetError",
     "MemoryPlan",
     "PassPlan",
     "StoredTensor",
@@ -158,14 +159,20 @@ def full_peak(part, shape, dtype: torch.dtype, device) -> int:
     def conv_extra(conv, out):  # sdvae's C++ CPU conv copies its output once
         return out if (on_cpu and conv.fused) else 0
 
-    peak, cur = 0, 0
+    peak, cur, held, level_in, box = 0, 0, 0, 0, None
     for st in steps:
+        # A level or mid block called as a module keeps its input (nn.Module's call holds
+        # the arguments) while its later blocks run; the fused path hands tensors on.
+        container = re.split(r"\.(?:resnets|attentions|upsamplers|downsamplers)\.", st.name)[0]
+        if container != box:
+            box, held, level_in = container, 0, cur
+        elif flavor != "run":
+            held = level_in
         if isinstance(st, stream._ConvIn):
             out = size(st.cout, h, w)
-            peak, cur = max(peak, out + conv_extra(st.conv, out)), out
+            cost, cur = out + conv_extra(st.conv, out), out
         elif isinstance(st, stream._Res):
             x, o = size(st.cin, h, w), size(st.cout, h, w)
-            extra = conv_extra(st.conv1, o)
             if st.shortcut is not None:
                 cost = {
                     "run": max(x + 2 * o, 3 * o),
@@ -175,18 +182,19 @@ def full_peak(part, shape, dtype: torch.dtype, device) -> int:
                 }[flavor]
             else:
                 cost = {"run": 3 * o, "sdvae": 4 * o, "stock": 4 * o, "patched": 3 * o}[flavor]
-            peak, cur = max(peak, cost + extra), o
+            cost, cur = cost + conv_extra(st.conv1, o), o
         elif isinstance(st, stream._Attn):
             c = size(st.channels, h, w)
-            lse = n * st.heads * h * w * 4
-            cost = {"run": 12 * c, "sdvae": 9 * c, "stock": 11 * c, "patched": 14 * c}[flavor]
+            cost = {"run": 14 * c, "sdvae": 9 * c, "stock": 11 * c, "patched": 14 * c}[flavor]
+            cost += n * st.heads * h * w * 4  # SDPA's / the kernel's logsumexp
+            if flavor in ("run", "patched"):  # the q/k/v weights concatenated per call
+                cost += 3 * st.channels * (st.channels + 1) * e
             if st.fused and not on_cpu:
                 cost += c + 2 * 2**24 * 4  # the attention library path's q copy and scores
-            peak = max(peak, cost + lse)
         elif isinstance(st, stream._Up):
             o = 4 * cur
             cost = cur + o if st.folded is not None else cur + 2 * o
-            peak, cur, h, w = max(peak, cost), o, 2 * h, 2 * w
+            cur, h, w = o, 2 * h, 2 * w
         elif isinstance(st, stream._Down):
             h2, w2 = h // 2, w // 2
             o = size(st.channels, h2, w2)
@@ -194,16 +202,16 @@ def full_peak(part, shape, dtype: torch.dtype, device) -> int:
                 cost = cur + o + conv_extra(st.conv, o)
             else:  # F.pad's padded copy
                 cost = cur + size(st.channels, h + 1, w + 1) + o
-            peak, cur, h, w = max(peak, cost), o, h2, w2
-        elif isinstance(st, stream._Out):
+            cur, h, w = o, h2, w2
+        else:
             img = size(st.cout, h, w)
             cost = {
                 "run": cur + img,
                 "sdvae": max(3 * cur, 2 * cur + img),
                 "stock": max(2 * cur, cur + img),
                 "patched": max(2 * cur, cur + img),
-            }[flavor]
-            peak = max(peak, cost + conv_extra(st.conv, img))
+            }[flavor] + conv_extra(st.conv, img)
+        peak = max(peak, cost + held)
     return int(peak)
 
 
@@ -380,8 +388,12 @@ def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: s
                       int(full_bytes), int(streamed), int(min_bytes), passes, stored)  # fmt: skip
 
 
+class BudgetError(ValueError):
+    """A memory budget that no path can meet (the message names the smallest that works)."""
+
+
 def _fail(plan: MemoryPlan, name: str = "max_memory"):
-    return ValueError(
+    return BudgetError(
         f"{name}={format_bytes(plan.budget)} is too small to {plan.op} shape "
         f"{tuple(plan.shape)} in {str(plan.dtype).replace('torch.', '')} with "
         f"offload={plan.offload!r}: the smallest budget that works is "
@@ -423,7 +435,7 @@ def vae_plan(vae, op: str, shape, *, dtype=None, device=None, max_memory=None, o
         part = vae.decoder
         # the latents' layout copy, the scaled latents and the post-quant conv's output
         outside, before = 2 * lat, 3 * lat
-        full = before + full_peak(part, shape, dtype, device)
+        full = before + full_peak(part, shape, dtype, device) + _reserve(device)
         shape_in = shape
     else:
         img = n * c * h * w * e if vae.memory_format is not None else 0
@@ -432,7 +444,7 @@ def vae_plan(vae, op: str, shape, *, dtype=None, device=None, max_memory=None, o
         mom = n * 2 * cfg.latent_channels * math.ceil(h / f) * math.ceil(w / f) * e
         outside = img
         after = img + 2 * mom + 3 * mom  # moments, quant conv, sampling's temporaries
-        full = max(img + full_peak(part, shape, dtype, device) + mom, after)
+        full = max(img + full_peak(part, shape, dtype, device) + mom, after) + _reserve(device)
         shape_in = shape
     result = plan_part(part, shape_in, dtype=dtype, device=device, fmt=fmt, budget=budget,
                        offload=offload, full_bytes=full, outside_bytes=outside, op=op,
@@ -499,7 +511,7 @@ def diffusers_decode(akl, z: torch.Tensor, *, band_rows=None) -> torch.Tensor:
     e = z.element_size()
     lat = n * c * h * w * e
     budget = _akl_budget(akl, z.device) if band_rows is None else None
-    full = lat + full_peak(akl.decoder, z.shape, z.dtype, z.device)
+    full = lat + full_peak(akl.decoder, z.shape, z.dtype, z.device) + _reserve(z.device)
     plan = plan_part(akl.decoder, z.shape, dtype=z.dtype, device=z.device,
                      fmt=stream.memory_format_of(akl.decoder, z), budget=budget,
                      offload=offload, full_bytes=full, outside_bytes=lat, op="decode",
@@ -519,7 +531,7 @@ def diffusers_moments(akl, x: torch.Tensor, *, band_rows=None) -> torch.Tensor:
     moments, full or streamed as ``diffusers_decode`` decides."""
     offload = check_offload(getattr(akl, "sdvae_offload", None))
     budget = _akl_budget(akl, x.device) if band_rows is None else None
-    full = full_peak(akl.encoder, x.shape, x.dtype, x.device)
+    full = full_peak(akl.encoder, x.shape, x.dtype, x.device) + _reserve(x.device)
     plan = plan_part(akl.encoder, x.shape, dtype=x.dtype, device=x.device,
                      fmt=stream.memory_format_of(akl.encoder, x), budget=budget,
                      offload=offload, full_bytes=full, op="encode",

@@ -74,7 +74,7 @@ class TensorMemory(TorchDispatchMode):
         self._live[key] = weakref.finalize(st, self._free, key, nbytes)
         self.current += nbytes
         if self.current > self.peak and self.collect:
-            gc.collect()  # storages only reference cycles hold are garbage, not memory in use
+            gc.collect(1)  # storages only young reference cycles hold: garbage, not in use
         self._note(self.current)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

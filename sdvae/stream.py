@@ -95,8 +95,10 @@ class _Attn:
     norm: _Norm
     wq: torch.Tensor
     bq: torch.Tensor | None
-    wkv: torch.Tensor  # (2C, C): to_k then to_v
-    bkv: torch.Tensor | None
+    wk: torch.Tensor
+    bk: torch.Tensor | None
+    wv: torch.Tensor
+    bv: torch.Tensor | None
     wo: torch.Tensor
     bo: torch.Tensor | None
     heads: int
@@ -249,12 +251,10 @@ def _steps(part) -> tuple[str, list, int]:
             fused = isinstance(a.processor, FusedAttnProcessor)
             scale = a.scale if fused else None
             norm_fused = fused
-        wkv = torch.cat([a.to_k.weight, a.to_v.weight])
-        bkv = None if a.to_k.bias is None else torch.cat([a.to_k.bias, a.to_v.bias])
         return _Attn(
             name, rd.norm(a.group_norm, norm_fused, f"{name}.group_norm"),
-            rd.t(a.to_q.weight), rd.t(a.to_q.bias), rd.t(wkv), rd.t(bkv),
-            rd.t(a.to_out[0].weight), rd.t(a.to_out[0].bias), heads, scale, residual, rescale,
+            rd.t(a.to_q.weight), rd.t(a.to_q.bias), rd.t(a.to_k.weight), rd.t(a.to_k.bias),
+            rd.t(a.to_v.weight), rd.t(a.to_v.bias), rd.t(a.to_out[0].weight), rd.t(a.to_out[0].bias), heads, scale, residual, rescale,
             fused and p.dtype != torch.float64, c,
         )  # fmt: skip
 
@@ -880,12 +880,12 @@ class _Runner:
             x = self.mv.read(p.src, r0, r1)
             t = self._tokens(self._gn(x, st.norm, p.stats_in, silu=False))
             del x
-            kv = F.linear(t, self._w(st.wkv), self._w(st.bkv))  # (N, l, 2C): keys, then values
+            n, l0, l1 = t.shape[0], r0 * p.w, r1 * p.w
+            for dst, w, b in ((p.k, st.wk, st.bk), (p.v, st.wv, st.bv)):
+                kv = F.linear(t, self._w(w), self._w(b))  # (N, l, C)
+                dst.tensor[:, :, l0:l1].transpose(1, 2).copy_(kv.view(n, l1 - l0, hd, c // hd))
+                del kv
             del t
-            n, l0, l1 = kv.shape[0], r0 * p.w, r1 * p.w
-            for dst, part in ((p.k, kv[..., :c]), (p.v, kv[..., c:])):
-                dst.tensor[:, :, l0:l1].transpose(1, 2).copy_(part.view(n, l1 - l0, hd, c // hd))
-            del kv
 
     def _attn_qo(self, p: _Pass, bands) -> None:
         st = p.step
@@ -1073,14 +1073,14 @@ def band_peak(prog: _Program, i: int, bands, *, dtype, fmt, offload: bool, real)
 
 def band_checks(height: int, rows: int, offload: bool) -> list[list[tuple[int, int]]]:
     """Runs of consecutive bands whose costs bound every band of a pass: the first band, two
-    in the middle (both parities of their first row) and the last. Offloaded, each comes
-    with the two bands before it (whose written rows are still held) and the one after it
-    (whose rows are prefetched)."""
+    in the middle (both parities of their first row) and the last, each after the band
+    before it. Offloaded, each comes with the two bands before it (whose written rows are
+    still held) and the one after it (whose rows are prefetched)."""
     bands = _band_list(height, rows)
     k = len(bands)
     picks = sorted({0, k // 2, min(k // 2 + 1, k - 1), k - 1})
-    if not offload:
-        return [[bands[j]] for j in picks]
+    if not offload:  # with the band before it: nothing of it may outlive it
+        return [bands[max(j - 1, 0) : j + 1] for j in picks]
     return [bands[max(j - 2, 0) : j + 2] for j in picks]
 
 
