@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 __all__ = ["run", "program", "pass_cost", "band_peak", "memory_format_of"]
 
+
 # ------------------------------------------------------------------ the network as steps
 @dataclasses.dataclass
 class _Norm:
@@ -254,7 +255,8 @@ def _steps(part) -> tuple[str, list, int]:
         return _Attn(
             name, rd.norm(a.group_norm, norm_fused, f"{name}.group_norm"),
             rd.t(a.to_q.weight), rd.t(a.to_q.bias), rd.t(a.to_k.weight), rd.t(a.to_k.bias),
-            rd.t(a.to_v.weight), rd.t(a.to_v.bias), rd.t(a.to_out[0].weight), rd.t(a.to_out[0].bias), heads, scale, residual, rescale,
+            rd.t(a.to_v.weight), rd.t(a.to_v.bias), rd.t(a.to_out[0].weight),
+            rd.t(a.to_out[0].bias), heads, scale, residual, rescale,
             fused and p.dtype != torch.float64, c,
         )  # fmt: skip
 
@@ -579,6 +581,12 @@ class _Mover:
         self._pending.clear()
 
 
+def _kernel_fits(x: torch.Tensor) -> bool:
+    """Whether the band GroupNorm kernels take ``x`` (int32 offsets inside a sample); else
+    they run their reference, and so does the planner's estimate."""
+    return x.shape[1:].numel() < 2**31
+
+
 def _pads(r0, r1, height) -> tuple[int, int, int, int]:
     """Rows [max(r0 - 1, 0), min(r1 + 1, height)) and the zero rows a 3x3 conv needs on top
     and bottom (only at the image's edges)."""
@@ -654,8 +662,9 @@ class _Runner:
     def _gn(self, x, norm: _Norm, slot: _Slot, silu: bool):
         from .kernels import group_norm_band as gnb
 
+        fused = norm.fused and _kernel_fits(x)
         if self.meta:  # what the kernel returns; the reference also holds an fp32 copy
-            if norm.fused:
+            if fused:
                 return gnb._empty_like_format(x)
             y = torch.empty_like(x)
             acc = 8 if x.dtype == torch.float64 else 4
@@ -663,7 +672,7 @@ class _Runner:
             return y
         if slot.rstd is None:
             slot.rstd = torch.rsqrt(slot.m2 / slot.count + norm.eps)
-        if norm.fused:
+        if fused:
             return gnb.group_norm_band_apply(x, slot.mean, slot.rstd, norm.weight, norm.bias,
                                              silu=silu)  # fmt: skip
         return gnb.group_norm_band_apply_reference(x, slot.mean, slot.rstd, self._w(norm.weight),
@@ -675,6 +684,7 @@ class _Runner:
             return
         from .kernels import group_norm_band as gnb
 
+        fused = fused and _kernel_fits(band)
         if self.meta:  # the kernel's partials: a few KB; the reference: an fp32 copy of band
             acc = 8 if band.dtype == torch.float64 else 4
             if not fused and acc != band.element_size():
@@ -773,9 +783,9 @@ class _Runner:
                 for b in (p.out, p.extra, p.k, p.v):
                     self.alloc(b)
                 if p.kind == "out":
-                    oh, ow = prog.out_hw
-                    self.result = torch.empty((prog.n, prog.out_c, oh, ow), dtype=self.dtype,
-                                              device=self.device, memory_format=self.fmt)  # fmt: skip
+                    shape = (prog.n, prog.out_c, *prog.out_hw)
+                    self.result = torch.empty(shape, dtype=self.dtype, device=self.device,
+                                              memory_format=self.fmt)  # fmt: skip
                 getattr(self, "_" + p.kind)(p, _band_list(p.h, self.rows[i]))
                 self.mv.drain()
                 for b in prog.bufs:
@@ -810,15 +820,10 @@ class _Runner:
         for r0, r1 in self._bands(bands, need):
             x = self._x_rows(p.src, r0, r1)
             self._acc(p.stats_out, x, st.norm1.fused)
-            x = x.contiguous(memory_format=self.fmt)
-            if p.materialize:  # x itself: the block's input and its output buffer
-                self.mv.write(p.out, r0, x)
-            else:
-                s = self._conv(x, st.shortcut, 0, 0)
-                del x
-                self.mv.write(p.out, r0, s)
-                del s
-            x = None
+            if not p.materialize:  # the block's 1x1 shortcut, into its output buffer
+                x = self._conv(x.contiguous(memory_format=self.fmt), st.shortcut, 0, 0)
+            self.mv.write(p.out, r0, x)  # materialized: x itself, the block's output buffer
+            del x
 
     def _res_b(self, p: _Pass, bands) -> None:
         st = p.step

@@ -132,13 +132,22 @@ def test_not_supported_reasons(monkeypatch):
         (lambda x, m: gnb.group_norm_band_stats(x, 2.0), TypeError, "num_groups must be"),
         (lambda x, m: gnb.group_norm_band_stats(x.int(), 2), TypeError, "floating-point"),
         (lambda x, m: gnb.group_norm_band_stats([1], 2), TypeError, "x must be a torch.Tensor"),
-        (lambda x, m: gnb.group_norm_band_apply(x, m[:, :1].expand(2, 3), m), ValueError,
-         "mean must be"),
+        (
+            lambda x, m: gnb.group_norm_band_apply(x, m[:, :1].expand(2, 3), m),
+            ValueError,
+            "mean must be",
+        ),
         (lambda x, m: gnb.group_norm_band_apply(x, m, m[:1]), ValueError, "rstd must be"),
-        (lambda x, m: gnb.group_norm_band_apply(x, m, m, torch.ones(3)), ValueError,
-         r"weight must have shape \(4,\)"),
-        (lambda x, m: gnb.group_norm_band_apply(x, m, m, out=x[:, :2]), ValueError,
-         "out must match x"),
+        (
+            lambda x, m: gnb.group_norm_band_apply(x, m, m, torch.ones(3)),
+            ValueError,
+            r"weight must have shape \(4,\)",
+        ),
+        (
+            lambda x, m: gnb.group_norm_band_apply(x, m, m, out=x[:, :2]),
+            ValueError,
+            "out must match x",
+        ),
     ],
 )
 def test_bad_input(call, exc, match):
@@ -215,7 +224,10 @@ def test_vae_band_on_gpu(dtype, layout):
     assert_close(mean, rm, torch.float32)
     assert_close(m2, rm2, torch.float32)
     rstd = torch.rsqrt(m2 / count + 1e-6)
-    w, b = torch.randn(128, device="cuda", dtype=dtype), torch.randn(128, device="cuda", dtype=dtype)
+    w, b = (
+        torch.randn(128, device="cuda", dtype=dtype),
+        torch.randn(128, device="cuda", dtype=dtype),
+    )
     y = gnb.group_norm_band_apply(x, mean, rstd, w, b, silu=True)
     ref = gnb.group_norm_band_apply_reference(x.double(), mean.double(), rstd.double(),
                                               w.double(), b.double(), silu=True)  # fmt: skip

@@ -50,7 +50,9 @@ def plan(ctx: Context) -> list[tuple[int, object, str | None]]:
     try:
         sizes = [int(v) for v in raw.replace(" ", "").split(",") if v]
     except ValueError:
-        raise ValueError(f"SDVAE_BENCH_LARGE_SIZES must be a comma list of sizes, got {raw!r}")
+        raise ValueError(
+            f"SDVAE_BENCH_LARGE_SIZES must be a comma list of sizes, got {raw!r}"
+        ) from None
     if any(s <= 0 or s % 8 for s in sizes):
         raise ValueError(f"SDVAE_BENCH_LARGE_SIZES: sizes must be positive multiples of 8: {raw}")
     out = []
@@ -108,7 +110,7 @@ def cases(ctx: Context):
                 max_memory = fast.memory_plan(z.shape).full_bytes // 2
             cache: dict = {}
 
-            def reference(z=z, cache=cache):
+            def reference(z=z, cache=cache, fast=fast):
                 """The full decode, once per size (None when it does not fit)."""
                 if "ref" not in cache:
                     try:
@@ -128,14 +130,20 @@ def cases(ctx: Context):
             runs = []
             if akl is not None:
                 runs.append(
-                    ("diffusers_tiled", "nchw", lambda akl=akl, z=z: akl.decode(z / sf).sample)
+                    (
+                        "diffusers_tiled",
+                        "nchw",
+                        lambda akl=akl, z=z, sf=sf: akl.decode(z / sf).sample,
+                    )
                 )
-            runs.append(("sdvae", layout, lambda z=z: fast.decode(z)))
+            runs.append(("sdvae", layout, lambda z=z, fast=fast: fast.decode(z)))
             runs.append(
                 (
                     "sdvae_stream",
                     layout,
-                    lambda z=z, m=max_memory, o=offload: fast.decode(z, max_memory=m, offload=o),
+                    lambda z=z, f=fast, m=max_memory, o=offload: f.decode(
+                        z, max_memory=m, offload=o
+                    ),
                 )
             )
             for provider, lay, fn in runs:
