@@ -40,19 +40,13 @@ computing the sample variance" (1979).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from .group_norm import _TRITON_ERROR, _interpreting, tl, triton
 
-    _TRITON_ERROR = None
-except ImportError as _exc:  # CPU-only installs still get the reference path
-    triton = None
-    tl = None
-    _TRITON_ERROR = f"triton is not importable ({_exc})"
+if triton is not None:
+    from .group_norm import _silu
 
 __all__ = [
     "group_norm_band_stats",
@@ -123,11 +117,6 @@ def merge_stats(mean, m2, count, mean_b, m2_b, count_b):
 
 # ----------------------------------------------------------------------------------- kernels
 if triton is not None:
-
-    @triton.jit
-    def _silu(y):
-        # exp's argument capped at 80: no overflow on masked lanes (see group_norm)
-        return y / (1.0 + tl.exp(tl.minimum(-y, 80.0)))
 
     @triton.jit
     def _gnb_stats_kernel(
@@ -250,10 +239,6 @@ if triton is not None:
 
 
 # ------------------------------------------------------------------------------------ host
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _check_x(x, num_groups) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

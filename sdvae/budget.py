@@ -464,36 +464,36 @@ def _budget_for(device, max_memory, offload):
     return budget
 
 
-def decode(vae, latents: torch.Tensor, *, max_memory=None, offload=None, band_rows=None):
-    """``VAE.decode(latents, max_memory=..., offload=...)`` (latents already checked)."""
+def _vae_call(vae, op: str, x: torch.Tensor, max_memory, offload, band_rows):
+    """``VAE.decode`` (``op="decode"``) or ``VAE.moments`` with a budget (input checked):
+    the usual path when it fits, else the streamed one; ``BudgetError`` when nothing fits."""
     offload = check_offload(offload)
-    budget = _budget_for(latents.device, max_memory, offload) if band_rows is None else None
-    plan = vae_plan(vae, "decode", latents.shape, dtype=latents.dtype, device=latents.device,
-                    max_memory=budget, offload=offload, band_rows=band_rows)  # fmt: skip
+    budget = _budget_for(x.device, max_memory, offload) if band_rows is None else None
+    plan = vae_plan(vae, op, x.shape, dtype=x.dtype, device=x.device, max_memory=budget,
+                    offload=offload, band_rows=band_rows)  # fmt: skip
     if plan.path == "none":
         raise _fail(plan)
+    decoding = op == "decode"
     if plan.path == "full":
-        return vae.decode(latents)
+        return vae.decode(x) if decoding else vae.moments(x)
     rows = plan.rows if band_rows is None else band_rows
-    return vae._decode(
-        latents, decoder=lambda z: stream.run(vae.decoder, z, rows=rows, offload=offload)
-    )
+    part = vae.decoder if decoding else vae.encoder
+
+    def streamed(t):
+        return stream.run(part, t, rows=rows, offload=offload)
+
+    return vae._decode(x, decoder=streamed) if decoding else vae._moments(x, encoder=streamed)
+
+
+def decode(vae, latents: torch.Tensor, *, max_memory=None, offload=None, band_rows=None):
+    """``VAE.decode(latents, max_memory=..., offload=...)`` (latents already checked);
+    ``band_rows`` forces the streamed path with those band heights (tests)."""
+    return _vae_call(vae, "decode", latents, max_memory, offload, band_rows)
 
 
 def moments(vae, images: torch.Tensor, *, max_memory=None, offload=None, band_rows=None):
     """``VAE.moments(images, max_memory=..., offload=...)`` (images already checked)."""
-    offload = check_offload(offload)
-    budget = _budget_for(images.device, max_memory, offload) if band_rows is None else None
-    plan = vae_plan(vae, "encode", images.shape, dtype=images.dtype, device=images.device,
-                    max_memory=budget, offload=offload, band_rows=band_rows)  # fmt: skip
-    if plan.path == "none":
-        raise _fail(plan)
-    if plan.path == "full":
-        return vae.moments(images)
-    rows = plan.rows if band_rows is None else band_rows
-    return vae._moments(
-        images, encoder=lambda x: stream.run(vae.encoder, x, rows=rows, offload=offload)
-    )
+    return _vae_call(vae, "encode", images, max_memory, offload, band_rows)
 
 
 # ------------------------------------------------------------------------ diffusers
