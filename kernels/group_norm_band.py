@@ -267,8 +267,6 @@ def not_supported_reasons(x: torch.Tensor, num_groups: int = 1) -> list[str]:
         )
     if x.dtype not in _KERNEL_DTYPES:
         reasons.append(f"dtype {x.dtype} is not one of fp32/fp16/bf16")
-    if (x.shape[1] // num_groups) * x.shape[2] * x.shape[3] >= 2**31:
-        reasons.append("a group of the band holds 2^31 values or more (int32 offsets)")
     if x.shape[2] * x.shape[3] * max(x.shape[1], 1) >= 2**31:
         reasons.append("a sample of the band holds 2^31 values or more (int32 offsets)")
     if torch.is_grad_enabled() and x.requires_grad:
