@@ -22,7 +22,10 @@
 # is the short whole-model run. Target: under 8 minutes on an H100, which is why the
 # whole-model `compile` rows use torch.compile's default mode here (COMPILE_MODE=...
 # overrides; `sdvae bench` alone defaults to max-autotune-no-cudagraphs, whose autotuning of
-# every conv shape takes longer than this whole script may).
+# every conv shape takes longer than this whole script may). `decode_large` (last: 2048^2 to
+# 8192^2 decodes within a memory budget, diffusers' tiling beside sdvae full and streamed;
+# SDVAE_BENCH_LARGE_SIZES narrows it) takes minutes: give it a larger BENCH_TIMEOUT, or run
+# `BENCH_SUITES=decode_large` alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=$(mkdir -p "${1:-bench/results}" && cd "${1:-bench/results}" && pwd)
@@ -67,7 +70,7 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   # Most important first: the CSV is written row by row, so a timeout keeps what ran.
   timeout ${BENCH_TIMEOUT:-210} $PY -m sdvae.cli bench --out "$OUT_DIR" \
     --compile-mode "${COMPILE_MODE:-default}" --rep-ms "${REP_MS:-100}" \
-    ${BENCH_SUITES:-ceiling decode encode conv pad_conv2d attention attention_block group_norm_silu group_norm_fused vae_sample} \
+    ${BENCH_SUITES:-ceiling decode encode conv pad_conv2d attention attention_block group_norm_silu group_norm_fused vae_sample decode_large} \
     > "$OUT_DIR/bench_table.txt" || echo "BENCH FAILED OR TIMED OUT"
   echo "bench took $((SECONDS - t0)) s"
 } 2>&1 | tee "$LOG"

@@ -398,6 +398,8 @@ class EncodeOptions:
     sample: bool = False
     seed: int = 0
     workers: int = 0
+    max_memory: int | None = None  # device memory budget per batch (bytes; sdvae.budget)
+    offload: str | None = None
     run_args: dict = dataclasses.field(default_factory=dict)  # recorded in run.json
 
 
@@ -593,6 +595,16 @@ class _Encoder:
         out, self.out = self.out, {}
         return out
 
+    def _encode(self, x, noise, sample=True):
+        from .budget import BudgetError
+
+        opts = self.opts
+        try:
+            return self.vae.encode(x, noise, sample=sample, max_memory=opts.max_memory,
+                                   offload=opts.offload)  # fmt: skip
+        except BudgetError as exc:
+            raise InputError(f"--max-memory: {exc}") from exc
+
     @torch.no_grad()
     def _run(self, group) -> None:
         u8 = torch.stack([g[1] for g in group])
@@ -609,9 +621,9 @@ class _Encoder:
                     for _, _, s in group
                 ]
             ).to(self.device)
-            lat = self.vae.encode(x, noise)
+            lat = self._encode(x, noise)
         else:
-            lat = self.vae.encode(x, sample=False)
+            lat = self._encode(x, None, sample=False)
         lat = lat.contiguous().cpu()
         for (row, _, _), z in zip(group, lat):
             self.out[row] = z.clone()
@@ -825,6 +837,7 @@ class _LatentItem:
     row: int | None  # row of a stacked tensor, None for a whole tensor
     out_name: str  # relative output path (.png)
     source: str = ""  # the image's name, when the file records it
+    shape: tuple = ()  # (C, h, w)
 
 
 def _png_name(name: str, keep_ext: bool = False) -> str:
@@ -903,14 +916,17 @@ def _items_of(path: str, channels: int, factors=None, norm=None) -> list[_Latent
             if len(shape) != 4 or shape[0] != len(sources):
                 raise InputError(f"{path}: 'latents' {shape} does not match its sources; {fix}")
             check("latents", shape[1:])
-            return [_LatentItem(path, "latents", i, _png_name(s), s) for i, s in enumerate(sources)]
+            return [
+                _LatentItem(path, "latents", i, _png_name(s), s, shape[1:])
+                for i, s in enumerate(sources)
+            ]
         items = []
         for i, s in enumerate(sources):
             key = f"latents.{i}"
             if key not in shapes:
                 raise InputError(f"{path}: shard has no tensor {key!r}; {fix}")
             check(key, shapes[key])
-            items.append(_LatentItem(path, key, None, _png_name(s), s))
+            items.append(_LatentItem(path, key, None, _png_name(s), s, shapes[key]))
         return items
     if "latents" not in shapes:
         raise InputError(f"{path}: no 'latents' tensor (has {sorted(shapes)[:5]}); {fix}")
@@ -919,16 +935,36 @@ def _items_of(path: str, channels: int, factors=None, norm=None) -> list[_Latent
         check("latents", shape[1:])
         stem = os.path.splitext(os.path.basename(path))[0]
         if shape[0] == 1:
-            return [_LatentItem(path, "latents", 0, stem + ".png")]
-        return [_LatentItem(path, "latents", i, f"{stem}-{i:04d}.png") for i in range(shape[0])]
+            return [_LatentItem(path, "latents", 0, stem + ".png", shape=shape[1:])]
+        return [
+            _LatentItem(path, "latents", i, f"{stem}-{i:04d}.png", shape=shape[1:])
+            for i in range(shape[0])
+        ]
     check("latents", shape)
     source = meta.get("source") or os.path.basename(path)
-    return [_LatentItem(path, "latents", None, _png_name(source), source)]
+    return [_LatentItem(path, "latents", None, _png_name(source), source, shape)]
 
 
-def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int = 4) -> int:
+def check_budget(vae, op: str, shapes, batch_size: int, max_memory, offload) -> None:
+    """Refuse (InputError, before any work) a ``--max-memory`` that a batch of
+    ``batch_size`` inputs of one of ``shapes`` ((C, h, w): images to encode or latents to
+    decode, per ``op``) cannot meet, naming the smallest budget that works."""
+    if max_memory is None and offload is None:
+        return
+    from .budget import _fail
+
+    for c, h, w in sorted(set(shapes)):
+        plan = vae.memory_plan((batch_size, c, h, w), op=op, max_memory=max_memory,
+                               offload=offload)  # fmt: skip
+        if plan.path == "none":
+            raise InputError(f"--max-memory: {_fail(plan)}")
+
+
+def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int = 4,
+                  max_memory: int | None = None, offload: str | None = None) -> int:  # fmt: skip
     """Decode latents files and shard folders to PNGs under ``out_dir`` (sub-folders of the
-    sources kept). Every input is checked before anything is written. Returns the count."""
+    sources kept). Every input is checked before anything is written, the memory budget
+    (``max_memory`` / ``offload``, see ``sdvae.budget``) included. Returns the count."""
     files = [f for arg in inputs for f in _latent_files(arg)]
     cfg = vae.config
     factors = (cfg.scaling_factor, cfg.shift_factor)
@@ -953,12 +989,18 @@ def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int =
                 "decode them into separate -o folders"
             )
         seen[it.out_name] = it.file
+    counts: dict[tuple, int] = {}
+    for it in items:
+        counts[it.shape] = counts.get(it.shape, 0) + 1
+    for shape, count in counts.items():
+        check_budget(vae, "decode", [shape], min(batch_size, count), max_memory, offload)
     make_out_dir(out_dir)
-    return _decode_items(vae, items, out_dir, batch_size)
+    return _decode_items(vae, items, out_dir, batch_size, dict(max_memory=max_memory,
+                                                               offload=offload))  # fmt: skip
 
 
 @torch.no_grad()
-def _decode_items(vae, items: list[_LatentItem], out_dir: str, batch_size: int) -> int:
+def _decode_items(vae, items: list[_LatentItem], out_dir: str, batch_size: int, budget) -> int:
     from safetensors import safe_open
 
     p = next(vae.parameters())
@@ -980,7 +1022,8 @@ def _decode_items(vae, items: list[_LatentItem], out_dir: str, batch_size: int) 
             for i in range(0, len(same), batch_size):
                 chunk = same[i : i + batch_size]
                 z = torch.stack([c[1] for c in chunk]).to(p.device, p.dtype)
-                for (it, _), img in zip(chunk, vae.decode(z)):
+                imgs = vae.decode(z, **budget)
+                for (it, _), img in zip(chunk, imgs):
                     target = os.path.join(out_dir, it.out_name)
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     write_image(img, target)

@@ -289,12 +289,18 @@ def _encode_rank(args, dist, device) -> int:
         sample=args.sample,
         seed=args.seed if args.seed is not None else 0,
         workers=_default_workers() if args.workers is None else args.workers,
+        max_memory=args.max_memory,
+        offload=args.offload,
         run_args={
             "weights": os.path.abspath(args.weights),
             "config": args.config,
             "fused": not args.no_fuse,
         },
     )
+    if args.size:
+        sizes = cache.buckets(args.size, args.buckets) if args.buckets else [args.size]
+        cache.check_budget(vae, "encode", [(vae.config.in_channels, h, w) for h, w in sizes],
+                           args.batch_size, args.max_memory, args.offload)  # fmt: skip
     _make_out_dir(args.output)
     problem = None
     if dist.rank == 0:
@@ -330,7 +336,8 @@ def _decode(args) -> int:
         if not os.path.exists(arg):
             raise InputError(f"{arg}: no such file or folder; give latents files or folders")
     vae = _load_model(args, device)
-    n = decode_inputs(vae, args.latents, args.output, batch_size=args.batch_size)
+    n = decode_inputs(vae, args.latents, args.output, batch_size=args.batch_size,
+                      max_memory=args.max_memory, offload=args.offload)  # fmt: skip
     print(f"wrote {n} images to {args.output}")
     return 0
 
@@ -347,6 +354,18 @@ def _model_args(p, batch_size: int):
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default fp16 on cuda, fp32 on cpu")
     p.add_argument("--batch-size", type=_positive, default=batch_size)
     p.add_argument("--no-fuse", action="store_true", help="run the eager reference model")
+    p.add_argument(
+        "--max-memory",
+        type=_memory,
+        metavar="SIZE",
+        help="device memory budget of each batch (bytes, or e.g. 6GiB, 12GB): over it the "
+        "exact streamed path runs, same result (see the README's 'Memory budget')",
+    )
+    p.add_argument(
+        "--offload",
+        choices=("cpu",),
+        help="let the streamed path keep its stored activations in host memory",
+    )
 
 
 def _int_at_least(text: str, low: int) -> int:
@@ -357,6 +376,15 @@ def _int_at_least(text: str, low: int) -> int:
     if v is None or v < low:
         raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least {low}")
     return v
+
+
+def _memory(text: str) -> int:
+    from .budget import parse_memory
+
+    try:
+        return parse_memory(text, "--max-memory")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:

@@ -24,7 +24,11 @@ the instance (never on diffusers' classes, so other models are untouched) and
 * ``encode(...).latent_dist``: a distribution whose ``sample(generator)`` is one
   ``vae_sample`` kernel (noise drawn in-kernel from a seed taken from ``generator``).
 
-``enable_slicing()`` and ``enable_tiling()`` keep working: they call the same patched modules.
+``enable_slicing()`` keeps working: it calls the same patched modules. ``enable_tiling()``
+runs sdvae's exact streamed path instead of diffusers' blended tiles (``sdvae.budget``): the
+same output as the untiled model, the full path when it fits the budget
+(``patch_diffusers(max_memory=...)``, or the ``sdvae_max_memory`` attribute; default: the
+device's free memory), else the streamed one (``offload=`` / ``sdvae_offload``).
 
 Weights on the meta device (a model built under accelerate's ``init_empty_weights`` or
 ``torch.device("meta")``, whose weights arrive later through ``load_state_dict(...,
@@ -341,18 +345,60 @@ class _Usable:
         return not_supported_reasons(self.empty(1, 2 * latent_channels, 2, 2))
 
 
-def patch_diffusers(autoencoder_kl, *, channels_last: bool | None = None):
+def _tiled_decode(self, z, return_dict: bool = True):
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    from .budget import diffusers_decode
+
+    dec = diffusers_decode(self, z)
+    return DecoderOutput(sample=dec) if return_dict else (dec,)
+
+
+def _tiled_moments(self, x):
+    from .budget import diffusers_moments
+
+    return diffusers_moments(self, x)
+
+
+def _tiled_encode(self, x, return_dict: bool = True):
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    posterior = DiagonalGaussianDistribution(_tiled_moments(self, x))
+    return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+
+_TILED = {"tiled_decode": _tiled_decode, "_tiled_encode": _tiled_moments,
+          "tiled_encode": _tiled_encode}  # fmt: skip
+
+
+def patch_diffusers(
+    autoencoder_kl,
+    *,
+    channels_last: bool | None = None,
+    max_memory=None,
+    offload: str | None = None,
+):
     """Put sdvae's kernels inside a diffusers ``AutoencoderKL`` in place; returns it.
 
     Call it after moving the model to its device and dtype: each block is patched only where
     its op runs the fused kernel there; ``autoencoder_kl._sdvae_reasons`` lists the others.
     ``channels_last=None`` moves the model to channels_last on CUDA (as ``sdvae.optimize``)
-    and leaves it as it is on the CPU; ``unpatch_diffusers`` does not move it back."""
+    and leaves it as it is on the CPU; ``unpatch_diffusers`` does not move it back.
+
+    With ``enable_tiling()`` the model decodes and encodes exactly (sdvae's streamed path, no
+    blended tiles) within ``max_memory`` (bytes or e.g. ``"6GiB"``; kept in the
+    ``sdvae_max_memory`` attribute, None: the device's free memory at each call), stored
+    activations in host memory with ``offload="cpu"`` (``sdvae_offload``)."""
+    from .budget import check_offload, parse_memory
+
+    budget, offload = parse_memory(max_memory), check_offload(offload)
     AutoencoderKL, Attention, DiagonalGaussian, Downsample2D, ResnetBlock2D, Upsample2D = (
         _diffusers()
     )
     check_diffusers_model(autoencoder_kl)  # AutoencoderKL or AutoencoderKLFlux2
     if is_patched(autoencoder_kl):
+        autoencoder_kl.sdvae_max_memory, autoencoder_kl.sdvae_offload = budget, offload
         return autoencoder_kl
     p = next(autoencoder_kl.parameters())
     usable = _Usable(p.device, p.dtype)
@@ -405,6 +451,10 @@ def patch_diffusers(autoencoder_kl, *, channels_last: bool | None = None):
         autoencoder_kl.encode = _encode_wrapper(
             autoencoder_kl, autoencoder_kl.encode, _fused_distribution_class(DiagonalGaussian)
         )
+    for name, fn in _TILED.items():
+        if hasattr(type(autoencoder_kl), name):
+            setattr(autoencoder_kl, name, types.MethodType(fn, autoencoder_kl))
+    autoencoder_kl.sdvae_max_memory, autoencoder_kl.sdvae_offload = budget, offload
     autoencoder_kl._sdvae_patched = patched
     autoencoder_kl._sdvae_reasons = usable.reasons
     if channels_last is None:
@@ -438,6 +488,8 @@ def unpatch_diffusers(autoencoder_kl):
     if hasattr(autoencoder_kl, "_sdvae_original_encode"):
         del autoencoder_kl.encode
         del autoencoder_kl._sdvae_original_encode
+    for name in list(_TILED) + ["sdvae_max_memory", "sdvae_offload"]:
+        autoencoder_kl.__dict__.pop(name, None)
     del autoencoder_kl._sdvae_patched
     autoencoder_kl._sdvae_reasons = {}
     return autoencoder_kl

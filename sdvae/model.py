@@ -717,16 +717,21 @@ class VAE(nn.Module):
             raise ValueError(f"{name} is on {x.device} but the model is on {p.device}")
 
     # ------------------------------------------------------------- encode
-    def moments(self, images: torch.Tensor) -> torch.Tensor:
-        """The encoder's (N, 2*latent_channels, h, w) output: mean channels, then log-variance."""
+    def moments(self, images: torch.Tensor, *, max_memory=None, offload=None) -> torch.Tensor:
+        """The encoder's (N, 2*latent_channels, h, w) output: mean channels, then log-variance.
+        ``max_memory`` / ``offload``: see ``encode``."""
         self._check_input("images", images, self.config.in_channels)
+        if max_memory is not None or offload is not None:
+            from . import budget
+
+            return budget.moments(self, images, max_memory=max_memory, offload=offload)
         graphed = self._graphed("moments", images)
         return graphed(images) if graphed is not None else self._moments(images)
 
-    def _moments(self, images: torch.Tensor) -> torch.Tensor:
+    def _moments(self, images: torch.Tensor, encoder=None) -> torch.Tensor:
         if self.memory_format is not None:
             images = images.contiguous(memory_format=self.memory_format)
-        m = self.encoder(images)
+        m = (encoder or self.encoder)(images)
         if self.quant_conv is not None:
             m = self.quant_conv(m)
         return m
@@ -739,6 +744,8 @@ class VAE(nn.Module):
         sample: bool = True,
         seed: int | None = None,
         raw: bool = False,
+        max_memory=None,
+        offload=None,
     ) -> torch.Tensor:
         """Images -> the pipeline's latents: ``(z - shift_factor) * scaling_factor`` for the SD
         configs; for FLUX.2, ``z`` 2x2-patchified and normalized per channel by the
@@ -754,6 +761,13 @@ class VAE(nn.Module):
         The same ``seed`` reproduces the same latents on the same path; the fused path
         (``sdvae.optimize``) draws its noise inside the kernel (Philox), so its latents for a
         seed differ from the unfused model's (same distribution, other draws).
+
+        ``max_memory`` (bytes, or a string such as ``"6GiB"``) bounds the call's peak memory:
+        the usual path runs when it fits, else the exact streamed one (``sdvae.stream``: the
+        same result, layer by layer over row bands); a budget that nothing meets raises
+        ``ValueError`` naming the smallest that works. ``offload="cpu"`` keeps the streamed
+        path's stored activations in pinned host memory (with ``max_memory=None``: within the
+        device's free memory). ``memory_plan`` tells the estimate and the plan beforehand.
         """
         if noise is not None and seed is not None:
             raise ValueError("give either noise or seed, not both")
@@ -764,9 +778,8 @@ class VAE(nn.Module):
         if self.config.is_flux2 and not raw and isinstance(images, torch.Tensor):
             if images.dim() == 4:  # odd latents: refused before the encoder runs
                 self.latent_shape(*images.shape[2:])
-        return self._latents_from_moments(
-            self.moments(images), noise, sample=sample, seed=seed, raw=raw
-        )
+        moments = self.moments(images, max_memory=max_memory, offload=offload)
+        return self._latents_from_moments(moments, noise, sample=sample, seed=seed, raw=raw)
 
     def _latents_from_moments(
         self, moments: torch.Tensor, noise, *, sample: bool, seed: int | None, raw: bool
@@ -816,10 +829,17 @@ class VAE(nn.Module):
         )
 
     # ------------------------------------------------------------- decode
-    def decode(self, latents: torch.Tensor, *, raw: bool = False) -> torch.Tensor:
+    def decode(
+        self,
+        latents: torch.Tensor,
+        *,
+        raw: bool = False,
+        max_memory=None,
+        offload=None,
+    ) -> torch.Tensor:
         """The pipeline's latents (what ``encode`` returns) -> images (nominally in [-1, 1];
         not clamped). ``raw=True`` takes the encoder's own latents instead, as diffusers'
-        ``vae.decode`` does.
+        ``vae.decode`` does. ``max_memory`` / ``offload``: see ``encode``.
 
         Never modifies ``latents``."""
         if not isinstance(raw, bool):
@@ -827,21 +847,37 @@ class VAE(nn.Module):
         cfg = self.config
         channels = cfg.latent_channels if raw else cfg.pipeline_latent_channels
         self._check_input("latents", latents, channels)
+        if max_memory is not None or offload is not None:
+            from . import budget
+
+            return budget.decode(self, latents, max_memory=max_memory, offload=offload, raw=raw)
         name = "decode_raw" if raw else "decode"
         graphed = self._graphed(name, latents)
         if graphed is not None:
             return graphed(latents)
         return self._decode_raw(latents) if raw else self._decode(latents)
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.memory_format is not None:
-            latents = latents.contiguous(memory_format=self.memory_format)
-        return self.decoder(self._decoder_input(latents))
+    def memory_plan(self, shape, *, op: str = "decode", dtype=None, device=None,
+                    max_memory=None, offload=None, raw: bool = False):  # fmt: skip
+        """The estimated peak memory and the plan ``decode`` (``op="decode"``, ``shape`` of the
+        latents, the pipeline's or with ``raw=True`` the raw ones) or ``encode``
+        (``op="encode"``, ``shape`` of the images) would use within ``max_memory``
+        (``sdvae.budget.MemoryPlan``; ``.describe()`` prints it). ``dtype`` and ``device``
+        default to the model's."""
+        from . import budget
 
-    def _decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
+        return budget.vae_plan(self, op, shape, dtype=dtype, device=device,
+                               max_memory=max_memory, offload=offload, raw=raw)  # fmt: skip
+
+    def _decode(self, latents: torch.Tensor, decoder=None) -> torch.Tensor:
         if self.memory_format is not None:
             latents = latents.contiguous(memory_format=self.memory_format)
-        return self.decoder(self._decoder_input(latents, raw=True))
+        return (decoder or self.decoder)(self._decoder_input(latents))
+
+    def _decode_raw(self, latents: torch.Tensor, decoder=None) -> torch.Tensor:
+        if self.memory_format is not None:
+            latents = latents.contiguous(memory_format=self.memory_format)
+        return (decoder or self.decoder)(self._decoder_input(latents, raw=True))
 
     def _decoder_input(self, latents: torch.Tensor, *, raw: bool = False) -> torch.Tensor:
         """What the decoder's ``conv_in`` reads: the latents de-scaled (SD) or de-normalized

@@ -19,7 +19,7 @@ def test_measure_returns_ordered_quantiles():
 
 def test_suites_discovered():
     names = engine.suites()
-    assert {"decode", "encode", "ceiling"} <= set(names)
+    assert {"decode", "encode", "ceiling", "decode_large"} <= set(names)
 
 
 def test_register_twice_is_refused():
@@ -155,3 +155,42 @@ def test_cpu_conv_suite_runs():
         for provider in ("eager", "cudnn_epilogue", "sdvae"):
             assert (shape, "fp32", "nchw", provider) in got, sorted(got)
     assert all(r.median_ms and r.median_ms > 0 and r.tflops > 0 for r in rows)
+
+
+def test_decode_large_rows_on_cpu(monkeypatch):
+    """`decode_large` at its CPU size: diffusers' tiling, sdvae's full decode and the streamed
+    decode within half the full path's estimate (its peak counted by sdvae.memtrack), with
+    and without offload; max_err against the full decode."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pytest.importorskip("diffusers")
+    rows = engine.run(engine.Context(CPU, quick=True), ["decode_large"], rep_ms=1)
+    got = {(r.shape.split(" max_memory=")[1], r.provider) for r in rows}
+    budgets = {r.shape.split(" max_memory=")[1] for r in rows}
+    assert len(budgets) == 2 and any("offload=cpu" in b for b in budgets)
+    for b in budgets:
+        for provider in ("diffusers_tiled", "sdvae", "sdvae_stream"):
+            assert (b, provider) in got
+    for r in rows:
+        assert r.median_ms > 0 and r.peak_mem_mb > 0 and r.shape.startswith("1x4x8x8 -> 64x64")
+        limit = int(r.shape.split("max_memory=")[1].split("B")[0])
+        if r.provider == "sdvae_stream":
+            assert r.max_err is not None and r.max_err < 1e-4  # the same pixels
+            if "offload" not in r.shape:  # (offloaded tensors are CPU memory here too)
+                assert r.peak_mem_mb * 2**20 <= limit
+        elif r.provider == "sdvae":
+            assert r.max_err is None and r.peak_mem_mb * 2**20 > limit
+        else:
+            assert r.max_err is not None and r.max_err > 1e-3  # its tiles' own statistics
+
+
+def test_decode_large_gpu_plan(monkeypatch):
+    from sdvae.bench import cases_decode_large as cdl
+
+    gpu = engine.Context(torch.device("cuda"), quick=False)  # planning allocates nothing
+    monkeypatch.delenv("SDVAE_BENCH_LARGE_SIZES", raising=False)
+    assert cdl.plan(gpu) == [(2048, "3.2GB", None), (4096, "12GB", None), (8192, "12GB", "cpu")]
+    monkeypatch.setenv("SDVAE_BENCH_LARGE_SIZES", "3072,8000")
+    assert cdl.plan(gpu) == [(3072, "3.2GB", None), (8000, "12GB", "cpu")]
+    monkeypatch.setenv("SDVAE_BENCH_LARGE_SIZES", "100x")
+    with pytest.raises(ValueError, match="SDVAE_BENCH_LARGE_SIZES"):
+        cdl.plan(gpu)

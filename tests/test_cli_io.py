@@ -250,3 +250,55 @@ def test_existing_unwritable_output_folder(tmp_path, weights, capsys):
     common = ["--weights", str(folder), "--device", "cpu", "--no-fuse", "-o", _unwritable_dir()]
     for argv in (["encode", str(tmp_path / "a.png")], ["decode", str(tmp_path / "ok.safetensors")]):
         _fails(capsys, [*argv, *common], "-o /sys: cannot write in the folder", "writable")
+
+
+# ------------------------------------------------------------------------ memory budget
+def test_encode_decode_within_a_memory_budget(tmp_path, weights, capsys):
+    """--max-memory below the full path's needs: the streamed path, the same latents and
+    images (up to rounding) as without a budget, with and without --offload cpu."""
+    vae, _, folder = weights
+    for i in range(2):
+        _png(tmp_path / f"img{i}.png", 16, 16, i)
+    imgs = [str(tmp_path / f"img{i}.png") for i in range(2)]
+    common = ["--weights", str(folder), "--device", "cpu", "--no-fuse", "--batch-size", "2"]
+    enc_plan = vae.memory_plan((2, 3, 16, 16), op="encode", max_memory=1)
+    dec_plan = vae.memory_plan((2, 4, 8, 8), max_memory=1)
+    assert enc_plan.min_bytes < enc_plan.full_bytes and dec_plan.min_bytes < dec_plan.full_bytes
+    enc = ["encode", *imgs, *common, "--workers", "0", "--size", "16"]
+    assert cli.main([*enc, "-o", str(tmp_path / "full")]) == 0
+    budget = ["--max-memory", str(enc_plan.min_bytes)]
+    assert cli.main([*enc, *budget, "-o", str(tmp_path / "lat")]) == 0
+    assert cli.main([*enc, *budget, "--offload", "cpu", "-o", str(tmp_path / "off")]) == 0
+    with safe_open(tmp_path / "full" / "shard-000000.safetensors", "pt") as fh:
+        want = fh.get_tensor("latents")
+    for name in ("lat", "off"):
+        with safe_open(tmp_path / name / "shard-000000.safetensors", "pt") as fh:
+            torch.testing.assert_close(fh.get_tensor("latents"), want, rtol=1e-5, atol=1e-6)
+    dec = ["decode", str(tmp_path / "full"), *common]
+    assert cli.main([*dec, "-o", str(tmp_path / "img_full")]) == 0
+    small = ["--max-memory", f"{dec_plan.min_bytes}B", "--offload", "cpu"]
+    assert cli.main([*dec, *small, "-o", str(tmp_path / "img_small")]) == 0
+    for i in range(2):
+        a = np.asarray(PIL.open(tmp_path / "img_full" / f"img{i}.png")).astype(int)
+        b = np.asarray(PIL.open(tmp_path / "img_small" / f"img{i}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1  # 8-bit rounding of equal images
+
+
+def test_memory_budget_failures(tmp_path, weights, capsys):
+    vae, _, folder = weights
+    _png(tmp_path / "a.png", 16, 16, 0)
+    save_file({"latents": torch.randn(4, 8, 8)}, tmp_path / "z.safetensors")
+    common = ["--weights", str(folder), "--device", "cpu", "--no-fuse", "-o", str(tmp_path / "o")]
+    small = vae.memory_plan((1, 4, 8, 8), max_memory=1).min_bytes
+    line = _fails(capsys, ["decode", str(tmp_path / "z.safetensors"), *common,
+                           "--max-memory", "100"], "--max-memory", "smallest budget")  # fmt: skip
+    assert f"{small} bytes" in line
+    enc = ["encode", str(tmp_path / "a.png"), "--size", "16", *common]
+    _fails(capsys, [*enc, "--max-memory", "1KiB"], "--max-memory", "smallest budget")
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+    for bad in (["--max-memory", "lots"], ["--offload", "gpu"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*enc, *bad])
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-memory" in err and "'lots'" in err and "invalid choice: 'gpu'" in err

@@ -144,6 +144,10 @@ def test_patch_diffusers_sampling_uses_generator():
     assert 0.3 < float(z.std()) < 3.0
 
 
+def _rel(out, ref) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
 @torch.no_grad()
 def test_patch_diffusers_with_slicing_and_tiling():
     akl, patched = _akl_pair()
@@ -158,11 +162,11 @@ def test_patch_diffusers_with_slicing_and_tiling():
     for model in (akl, patched):
         model.disable_slicing()
         model.enable_tiling()
-    # Tiling changes the result (overlapping tiles are blended): compare tiled with tiled.
-    assert_close(
-        patched.encode(x).latent_dist.mode(), akl.encode(x).latent_dist.mode(), name="tiled encode"
-    )
-    assert_close(patched.decode(z).sample, akl.decode(z).sample, name="tiled decode")
+    # diffusers' own tiling blends tiles with their own statistics; the patched model's tiling
+    # is sdvae's exact path (tests/test_stream.py): it gives the untiled result.
+    assert _rel(akl.encode(x).latent_dist.mode(), want_enc) > 1e-3  # 32 > 16: tiled
+    assert_close(patched.encode(x).latent_dist.mode(), want_enc, name="tiled encode")
+    assert_close(patched.decode(z).sample, want_dec, name="tiled decode")
 
 
 @torch.no_grad()

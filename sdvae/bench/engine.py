@@ -10,8 +10,11 @@ repeat (a 256 MiB write, outside the events), and the median and p20/p80 of the 
 kept. On the CPU (the C++ CPU path, and ``make bench`` on a machine without a GPU) the host
 clock times each call.
 
-Peak memory (``peak_mem_mb``, CUDA only) is what one call allocates beyond what was allocated
-just before it: weights and inputs excluded, the output and every intermediate included.
+Peak memory (``peak_mem_mb``) is what one call allocates beyond what was allocated just
+before it: weights and inputs excluded, the output and every intermediate included. CUDA's
+allocator counts it; on the CPU only cases that ask (``Case.track_cpu_memory``) report it,
+counted by ``sdvae.memtrack`` (live tensor bytes). ``max_err`` is a case's own accuracy
+figure when it has one (``Case.error``, e.g. the max pixel error against a reference).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ __all__ = [
 
 CSV_COLUMNS = (
     "date,gpu,torch,triton,commit,bench,shape,dtype,layout,provider,"
-    "median_ms,p20_ms,p80_ms,gbps,tflops,peak_mem_mb"
+    "median_ms,p20_ms,p80_ms,gbps,tflops,peak_mem_mb,max_err"
 ).split(",")
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -61,6 +64,8 @@ class Case:
     nbytes: int | None = None
     flops: float | None = None
     memory_only: bool = False  # report peak memory from one call, do not time
+    track_cpu_memory: bool = False  # on the CPU, count the peak with sdvae.memtrack
+    error: Callable[[], float] | None = None  # the case's max error (computed once)
 
 
 @dataclass
@@ -91,6 +96,7 @@ class Row:
     gbps: float | None
     tflops: float | None
     peak_mem_mb: float | None
+    max_err: float | None = None
     meta: dict = field(default_factory=dict)
 
 
@@ -181,11 +187,15 @@ def measure(
     return float(q[0]), float(q[1]), float(q[2])
 
 
-def _peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+def _peak_mb(fn: Callable[[], object], device: torch.device, track_cpu=False) -> float | None:
     """Peak memory one call allocates beyond what was allocated before it (weights and inputs
-    excluded, its output included), in MiB; CUDA only."""
+    excluded, its output included), in MiB; on the CPU with ``track_cpu`` only."""
     if device.type != "cuda":
-        return None
+        if not track_cpu:
+            return None
+        from ..memtrack import peak_bytes
+
+        return peak_bytes(fn, device)[1] / 2**20
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -241,11 +251,12 @@ def run(
                     med, p20, p80 = measure(
                         case.fn, ctx.device, rep_ms=rep_ms, warmup_ms=rep_ms / 4
                     )
-                peak = _peak_mb(case.fn, ctx.device)
+                peak = _peak_mb(case.fn, ctx.device, case.track_cpu_memory)
+                err = case.error() if case.error is not None else None
             except torch.cuda.OutOfMemoryError as exc:  # a real result at 2048², not a crash
                 if progress:
                     progress(f"    out of memory: {str(exc).splitlines()[0]}")
-                med = p20 = p80 = peak = None
+                med = p20 = p80 = peak = err = None
                 torch.cuda.empty_cache()
             except Exception as exc:
                 if errors is None:
@@ -268,6 +279,7 @@ def run(
                     gbps=(case.nbytes / (med * 1e-3) / 1e9) if (case.nbytes and med) else None,
                     tflops=(case.flops / (med * 1e-3) / 1e12) if (case.flops and med) else None,
                     peak_mem_mb=peak,
+                    max_err=err,
                 )
             )
             if on_row:
@@ -340,7 +352,7 @@ class CsvWriter:
             [env["date"], env["gpu"], env["torch"], env["triton"], env["commit"]]
             + [r.bench, r.shape, r.dtype, r.layout, r.provider]
             + [_fmt(r.median_ms, 6), _fmt(r.p20_ms, 6), _fmt(r.p80_ms, 6)]
-            + [_fmt(r.gbps, 6), _fmt(r.tflops, 6), _fmt(r.peak_mem_mb, 6)]
+            + [_fmt(r.gbps, 6), _fmt(r.tflops, 6), _fmt(r.peak_mem_mb, 6), _fmt(r.max_err, 6)]
         )
         self._fh.flush()
 
@@ -376,8 +388,8 @@ def markdown(rows: list[Row], device: torch.device) -> str:
     head = (
         f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}\n\n"
         "| bench | shape | dtype | layout | provider | median ms | p20 ms | p80 ms "
-        "| GB/s | TFLOP/s | peak MB | vs eager |\n"
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| GB/s | TFLOP/s | peak MB | max err | vs eager |\n"
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
@@ -389,7 +401,7 @@ def markdown(rows: list[Row], device: torch.device) -> str:
             f"| {r.bench} | {r.shape} | {r.dtype} | {r.layout} | {r.provider} | "
             f"{_fmt(r.median_ms)} | "
             f"{_fmt(r.p20_ms)} | {_fmt(r.p80_ms)} | {_fmt(r.gbps)} | {_fmt(r.tflops)} | "
-            f"{_fmt(r.peak_mem_mb)} | {ratio} |"
+            f"{_fmt(r.peak_mem_mb)} | {_fmt(r.max_err, 3)} | {ratio} |"
         )
     return head + "\n".join(lines) + "\n"
 

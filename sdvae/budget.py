@@ -1,0 +1,560 @@
+"""Memory budgets for encode and decode: ``max_memory`` / ``offload``, the planner, and the
+entry points ``VAE.encode/decode/memory_plan`` and the diffusers patch call.
+
+A budget counts what one call allocates on the device beyond the weights and its input, the
+output included (as the bench's ``peak_mem_mb``: ``torch.cuda.max_memory_allocated`` minus
+what was allocated before the call).
+
+* Today's (full) path: its peak is estimated layer by layer (``full_peak``) from what each
+  block of the model holds at once in the code that runs it -- sdvae's fused path (in-place
+  GroupNorms, the folded upsampler), sdvae's eager path, stock or patched diffusers.
+* The streamed path (``sdvae.stream``): for each pass the stored tensors live during it
+  (known exactly) plus the most one band of its rows allocates, measured by running the
+  engine's own band code on the meta device (``stream.pass_cost``); band heights are the
+  largest that fit the budget, pass by pass.
+* On CUDA ``stream.CUDA_RESERVE`` is kept for library workspaces (cuDNN, cuBLAS, the
+  attention library path's score chunks), which no tensor shows.
+
+``plan`` picks the full path when its estimate fits, else the streamed path; a budget below
+the streamed path's smallest bands raises ``ValueError`` naming the smallest budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+
+import torch
+
+from . import stream
+
+__all__ = [
+    "BudgetError",
+    "MemoryPlan",
+    "PassPlan",
+    "StoredTensor",
+    "parse_memory",
+    "format_bytes",
+    "free_memory",
+    "full_peak",
+    "plan_part",
+    "vae_plan",
+    "decode",
+    "moments",
+    "diffusers_decode",
+    "diffusers_moments",
+    "OFFLOADS",
+    "CUDA_RESERVE",
+]
+
+OFFLOADS = (None, "cpu")
+#: Device memory kept free for library workspaces on CUDA (cuDNN conv workspaces, cuBLAS,
+#: the attention library path's score chunks of up to 128 MiB), which no tensor shows.
+CUDA_RESERVE = 384 * 2**20
+#: Small allocations that do not scale with the image (kernel scratch), beside the GroupNorm
+#: statistics the streamed path keeps (counted per plan).
+FIXED_RESERVE = 32 * 2**10
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_memory(value, name: str = "max_memory") -> int | None:
+    """Bytes from an int or a string such as ``"6GiB"``, ``"512 MiB"``, ``"12GB"`` (decimal
+    kB/MB/GB/TB, binary KiB/MiB/GiB/TiB); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of bytes or a string like '6GiB', got a bool")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or value < 1:
+            raise ValueError(f"{name} must be a positive number of bytes, got {value}")
+        return int(value)
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a number of bytes or a string like '6GiB', got {type(value).__name__}"
+        )
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(
+            f"{name}={value!r}: give bytes or a size such as '6GiB', '512MiB' or '12GB'"
+        )
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return n
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def free_memory(device) -> int:
+    """Bytes a call can still allocate on ``device``: CUDA's free memory plus what torch's
+    caching allocator holds unused; on the CPU the available physical memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 2**62
+
+
+def check_offload(offload) -> str | None:
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
+    return offload
+
+
+# ------------------------------------------------------------------ today's path
+def _flavor(part) -> str:
+    """Which code runs ``part``'s full forward: ``run`` (sdvae fused), ``sdvae`` (sdvae
+    eager), ``patched`` / ``stock`` (diffusers with / without ``patch_diffusers``)."""
+    from . import model as M
+
+    if isinstance(part, (M.Encoder, M.Decoder)):
+        return "run" if M._fused_run(part) else "sdvae"
+    blocks = part.mid_block.resnets if part.mid_block is not None else []
+    return "patched" if any(stream._is_patched(b) for b in blocks) else "stock"
+
+
+def full_peak(part, shape, dtype: torch.dtype, device) -> int:
+    """Estimated peak bytes of ``part``'s own full forward on an input of ``shape`` (the input
+    excluded, the output included): the largest, over the layers, of what the running code
+    holds at once (the layer's input, its temporaries and output), in units of the layer's
+    tensors. Upper bounds of the counts measured with ``sdvae.memtrack`` on the CPU for every
+    flavour (tests/test_stream.py)."""
+    kind, steps, _ = stream._steps(part)
+    flavor = _flavor(part)
+    device = torch.device(device)
+    on_cpu = device.type == "cpu"
+    n, _, h, w = shape
+    e = torch.empty((), dtype=dtype).element_size()
+
+    def size(c, hh, ww):
+        return n * c * hh * ww * e
+
+    def conv_extra(conv, out):  # sdvae's C++ CPU conv copies its output once
+        return out if (on_cpu and conv.fused) else 0
+
+    peak, cur, held, level_in, box = 0, 0, 0, 0, None
+    for st in steps:
+        # A level or mid block called as a module keeps its input (nn.Module's call holds
+        # the arguments) while its later blocks run; the fused path hands tensors on.
+        container = re.split(r"\.(?:resnets|attentions|upsamplers|downsamplers)\.", st.name)[0]
+        if container != box:
+            box, held, level_in = container, 0, cur
+        elif flavor != "run":
+            held = level_in
+        if isinstance(st, stream._ConvIn):
+            out = size(st.cout, h, w)
+            cost, cur = out + conv_extra(st.conv, out), out
+        elif isinstance(st, stream._Res):
+            x, o = size(st.cin, h, w), size(st.cout, h, w)
+            if st.shortcut is not None:
+                cost = {
+                    "run": max(x + 2 * o, 3 * o),
+                    "sdvae": max(3 * x, 2 * x + o, x + 3 * o),
+                    "stock": max(3 * x, 2 * x + o, 2 * x + 2 * o, x + 4 * o),
+                    "patched": max(2 * x + o, x + 3 * o),
+                }[flavor]
+            else:
+                cost = {"run": 3 * o, "sdvae": 4 * o, "stock": 4 * o, "patched": 3 * o}[flavor]
+            cost, cur = cost + conv_extra(st.conv1, o), o
+        elif isinstance(st, stream._Attn):
+            c = size(st.channels, h, w)
+            cost = {"run": 14 * c, "sdvae": 9 * c, "stock": 11 * c, "patched": 14 * c}[flavor]
+            cost += n * st.heads * h * w * 4  # SDPA's / the kernel's logsumexp
+            if flavor in ("run", "patched"):  # the q/k/v weights concatenated per call
+                cost += 3 * st.channels * (st.channels + 1) * e
+            if st.fused and not on_cpu:
+                cost += c + 2 * 2**24 * 4  # the attention library path's q copy and scores
+        elif isinstance(st, stream._Up):
+            o = 4 * cur
+            cost = cur + o if st.folded is not None else cur + 2 * o
+            cur, h, w = o, 2 * h, 2 * w
+        elif isinstance(st, stream._Down):
+            h2, w2 = h // 2, w // 2
+            o = size(st.channels, h2, w2)
+            if st.conv.fused:
+                cost = cur + o + conv_extra(st.conv, o)
+            else:  # F.pad's padded copy
+                cost = cur + size(st.channels, h + 1, w + 1) + o
+            cur, h, w = o, h2, w2
+        else:
+            img = size(st.cout, h, w)
+            cost = {
+                "run": cur + img,
+                "sdvae": max(3 * cur, 2 * cur + img),
+                "stock": max(2 * cur, cur + img),
+                "patched": max(2 * cur, cur + img),
+            }[flavor] + conv_extra(st.conv, img)
+        peak = max(peak, cost + held)
+    return int(peak)
+
+
+# ------------------------------------------------------------------------- the plan
+@dataclasses.dataclass
+class PassPlan:
+    """One pass of the streamed path: bands of ``rows`` output rows over ``height``."""
+
+    name: str
+    kind: str
+    height: int
+    width: int
+    rows: int
+    bands: int
+    stored_bytes: int  # stored tensors on the device during this pass
+    band_bytes: int  # the most one band allocates
+
+    @property
+    def peak(self) -> int:
+        return self.stored_bytes + self.band_bytes
+
+
+@dataclasses.dataclass
+class StoredTensor:
+    name: str
+    shape: tuple[int, int, int, int]
+    nbytes: int
+    where: str  # "device" or "host"
+    passes: tuple[int, int]  # the first and last pass that use it
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """What ``encode``/``decode`` do for an input shape within a budget.
+
+    ``path``: ``"full"`` (today's path: no budget, or its estimate fits) or ``"streamed"``.
+    ``full_bytes`` / ``streamed_bytes``: estimated peaks (bytes the call allocates beyond the
+    weights and its input) of the full path and of the streamed path with the chosen bands;
+    ``min_bytes``: the smallest budget the streamed path meets (one-row bands). ``passes``
+    and ``stored``: the streamed path's passes (band heights, bytes) and stored tensors."""
+
+    op: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    offload: str | None
+    budget: int | None
+    path: str
+    full_bytes: int
+    streamed_bytes: int
+    min_bytes: int
+    passes: list[PassPlan]
+    stored: list[StoredTensor]
+
+    @property
+    def estimate(self) -> int:
+        """The estimated peak of the path that runs."""
+        return self.full_bytes if self.path == "full" else self.streamed_bytes
+
+    @property
+    def rows(self) -> list[int]:
+        return [p.rows for p in self.passes]
+
+    def describe(self) -> str:
+        head = (
+            f"{self.op} {tuple(self.shape)} {str(self.dtype).replace('torch.', '')} on "
+            f"{self.device}, offload={self.offload}, budget "
+            f"{format_bytes(self.budget) if self.budget else 'none'}: {self.path} path; "
+            f"full ~{format_bytes(self.full_bytes)}, streamed ~"
+            f"{format_bytes(self.streamed_bytes)}, smallest budget {format_bytes(self.min_bytes)}"
+        )
+        lines = [head]
+        for i, p in enumerate(self.passes):
+            lines.append(
+                f"  {i:3d} {p.name:34s} {p.height:6d}x{p.width:<6d} rows {p.rows:5d} "
+                f"({p.bands} bands) stored {format_bytes(p.stored_bytes)} + band "
+                f"{format_bytes(p.band_bytes)}"
+            )
+        return "\n".join(lines)
+
+
+def _reserve(device: torch.device) -> int:
+    return FIXED_RESERVE + (CUDA_RESERVE if device.type == "cuda" else 0)
+
+
+def _stored_bytes(prog, i: int, offload: bool) -> int:
+    total = 0
+    for b in prog.bufs:
+        if b.first <= i <= b.last and (b.device_only or not offload):
+            total += prog.n * b.c * b.h * b.w * prog.elem
+    return total
+
+
+def _largest_rows(cost, height: int, avail: int, c1: int) -> int:
+    """The largest band height whose cost fits ``avail``, given ``cost(rows)`` (about affine
+    in rows) and ``c1 = cost(1) <= avail``: secant steps, each checked by ``cost``."""
+    lo, lo_c = 1, c1
+    top = cost(height)
+    if top <= avail:
+        return height
+    hi, hi_c = height, top
+    while hi - lo > 1:
+        guess = lo + int((avail - lo_c) * (hi - lo) / max(hi_c - lo_c, 1))
+        guess = min(max(guess, lo + 1), hi - 1)
+        c = cost(guess)
+        if c <= avail:
+            lo, lo_c = guess, c
+            if hi - lo <= max(1, lo // 16):  # within ~6%: good enough, saves meta runs
+                break
+        else:
+            hi, hi_c = guess, c
+    return lo
+
+
+def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: str | None,
+              full_bytes: int, outside_bytes: int = 0, op: str | None = None,
+              band_rows=None) -> MemoryPlan:  # fmt: skip
+    """The plan of running ``part`` (an sdvae or diffusers Encoder/Decoder) on an input of
+    ``shape`` within ``budget`` bytes (None: no budget). ``full_bytes``: the full path's
+    estimate; ``outside_bytes``: what the caller holds beside the part during the run.
+    ``band_rows`` forces the streamed path with those band heights (an int, or a sequence
+    used in turn; tests)."""
+    device = torch.device(device)
+    prog = stream.program(part, tuple(shape), dtype)
+    off = offload == "cpu"
+    kw = dict(dtype=dtype, fmt=fmt, offload=off, real=device.type)
+    acc = 8 if dtype == torch.float64 else 4
+    reserve = _reserve(device) + outside_bytes + sum(3 * prog.n * s.groups * acc
+                                                     for s in prog.slots)  # fmt: skip
+    out_bytes = prog.n * prog.out_c * prog.out_hw[0] * prog.out_hw[1] * prog.elem
+    passes, smallest, chosen, fits = [], 0, 0, True
+    for i, p in enumerate(prog.passes):
+        stored = _stored_bytes(prog, i, off) + (out_bytes if p.kind == "out" else 0)
+        c1 = stream.pass_cost(prog, i, 1, **kw)
+        smallest = max(smallest, stored + c1)
+        if band_rows is not None:
+            rows = band_rows
+            height = max(b - a for a, b in stream._band_list(p.h, band_rows))
+            band = stream.pass_cost(prog, i, height, **kw) if isinstance(rows, int) else c1
+        else:
+            avail = (budget if budget is not None else 2**62) - reserve - stored
+            if c1 > avail:
+                fits, rows, band = False, 1, c1
+            else:
+                rows = _largest_rows(lambda r, i=i: stream.pass_cost(prog, i, r, **kw), p.h,
+                                     avail, c1)  # fmt: skip
+                band = stream.pass_cost(prog, i, rows, **kw)
+        if not isinstance(rows, int):  # a sequence of band heights: its costliest band
+            band = max(stream.pass_cost(prog, i, r, **kw) for r in set(rows))
+        chosen = max(chosen, stored + band)
+        bands = len(stream._band_list(p.h, rows))
+        passes.append(PassPlan(p.name, p.kind, p.h, p.w, rows if isinstance(rows, int) else
+                               max(rows), bands, stored, band))  # fmt: skip
+    min_bytes, streamed = smallest + reserve, chosen + reserve
+    if band_rows is not None:
+        path = "streamed"
+    elif budget is None or full_bytes <= budget:
+        path = "full"
+    elif fits and streamed <= budget:
+        path = "streamed"
+    else:
+        path = "none"
+    stored = [
+        StoredTensor(
+            b.name,
+            (prog.n, b.c, b.h, b.w),
+            prog.n * b.c * b.h * b.w * prog.elem,
+            "device" if (b.device_only or not off) else "host",
+            (b.first, b.last),
+        )
+        for b in prog.bufs
+    ]
+    return MemoryPlan(op or prog.kind, tuple(shape), dtype, device, offload, budget, path,
+                      int(full_bytes), int(streamed), int(min_bytes), passes, stored)  # fmt: skip
+
+
+class BudgetError(ValueError):
+    """A memory budget that no path can meet (the message names the smallest that works)."""
+
+
+def _fail(plan: MemoryPlan, name: str = "max_memory"):
+    return BudgetError(
+        f"{name}={format_bytes(plan.budget)} is too small to {plan.op} shape "
+        f"{tuple(plan.shape)} in {str(plan.dtype).replace('torch.', '')} with "
+        f"offload={plan.offload!r}: the smallest budget that works is "
+        f"{format_bytes(plan.min_bytes)} ({plan.min_bytes} bytes)"
+        + ("" if plan.offload else "; offload='cpu' needs less")
+    )
+
+
+# --------------------------------------------------------------------- sdvae.VAE
+def _vae_fmt(vae) -> torch.memory_format:
+    return vae.memory_format or torch.contiguous_format
+
+
+def vae_plan(vae, op: str, shape, *, dtype=None, device=None, max_memory=None, offload=None,
+             band_rows=None, raw: bool = False) -> MemoryPlan:  # fmt: skip
+    """``VAE.memory_plan``: the plan of ``vae.decode`` (``op="decode"``, ``shape`` of the
+    latents: FLUX.2's pipeline latents, 2x2 patches, unless ``raw``) or ``vae.encode``
+    (``op="encode"``, ``shape`` of the images)."""
+    if op not in ("decode", "encode"):
+        raise ValueError(f"op must be 'decode' or 'encode', got {op!r}")
+    p = next(vae.parameters())
+    dtype = p.dtype if dtype is None else dtype
+    device = p.device if device is None else torch.device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    shape = tuple(int(s) for s in shape)
+    cfg = vae.config
+    patched = op == "decode" and cfg.is_flux2 and not raw
+    if op == "decode":
+        want = cfg.pipeline_latent_channels if patched else cfg.latent_channels
+    else:
+        want = cfg.in_channels
+    if len(shape) != 4 or shape[1] != want or min(shape) < 1:
+        raise ValueError(
+            f"shape must be (N, {want}, H, W) for {op} with positive sizes, got {shape}"
+        )
+    budget = parse_memory(max_memory)
+    offload = check_offload(offload)
+    e = torch.empty((), dtype=dtype).element_size()
+    n, c, h, w = shape
+    fmt = _vae_fmt(vae)
+    if op == "decode":
+        lat = n * c * h * w * e
+        part = vae.decoder
+        # the latents' layout copy, the scaled latents and the post-quant conv's output (FLUX.2:
+        # the folded conv's output, its unpatchified copy and that copy's layout copy: as many
+        # bytes each); the decoder reads the raw latents
+        outside, before = 2 * lat, 3 * lat
+        if patched:
+            p = cfg.patch_size
+            shape_in = (n, cfg.latent_channels, h * p, w * p)
+        else:
+            shape_in = shape
+        full = before + full_peak(part, shape_in, dtype, device) + _reserve(device)
+    else:
+        img = n * c * h * w * e if vae.memory_format is not None else 0
+        part = vae.encoder
+        f = cfg.downsample_factor
+        mom = n * 2 * cfg.latent_channels * math.ceil(h / f) * math.ceil(w / f) * e
+        outside = img
+        after = img + 2 * mom + 3 * mom  # moments, quant conv, sampling's temporaries
+        full = max(img + full_peak(part, shape, dtype, device) + mom, after) + _reserve(device)
+        shape_in = shape
+    result = plan_part(part, shape_in, dtype=dtype, device=device, fmt=fmt, budget=budget,
+                       offload=offload, full_bytes=full, outside_bytes=outside, op=op,
+                       band_rows=band_rows)  # fmt: skip
+    if op == "encode":
+        result.streamed_bytes = max(result.streamed_bytes, after + _reserve(device))
+        result.min_bytes = max(result.min_bytes, after + _reserve(device))
+        if result.path == "streamed" and budget is not None and result.streamed_bytes > budget:
+            result.path = "none"
+    return result
+
+
+def _budget_for(device, max_memory, offload):
+    budget = parse_memory(max_memory)
+    if budget is None:  # offload alone: whatever the device has free
+        budget = free_memory(device)
+    return budget
+
+
+def _vae_call(vae, op: str, x: torch.Tensor, max_memory, offload, band_rows, raw=False):
+    """``VAE.decode`` (``op="decode"``) or ``VAE.moments`` with a budget (input checked):
+    the usual path when it fits, else the streamed one; ``BudgetError`` when nothing fits."""
+    offload = check_offload(offload)
+    budget = _budget_for(x.device, max_memory, offload) if band_rows is None else None
+    plan = vae_plan(vae, op, x.shape, dtype=x.dtype, device=x.device, max_memory=budget,
+                    offload=offload, band_rows=band_rows, raw=raw)  # fmt: skip
+    if plan.path == "none":
+        raise _fail(plan)
+    decoding = op == "decode"
+    if plan.path == "full":
+        return vae.decode(x, raw=raw) if decoding else vae.moments(x)
+    rows = plan.rows if band_rows is None else band_rows
+    part = vae.decoder if decoding else vae.encoder
+
+    def streamed(t):
+        return stream.run(part, t, rows=rows, offload=offload)
+
+    if not decoding:
+        return vae._moments(x, encoder=streamed)
+    return (vae._decode_raw if raw else vae._decode)(x, decoder=streamed)
+
+
+def decode(vae, latents: torch.Tensor, *, max_memory=None, offload=None, band_rows=None,
+           raw: bool = False):  # fmt: skip
+    """``VAE.decode(latents, max_memory=..., offload=..., raw=...)`` (latents already
+    checked); ``band_rows`` forces the streamed path with those band heights (tests)."""
+    return _vae_call(vae, "decode", latents, max_memory, offload, band_rows, raw)
+
+
+def moments(vae, images: torch.Tensor, *, max_memory=None, offload=None, band_rows=None):
+    """``VAE.moments(images, max_memory=..., offload=...)`` (images already checked)."""
+    return _vae_call(vae, "encode", images, max_memory, offload, band_rows)
+
+
+# ------------------------------------------------------------------------ diffusers
+def _akl_budget(akl, device):
+    budget = parse_memory(getattr(akl, "sdvae_max_memory", None), "sdvae_max_memory")
+    return free_memory(device) if budget is None else budget
+
+
+def diffusers_decode(akl, z: torch.Tensor, *, band_rows=None) -> torch.Tensor:
+    """A patched ``AutoencoderKL``'s decode with tiling on: exactly the untiled decode, run
+    full when it fits the budget (``akl.sdvae_max_memory``, else the free memory), else
+    streamed (``akl.sdvae_offload``)."""
+    offload = check_offload(getattr(akl, "sdvae_offload", None))
+    n, c, h, w = z.shape
+    e = z.element_size()
+    lat = n * c * h * w * e
+    budget = _akl_budget(akl, z.device) if band_rows is None else None
+    full = lat + full_peak(akl.decoder, z.shape, z.dtype, z.device) + _reserve(z.device)
+    plan = plan_part(akl.decoder, z.shape, dtype=z.dtype, device=z.device,
+                     fmt=stream.memory_format_of(akl.decoder, z), budget=budget,
+                     offload=offload, full_bytes=full, outside_bytes=lat, op="decode",
+                     band_rows=band_rows)  # fmt: skip
+    if plan.path == "none":
+        raise _fail(plan, "sdvae_max_memory")
+    if akl.post_quant_conv is not None:
+        z = akl.post_quant_conv(z)
+    if plan.path == "full":
+        return akl.decoder(z)
+    return stream.run(akl.decoder, z, rows=plan.rows if band_rows is None else band_rows,
+                      offload=offload)  # fmt: skip
+
+
+def diffusers_moments(akl, x: torch.Tensor, *, band_rows=None) -> torch.Tensor:
+    """A patched ``AutoencoderKL``'s encoder (+ quant conv) with tiling on: the untiled
+    moments, full or streamed as ``diffusers_decode`` decides."""
+    offload = check_offload(getattr(akl, "sdvae_offload", None))
+    budget = _akl_budget(akl, x.device) if band_rows is None else None
+    full = full_peak(akl.encoder, x.shape, x.dtype, x.device) + _reserve(x.device)
+    plan = plan_part(akl.encoder, x.shape, dtype=x.dtype, device=x.device,
+                     fmt=stream.memory_format_of(akl.encoder, x), budget=budget,
+                     offload=offload, full_bytes=full, op="encode",
+                     band_rows=band_rows)  # fmt: skip
+    if plan.path == "none":
+        raise _fail(plan, "sdvae_max_memory")
+    if plan.path == "full":
+        m = akl.encoder(x)
+    else:
+        rows = plan.rows if band_rows is None else band_rows
+        m = stream.run(akl.encoder, x, rows=rows, offload=offload)
+    return akl.quant_conv(m) if akl.quant_conv is not None else m

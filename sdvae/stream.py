@@ -1,0 +1,1123 @@
+"""Exact streamed encode and decode within a memory budget (``max_memory`` / ``offload``).
+
+A full decode holds several full-resolution activations at once (the 256-channel upsampled
+tensor of the last level alone is 8 GiB in fp16 for a 4096^2 image). The encoder and the
+decoder are made of local operations (3x3 convs, the nearest-x2 upsample + conv, the stride-2
+downsample, GroupNorm's apply, SiLU, residual adds) and two kinds of global step: GroupNorm
+statistics, and one attention at the lowest resolution. So this module runs them layer by
+layer over row bands, with the same arithmetic as the full computation:
+
+* Each *pass* reads rows of stored full-size tensors and writes rows of one output tensor,
+  band by band. A 3x3 conv band of output rows ``[r0, r1)`` reads input rows
+  ``[r0 - 1, r1 + 1)`` clipped to the image, zero-padded only at the image's top and bottom
+  edges; GroupNorm+SiLU is applied to the halo rows too (before the conv's padding). The
+  encoder's downsample (pad one column right and one row bottom, 3x3 stride 2) reads rows
+  ``[2 r0, 2 r1 + 1)``, the bottom pad only at the image edge, the right pad always. The
+  upsample (nearest x2 + 3x3) reads rows ``[(r0 - 1) // 2, r1 // 2 + 1)`` of its input.
+* GroupNorm statistics: per band in fp32 (float64 for float64), merged with Chan's parallel
+  formula (``sdvae.kernels.group_norm_band``), accumulated while the band that feeds the
+  GroupNorm is written, so no extra read pass.
+* ResnetBlock: pass B writes ``h = conv1(silu(gn1(x)))`` band by band (and gn2's
+  statistics of h; with a 1x1 shortcut also ``shortcut(x)`` into the output); pass C writes
+  ``conv2(silu(gn2(h))) + residual``, over x in place when the channels match (a band of
+  the output reads only the same rows of x).
+* The upsampled input of each decoder level's first block is never stored: pass A
+  recomputes it band by band from the quarter-size previous output (its statistics, and
+  either the block's 1x1 shortcut or, with equal channels, the tensor itself as the block's
+  output buffer), pass B recomputes it again with halos.
+* Attention: global and exact, by bands of query rows: pass KV writes K and V of every
+  pixel (GroupNorm applied band by band), pass QO computes the attention of each band of
+  queries against all of K and V, the output projection and the residual, in place.
+* ``offload="cpu"``: the stored tensors live in (pinned) host memory; each band's rows are
+  copied in and out on a side CUDA stream, one band ahead, overlapping compute. On the CPU
+  the same code runs with plain host tensors and copies.
+
+The engine reads the weights of the modules by the names sdvae's model and diffusers'
+``Encoder``/``Decoder`` share, so it serves ``sdvae.VAE`` (unfused: eager ops; optimized:
+the band GroupNorm kernels, ``sdvae.ops`` convs, the folded transposed-conv upsampler and
+the attention kernel, wherever the model uses them) and a diffusers ``AutoencoderKL``.
+
+Memory: ``pass_cost`` measures the most one band of a pass allocates by running this
+module's own band code on the meta device under ``sdvae.memtrack.TensorMemory`` (kernels'
+internal buffers added as spikes); ``sdvae.budget`` adds the stored tensors each pass keeps
+and picks the band heights for a budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["run", "program", "pass_cost", "band_peak", "memory_format_of"]
+
+
+# ------------------------------------------------------------------ the network as steps
+@dataclasses.dataclass
+class _Norm:
+    groups: int
+    eps: float
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    fused: bool
+
+
+@dataclasses.dataclass
+class _Conv:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    fused: bool  # sdvae.ops.conv2d / pad_conv2d (else F.conv2d)
+
+
+@dataclasses.dataclass
+class _ConvIn:
+    name: str
+    conv: _Conv
+    cin: int
+    cout: int
+
+
+@dataclasses.dataclass
+class _Res:
+    name: str
+    norm1: _Norm
+    conv1: _Conv
+    norm2: _Norm
+    conv2: _Conv
+    shortcut: _Conv | None
+    cin: int
+    cout: int
+
+
+@dataclasses.dataclass
+class _Attn:
+    name: str
+    norm: _Norm
+    wq: torch.Tensor
+    bq: torch.Tensor | None
+    wk: torch.Tensor
+    bk: torch.Tensor | None
+    wv: torch.Tensor
+    bv: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    heads: int
+    scale: float | None  # None: SDPA's default (what diffusers' stock processor passes)
+    residual: bool
+    rescale: float
+    fused: bool  # sdvae.kernels.attention (else F.scaled_dot_product_attention)
+    channels: int
+
+
+@dataclasses.dataclass
+class _Up:
+    name: str
+    weight: torch.Tensor  # the 3x3 conv after nearest x2
+    bias: torch.Tensor | None
+    folded: torch.Tensor | None  # the 4x4 transposed-conv weight when the model uses it
+    channels: int
+
+
+@dataclasses.dataclass
+class _Down:
+    name: str
+    conv: _Conv
+    channels: int
+
+
+@dataclasses.dataclass
+class _Out:
+    name: str
+    norm: _Norm
+    conv: _Conv
+    cin: int
+    cout: int
+
+
+def _band_gn_ok(dtype: torch.dtype, device: torch.device) -> bool:
+    from .kernels import group_norm_band as gnb
+
+    x = torch.empty(1, 1, 1, 1, dtype=dtype, device=device)
+    with torch.no_grad():
+        return not gnb.not_supported_reasons(x, 1)
+
+
+class _Reader:
+    """Turns sdvae's or diffusers' modules into steps (weights in the run's dtype)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.gn_kernels = _band_gn_ok(dtype, device)
+
+    def t(self, p):
+        if p is None:
+            return None
+        return p.detach().to(self.dtype)
+
+    def norm(self, m, fused: bool, name: str) -> _Norm:
+        if not isinstance(m, torch.nn.GroupNorm) or not m.affine:
+            raise ValueError(f"{name}: expected an affine GroupNorm, got {type(m).__name__}")
+        return _Norm(m.num_groups, float(m.eps), self.t(m.weight), self.t(m.bias),
+                     fused and self.gn_kernels)  # fmt: skip
+
+    def conv(self, m, k: int, name: str, *, stride: int = 1, padding: int | None = None) -> _Conv:
+        pad = k // 2 if padding is None else padding
+        if (
+            not isinstance(m, torch.nn.Conv2d)
+            or m.kernel_size != (k, k)
+            or m.stride != (stride, stride)
+            or m.padding != (pad, pad)
+            or m.dilation != (1, 1)
+            or m.groups != 1
+            or m.padding_mode != "zeros"
+        ):
+            raise ValueError(
+                f"{name}: expected a {k}x{k} stride-{stride} conv with padding {pad}, got {m!r}"
+            )
+        fused = bool(getattr(m, "fused", False)) and self.dtype != torch.float64
+        return _Conv(self.t(m.weight), self.t(m.bias), fused)
+
+
+def _is_patched(module) -> bool:
+    from .diffusers_patch import _ORIG
+
+    return _ORIG in module.__dict__
+
+
+def _steps(part) -> tuple[str, list, int]:
+    """(``"encoder"`` or ``"decoder"``, the steps in order, input channels) of an sdvae or
+    diffusers Encoder/Decoder; ValueError for a structure the engine does not know."""
+    from . import model as M
+
+    p = next(part.parameters())
+    rd = _Reader(p.dtype, p.device)
+    sdvae_part = isinstance(part, (M.Encoder, M.Decoder))
+    if sdvae_part:
+        kind = "encoder" if isinstance(part, M.Encoder) else "decoder"
+    else:
+        kind = {"Encoder": "encoder", "Decoder": "decoder"}.get(type(part).__name__)
+        if kind is None:
+            raise ValueError(f"expected an Encoder or Decoder, got {type(part).__name__}")
+        act = getattr(part, "_sdvae_original_act", getattr(part, "conv_act", None))
+        if not isinstance(act, torch.nn.SiLU):
+            raise ValueError(f"{kind}.conv_act must be SiLU, got {type(act).__name__}")
+        if getattr(part, "mid_block", None) is None:
+            raise ValueError(f"{kind} without a mid block is not supported")
+
+    def gn_fused(norm, owner=None) -> bool:
+        if sdvae_part:
+            return bool(getattr(norm, "fused", False))
+        return _is_patched(owner if owner is not None else norm)
+
+    def res(block, name) -> _Res:
+        if not sdvae_part:
+            from .diffusers_patch import _resnet_supported
+
+            if not _resnet_supported(block):
+                raise ValueError(f"{name}: a ResnetBlock2D with options the VAE does not use")
+        fused = gn_fused(block.norm1, block)
+        cin, cout = block.conv1.in_channels, block.conv1.out_channels
+        sc = block.conv_shortcut
+        return _Res(
+            name,
+            rd.norm(block.norm1, fused, f"{name}.norm1"),
+            rd.conv(block.conv1, 3, f"{name}.conv1"),
+            rd.norm(block.norm2, gn_fused(block.norm2, block), f"{name}.norm2"),
+            rd.conv(block.conv2, 3, f"{name}.conv2"),
+            None if sc is None else rd.conv(sc, 1, f"{name}.conv_shortcut"),
+            cin,
+            cout,
+        )
+
+    def attn(a, name) -> _Attn:
+        c = a.to_q.in_features
+        if sdvae_part:
+            heads, scale, residual, rescale = 1, c**-0.5, True, 1.0
+            fused = bool(a.fused)
+            norm_fused = bool(a.group_norm.fused)
+        else:
+            from .diffusers_patch import FusedAttnProcessor
+
+            if (
+                a.group_norm is None
+                or a.spatial_norm is not None
+                or a.norm_q is not None
+                or a.norm_k is not None
+                or a.is_cross_attention
+            ):
+                raise ValueError(f"{name}: an attention with options the VAE does not use")
+            heads, residual = a.heads, bool(a.residual_connection)
+            rescale = float(a.rescale_output_factor)
+            fused = isinstance(a.processor, FusedAttnProcessor)
+            scale = a.scale if fused else None
+            norm_fused = fused
+        return _Attn(
+            name, rd.norm(a.group_norm, norm_fused, f"{name}.group_norm"),
+            rd.t(a.to_q.weight), rd.t(a.to_q.bias), rd.t(a.to_k.weight), rd.t(a.to_k.bias),
+            rd.t(a.to_v.weight), rd.t(a.to_v.bias), rd.t(a.to_out[0].weight),
+            rd.t(a.to_out[0].bias), heads, scale, residual, rescale,
+            fused and p.dtype != torch.float64, c,
+        )  # fmt: skip
+
+    def up(u, name) -> _Up:
+        if sdvae_part:
+            folded = u.fused
+        else:
+            from .diffusers_patch import _upsample_supported
+
+            if not _upsample_supported(u):
+                raise ValueError(f"{name}: an Upsample2D with options the VAE does not use")
+            folded = _is_patched(u)
+        fw = None
+        if folded:
+            from .model import _conv_weight_key, refold_upsample
+
+            if getattr(u, "folded_weight", None) is None or u._folded_from != _conv_weight_key(
+                u.conv
+            ):
+                refold_upsample(u, u.conv)
+            fw = rd.t(u.folded_weight)
+        rd.conv(u.conv, 3, f"{name}.conv")
+        return _Up(name, rd.t(u.conv.weight), rd.t(u.conv.bias), fw, u.conv.in_channels)
+
+    def down(d, name) -> _Down:
+        if sdvae_part:
+            fused = bool(d.fused) and p.dtype != torch.float64
+        else:
+            if not (d.use_conv and d.padding == 0 and d.norm is None):
+                raise ValueError(f"{name}: a Downsample2D with options the VAE does not use")
+            fused = _is_patched(d) and p.dtype != torch.float64
+        conv = rd.conv(d.conv, 3, f"{name}.conv", stride=2, padding=0)
+        conv.fused = fused
+        return _Down(name, conv, d.conv.in_channels)
+
+    def mid() -> list:
+        mb = part.mid_block
+        out = [res(mb.resnets[0], "mid_block.resnets.0")]
+        attns = [a for a in (mb.attentions or []) if a is not None]
+        if len(mb.resnets) != 2 or len(attns) > 1:
+            raise ValueError("mid_block must hold two resnets and at most one attention")
+        if attns:
+            out.append(attn(attns[0], "mid_block.attentions.0"))
+        out.append(res(mb.resnets[1], "mid_block.resnets.1"))
+        return out
+
+    cin = part.conv_in
+    steps: list = [_ConvIn("conv_in", rd.conv(cin, 3, "conv_in"), cin.in_channels,
+                           cin.out_channels)]  # fmt: skip
+    if kind == "decoder":
+        steps += mid()
+    blocks = part.down_blocks if kind == "encoder" else part.up_blocks
+    for i, level in enumerate(blocks):
+        pre = f"{'down' if kind == 'encoder' else 'up'}_blocks.{i}"
+        steps += [res(b, f"{pre}.resnets.{j}") for j, b in enumerate(level.resnets)]
+        samplers = getattr(level, "downsamplers" if kind == "encoder" else "upsamplers", None)
+        if samplers:
+            if len(samplers) != 1:
+                raise ValueError(f"{pre}: expected one resampler")
+            name = f"{pre}.{'downsamplers' if kind == 'encoder' else 'upsamplers'}.0"
+            steps.append(down(samplers[0], name) if kind == "encoder" else up(samplers[0], name))
+    if kind == "encoder":
+        steps += mid()
+    norm = part.conv_norm_out
+    steps.append(
+        _Out(
+            "conv_out",
+            rd.norm(norm, gn_fused(norm), "conv_norm_out"),
+            rd.conv(part.conv_out, 3, "conv_out"),
+            part.conv_out.in_channels,
+            part.conv_out.out_channels,
+        )
+    )
+    return kind, steps, cin.in_channels
+
+
+# ------------------------------------------------------------------------- the program
+@dataclasses.dataclass
+class _Buf:
+    """A full-size tensor some passes write and read."""
+
+    name: str
+    c: int
+    h: int
+    w: int
+    device_only: bool = False  # attention K/V, (N, heads, h * w, c / heads): on the device
+    heads: int = 1
+    first: int = -1
+    last: int = -1
+    tensor: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class _Slot:
+    """GroupNorm statistics of a tensor, accumulated by the pass that writes it."""
+
+    groups: int
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+    count: float = 0
+    rstd: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self.mean = self.m2 = self.rstd = None
+        self.count = 0
+
+
+@dataclasses.dataclass
+class _Virtual:
+    """The upsampled tensor ``up(y)``, recomputed band by band from ``y``."""
+
+    y: _Buf
+    up: _Up
+
+
+@dataclasses.dataclass
+class _Pass:
+    name: str
+    kind: str  # conv_in | res_a | res_b | res_c | attn_kv | attn_qo | down | out
+    step: object
+    h: int  # output rows (the band axis) and columns of the pass
+    w: int
+    src: object = None  # _Buf / _Virtual / "input"
+    out: _Buf | None = None  # written rows
+    extra: _Buf | None = None  # res_a/res_b: the block output written with the shortcut
+    res: _Buf | None = None  # res_c: the residual read (rows of the output)
+    stats_in: _Slot | None = None
+    stats_out: _Slot | None = None
+    k: _Buf | None = None  # attention K and V
+    v: _Buf | None = None
+    materialize: bool = False  # res_a: x itself is the block's output buffer
+
+
+class _Program:
+    def __init__(self, kind, steps, n, h, w, cin, elem):
+        self.kind, self.steps, self.n, self.elem = kind, steps, n, elem
+        self.passes: list[_Pass] = []
+        self.bufs: list[_Buf] = []
+        self.slots: list[_Slot] = []
+        self.in_shape = (n, cin, h, w)
+        self._build(h, w)
+
+    def _buf(self, name, c, h, w, **kw) -> _Buf:
+        b = _Buf(name, c, h, w, **kw)
+        self.bufs.append(b)
+        return b
+
+    def _add(self, p: _Pass) -> None:
+        i = len(self.passes)
+        self.passes.append(p)
+        for b in (p.src.y if isinstance(p.src, _Virtual) else p.src, p.out, p.extra, p.res,
+                  p.k, p.v):  # fmt: skip
+            if isinstance(b, _Buf):
+                if b.first < 0:
+                    b.first = i
+                b.last = i
+
+    def _next_groups(self, i):
+        if i + 1 >= len(self.steps):
+            return None
+        s = self.steps[i + 1]
+        if isinstance(s, _Res):
+            return s.norm1.groups
+        if isinstance(s, (_Attn, _Out)):
+            return s.norm.groups
+        return None
+
+    def _new_slot(self, groups: int) -> _Slot:
+        slot = _Slot(groups)
+        self.slots.append(slot)
+        return slot
+
+    def _slot(self, i):
+        g = self._next_groups(i)
+        return None if g is None else self._new_slot(g)
+
+    def _build(self, h, w):
+        cur = None  # _Buf or _Virtual
+        stats = None
+        for i, st in enumerate(self.steps):
+            if isinstance(st, _ConvIn):
+                out = self._buf(st.name, st.cout, h, w)
+                stats = self._slot(i)
+                self._add(_Pass(st.name, "conv_in", st, h, w, "input", out, stats_out=stats))
+                cur = out
+            elif isinstance(st, _Res):
+                cur, stats = self._res(i, st, cur, stats)
+            elif isinstance(st, _Attn):
+                kw = dict(device_only=True, heads=st.heads)
+                k = self._buf(st.name + ".k", st.channels, cur.h, cur.w, **kw)
+                v = self._buf(st.name + ".v", st.channels, cur.h, cur.w, **kw)
+                self._add(_Pass(st.name + " kv", "attn_kv", st, cur.h, cur.w, cur,
+                                stats_in=stats, k=k, v=v))  # fmt: skip
+                nxt = self._slot(i)
+                self._add(_Pass(st.name + " qo", "attn_qo", st, cur.h, cur.w, cur, cur,
+                                stats_in=stats, stats_out=nxt, k=k, v=v))  # fmt: skip
+                stats = nxt
+            elif isinstance(st, _Up):
+                if not isinstance(self.steps[i + 1], _Res):
+                    raise ValueError(f"{st.name}: an upsampler must be followed by a resnet")
+                cur, stats = _Virtual(cur, st), None
+            elif isinstance(st, _Down):
+                out = self._buf(st.name, st.channels, cur.h // 2, cur.w // 2)
+                nxt = self._slot(i)
+                self._add(_Pass(st.name, "down", st, out.h, out.w, cur, out, stats_out=nxt))
+                cur, stats = out, nxt
+            elif isinstance(st, _Out):
+                self._add(_Pass(st.name, "out", st, cur.h, cur.w, cur, stats_in=stats))
+                cur = None
+        self.out_hw = (self.passes[-1].h, self.passes[-1].w)
+        self.out_c = self.steps[-1].cout
+
+    def _res(self, i, st: _Res, cur, stats):
+        virtual = isinstance(cur, _Virtual)
+        hh, ww = (cur.y.h * 2, cur.y.w * 2) if virtual else (cur.h, cur.w)
+        if virtual:
+            stats = self._new_slot(st.norm1.groups)
+            out = self._buf(st.name, st.cout, hh, ww)
+            if st.shortcut is None:  # x itself becomes the block's output buffer
+                self._add(_Pass(st.name + " A", "res_a", st, hh, ww, cur, out, stats_out=stats,
+                                materialize=True))  # fmt: skip
+                cur = out
+            else:
+                self._add(_Pass(st.name + " A", "res_a", st, hh, ww, cur, out, stats_out=stats))
+        h = self._buf(st.name + ".h", st.cout, hh, ww)
+        hstats = self._new_slot(st.norm2.groups)
+        if isinstance(cur, _Virtual):  # shortcut already in `out`
+            self._add(_Pass(st.name + " B", "res_b", st, hh, ww, cur, h, stats_in=stats,
+                            stats_out=hstats))  # fmt: skip
+            res = out
+        elif st.shortcut is not None:
+            out = self._buf(st.name, st.cout, hh, ww)
+            self._add(_Pass(st.name + " B", "res_b", st, hh, ww, cur, h, extra=out,
+                            stats_in=stats, stats_out=hstats))  # fmt: skip
+            res = out
+        else:
+            self._add(_Pass(st.name + " B", "res_b", st, hh, ww, cur, h, stats_in=stats,
+                            stats_out=hstats))  # fmt: skip
+            res = cur
+        nxt = self._slot(i)
+        self._add(_Pass(st.name + " C", "res_c", st, hh, ww, h, res, res=res, stats_in=hstats,
+                        stats_out=nxt))  # fmt: skip
+        return res, nxt
+
+
+# ------------------------------------------------------------------------- the runner
+class _Mover:
+    """Moves rows between stored tensors and the device.
+
+    Without offload every stored tensor lives on the device and a read is a view (never
+    written through). With ``offload="cpu"`` stored tensors live in host memory (pinned on
+    CUDA): a read copies the rows in -- on CUDA on a side stream, the next band's rows while
+    the current band computes -- and a write copies a band out on that stream; at most two
+    written bands wait for their copies (the oldest is waited for before a third), so the
+    device holds a bounded number of bands whatever the copy speed. On the CPU and on the
+    meta device (the planner) the same code runs with plain copies."""
+
+    def __init__(self, device: torch.device, offload: bool):
+        self.device, self.offload = device, offload
+        self.stream = torch.cuda.Stream(device) if (offload and device.type == "cuda") else None
+        self._ahead: dict = {}
+        self._pending: list = []
+
+    def alloc(self, buf: _Buf, shape, dtype, fmt) -> torch.Tensor:
+        if self.offload and not buf.device_only:
+            if self.device.type == "meta":
+                return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
+            pin = self.device.type == "cuda"
+            return torch.empty(shape, dtype=dtype, memory_format=fmt, pin_memory=pin)
+        return torch.empty(shape, dtype=dtype, device=self.device, memory_format=fmt)
+
+    def _copy_in(self, t: torch.Tensor, a: int, b: int):
+        view = t[:, :, a:b]
+        if self.stream is None:
+            return view.clone(), None
+        with torch.cuda.stream(self.stream):
+            dev = view.to(self.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        return dev, ev
+
+    def prefetch(self, buf: _Buf, a: int, b: int) -> None:
+        if self.offload and not buf.device_only and (id(buf), a, b) not in self._ahead:
+            self._ahead[(id(buf), a, b)] = self._copy_in(buf.tensor, a, b)
+
+    def read(self, buf: _Buf, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of ``buf`` on the device (a view when it lives there: never written)."""
+        if not self.offload or buf.device_only:
+            return buf.tensor[:, :, a:b]
+        got = self._ahead.pop((id(buf), a, b), None)
+        dev, ev = got if got is not None else self._copy_in(buf.tensor, a, b)
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+            dev.record_stream(torch.cuda.current_stream(self.device))
+        return dev
+
+    def write(self, buf: _Buf, a: int, band: torch.Tensor) -> None:
+        dst = buf.tensor[:, :, a : a + band.shape[2]]
+        if not self.offload or buf.device_only:
+            dst.copy_(band)
+            return
+        ev = None
+        if self.stream is None:
+            dst.copy_(band)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                dst.copy_(band, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+            band.record_stream(self.stream)
+        self._pending.append((band, ev))
+        if len(self._pending) > 2:
+            _, old = self._pending.pop(0)
+            if old is not None:
+                torch.cuda.current_stream(self.device).wait_event(old)
+
+    def drain(self) -> None:
+        self._ahead.clear()
+        if self.stream is not None:
+            self.stream.synchronize()
+        self._pending.clear()
+
+
+def _kernel_fits(x: torch.Tensor) -> bool:
+    """Whether the band GroupNorm kernels take ``x`` (int32 offsets inside a sample); else
+    they run their reference, and so does the planner's estimate."""
+    return x.shape[1:].numel() < 2**31
+
+
+def _pads(r0, r1, height) -> tuple[int, int, int, int]:
+    """Rows [max(r0 - 1, 0), min(r1 + 1, height)) and the zero rows a 3x3 conv needs on top
+    and bottom (only at the image's edges)."""
+    a, b = max(r0 - 1, 0), min(r1 + 1, height)
+    return a, b, 1 if r0 == 0 else 0, 1 if r1 == height else 0
+
+
+class _Runner:
+    """Runs a program's passes band by band. On the meta device (``real`` names the device
+    the estimate is for) the same code runs shape-only under a ``TensorMemory`` tracker: the
+    planner's band costs; fused ops then allocate what their kernels return, and memory a
+    kernel holds inside itself is counted with ``tracker.spike``."""
+
+    def __init__(self, prog, rows, device, dtype, fmt, offload: bool, *, real=None,
+                 tracker=None):  # fmt: skip
+        self.prog, self.rows = prog, rows
+        self.device, self.dtype, self.fmt = device, dtype, fmt
+        self.meta = device.type == "meta"
+        self.real = torch.device(real) if real is not None else device
+        self.tracker = tracker
+        self._meta_w: dict = {}
+        self.mv = _Mover(device, offload)
+        self.input = self.result = None
+
+    def _spike(self, nbytes: int) -> None:
+        if self.tracker is not None:
+            self.tracker.spike(int(nbytes))
+
+    def _w(self, t):
+        """A weight as the ops take it: itself, or its meta twin on the meta device."""
+        if t is None or not self.meta:
+            return t
+        got = self._meta_w.get(id(t))
+        if got is None:
+            got = self._meta_w[id(t)] = t.to("meta")
+        return got
+
+    # ---------------------------------------------------------------------- ops
+    def _conv(self, x, conv: _Conv, top: int, bottom: int, residual=None):
+        """3x3 (or 1x1, top = bottom = 0) stride-1 conv of a band, padded with zero rows only
+        where ``top``/``bottom`` say (the image's edges) and with zero columns always."""
+        w, b = self._w(conv.weight), self._w(conv.bias)
+        side = w.shape[-1] // 2
+        if conv.fused:
+            from . import ops
+
+            pad = (side, side, top, bottom)
+            if self.meta:
+                y = ops._out_like(x, w, 1, pad)
+                if self.real.type == "cpu":  # the C++ CPU kernel's copy of its output
+                    self._spike(y.nbytes)
+                return y
+            return ops.conv2d(x, w, b, stride=1, padding=pad, residual=residual)
+        if top or bottom:
+            x = F.pad(x, (0, 0, top, bottom))
+        y = F.conv2d(x, w, b, padding=(0, side))
+        return y if residual is None else y + residual
+
+    def _down_conv(self, x, conv: _Conv, bottom: int):
+        pad = (0, 1, 0, bottom)
+        w, b = self._w(conv.weight), self._w(conv.bias)
+        if conv.fused:
+            from . import ops
+
+            if self.meta:
+                y = ops._out_like(x, w, 2, pad)
+                if self.real.type == "cpu":
+                    self._spike(y.nbytes)
+                return y
+            return ops.pad_conv2d(x, w, b, stride=2, padding=pad)
+        return F.conv2d(F.pad(x, pad), w, b, stride=2)
+
+    def _gn(self, x, norm: _Norm, slot: _Slot, silu: bool):
+        from .kernels import group_norm_band as gnb
+
+        fused = norm.fused and _kernel_fits(x)
+        if self.meta:  # what the kernel returns; the reference also holds an fp32 copy
+            if fused:
+                return gnb._empty_like_format(x)
+            y = torch.empty_like(x)
+            acc = 8 if x.dtype == torch.float64 else 4
+            self._spike(x.numel() * acc if acc != x.element_size() else 0)
+            return y
+        if slot.rstd is None:
+            slot.rstd = torch.rsqrt(slot.m2 / slot.count + norm.eps)
+        if fused:
+            return gnb.group_norm_band_apply(x, slot.mean, slot.rstd, norm.weight, norm.bias,
+                                             silu=silu)  # fmt: skip
+        return gnb.group_norm_band_apply_reference(x, slot.mean, slot.rstd, self._w(norm.weight),
+                                                   self._w(norm.bias), silu=silu)  # fmt: skip
+
+    def _acc(self, slot: _Slot | None, band, fused: bool) -> None:
+        """Merge the statistics of ``band`` into ``slot`` (Chan)."""
+        if slot is None:
+            return
+        from .kernels import group_norm_band as gnb
+
+        fused = fused and _kernel_fits(band)
+        if self.meta:  # the kernel's partials: a few KB; the reference: an fp32 copy of band
+            acc = 8 if band.dtype == torch.float64 else 4
+            if not fused and acc != band.element_size():
+                self._spike(band.numel() * acc)
+            return
+        stats = gnb.group_norm_band_stats if fused else gnb.group_norm_band_stats_reference
+        mean, m2, count = stats(band, slot.groups)
+        slot.mean, slot.m2, slot.count = gnb.merge_stats(slot.mean, slot.m2, slot.count,
+                                                         mean, m2, count)  # fmt: skip
+
+    def _attention(self, q, k, v, st: _Attn):
+        """(N, heads, l, d) queries against all keys and values."""
+        if self.meta:
+            o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            if st.fused and self.real.type == "cuda":  # the library path's score chunks
+                self._spike(q.nbytes + 2 * 2**24 * 4)
+            elif not st.fused:  # SDPA's flash / memory-efficient kernels: the logsumexp
+                self._spike(q.shape[0] * q.shape[1] * q.shape[2] * 4)
+            return o
+        if st.fused:
+            from . import kernels
+
+            return kernels.attention(q.contiguous(), k, v, scale=st.scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=st.scale)
+
+    def _fused_stats(self, p: _Pass) -> bool:
+        """Whether the GroupNorm that reads what ``p`` writes runs the kernels."""
+        if p.kind == "res_b":
+            return p.step.norm2.fused
+        if p.kind == "res_a":
+            return p.step.norm1.fused
+        steps = self.prog.steps
+        idx = next(i for i, s in enumerate(steps) if s is p.step)
+        nxt = steps[idx + 1] if idx + 1 < len(steps) else None
+        if isinstance(nxt, _Res):
+            return nxt.norm1.fused
+        if isinstance(nxt, (_Attn, _Out)):
+            return nxt.norm.fused
+        return False
+
+    # ------------------------------------------------------------------- sources
+    def _up_rows(self, v: _Virtual, a: int, b: int):
+        """Rows [a, b) of the upsampled tensor ``up(y)``."""
+        up, hy = v.up, v.y.h
+        ya, yb = max(0, (a - 1) // 2), min(hy, b // 2 + 1)
+        y = self.mv.read(v.y, ya, yb)
+        if up.folded is not None:  # the model's transposed conv: rows [2 ya, 2 yb), cropped
+            full = F.conv_transpose2d(y, self._w(up.folded), self._w(up.bias), stride=2, padding=1)
+            del y
+            return full[:, :, a - 2 * ya : b - 2 * ya]
+        u = F.interpolate(y, scale_factor=2.0, mode="nearest")  # rows [2 ya, 2 yb)
+        del y
+        ua, ub, top, bottom = _pads(a, b, 2 * hy)
+        return self._conv(u[:, :, ua - 2 * ya : ub - 2 * ya], _Conv(up.weight, up.bias, False),
+                          top, bottom)  # fmt: skip
+
+    def _x_rows(self, src, a: int, b: int):
+        if isinstance(src, _Virtual):
+            return self._up_rows(src, a, b)
+        return self.mv.read(src, a, b)
+
+    def _prefetch(self, src, a, b) -> None:
+        if isinstance(src, _Virtual):
+            hy = src.y.h
+            self.mv.prefetch(src.y, max(0, (a - 1) // 2), min(hy, b // 2 + 1))
+        elif isinstance(src, _Buf):
+            self.mv.prefetch(src, a, b)
+
+    def _bands(self, bands, need):
+        """The bands of a pass, the next band's rows (``need(r0, r1)``: (source, a, b)
+        triples) prefetched first when offloading."""
+        for k, (r0, r1) in enumerate(bands):
+            if self.mv.offload and k + 1 < len(bands):
+                for src, a, b in need(*bands[k + 1]):
+                    self._prefetch(src, a, b)
+            yield r0, r1
+
+    # ---------------------------------------------------------------------- run
+    def alloc(self, buf: _Buf | None) -> None:
+        if buf is None or buf.tensor is not None:
+            return
+        n = self.prog.n
+        if buf.device_only:  # attention K, V: (N, heads, L, d)
+            heads = buf.heads
+            buf.tensor = torch.empty((n, heads, buf.h * buf.w, buf.c // heads),
+                                     dtype=self.dtype, device=self.device)  # fmt: skip
+            return
+        shape = (n, buf.c, buf.h, buf.w)
+        buf.tensor = self.mv.alloc(buf, shape, self.dtype, self.fmt)
+
+    def run(self, x_in: torch.Tensor) -> torch.Tensor:
+        prog = self.prog
+        self.input = x_in
+        try:
+            for i, p in enumerate(prog.passes):
+                for b in (p.out, p.extra, p.k, p.v):
+                    self.alloc(b)
+                if p.kind == "out":
+                    shape = (prog.n, prog.out_c, *prog.out_hw)
+                    self.result = torch.empty(shape, dtype=self.dtype, device=self.device,
+                                              memory_format=self.fmt)  # fmt: skip
+                getattr(self, "_" + p.kind)(p, _band_list(p.h, self.rows[i]))
+                self.mv.drain()
+                for b in prog.bufs:
+                    if b.last == i:
+                        b.tensor = None
+        finally:
+            self.mv.drain()
+            for b in prog.bufs:
+                b.tensor = None
+            for slot in prog.slots:
+                slot.clear()
+            self.input = None
+        result, self.result = self.result, None
+        return result
+
+    def _conv_in(self, p: _Pass, bands) -> None:
+        st, x_in = p.step, self.input
+        fused = self._fused_stats(p)
+        for r0, r1 in bands:
+            a, b, top, bottom = _pads(r0, r1, p.h)
+            y = self._conv(x_in[:, :, a:b], st.conv, top, bottom)
+            self._acc(p.stats_out, y, fused)
+            self.mv.write(p.out, r0, y)
+            del y
+
+    def _res_a(self, p: _Pass, bands) -> None:
+        st = p.step
+
+        def need(r0, r1):
+            return [(p.src, r0, r1)]
+
+        for r0, r1 in self._bands(bands, need):
+            x = self._x_rows(p.src, r0, r1)
+            self._acc(p.stats_out, x, st.norm1.fused)
+            if not p.materialize:  # the block's 1x1 shortcut, into its output buffer
+                x = self._conv(x.contiguous(memory_format=self.fmt), st.shortcut, 0, 0)
+            self.mv.write(p.out, r0, x)  # materialized: x itself, the block's output buffer
+            del x
+
+    def _res_b(self, p: _Pass, bands) -> None:
+        st = p.step
+
+        def need(r0, r1):
+            a, b, _, _ = _pads(r0, r1, p.h)
+            return [(p.src, a, b)] + ([(p.src, r0, r1)] if p.extra is not None else [])
+
+        for r0, r1 in self._bands(bands, need):
+            a, b, top, bottom = _pads(r0, r1, p.h)
+            x = self._x_rows(p.src, a, b)
+            g = self._gn(x, st.norm1, p.stats_in, silu=True)
+            del x
+            h = self._conv(g, st.conv1, top, bottom)
+            del g
+            self._acc(p.stats_out, h, st.norm2.fused)
+            self.mv.write(p.out, r0, h)
+            del h
+            if p.extra is not None:  # stored x with a 1x1 shortcut: into the block output
+                xs = self._x_rows(p.src, r0, r1)
+                s = self._conv(xs, st.shortcut, 0, 0)
+                del xs
+                self.mv.write(p.extra, r0, s)
+                del s
+
+    def _res_c(self, p: _Pass, bands) -> None:
+        st = p.step
+        fused = self._fused_stats(p)
+
+        def need(r0, r1):
+            a, b, _, _ = _pads(r0, r1, p.h)
+            return [(p.src, a, b), (p.res, r0, r1)]
+
+        for r0, r1 in self._bands(bands, need):
+            a, b, top, bottom = _pads(r0, r1, p.h)
+            hb = self.mv.read(p.src, a, b)
+            g = self._gn(hb, st.norm2, p.stats_in, silu=True)
+            del hb
+            res = self.mv.read(p.res, r0, r1)
+            o = self._conv(g, st.conv2, top, bottom, residual=res)
+            del g, res
+            self._acc(p.stats_out, o, fused)
+            self.mv.write(p.out, r0, o)
+            del o
+
+    @staticmethod
+    def _tokens(g):
+        n, c, r, w = g.shape
+        return g.permute(0, 2, 3, 1).reshape(n, r * w, c)
+
+    def _attn_kv(self, p: _Pass, bands) -> None:
+        st = p.step
+        c, hd = st.channels, st.heads
+
+        def need(r0, r1):
+            return [(p.src, r0, r1)]
+
+        for r0, r1 in self._bands(bands, need):
+            x = self.mv.read(p.src, r0, r1)
+            t = self._tokens(self._gn(x, st.norm, p.stats_in, silu=False))
+            del x
+            n, l0, l1 = t.shape[0], r0 * p.w, r1 * p.w
+            for dst, w, b in ((p.k, st.wk, st.bk), (p.v, st.wv, st.bv)):
+                kv = F.linear(t, self._w(w), self._w(b))  # (N, l, C)
+                dst.tensor[:, :, l0:l1].transpose(1, 2).copy_(kv.view(n, l1 - l0, hd, c // hd))
+                del kv
+            del t
+
+    def _attn_qo(self, p: _Pass, bands) -> None:
+        st = p.step
+        c, hd = st.channels, st.heads
+        fused_stats = self._fused_stats(p)
+        k, v = p.k.tensor, p.v.tensor
+
+        def need(r0, r1):
+            return [(p.src, r0, r1)]
+
+        for r0, r1 in self._bands(bands, need):
+            x = self.mv.read(p.src, r0, r1)
+            n, _, r, w = x.shape
+            t = self._tokens(self._gn(x, st.norm, p.stats_in, silu=False))
+            q = F.linear(t, self._w(st.wq), self._w(st.bq))  # (N, l, C)
+            del t
+            o = self._attention(q.view(n, r * w, hd, c // hd).transpose(1, 2), k, v, st)
+            del q
+            o = o.transpose(1, 2).reshape(n * r * w, c)
+            res = x.permute(0, 2, 3, 1).reshape(n * r * w, c)
+            wo, bo = self._w(st.wo), self._w(st.bo)
+            if st.fused and st.residual and st.rescale == 1.0 and bo is not None:
+                y = torch.addmm(res + bo, o, wo.t())  # as sdvae's fused block does
+            else:
+                y = F.linear(o, wo, bo)
+                if st.residual:
+                    y = y + res
+                if st.rescale != 1.0:
+                    y = y / st.rescale
+            del o, res, x
+            y = y.view(n, r, w, c).permute(0, 3, 1, 2)
+            self._acc(p.stats_out, y, fused_stats)
+            self.mv.write(p.out, r0, y)
+            del y
+
+    def _down(self, p: _Pass, bands) -> None:
+        st, hin = p.step, p.src.h
+        fused = self._fused_stats(p)
+
+        def need(r0, r1):
+            return [(p.src, 2 * r0, min(2 * r1 + 1, hin))]
+
+        for r0, r1 in self._bands(bands, need):
+            a, b = 2 * r0, min(2 * r1 + 1, hin)
+            x = self.mv.read(p.src, a, b)
+            y = self._down_conv(x, st.conv, 2 * r1 + 1 - b)
+            del x
+            self._acc(p.stats_out, y, fused)
+            self.mv.write(p.out, r0, y)
+            del y
+
+    def _out(self, p: _Pass, bands) -> None:
+        st = p.step
+
+        def need(r0, r1):
+            a, b, _, _ = _pads(r0, r1, p.h)
+            return [(p.src, a, b)]
+
+        for r0, r1 in self._bands(bands, need):
+            a, b, top, bottom = _pads(r0, r1, p.h)
+            x = self.mv.read(p.src, a, b)
+            g = self._gn(x, st.norm, p.stats_in, silu=True)
+            del x
+            y = self._conv(g, st.conv, top, bottom)
+            del g
+            self.result[:, :, r0:r1].copy_(y)
+            del y
+
+
+def _band_list(height: int, rows) -> list[tuple[int, int]]:
+    """Bands ``[r0, r1)`` covering ``height`` rows: ``rows`` per band (an int), or a sequence
+    of band heights used in turn (tests: band edges at every offset)."""
+    seq = [rows] if isinstance(rows, int) else list(rows)
+    if not seq or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in seq):
+        raise ValueError(f"band rows must be positive ints, got {rows!r}")
+    out, r0, i = [], 0, 0
+    while r0 < height:
+        r1 = min(height, r0 + seq[i % len(seq)])
+        out.append((r0, r1))
+        r0, i = r1, i + 1
+    return out
+
+
+def memory_format_of(part, x: torch.Tensor) -> torch.memory_format:
+    """The layout the stored tensors take: the model's (channels_last after ``optimize`` on
+    CUDA) or the input's."""
+    w = part.conv_in.weight
+    for t in (w, x):
+        if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+            return torch.channels_last
+    return torch.contiguous_format
+
+
+def program(part, shape, dtype: torch.dtype) -> _Program:
+    """The passes and stored tensors of running ``part`` on an input of ``shape``."""
+    kind, steps, cin = _steps(part)
+    n, c, h, w = shape
+    if c != cin:
+        raise ValueError(f"the input must have {cin} channels, got shape {tuple(shape)}")
+    elem = torch.empty((), dtype=dtype).element_size()
+    return _Program(kind, steps, n, h, w, cin, elem)
+
+
+def run(part, x: torch.Tensor, *, rows, offload: str | None = None, prog=None) -> torch.Tensor:
+    """Run ``part`` (an sdvae or diffusers Encoder/Decoder) on ``x`` streamed: ``rows`` is
+    one band height per pass (``MemoryPlan.passes[i].rows``), or an int / a sequence of band
+    heights for every pass. Inference only: with grad mode on and an input or weight that
+    requires grad it raises (the bands are written in place)."""
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in part.parameters())
+    ):
+        raise ValueError(
+            "the streamed path (max_memory/offload) is for inference: call it under "
+            "torch.no_grad() or torch.inference_mode()"
+        )
+    if prog is None:
+        prog = program(part, tuple(x.shape), x.dtype)
+    if not isinstance(rows, list) or len(rows) != len(prog.passes):
+        rows = [rows] * len(prog.passes)
+    fmt = memory_format_of(part, x)
+    runner = _Runner(prog, rows, x.device, x.dtype, fmt, offload == "cpu")
+    return runner.run(x)
+
+
+# ----------------------------------------------------------------- band costs (planner)
+def _meta_state(prog: _Program, i: int, runner: _Runner) -> None:
+    """Meta tensors for everything pass ``i`` reads and writes, statistics included."""
+    p = prog.passes[i]
+    bufs = [p.out, p.extra, p.res, p.k, p.v]
+    src = p.src.y if isinstance(p.src, _Virtual) else p.src
+    bufs.append(src if isinstance(src, _Buf) else None)
+    for b in bufs:
+        runner.alloc(b)
+    for slot in (p.stats_in, p.stats_out):
+        if slot is not None:
+            shape = (prog.n, slot.groups)
+            acc = torch.float64 if runner.dtype == torch.float64 else torch.float32
+            slot.mean = torch.empty(shape, dtype=acc, device="meta")
+            slot.m2 = torch.empty(shape, dtype=acc, device="meta")
+            slot.count = 1
+            slot.rstd = None
+    if p.kind == "conv_in":
+        runner.input = torch.empty(prog.in_shape, dtype=runner.dtype, device="meta",
+                                   memory_format=runner.fmt)  # fmt: skip
+    if p.kind == "out":
+        oh, ow = prog.out_hw
+        runner.result = torch.empty((prog.n, prog.out_c, oh, ow), dtype=runner.dtype,
+                                    device="meta", memory_format=runner.fmt)  # fmt: skip
+
+
+def _tensors_of(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, list):
+        for o in obj:
+            yield from _tensors_of(o)
+    elif dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _tensors_of(getattr(obj, f.name))
+
+
+def band_peak(prog: _Program, i: int, bands, *, dtype, fmt, offload: bool, real) -> int:
+    """Bytes the given consecutive bands of pass ``i`` allocate at most (stored tensors and
+    weights excluded), measured by running the engine's own code for them on the meta
+    device."""
+    from .memtrack import TensorMemory
+
+    runner = _Runner(prog, None, torch.device("meta"), dtype, fmt, offload, real=real)
+    p = prog.passes[i]
+    try:
+        _meta_state(prog, i, runner)
+        for t in _tensors_of([p.step, p.src.up if isinstance(p.src, _Virtual) else None]):
+            runner._w(t)
+        with TensorMemory("meta", collect=False) as tracker:
+            runner.tracker = tracker
+            getattr(runner, "_" + p.kind)(p, bands)
+            runner.mv.drain()
+        return tracker.peak
+    finally:
+        for b in prog.bufs:
+            b.tensor = None
+        for slot in prog.slots:
+            slot.clear()
+
+
+def band_checks(height: int, rows: int, offload: bool) -> list[list[tuple[int, int]]]:
+    """Runs of consecutive bands whose costs bound every band of a pass: the first band, two
+    in the middle (both parities of their first row) and the last, each after the band
+    before it. Offloaded, each comes with the two bands before it (whose written rows are
+    still held) and the one after it (whose rows are prefetched)."""
+    bands = _band_list(height, rows)
+    k = len(bands)
+    picks = sorted({0, k // 2, min(k // 2 + 1, k - 1), k - 1})
+    if not offload:  # with the band before it: nothing of it may outlive it
+        return [bands[max(j - 1, 0) : j + 1] for j in picks]
+    return [bands[max(j - 2, 0) : j + 2] for j in picks]
+
+
+def _sig(obj):
+    """A hashable structural description (shapes, flags; no names, no values)."""
+    if isinstance(obj, torch.Tensor):
+        return ("T", tuple(obj.shape), obj.dtype)
+    if isinstance(obj, (list, tuple)):
+        return tuple(_sig(o) for o in obj)
+    if isinstance(obj, _Buf):
+        return ("B", obj.c, obj.h, obj.w, obj.device_only, obj.heads)
+    if isinstance(obj, _Slot):
+        return ("S", obj.groups)
+    if dataclasses.is_dataclass(obj):
+        return (type(obj).__name__,) + tuple(
+            _sig(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "name"
+        )
+    return obj
+
+
+_COSTS: dict = {}
+
+
+def pass_cost(prog: _Program, i: int, rows: int, **kw) -> int:
+    """The most bytes one band of ``rows`` rows of pass ``i`` allocates, over every band of the
+    pass (stored tensors excluded); cached by the pass's structure."""
+    p = prog.passes[i]
+    key = (_sig(p), prog.n, rows, tuple(sorted((k, str(v)) for k, v in kw.items())))
+    got = _COSTS.get(key)
+    if got is None:
+        if len(_COSTS) > 65536:
+            _COSTS.clear()
+        checks = band_checks(p.h, rows, kw["offload"])
+        got = _COSTS[key] = max(band_peak(prog, i, bands, **kw) for bands in checks)
+    return got
