@@ -271,13 +271,12 @@ def _steps(part) -> tuple[str, list, int]:
             folded = _is_patched(u)
         fw = None
         if folded:
-            from .model import _conv_weight_key, refold_upsample
+            from .model import fold_is_current, fold_upsample_weight, refold_upsample
 
-            if getattr(u, "folded_weight", None) is None or u._folded_from != _conv_weight_key(
-                u.conv
-            ):
-                refold_upsample(u, u.conv)
-            fw = rd.t(u.folded_weight)
+            if not fold_is_current(u, u.conv):
+                refold_upsample(u, u.conv)  # nothing is kept from meta weights
+            fw = getattr(u, "folded_weight", None)
+            fw = rd.t(fw if fw is not None else fold_upsample_weight(u.conv.weight))
         rd.conv(u.conv, 3, f"{name}.conv")
         return _Up(name, rd.t(u.conv.weight), rd.t(u.conv.bias), fw, u.conv.in_channels)
 

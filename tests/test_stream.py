@@ -62,8 +62,11 @@ def model(name: str, dtype=torch.float64) -> VAE:
     return _MODELS[key]
 
 
-def _latents(vae, n=2, hw=(5, 7), dtype=torch.float64):
-    return (torch.randn(n, vae.config.latent_channels, *hw) * 0.7 + 0.2).to(dtype)
+def _latents(vae, n=2, hw=(5, 7), dtype=torch.float64, raw=False):
+    """Latents as ``decode`` takes them: the pipeline's (FLUX.2: 2x2 patches), or raw."""
+    cfg = vae.config
+    c = cfg.latent_channels if raw else cfg.pipeline_latent_channels
+    return (torch.randn(n, c, *hw) * 0.7 + 0.2).to(dtype)
 
 
 def _images(n=2, hw=(19, 22), dtype=torch.float64):
@@ -86,6 +89,42 @@ def test_decode_float64_equals_the_full_decode(name, rows):
     out = budget.decode(vae, z, band_rows=rows)
     assert out.shape == ref.shape
     assert _rel(out, ref) <= 1e-10
+
+
+@pytest.mark.skipif("flux2" not in CONFIGS, reason="no VAEConfig.flux2")
+@torch.no_grad()
+def test_flux2_raw_and_pipeline_latents_stream_exactly():
+    """FLUX.2's decode takes the pipeline's latents (de-normalized and unpatchified, folded
+    into post_quant_conv) or, with raw=True, the raw ones; its encode returns the pipeline's
+    latents: all three through the public API with a budget that forces the streamed path."""
+    vae = model("flux2")
+    z = _latents(vae, hw=(3, 4))
+    zr = _latents(vae, hw=(5, 7), raw=True)
+    x = _images(hw=(32, 48))
+    plans = {
+        "decode": vae.memory_plan(z.shape),
+        "decode raw": vae.memory_plan(zr.shape, raw=True),
+        "encode": vae.memory_plan(x.shape, op="encode"),
+    }
+    budgets = {k: p.min_bytes for k, p in plans.items()}
+    for k in ("decode", "decode raw"):  # so those budgets stream (the encode's need not:
+        # at these widths its 64-channel moments outweigh the encoder's activations)
+        assert budgets[k] < plans[k].full_bytes, (k, plans[k].describe())
+    for name, out, ref in (
+        ("decode", vae.decode(z, max_memory=budgets["decode"]), vae.decode(z)),
+        (
+            "decode raw",
+            vae.decode(zr, raw=True, max_memory=budgets["decode raw"]),
+            vae.decode(zr, raw=True),
+        ),
+        (
+            "encode",
+            vae.encode(x, sample=False, max_memory=budgets["encode"]),
+            vae.encode(x, sample=False),
+        ),
+    ):
+        assert out.shape == ref.shape, name
+        assert _rel(out, ref) <= 1e-10, name
 
 
 @pytest.mark.parametrize("rows", list(ROWS.values()), ids=list(ROWS))
