@@ -7,7 +7,8 @@
 # (`-m cuda`: the GPU tests and every op test parametrised over cuda; Triton compiled for the
 # device, not interpreted; the CPU-only tests are CI's job), 3. runs `sdvae bench` at the real
 # sizes, most important suites first, writing the CSV row by row so a timeout keeps what ran.
-# Writes <date>-<gpu>.csv, the markdown table and device_check.log to OUT_DIR, and prints the
+# Writes <date>-<gpu>.csv, the markdown table, profile-1024.txt (`sdvae profile --size 1024`,
+# its Chrome traces under profile-traces/) and device_check.log to OUT_DIR, and prints the
 # table last.
 # BENCH_SUITES narrows the benchmark, e.g. `BENCH_SUITES="ceiling conv pad_conv2d"` to settle
 # the convolution issue alone (cuDNN's bare conv, sdvae's graph bare / unfused / with its fused
@@ -64,6 +65,13 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   timeout ${TEST_TIMEOUT:-180} $PY -m pytest -q -p no:cacheprovider tests -m cuda -rfE \
     --junitxml="$OUT_DIR/tests.xml" || echo "TESTS FAILED OR TIMED OUT"
   echo "tests took $((SECONDS - t0)) s"
+
+  step "sdvae profile --size 1024 (fp16: GPU time by category and per kernel, eager beside sdvae)"
+  t0=$SECONDS
+  timeout ${PROFILE_TIMEOUT:-90} $PY -m sdvae.cli profile --size 1024 --dtype fp16 \
+    --out "$OUT_DIR/profile-traces" > "$OUT_DIR/profile-1024.txt" 2>&1 \
+    || echo "PROFILE FAILED OR TIMED OUT (see profile-1024.txt)"
+  echo "profile took $((SECONDS - t0)) s"
 
   step "sdvae bench"
   t0=$SECONDS
