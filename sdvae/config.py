@@ -183,32 +183,7 @@ class VAEConfig:
         """The keyword arguments of diffusers' ``AutoencoderKL`` for this config (of
         ``AutoencoderKLFlux2`` for a FLUX.2 config: see ``diffusers_class``)."""
         n = len(self.block_out_channels)
-        if self.is_flux2:
-            return dict(
-                in_channels=self.in_channels,
-                out_channels=self.out_channels,
-                down_block_types=("DownEncoderBlock2D",) * n,
-                up_block_types=("UpDecoderBlock2D",) * n,
-                block_out_channels=self.block_out_channels,
-                decoder_block_out_channels=self.decoder_block_out_channels,
-                layers_per_block=self.layers_per_block,
-                act_fn="silu",
-                latent_channels=self.latent_channels,
-                norm_num_groups=self.norm_num_groups,
-                sample_size=self.sample_size,
-                use_quant_conv=self.use_quant_conv,
-                use_post_quant_conv=self.use_post_quant_conv,
-                mid_block_add_attention=self.mid_block_add_attention,
-                batch_norm_eps=self.batch_norm_eps,
-                batch_norm_momentum=self.batch_norm_momentum,
-                patch_size=(2, 2),
-            )
-        if self.decoder_block_out_channels is not None:
-            raise ValueError(
-                "decoder_block_out_channels has no AutoencoderKL equivalent (only FLUX.2's "
-                "AutoencoderKLFlux2 takes it)"
-            )
-        return dict(
+        common = dict(
             in_channels=self.in_channels,
             out_channels=self.out_channels,
             down_block_types=("DownEncoderBlock2D",) * n,
@@ -219,11 +194,27 @@ class VAEConfig:
             latent_channels=self.latent_channels,
             norm_num_groups=self.norm_num_groups,
             sample_size=self.sample_size,
-            scaling_factor=self.scaling_factor,
-            shift_factor=self.shift_factor if self.shift_factor else None,
             use_quant_conv=self.use_quant_conv,
             use_post_quant_conv=self.use_post_quant_conv,
             mid_block_add_attention=self.mid_block_add_attention,
+        )
+        if self.is_flux2:
+            return dict(
+                common,
+                decoder_block_out_channels=self.decoder_block_out_channels,
+                batch_norm_eps=self.batch_norm_eps,
+                batch_norm_momentum=self.batch_norm_momentum,
+                patch_size=(2, 2),
+            )
+        if self.decoder_block_out_channels is not None:
+            raise ValueError(
+                "decoder_block_out_channels has no AutoencoderKL equivalent (only FLUX.2's "
+                "AutoencoderKLFlux2 takes it)"
+            )
+        return dict(
+            common,
+            scaling_factor=self.scaling_factor,
+            shift_factor=self.shift_factor if self.shift_factor else None,
         )
 
     @classmethod
