@@ -530,11 +530,13 @@ if triton is not None:
         v, base, rel = _load_sum(
             x_ptr, r_ptr, ib, n, c0, s0, dc, ds, mask, C, S, CL, HAS_IB, HAS_RES
         )
-        nc = N * C
+        # The a and d rows start N*C and 2*N*C values in: scalar int64 bases (2*N*C passes
+        # 2^31 from N*C = 2^30); the per-lane index n*C + c stays int32 (N*C < 2^31).
+        nc = (N * C).to(tl.int64)
         ci = n * C + c
         k = tl.load(coef_ptr + ci, mask=c_ok, other=0.0)[:, None]
-        a = tl.load(coef_ptr + nc + ci, mask=c_ok, other=0.0)[:, None]
-        d = tl.load(coef_ptr + 2 * nc + ci, mask=c_ok, other=0.0)[:, None]
+        a = tl.load((coef_ptr + nc) + ci, mask=c_ok, other=0.0)[:, None]
+        d = tl.load((coef_ptr + 2 * nc) + ci, mask=c_ok, other=0.0)[:, None]
         y = (v - k) * a + d
         if SILU:
             y = _silu(y)

@@ -269,6 +269,8 @@ def not_supported_reasons(x: torch.Tensor, num_groups: int = 1) -> list[str]:
         reasons.append(f"dtype {x.dtype} is not one of fp32/fp16/bf16")
     if x.shape[2] * x.shape[3] * max(x.shape[1], 1) >= 2**31:
         reasons.append("a sample of the band holds 2^31 values or more (int32 offsets)")
+    if 2 * x.shape[0] * x.shape[1] >= 2**31:
+        reasons.append("2 * N * C >= 2^31: the (mean, rstd) scratch indices are int32")
     if torch.is_grad_enabled() and x.requires_grad:
         reasons.append("x requires grad: the (differentiable) eager reference runs")
     return reasons

@@ -358,6 +358,35 @@ def test_group_shift_reads_its_group_past_2_31_values(case):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs the kernel in Triton's interpreter")
+def test_apply_reads_the_scratch_rows_past_2_31_values():
+    """N * C = 2^30 (accepted: the per-lane scratch index n*C + c stays int32): the apply
+    kernel's a and d rows start N*C and 2*N*C values into the (3, N, C) scratch, and 2*N*C is
+    2^31. One program of the apply kernel runs on channel block 0 of sample 0 with K = 0,
+    a = 1, d = 7, and a marker -3 where an int32 offset would wrap to (2^31 values before the
+    scratch): y must be 7. Before the fix ``2 * nc`` was an int32 product and y read -3."""
+    n, c, s = 2**15, 2**15, 1
+    assert gn.not_supported_reasons(torch.empty(n, c, s, device="meta"), 1) == []
+    p = gn.plan(n, c, s, 1, False, 1)
+    assert p.path == "two_pass"
+    nc, bc = n * c, p.block_c
+    buf = _lazy_buffer(_LEAD + 3 * nc, torch.float32)
+    coef = buf[_LEAD:]
+    coef[:bc], coef[nc : nc + bc], coef[2 * nc : 2 * nc + bc] = 0.0, 1.0, 7.0
+    buf[:bc] = -3.0
+    x = _lazy_buffer(nc * s, torch.float16).view(n, c, s)
+    x[0, :bc] = 0.0
+    y = _lazy_buffer(nc * s, torch.float16).view(n, c, s)
+    y[0, :bc] = float("nan")
+    gn._gn_apply_kernel[(1,)](
+        x, x, x, coef, y, y, n, c, s, p.cblocks, p.chunks, p.tiles_per_chunk,
+        BLOCK_C=bc, BLOCK_S=p.block_s, CL=False, HAS_IB=False, HAS_RES=False,
+        SILU=False, WRITE_SUM=False, num_warps=p.num_warps,
+    )  # fmt: skip
+    got = y[0, :bc, 0].float()
+    assert torch.equal(got, torch.full_like(got, 7.0)), got[:4].tolist()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the kernel in Triton's interpreter")
 def test_apply_padding_slots_stay_off_just_under_2_31_pixels():
     """S = 2^31 - 4 * TILE - 1, the most pixels the kernels take: the launch rule cuts the
     tiles into chunks whose last one is short, and the apply kernel's first ``chunks``
@@ -402,6 +431,7 @@ def test_int32_limits_send_the_call_to_the_reference():
     reasons = gn.not_supported_reasons(torch.empty(1, 1, s, device="meta"), 1)
     assert any("pixel indices are int32" in r for r in reasons)
     assert gn.not_supported_reasons(torch.empty(2**21, 1023, 1, device="meta"), 1) == []
+    assert gn.plan(2**15, 2**15, 1, 1, False, 132).path == "two_pass"  # the scratch is used
     reasons = gn.not_supported_reasons(torch.empty(2**21, 1024, 1, device="meta"), 32)
     assert any("N * C >= 2^31" in r for r in reasons)
 

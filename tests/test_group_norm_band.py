@@ -116,6 +116,12 @@ def test_merge_is_chans_formula_not_an_average_of_variances():
 def test_not_supported_reasons(monkeypatch):
     x = torch.randn(1, 4, 2, 2)
     assert "float64" in " ".join(gnb.not_supported_reasons(x.double(), 2))
+    # the (N, C, 2) scratch of (mean, rstd) is indexed in int32: 2 * N * C must stay below 2^31
+    assert gnb.not_supported_reasons(torch.empty(2**14, 2**16 - 1, 1, 1, device="meta"), 1) == [
+        r for r in gnb.not_supported_reasons(torch.empty(1, 1, 1, 1, device="meta"), 1)
+    ]
+    big = gnb.not_supported_reasons(torch.empty(2**14, 2**16, 1, 1, device="meta"), 1)
+    assert any("2 * N * C >= 2^31" in r for r in big)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert any("eager reference" in r for r in gnb.not_supported_reasons(x, 2))
     # and then the reference runs, with the same results
