@@ -311,16 +311,22 @@ class _StorageRef:
         return (_StorageRef, ())
 
 
-def _tensors_key(tensors, *extra) -> tuple:
+def _tensors_key(tensors, *extra) -> tuple | None:
     """What ``_tensors_unchanged`` compares: each tensor's live storage (weakly), address and
-    version, plus ``extra`` (e.g. the dtype and device a result was made for)."""
+    version, plus ``extra`` (e.g. the dtype and device a result was made for). None when a
+    tensor is an inference tensor (made under ``torch.inference_mode``), which has no version
+    counter: what is made from it is then never reused."""
+    if any(t.is_inference() for t in tensors):
+        return None
     return (extra, tuple((_StorageRef(t), t.data_ptr(), t._version) for t in tensors))
 
 
-def _tensors_unchanged(key: tuple, tensors, *extra) -> bool:
+def _tensors_unchanged(key: tuple | None, tensors, *extra) -> bool:
     """Whether ``tensors`` are still the ones ``key`` was made from, unmodified: the same live
     storages (an address alone may be reused after a cast there and back), addresses and
     versions."""
+    if key is None or any(t.is_inference() for t in tensors):
+        return False
     made_extra, made = key
     return (
         made_extra == extra
@@ -927,10 +933,12 @@ class VAE(nn.Module):
         return (cfg.pipeline_latent_channels, h // 2, w // 2)
 
     def _bn_stats(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """FLUX.2: (mean, sqrt(var + eps)) per patchified channel, computed in ``dtype``."""
+        """FLUX.2: (mean, sqrt(var + eps)) per patchified channel in ``dtype`` (the square root
+        taken in the buffers' dtype, as ``Flux2Pipeline`` does)."""
         bn = self.bn
         mean = bn.running_mean.detach().to(dtype)
-        std = torch.sqrt(bn.running_var.detach().to(dtype) + self.config.batch_norm_eps)
+        # as the pipeline: sqrt(var + eps) in the buffers' dtype, then cast
+        std = torch.sqrt(bn.running_var.detach() + self.config.batch_norm_eps).to(dtype)
         return mean, std
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
@@ -977,8 +985,9 @@ class VAE(nn.Module):
         Kept while the weights and statistics are unchanged (same live storages, addresses and
         versions: ``_tensors_unchanged``);
         recomputed every call under torch.compile or CUDA-graph capture, so that a traced or
-        captured call always reads the current values, and when autograd must see the fold
-        (``post_quant_conv``'s weights require grad)."""
+        captured call always reads the current values, when autograd must see the fold
+        (``post_quant_conv``'s weights require grad), and for inference tensors (no version
+        counter to tell a change)."""
         pqc = self.post_quant_conv if which == "decode" else None
         sources = [self.bn.running_mean, self.bn.running_var]
         if pqc is not None:
@@ -988,7 +997,7 @@ class VAE(nn.Module):
         dtype = x.dtype if which == "decode" else torch.promote_types(x.dtype, torch.float32)
         if (
             torch.compiler.is_compiling()
-            or any(t.is_meta for t in sources)
+            or any(t.is_meta or t.is_inference() for t in sources)
             or (x.is_cuda and torch.cuda.is_current_stream_capturing())
             or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
         ):

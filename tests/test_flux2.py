@@ -106,14 +106,46 @@ def _pipeline_normalize(akl, z):
     return _pipeline_encode(vae_like, torch.empty(z.shape[0], 3, 1, 1))
 
 
+@functools.cache
+def _pipeline_denormalize():
+    """The three statements of ``Flux2Pipeline.__call__`` that de-normalize the sampled
+    latents (``latents_bn_mean = ...``, ``latents_bn_std = ...``,
+    ``latents = latents * latents_bn_std + latents_bn_mean``), compiled from the installed
+    diffusers source: diffusers' own code, not a copy, so a change there shows here."""
+    spec = importlib.util.find_spec("diffusers.pipelines.flux2.pipeline_flux2")
+    with open(spec.origin) as fh:
+        tree = ast.parse(fh.read())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Flux2Pipeline"]
+    (call,) = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__call__"]
+    names = {"latents_bn_mean", "latents_bn_std"}
+    found = []
+    for node in ast.walk(call):
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+            continue
+        target, used = (
+            node.targets[0],
+            {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)},
+        )
+        if isinstance(target, ast.Name) and (
+            target.id in names or (target.id == "latents" and names <= used)
+        ):
+            found.append(node)
+    found.sort(key=lambda n: n.lineno)
+    assert [ast.unparse(n.targets[0]) for n in found] == [
+        "latents_bn_mean",
+        "latents_bn_std",
+        "latents",
+    ], [ast.unparse(n) for n in found]
+    return compile(ast.Module(found, []), spec.origin, "exec")
+
+
 def _pipeline_decode(akl, latents):
-    """What ``Flux2Pipeline.__call__`` does after sampling: ``x * sqrt(var + eps) + mean``
-    (the inverse of ``_encode_vae_image``'s normalization), ``_unpatchify_latents``, then
-    the VAE's decode."""
-    mean = akl.bn.running_mean.view(1, -1, 1, 1).to(latents.dtype)
-    std = torch.sqrt(akl.bn.running_var.view(1, -1, 1, 1) + akl.config.batch_norm_eps)
-    z = latents * std.to(latents.dtype) + mean
-    return akl.decode(_pipeline_steps()._unpatchify_latents(z)).sample
+    """What ``Flux2Pipeline.__call__`` does after sampling: its own de-normalize statements
+    (``_pipeline_denormalize``), ``_unpatchify_latents``, then the VAE's decode."""
+    namespace = {"torch": torch, "self": types.SimpleNamespace(vae=akl), "latents": latents}
+    exec(_pipeline_denormalize(), namespace)
+    z = _pipeline_steps()._unpatchify_latents(namespace["latents"])
+    return akl.decode(z).sample
 
 
 def _randomize(akl, gen):
@@ -282,6 +314,14 @@ def test_normalize_steps_equal_the_pipelines(name):
     normalized = vae.normalize_latents(z)
     assert_close(normalized, _pipeline_normalize(akl, z), name="normalize")
     assert_close(vae.denormalize_latents(normalized), z, name="denormalize")
+    # bf16 latents of an fp32 model: the same rounding as the pipeline, bit for bit (it takes
+    # sqrt(var + eps) in the buffers' dtype, then casts)
+    zb = z.bfloat16()
+    assert torch.equal(vae.normalize_latents(zb), _pipeline_normalize(akl, zb))
+    ns = {"torch": torch, "self": types.SimpleNamespace(vae=akl), "latents": normalized.bfloat16()}
+    exec(_pipeline_denormalize(), ns)
+    got = vae.denormalize_latents(normalized.bfloat16())
+    assert torch.equal(got, pipe._unpatchify_latents(ns["latents"]))
 
 
 # ------------------------------------------------------------- folded vs unfolded
@@ -355,6 +395,28 @@ def test_fold_cache_is_dropped_when_the_storages_change():
     fresh = copy.deepcopy(vae)
     fresh._norm_cache.clear()
     assert torch.equal(out, fresh.decode(lat))
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["unfused", "optimized"])
+def test_model_made_under_inference_mode(optimized):
+    """Weights made under ``torch.inference_mode`` (a model loaded or built in a serving
+    handler) are inference tensors, which have no version counter: the folds made from them
+    (FLUX.2's normalization, the optimized upsampler) are recomputed instead of cached, and
+    the results equal a normally made model's."""
+    _, ref = models("tiny")
+    with torch.inference_mode():
+        vae = copy.deepcopy(ref)
+        for t in list(vae.parameters()) + list(vae.buffers()):
+            t.data = t.data.clone()
+    assert vae.post_quant_conv.weight.is_inference() and vae.bn.running_var.is_inference()
+    if optimized:
+        vae, ref = sdvae.optimize(vae), sdvae.optimize(copy.deepcopy(ref))
+    lat, x = _latents(ref, (8, 8), n=1), _images((16, 16), n=1)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            for _ in range(2):  # the second call would reuse a cached fold
+                assert torch.equal(vae.decode(lat), ref.decode(lat))
+                assert torch.equal(vae.encode(x, sample=False), ref.encode(x, sample=False))
 
 
 def test_fold_keeps_gradients_to_post_quant_conv():
