@@ -630,7 +630,21 @@ def kernel_config_for(q, k, v, scale) -> tuple[int, int, int, int]:
         if len(cands) == 1 or torch.cuda.is_current_stream_capturing():
             config = cands[0]
         else:
-            times = [_time_ms(lambda c=c: _launch(q, k, v, scale, c)) for c in cands]
+            # A config this device cannot run (shared memory or registers the estimate missed,
+            # on a GPU the ahead-of-time tests do not cover) is skipped, as Triton's autotuner
+            # does; none running is an error that names each config's failure.
+            times, failures = [], []
+            for c in cands:
+                try:
+                    times.append(_time_ms(lambda c=c: _launch(q, k, v, scale, c)))
+                except Exception as exc:  # noqa: BLE001 - reported below when all fail
+                    times.append(math.inf)
+                    failures.append(f"{c}: {type(exc).__name__}: {exc}")
+            if min(times) == math.inf:
+                raise RuntimeError(
+                    "no Triton attention config runs on this device for q of shape "
+                    f"{tuple(q.shape)} {q.dtype}: " + "; ".join(failures)
+                )
             config = cands[times.index(min(times))]
         _KERNEL_CONFIGS[key] = config
     return config
@@ -659,7 +673,10 @@ def backend_for(q, k, v, scale) -> str:
         if torch.cuda.is_current_stream_capturing():
             choice = "chunked"
         else:
-            t_triton = _time_ms(lambda: _launch(q, k, v, scale))
+            try:
+                t_triton = _time_ms(lambda: _launch(q, k, v, scale))
+            except RuntimeError:  # no config runs here (kernel_config_for says which, why)
+                t_triton = math.inf
             t_chunked = _time_ms(lambda: attention_chunked(q, k, v, scale=scale))
             choice = "triton" if t_triton < t_chunked else "chunked"
         _CHOICES[key] = choice

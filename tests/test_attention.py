@@ -627,6 +627,33 @@ def test_kernel_config_is_measured_outside_a_capture(monkeypatch, fresh_choices)
     assert A.kernel_config_for(q, q, q, 0.1) == cands[1] and len(launched) == len(cands)
 
 
+def test_configs_that_fail_to_run_are_skipped(monkeypatch, fresh_choices):
+    """A config the device cannot run (its launch raises: shared memory or registers the
+    estimate missed) is skipped like a slow one; when none runs, the Triton path raises an
+    error naming each failure and the measured backend choice takes the library path."""
+    monkeypatch.setattr(A, "_shared_limit", lambda device: A._SHARED_LIMIT[90])
+    q = torch.randn(1, 64, 512, dtype=torch.float16)
+    cands = A.launchable_configs(512, 2, A._SHARED_LIMIT[90])
+    assert len(cands) >= 2
+    bad = set(cands[:-1])
+
+    def launch(q, k, v, scale, config=None):
+        if (config or A.kernel_config_for(q, k, v, scale)) in bad:
+            raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(A, "_launch", launch)
+    monkeypatch.setattr(A, "_time_ms", lambda fn, reps=3: (fn(), 1.0)[1])
+    assert A.kernel_config_for(q, q, q, 0.1) == cands[-1]
+    A._KERNEL_CONFIGS.clear()
+    bad.add(cands[-1])
+    with pytest.raises(RuntimeError, match="no Triton attention config runs") as info:
+        A.kernel_config_for(q, q, q, 0.1)
+    assert all(str(c) in str(info.value) for c in cands)
+    monkeypatch.setattr(A, "attention_chunked", lambda q, k, v, scale=None: None)
+    monkeypatch.setattr(A, "_chunked_reasons", lambda q: [])  # as on a GPU
+    assert A.backend_for(q, q, q, 0.1) == "chunked"
+
+
 @pytest.mark.cuda
 @torch.no_grad()
 def test_capture_on_an_unmeasured_shape_then_eager_is_bitwise_equal(monkeypatch):
