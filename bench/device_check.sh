@@ -68,7 +68,7 @@ step() { echo; echo "=== $* ($(date +%T))"; }
 
   step "sdvae profile --size 1024 (fp16: GPU time by category and per kernel, eager beside sdvae)"
   t0=$SECONDS
-  timeout ${PROFILE_TIMEOUT:-90} $PY -m sdvae.cli profile --size 1024 --dtype fp16 \
+  timeout ${PROFILE_TIMEOUT:-60} $PY -m sdvae.cli profile --size 1024 --dtype fp16 \
     --out "$OUT_DIR/profile-traces" > "$OUT_DIR/profile-1024.txt" 2>&1 \
     || echo "PROFILE FAILED OR TIMED OUT (see profile-1024.txt)"
   echo "profile took $((SECONDS - t0)) s"
