@@ -50,7 +50,14 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-__all__ = ["run", "program", "pass_cost", "band_peak", "memory_format_of"]
+__all__ = [
+    "run",
+    "program",
+    "pass_cost",
+    "band_peak",
+    "memory_format_of",
+    "check_encoder_input",
+]
 
 
 # ------------------------------------------------------------------ the network as steps
@@ -983,12 +990,26 @@ def memory_format_of(part, x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def check_encoder_input(h: int, w: int, downsamplings: int, name: str = "images") -> None:
+    """ValueError unless an ``h`` x ``w`` input leaves every level of an encoder with
+    ``downsamplings`` stride-2 downsamplings at least one row and column: each halves (and
+    floors) the sides, and a side of one pixel has nothing left for the next."""
+    need = 2**downsamplings
+    if h < need or w < need:
+        raise ValueError(
+            f"{name} of {h}x{w} (HxW) are too small for this encoder: its {downsamplings} "
+            f"stride-2 downsamplings need each side to be at least {need} pixels"
+        )
+
+
 def program(part, shape, dtype: torch.dtype) -> _Program:
     """The passes and stored tensors of running ``part`` on an input of ``shape``."""
     kind, steps, cin = _steps(part)
     n, c, h, w = shape
     if c != cin:
         raise ValueError(f"the input must have {cin} channels, got shape {tuple(shape)}")
+    if kind == "encoder":
+        check_encoder_input(h, w, sum(isinstance(s, _Down) for s in steps))
     elem = torch.empty((), dtype=dtype).element_size()
     return _Program(kind, steps, n, h, w, cin, elem)
 

@@ -448,6 +448,27 @@ def test_bad_memory_plan_arguments():
         vae.memory_plan((1, 4, 8, 8), dtype=torch.int32)
 
 
+@pytest.mark.parametrize("hw", [(3, 8), (8, 3), (1, 1)])
+@torch.no_grad()
+def test_images_too_small_for_the_encoder_are_refused(hw):
+    """A 3-level encoder (two stride-2 downsamplings) needs sides of at least 4 pixels: below
+    that a level has no rows. The planner, the streamed path and the full path refuse it
+    with one ValueError naming the images and the smallest size, before any work."""
+    vae = model("3level", torch.float32)
+    x = _images(1, hw, torch.float32)
+    msg = r"images of \d+x\d+ .*at least 4 pixels"
+    with pytest.raises(ValueError, match=msg):
+        vae.memory_plan(x.shape, op="encode", max_memory=1)
+    with pytest.raises(ValueError, match=msg):
+        budget.moments(vae, x, band_rows=1)
+    with pytest.raises(ValueError, match=msg):
+        vae.encode(x, sample=False)
+    with pytest.raises(ValueError, match=msg):
+        vae.encode(x, sample=False, max_memory="1GiB")
+    smallest = _images(1, (4, 4), torch.float32)
+    assert _rel(budget.moments(vae, smallest, band_rows=1), vae.moments(smallest)) <= 1e-5
+
+
 def test_streamed_path_is_inference_only():
     vae = _sd_like()
     z = torch.randn(1, 4, 8, 8)
