@@ -146,7 +146,7 @@ def full_peak(part, shape, dtype: torch.dtype, device) -> int:
     holds at once (the layer's input, its temporaries and output), in units of the layer's
     tensors. Upper bounds of the counts measured with ``sdvae.memtrack`` on the CPU for every
     flavour (tests/test_stream.py)."""
-    kind, steps, _ = stream._steps(part)
+    kind, steps, _ = stream._steps(part, dtype, meta=True)
     flavor = _flavor(part)
     device = torch.device(device)
     on_cpu = device.type == "cpu"
@@ -335,7 +335,7 @@ def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: s
     ``band_rows`` forces the streamed path with those band heights (an int, or a sequence
     used in turn; tests)."""
     device = torch.device(device)
-    prog = stream.program(part, tuple(shape), dtype)
+    prog = stream.program(part, tuple(shape), dtype, meta=True)
     off = offload == "cpu"
     kw = dict(dtype=dtype, fmt=fmt, offload=off, real=device.type)
     acc = 8 if dtype == torch.float64 else 4

@@ -151,15 +151,20 @@ def _band_gn_ok(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 class _Reader:
-    """Turns sdvae's or diffusers' modules into steps (weights in the run's dtype)."""
+    """Turns sdvae's or diffusers' modules into steps, weights in ``dtype``: the tensors
+    themselves (cast when the dtype differs), or with ``meta`` their shape-only twins on the
+    meta device (the planner: nothing real is allocated, whatever the dtype asked). Which
+    kernels run is decided for ``dtype`` on ``device``, the model's."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dtype, self.device = dtype, device
+    def __init__(self, dtype: torch.dtype, device: torch.device, meta: bool = False):
+        self.dtype, self.device, self.meta = dtype, device, meta
         self.gn_kernels = _band_gn_ok(dtype, device)
 
     def t(self, p):
         if p is None:
             return None
+        if self.meta:
+            return torch.empty_like(p, dtype=self.dtype, device="meta")
         return p.detach().to(self.dtype)
 
     def norm(self, m, fused: bool, name: str) -> _Norm:
@@ -192,13 +197,15 @@ def _is_patched(module) -> bool:
     return _ORIG in module.__dict__
 
 
-def _steps(part) -> tuple[str, list, int]:
+def _steps(part, dtype: torch.dtype | None = None, *, meta: bool = False) -> tuple[str, list, int]:
     """(``"encoder"`` or ``"decoder"``, the steps in order, input channels) of an sdvae or
-    diffusers Encoder/Decoder; ValueError for a structure the engine does not know."""
+    diffusers Encoder/Decoder, for running it in ``dtype`` (default: its weights'); ``meta``:
+    shape-only weights (see ``_Reader``). ValueError for a structure the engine does not
+    know."""
     from . import model as M
 
     p = next(part.parameters())
-    rd = _Reader(p.dtype, p.device)
+    rd = _Reader(p.dtype if dtype is None else dtype, p.device, meta)
     sdvae_part = isinstance(part, (M.Encoder, M.Decoder))
     if sdvae_part:
         kind = "encoder" if isinstance(part, M.Encoder) else "decoder"
@@ -264,7 +271,7 @@ def _steps(part) -> tuple[str, list, int]:
             rd.t(a.to_q.weight), rd.t(a.to_q.bias), rd.t(a.to_k.weight), rd.t(a.to_k.bias),
             rd.t(a.to_v.weight), rd.t(a.to_v.bias), rd.t(a.to_out[0].weight),
             rd.t(a.to_out[0].bias), heads, scale, residual, rescale,
-            fused and p.dtype != torch.float64, c,
+            fused and rd.dtype != torch.float64, c,
         )  # fmt: skip
 
     def up(u, name) -> _Up:
@@ -289,11 +296,11 @@ def _steps(part) -> tuple[str, list, int]:
 
     def down(d, name) -> _Down:
         if sdvae_part:
-            fused = bool(d.fused) and p.dtype != torch.float64
+            fused = bool(d.fused) and rd.dtype != torch.float64
         else:
             if not (d.use_conv and d.padding == 0 and d.norm is None):
                 raise ValueError(f"{name}: a Downsample2D with options the VAE does not use")
-            fused = _is_patched(d) and p.dtype != torch.float64
+            fused = _is_patched(d) and rd.dtype != torch.float64
         conv = rd.conv(d.conv, 3, f"{name}.conv", stride=2, padding=0)
         conv.fused = fused
         return _Down(name, conv, d.conv.in_channels)
@@ -1002,9 +1009,10 @@ def check_encoder_input(h: int, w: int, downsamplings: int, name: str = "images"
         )
 
 
-def program(part, shape, dtype: torch.dtype) -> _Program:
-    """The passes and stored tensors of running ``part`` on an input of ``shape``."""
-    kind, steps, cin = _steps(part)
+def program(part, shape, dtype: torch.dtype, *, meta: bool = False) -> _Program:
+    """The passes and stored tensors of running ``part`` on an input of ``shape`` in
+    ``dtype``; ``meta``: with shape-only weights (the planner)."""
+    kind, steps, cin = _steps(part, dtype, meta=meta)
     n, c, h, w = shape
     if c != cin:
         raise ValueError(f"the input must have {cin} channels, got shape {tuple(shape)}")

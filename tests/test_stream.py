@@ -448,6 +448,29 @@ def test_bad_memory_plan_arguments():
         vae.memory_plan((1, 4, 8, 8), dtype=torch.int32)
 
 
+@pytest.mark.parametrize("optimized", [False, True], ids=["eager", "optimized"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["fp16", "bf16", "fp64"]
+)
+def test_memory_plan_in_another_dtype_equals_the_cast_models(dtype, optimized):
+    """``memory_plan(dtype=...)`` of an fp32 model plans with its weights cast (on the meta
+    device: nothing real is allocated) and equals the plan of the model cast to that dtype,
+    for decode and encode, with and without a budget; the model is left as it was."""
+    vae = _sd_like()
+    if optimized:
+        sdvae.optimize(vae)
+    cast = copy.deepcopy(vae).to(dtype)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    for op, shape in (("decode", (1, 4, 16, 16)), ("encode", (2, 3, 40, 24))):
+        for mm in (None, 1, "10MiB"):
+            got = vae.memory_plan(shape, op=op, dtype=dtype, max_memory=mm)
+            want = cast.memory_plan(shape, op=op, max_memory=mm)
+            assert got == want, (op, mm, got.describe(), want.describe())
+            assert got.dtype == dtype
+    assert all(p.dtype == torch.float32 for p in vae.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in vae.state_dict().items())
+
+
 @pytest.mark.parametrize("hw", [(3, 8), (8, 3), (1, 1)])
 @torch.no_grad()
 def test_images_too_small_for_the_encoder_are_refused(hw):
