@@ -122,6 +122,28 @@ def free_memory(device) -> int:
         return 2**62
 
 
+def records_grad(x: torch.Tensor, module: torch.nn.Module) -> bool:
+    """Whether autograd would record a call of ``module`` on ``x``: grad mode on and ``x`` or
+    one of the module's weights requires grad."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in module.parameters())
+    )
+
+
+def refuse_grad(x: torch.Tensor, module: torch.nn.Module) -> None:
+    """A call with a budget (``max_memory`` / ``offload``) is an inference call, whichever
+    path its plan picks: the streamed one writes its bands in place, and the full one under
+    autograd keeps every activation for the backward pass, far past the budget. ValueError,
+    before any work, when autograd would record it."""
+    if records_grad(x, module):
+        raise ValueError(
+            "max_memory / offload make this an inference call, but autograd would record it "
+            "(grad mode is on and the input or the model's weights require grad): call it "
+            "under torch.no_grad() or torch.inference_mode() (or freeze the weights with "
+            "requires_grad_(False))"
+        )
+
+
 def check_offload(offload) -> str | None:
     if offload not in OFFLOADS:
         raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
@@ -479,6 +501,8 @@ def _vae_call(vae, op: str, x: torch.Tensor, max_memory, offload, band_rows, raw
     """``VAE.decode`` (``op="decode"``) or ``VAE.moments`` with a budget (input checked):
     the usual path when it fits, else the streamed one; ``BudgetError`` when nothing fits."""
     offload = check_offload(offload)
+    parse_memory(max_memory)
+    refuse_grad(x, vae)
     budget = _budget_for(x.device, max_memory, offload) if band_rows is None else None
     plan = vae_plan(vae, op, x.shape, dtype=x.dtype, device=x.device, max_memory=budget,
                     offload=offload, band_rows=band_rows, raw=raw)  # fmt: skip
@@ -521,6 +545,7 @@ def diffusers_decode(akl, z: torch.Tensor, *, band_rows=None) -> torch.Tensor:
     full when it fits the budget (``akl.sdvae_max_memory``, else the free memory), else
     streamed (``akl.sdvae_offload``)."""
     offload = check_offload(getattr(akl, "sdvae_offload", None))
+    refuse_grad(z, akl)
     n, c, h, w = z.shape
     e = z.element_size()
     lat = n * c * h * w * e
@@ -544,6 +569,7 @@ def diffusers_moments(akl, x: torch.Tensor, *, band_rows=None) -> torch.Tensor:
     """A patched ``AutoencoderKL``'s encoder (+ quant conv) with tiling on: the untiled
     moments, full or streamed as ``diffusers_decode`` decides."""
     offload = check_offload(getattr(akl, "sdvae_offload", None))
+    refuse_grad(x, akl)
     budget = _akl_budget(akl, x.device) if band_rows is None else None
     full = full_peak(akl.encoder, x.shape, x.dtype, x.device) + _reserve(x.device)
     plan = plan_part(akl.encoder, x.shape, dtype=x.dtype, device=x.device,

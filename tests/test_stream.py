@@ -14,6 +14,7 @@ what runs, and a budget nothing meets is refused before any work.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -260,6 +261,47 @@ def test_patched_diffusers_tiling_is_exact_within_its_budget(monkeypatch):
     assert "tiled_decode" not in akl.__dict__ and not hasattr(akl, "sdvae_max_memory")
 
 
+def test_patched_diffusers_tiling_under_autograd_runs_diffusers_own_tiles(monkeypatch):
+    """With autograd recording (grad mode on, weights that require grad) the exact streamed
+    path cannot run (it writes bands in place), so enable_tiling() on a patched model calls
+    the tiled methods the patch replaced -- diffusers' own blended tiles, differentiable --
+    with one warning that says why; under no_grad the exact path runs again."""
+    pytest.importorskip("diffusers")
+    from sdvae import diffusers_patch
+
+    vae = model("3level", torch.float32)
+    akl = sdvae.patch_diffusers(sdvae.to_diffusers(vae).eval(), max_memory=1)
+    cls = type(akl)
+    z = _latents(vae, n=1, hw=(6, 5), dtype=torch.float32)
+    x = _images(1, (24, 20), dtype=torch.float32)
+    akl.enable_tiling()
+    akl.tile_latent_min_size, akl.tile_sample_min_size = 4, 16  # diffusers would tile these
+    runs = []
+    real_run = stream.run
+    monkeypatch.setattr(stream, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
+    monkeypatch.setattr(diffusers_patch, "_GRAD_WARNED", False)
+    with pytest.warns(UserWarning, match="autograd.*diffusers' own tiled"):
+        dec = akl.decode(z).sample
+    assert dec.requires_grad and not runs
+    with torch.no_grad():
+        want = cls.tiled_decode(akl, z).sample
+        untiled = akl.decoder(akl.post_quant_conv(z))
+    # the same tiles (the kernels run their eager reference under autograd), not the untiled
+    assert_close(dec.detach(), want, torch.float32)
+    assert _rel(dec.detach(), untiled) > 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        moments = akl.encode(x).latent_dist.mean
+    assert moments.requires_grad and not runs
+    with torch.no_grad():
+        assert_close(moments.detach(), cls._tiled_encode(akl, x).chunk(2, dim=1)[0], torch.float32)
+        akl.sdvae_max_memory = None  # the device's free memory: the full path
+        exact = akl.decode(z).sample
+    assert_close(exact, untiled, torch.float32)
+    with pytest.raises(ValueError, match="inference call"):  # called directly: refused
+        budget.diffusers_decode(akl, z)
+
+
 # ----------------------------------------------------------------------------- memory
 def _sd_like(dtype=torch.float32) -> VAE:
     """SD's channel ratios at tiny widths (4 levels), where the last level dominates."""
@@ -492,12 +534,39 @@ def test_images_too_small_for_the_encoder_are_refused(hw):
     assert _rel(budget.moments(vae, smallest, band_rows=1), vae.moments(smallest)) <= 1e-5
 
 
-def test_streamed_path_is_inference_only():
+def test_budgeted_calls_are_inference_calls_whichever_path_runs():
+    """A model as built (weights require grad) in default grad mode: every call with a
+    budget or offload is refused up front, with the fix named, whether its plan picks the
+    full path (which would otherwise run under autograd, far past the budget) or the
+    streamed one; with nothing for autograd to record it runs."""
     vae = _sd_like()
-    z = torch.randn(1, 4, 8, 8)
-    plan = vae.memory_plan(z.shape, max_memory=1)
-    with pytest.raises(ValueError, match="torch.no_grad"):
-        vae.decode(z, max_memory=plan.min_bytes)  # weights require grad, grad mode on
+    z = torch.randn(1, 4, 16, 16)
+    x = torch.rand(1, 3, 48, 40) * 2 - 1
+    plan = vae.memory_plan(z.shape)
+    fits, streams = int(plan.full_bytes * 1.01), plan.full_bytes // 2
+    assert vae.memory_plan(z.shape, max_memory=fits).path == "full"
+    assert vae.memory_plan(z.shape, max_memory=streams).path == "streamed"
+    msg = r"inference call.*torch\.no_grad\(\) or torch\.inference_mode\(\)"
+    for call in (
+        lambda: vae.decode(z, max_memory=fits),
+        lambda: vae.decode(z, max_memory=streams),
+        lambda: vae.decode(z, offload="cpu"),
+        lambda: vae.encode(x, max_memory="1GiB"),
+        lambda: vae.encode(x, sample=False, max_memory=1),
+    ):
+        with TensorMemory("cpu") as m, pytest.raises(ValueError, match=msg):
+            call()
+        assert m.peak == 0  # refused before any work
+    with torch.no_grad():
+        ref = vae.decode(z)
+    frozen = copy.deepcopy(vae).requires_grad_(False)
+    for mm in (fits, streams):  # grad mode on, nothing requires grad: nothing to record
+        out = frozen.decode(z, max_memory=mm)
+        assert not out.requires_grad
+        assert_close(out, ref, torch.float32)
+    with torch.no_grad():  # an input that requires grad, under no_grad: runs
+        out = vae.decode(z.clone().requires_grad_(), max_memory=streams)
+    assert_close(out, ref, torch.float32)
 
 
 def test_band_rows_must_be_positive():
