@@ -43,6 +43,7 @@ __all__ = [
     "vae_plan",
     "decode",
     "moments",
+    "diffusers_plan",
     "diffusers_decode",
     "diffusers_moments",
     "OFFLOADS",
@@ -363,6 +364,7 @@ def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: s
     acc = 8 if dtype == torch.float64 else 4
     reserve = _reserve(device) + outside_bytes + sum(3 * prog.n * s.groups * acc
                                                      for s in prog.slots)  # fmt: skip
+    reserve += stream.hooked_weight_bytes(part, device, dtype)
     out_bytes = prog.n * prog.out_c * prog.out_hw[0] * prog.out_hw[1] * prog.elem
     passes, smallest, chosen, fits = [], 0, 0, True
     for i, p in enumerate(prog.passes):
@@ -540,21 +542,32 @@ def _akl_budget(akl, device):
     return free_memory(device) if budget is None else budget
 
 
+def diffusers_plan(akl, op: str, x: torch.Tensor, *, max_memory=None, offload=None,
+                   band_rows=None) -> MemoryPlan:  # fmt: skip
+    """The plan of a patched ``AutoencoderKL``'s tiled ``op`` (``"decode"``: the decoder and
+    post-quant conv on latents ``x``; ``"encode"``: the encoder on images ``x``, only their
+    shape, dtype, device and layout are read) within ``max_memory`` (None: no budget)."""
+    if op not in ("decode", "encode"):
+        raise ValueError(f"op must be 'decode' or 'encode', got {op!r}")
+    budget, offload = parse_memory(max_memory), check_offload(offload)
+    part = akl.decoder if op == "decode" else akl.encoder
+    outside = x.numel() * x.element_size() if op == "decode" else 0  # the post-quant conv's
+    full = outside + full_peak(part, x.shape, x.dtype, x.device) + _reserve(x.device)
+    return plan_part(part, x.shape, dtype=x.dtype, device=x.device,
+                     fmt=stream.memory_format_of(part, x), budget=budget, offload=offload,
+                     full_bytes=full, outside_bytes=outside, op=op,
+                     band_rows=band_rows)  # fmt: skip
+
+
 def diffusers_decode(akl, z: torch.Tensor, *, band_rows=None) -> torch.Tensor:
     """A patched ``AutoencoderKL``'s decode with tiling on: exactly the untiled decode, run
     full when it fits the budget (``akl.sdvae_max_memory``, else the free memory), else
     streamed (``akl.sdvae_offload``)."""
     offload = check_offload(getattr(akl, "sdvae_offload", None))
     refuse_grad(z, akl)
-    n, c, h, w = z.shape
-    e = z.element_size()
-    lat = n * c * h * w * e
     budget = _akl_budget(akl, z.device) if band_rows is None else None
-    full = lat + full_peak(akl.decoder, z.shape, z.dtype, z.device) + _reserve(z.device)
-    plan = plan_part(akl.decoder, z.shape, dtype=z.dtype, device=z.device,
-                     fmt=stream.memory_format_of(akl.decoder, z), budget=budget,
-                     offload=offload, full_bytes=full, outside_bytes=lat, op="decode",
-                     band_rows=band_rows)  # fmt: skip
+    plan = diffusers_plan(akl, "decode", z, max_memory=budget, offload=offload,
+                          band_rows=band_rows)  # fmt: skip
     if plan.path == "none":
         raise _fail(plan, "sdvae_max_memory")
     if akl.post_quant_conv is not None:
@@ -571,11 +584,8 @@ def diffusers_moments(akl, x: torch.Tensor, *, band_rows=None) -> torch.Tensor:
     offload = check_offload(getattr(akl, "sdvae_offload", None))
     refuse_grad(x, akl)
     budget = _akl_budget(akl, x.device) if band_rows is None else None
-    full = full_peak(akl.encoder, x.shape, x.dtype, x.device) + _reserve(x.device)
-    plan = plan_part(akl.encoder, x.shape, dtype=x.dtype, device=x.device,
-                     fmt=stream.memory_format_of(akl.encoder, x), budget=budget,
-                     offload=offload, full_bytes=full, op="encode",
-                     band_rows=band_rows)  # fmt: skip
+    plan = diffusers_plan(akl, "encode", x, max_memory=budget, offload=offload,
+                          band_rows=band_rows)  # fmt: skip
     if plan.path == "none":
         raise _fail(plan, "sdvae_max_memory")
     if plan.path == "full":

@@ -36,6 +36,10 @@ The engine reads the weights of the modules by the names sdvae's model and diffu
 ``Encoder``/``Decoder`` share, so it serves ``sdvae.VAE`` (unfused: eager ops; optimized:
 the band GroupNorm kernels, ``sdvae.ops`` convs, the folded transposed-conv upsampler and
 the attention kernel, wherever the model uses them) and a diffusers ``AutoencoderKL``.
+Under accelerate's hooks (sequential CPU offload keeps weights on the meta device between
+calls) ``run`` runs every hooked module's hook around the call, so the weights are real while
+it reads them; weights on the meta device with no hook are refused (``F.conv2d`` of a real
+input and a meta weight returns uninitialised memory).
 
 Memory: ``pass_cost`` measures the most one band of a pass allocates by running this
 module's own band code on the meta device under ``sdvae.memtrack.TensorMemory`` (kernels'
@@ -1022,25 +1026,68 @@ def program(part, shape, dtype: torch.dtype, *, meta: bool = False) -> _Program:
     return _Program(kind, steps, n, h, w, cin, elem)
 
 
+def _hooked(part) -> list:
+    """The modules of ``part`` that carry an accelerate hook (``_hf_hook``)."""
+    return [m for m in part.modules() if getattr(m, "_hf_hook", None) is not None]
+
+
+def hooked_weight_bytes(part, device, dtype: torch.dtype) -> int:
+    """Bytes of the weights that ``part``'s accelerate hooks bring to ``device`` for a
+    streamed call (they are elsewhere between calls: on the meta device under sequential CPU
+    offload); the streamed path holds them all for the call."""
+    device = torch.device(device)
+    e = torch.empty((), dtype=dtype).element_size()
+    return sum(
+        t.numel() * e
+        for m in _hooked(part)
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+        if t.device != device
+    )
+
+
+def _check_weights(prog: _Program, x: torch.Tensor) -> None:
+    """ValueError when a weight the steps read is on the meta device (``F.conv2d`` of a real
+    input and a meta weight returns an uninitialised tensor: garbage, silently) or on another
+    device than ``x``."""
+    for t in _tensors_of(prog.steps):
+        if t.is_meta:
+            raise ValueError(
+                "the model's weights are on the meta device (built empty and never loaded, or "
+                "offloaded with no accelerate hook to bring them back): load them before "
+                "calling it"
+            )
+        if t.device != x.device:
+            raise ValueError(f"the model's weights are on {t.device} but the input is on "
+                             f"{x.device}")  # fmt: skip
+
+
 def run(part, x: torch.Tensor, *, rows, offload: str | None = None, prog=None) -> torch.Tensor:
     """Run ``part`` (an sdvae or diffusers Encoder/Decoder) on ``x`` streamed: ``rows`` is
     one band height per pass (``MemoryPlan.passes[i].rows``), or an int / a sequence of band
     heights for every pass. Inference only: with grad mode on and an input or weight that
-    requires grad it raises (the bands are written in place)."""
+    requires grad it raises (the bands are written in place).
+
+    The engine reads weights without calling their modules, so the accelerate hooks of the
+    modules that have one (``cpu_offload``, diffusers' sequential CPU offload) run around the
+    whole call: their weights are on the device while it runs, offloaded again after."""
     if torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in part.parameters())
     ):
         raise ValueError(
-            "the streamed path (max_memory/offload) is for inference: call it under "
+            "the streamed path (max_memory/offload) is an inference call: call it under "
             "torch.no_grad() or torch.inference_mode()"
         )
-    if prog is None:
-        prog = program(part, tuple(x.shape), x.dtype)
-    if not isinstance(rows, list) or len(rows) != len(prog.passes):
-        rows = [rows] * len(prog.passes)
-    fmt = memory_format_of(part, x)
-    runner = _Runner(prog, rows, x.device, x.dtype, fmt, offload == "cpu")
-    return runner.run(x)
+    from .diffusers_patch import _weights_of
+
+    with _weights_of(*_hooked(part)):
+        if prog is None:
+            prog = program(part, tuple(x.shape), x.dtype)
+        _check_weights(prog, x)
+        if not isinstance(rows, list) or len(rows) != len(prog.passes):
+            rows = [rows] * len(prog.passes)
+        fmt = memory_format_of(part, x)
+        runner = _Runner(prog, rows, x.device, x.dtype, fmt, offload == "cpu")
+        return runner.run(x)
 
 
 # ----------------------------------------------------------------- band costs (planner)

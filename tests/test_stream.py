@@ -302,6 +302,69 @@ def test_patched_diffusers_tiling_under_autograd_runs_diffusers_own_tiles(monkey
         budget.diffusers_decode(akl, z)
 
 
+@pytest.mark.parametrize("order", ["patch_then_offload", "offload_then_patch"])
+@torch.no_grad()
+def test_patched_diffusers_tiling_under_sequential_cpu_offload(order, monkeypatch):
+    """accelerate's ``cpu_offload`` (diffusers' ``enable_sequential_cpu_offload``) keeps every
+    weight on the meta device between calls and brings it when its module is called. The
+    streamed path reads weights without calling the modules: it runs their hooks around the
+    call, so it computes with the real weights (not garbage from meta tensors), equal to the
+    untiled stock model, and leaves them offloaded again."""
+    accelerate = pytest.importorskip("accelerate")
+    vae = model("sd", torch.float32)
+    stock = sdvae.to_diffusers(vae).eval()
+    # big enough that streaming pays although the call holds the weights the hooks bring
+    z = _latents(vae, n=1, hw=(24, 20), dtype=torch.float32)
+    x = _images(1, (48, 40), dtype=torch.float32)
+    want, want_m = stock.decode(z).sample, stock.encode(x).latent_dist.mean
+    akl = copy.deepcopy(stock)
+    if order == "patch_then_offload":
+        sdvae.patch_diffusers(akl)
+        accelerate.cpu_offload(akl, execution_device="cpu")
+    else:
+        accelerate.cpu_offload(akl, execution_device="cpu")
+        sdvae.patch_diffusers(akl)
+    assert next(akl.decoder.parameters()).is_meta and next(akl.encoder.parameters()).is_meta
+    akl.enable_tiling()
+    akl.tile_latent_min_size, akl.tile_sample_min_size = 2, 4  # diffusers would tile these
+    # the hooks are under test: the band GroupNorms run their reference (the kernels, in
+    # Triton's interpreter, would take a minute at these sizes)
+    monkeypatch.setattr(stream, "_band_gn_ok", lambda dtype, device: False)
+    runs = []
+    real_run = stream.run
+    monkeypatch.setattr(stream, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
+    for op, inp in (("decode", z), ("encode", x)):
+        plan = budget.diffusers_plan(akl, op, inp, max_memory=1)
+        assert plan.path == "none" and plan.min_bytes < plan.full_bytes
+        akl.sdvae_max_memory = (plan.min_bytes + plan.full_bytes) // 2  # too small for full
+        plan = budget.diffusers_plan(akl, op, inp, max_memory=akl.sdvae_max_memory)
+        assert plan.path == "streamed"
+        if op == "decode":
+            assert_close(akl.decode(z).sample, want, torch.float32)
+        else:
+            assert_close(akl.encode(x).latent_dist.mean, want_m, torch.float32)
+    assert len(runs) == 2
+    assert next(akl.decoder.parameters()).is_meta and next(akl.encoder.parameters()).is_meta
+    accelerate.hooks.remove_hook_from_module(akl, recurse=True)
+
+
+@torch.no_grad()
+def test_meta_weights_are_refused_not_computed():
+    """Weights on the meta device with no hook to bring them (a model built empty, never
+    loaded): ``F.conv2d`` of a CPU input and a meta weight returns an uninitialised tensor,
+    so the engine refuses before any work instead of returning garbage."""
+    vae = model("sd", torch.float32)
+    z = _latents(vae, n=1, hw=(4, 3), dtype=torch.float32)
+    for part, inp in ((vae.decoder, z), (vae.encoder, _images(1, (8, 6), torch.float32))):
+        empty = copy.deepcopy(part).to("meta")
+        with pytest.raises(ValueError, match="meta device"):
+            stream.run(empty, inp, rows=2)
+    pytest.importorskip("diffusers")
+    akl = sdvae.to_diffusers(vae).eval().to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        budget.diffusers_decode(akl, z, band_rows=2)
+
+
 # ----------------------------------------------------------------------------- memory
 def _sd_like(dtype=torch.float32) -> VAE:
     """SD's channel ratios at tiny widths (4 levels), where the last level dominates."""
