@@ -642,6 +642,15 @@ class _Runner:
         return got
 
     # ---------------------------------------------------------------------- ops
+    def _dense(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` dense in the run's layout. A band's rows of a stored tensor are not (NCHW, or
+        channels_last with a batch of 2+), and a conv copies such an operand inside itself
+        (``sdvae.ops``' C++ entry points: x and the residual on CUDA, x on the CPU; ATen's
+        cuDNN and oneDNN convolutions and its nearest upsample likewise), where no tensor
+        shows it and the planner could not count it. The copy made here is a tensor: the
+        planner's meta run counts it (no copy when ``t`` is dense already)."""
+        return t.contiguous(memory_format=self.fmt)
+
     def _conv(self, x, conv: _Conv, top: int, bottom: int, residual=None):
         """3x3 (or 1x1, top = bottom = 0) stride-1 conv of a band, padded with zero rows only
         where ``top``/``bottom`` say (the image's edges) and with zero columns always."""
@@ -651,14 +660,17 @@ class _Runner:
             from . import ops
 
             pad = (side, side, top, bottom)
+            x = self._dense(x)
+            if residual is not None:
+                residual = self._dense(residual)
             if self.meta:
                 y = ops._out_like(x, w, 1, pad)
                 if self.real.type == "cpu":  # the C++ CPU kernel's copy of its output
                     self._spike(y.nbytes)
                 return y
             return ops.conv2d(x, w, b, stride=1, padding=pad, residual=residual)
-        if top or bottom:
-            x = F.pad(x, (0, 0, top, bottom))
+        # F.pad writes a new (dense) tensor; a band without edge rows is made dense here
+        x = F.pad(x, (0, 0, top, bottom)) if (top or bottom) else self._dense(x)
         y = F.conv2d(x, w, b, padding=(0, side))
         return y if residual is None else y + residual
 
@@ -668,6 +680,7 @@ class _Runner:
         if conv.fused:
             from . import ops
 
+            x = self._dense(x)
             if self.meta:
                 y = ops._out_like(x, w, 2, pad)
                 if self.real.type == "cpu":
@@ -747,7 +760,7 @@ class _Runner:
         """Rows [a, b) of the upsampled tensor ``up(y)``."""
         up, hy = v.up, v.y.h
         ya, yb = max(0, (a - 1) // 2), min(hy, b // 2 + 1)
-        y = self.mv.read(v.y, ya, yb)
+        y = self._dense(self.mv.read(v.y, ya, yb))
         if up.folded is not None:  # the model's transposed conv: rows [2 ya, 2 yb), cropped
             full = F.conv_transpose2d(y, self._w(up.folded), self._w(up.bias), stride=2, padding=1)
             del y

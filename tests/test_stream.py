@@ -209,6 +209,92 @@ def test_optimized_model_fp32(layout):
     assert_close(out, ref.moments(x), torch.float32)
 
 
+def _dense_in_some_layout(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "fused,layout,n",
+    [(True, "nchw", 1), (True, "channels_last", 2), (False, "nchw", 2)],
+    ids=["optimized-nchw-1", "optimized-cl-2", "eager-nchw-2"],
+)
+@torch.no_grad()
+def test_conv_operands_reach_the_ops_dense(fused, layout, n, monkeypatch):
+    """A band's rows of a stored tensor are not dense in NCHW, nor in channels_last with a
+    batch of 2 or more. A conv copies such an operand inside itself (``sdvae.ops``: x and
+    the residual made dense in x's layout by csrc/conv2d.cpp on CUDA, x by
+    csrc/pad_conv2d.cpp on the CPU; ATen's convolutions and nearest upsample likewise), where
+    no tensor shows it and the planner cannot count it. The engine makes each operand dense
+    itself (a tensor the planner's meta run counts): every conv operand arrives dense."""
+    from sdvae import ops
+
+    cfg = VAEConfig.tiny(block_out_channels=(8, 16), layers_per_block=1)
+    torch.manual_seed(3)
+    ref = VAE(cfg).eval()
+    vae = copy.deepcopy(ref)
+    if fused:
+        sdvae.optimize(vae, channels_last=layout == "channels_last")
+        assert vae.decoder.up_blocks[0].upsamplers[0].fused
+    elif layout == "channels_last":
+        vae.to(memory_format=torch.channels_last)
+    bad, seen = [], []
+
+    def spy(name, real):
+        def call(x, *args, **kwargs):
+            seen.append(name)
+            if not _dense_in_some_layout(x):
+                bad.append((name, "x", tuple(x.shape), x.stride()))
+            r = kwargs.get("residual")
+            if r is not None:
+                cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                if not r.is_contiguous(memory_format=fmt):
+                    bad.append((name, "residual", tuple(r.shape), r.stride()))
+            return real(x, *args, **kwargs)
+
+        return call
+
+    for mod, name in ((ops, "conv2d"), (ops, "pad_conv2d"), (stream.F, "conv2d"),
+                      (stream.F, "conv_transpose2d"), (stream.F, "interpolate")):  # fmt: skip
+        monkeypatch.setattr(mod, name, spy(name, getattr(mod, name)))
+    z = torch.randn(n, 4, 4, 3)
+    x = torch.rand(n, 3, 9, 7) * 2 - 1
+    out = budget.decode(vae, z, band_rows=2)
+    out_m = budget.moments(vae, x, band_rows=2)
+    assert not bad, bad
+    want = {"conv2d", "pad_conv2d", "conv_transpose2d"} if fused else {"conv2d", "interpolate"}
+    assert want <= set(seen), set(seen)
+    monkeypatch.undo()
+    assert_close(out, ref.decode(z), torch.float32)
+    assert_close(out_m, ref.moments(x), torch.float32)
+
+
+@pytest.mark.parametrize("layout,n", [("nchw", 1), ("channels_last", 2)])
+def test_band_costs_count_the_dense_operand_copies(layout, n):
+    """The planner's band cost of a pass whose conv reads a band view (the residual of pass
+    C, the downsampler's input) covers the dense copy of that view: it grows by at least the
+    copy's bytes over what the same pass costs when nothing needs copying (channels_last at
+    batch 1, where a band's rows are dense)."""
+    vae = sdvae.optimize(copy.deepcopy(model("3level", torch.float32)))  # sdvae.ops convs
+    assert vae.encoder.down_blocks[0].downsamplers[0].fused
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    kw = dict(dtype=torch.float32, offload=False, real="cuda")
+    for part, shape in ((vae.decoder, (n, 4, 6, 5)), (vae.encoder, (n, 3, 24, 20))):
+        prog = stream.program(part, shape, torch.float32, meta=True)
+        one = stream.program(part, (1, *shape[1:]), torch.float32, meta=True)
+        for i, p in enumerate(prog.passes):
+            if p.kind not in ("res_c", "down"):
+                continue
+            rows = 2
+            if p.kind == "res_c":
+                copy_bytes = n * p.res.c * rows * p.w * 4
+            else:
+                copy_bytes = n * p.src.c * (2 * rows + 1) * p.src.w * 4
+            got = stream.pass_cost(prog, i, rows, fmt=fmt, **kw)
+            dense = stream.pass_cost(one, i, rows, fmt=torch.channels_last, **kw)
+            assert got >= n * dense + copy_bytes, (p.name, got, dense, copy_bytes)
+
+
 # -------------------------------------------------------------------------- diffusers
 @pytest.mark.parametrize("patched", [False, True], ids=["stock", "patched"])
 @torch.no_grad()
