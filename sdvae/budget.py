@@ -38,6 +38,7 @@ __all__ = [
     "parse_memory",
     "format_bytes",
     "free_memory",
+    "host_memory_available",
     "full_peak",
     "plan_part",
     "vae_plan",
@@ -143,6 +144,23 @@ def refuse_grad(x: torch.Tensor, module: torch.nn.Module) -> None:
             "under torch.no_grad() or torch.inference_mode() (or freeze the weights with "
             "requires_grad_(False))"
         )
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory available now: ``MemAvailable`` of /proc/meminfo (Linux: free
+    memory plus what the kernel can reclaim), else the free physical pages; None when the
+    system does not say."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
 
 
 def check_offload(offload) -> str | None:
@@ -288,6 +306,20 @@ class MemoryPlan:
     min_bytes: int
     passes: list[PassPlan]
     stored: list[StoredTensor]
+    #: ``offload="cpu"``: host memory the stored tensors take (on CUDA the pinned blocks
+    #: torch's host allocator makes for them, see ``_host_bytes``), and what was available
+    host_bytes: int = 0
+    host_available: int | None = None
+
+    @property
+    def host_short(self) -> bool:
+        """Whether the streamed path's offloaded tensors need more host memory than is
+        available."""
+        return (
+            self.offload == "cpu"
+            and self.host_available is not None
+            and self.host_bytes > self.host_available
+        )
 
     @property
     def estimate(self) -> int:
@@ -306,6 +338,9 @@ class MemoryPlan:
             f"full ~{format_bytes(self.full_bytes)}, streamed ~"
             f"{format_bytes(self.streamed_bytes)}, smallest budget {format_bytes(self.min_bytes)}"
         )
+        if self.offload == "cpu":
+            avail = "?" if self.host_available is None else format_bytes(self.host_available)
+            head += f"; host memory {format_bytes(self.host_bytes)} of {avail} available"
         lines = [head]
         for i, p in enumerate(self.passes):
             lines.append(
@@ -326,6 +361,39 @@ def _stored_bytes(prog, i: int, offload: bool) -> int:
         if b.first <= i <= b.last and (b.device_only or not offload):
             total += prog.n * b.c * b.h * b.w * prog.elem
     return total
+
+
+def _host_bytes(prog, device: torch.device) -> int:
+    """Host memory the offloaded stored tensors take. On CUDA they are pinned through torch's
+    caching host allocator, which rounds each request up to a power of two, reuses a freed
+    block only for a request of the same rounded size and keeps every block it made until
+    the run ends (the stream then hands them back): the bytes of the blocks the run's
+    allocations make, in the order the runner makes and frees them. On the CPU: the most
+    bytes held at once."""
+    pinned = device.type == "cuda"
+    free: dict[int, int] = {}
+    held = live = most = 0
+
+    def size(b) -> int:
+        return prog.n * b.c * b.h * b.w * prog.elem
+
+    for i in range(len(prog.passes)):
+        for b in prog.bufs:
+            if b.device_only or b.first != i:
+                continue
+            live += size(b)
+            most = max(most, live)
+            block = 1 << (size(b) - 1).bit_length()
+            if free.get(block):
+                free[block] -= 1
+            else:
+                held += block
+        for b in prog.bufs:
+            if not b.device_only and b.last == i:
+                live -= size(b)
+                block = 1 << (size(b) - 1).bit_length()
+                free[block] = free.get(block, 0) + 1
+    return held if pinned else most
 
 
 def _largest_rows(cost, height: int, avail: int, c1: int) -> int:
@@ -398,6 +466,11 @@ def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: s
         path = "streamed"
     else:
         path = "none"
+    host, host_available = 0, None
+    if off:
+        host, host_available = _host_bytes(prog, device), host_memory_available()
+        if path == "streamed" and host_available is not None and host > host_available:
+            path = "none"
     stored = [
         StoredTensor(
             b.name,
@@ -409,7 +482,8 @@ def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: s
         for b in prog.bufs
     ]
     return MemoryPlan(op or prog.kind, tuple(shape), dtype, device, offload, budget, path,
-                      int(full_bytes), int(streamed), int(min_bytes), passes, stored)  # fmt: skip
+                      int(full_bytes), int(streamed), int(min_bytes), passes, stored,
+                      host, host_available)  # fmt: skip
 
 
 class BudgetError(ValueError):
@@ -417,9 +491,17 @@ class BudgetError(ValueError):
 
 
 def _fail(plan: MemoryPlan, name: str = "max_memory"):
+    what = f"{plan.op} shape {tuple(plan.shape)} in {str(plan.dtype).replace('torch.', '')}"
+    if plan.host_short:
+        pinned = " (pinned: each tensor rounded up to a power of two)"
+        return BudgetError(
+            f"offload='cpu' keeps {format_bytes(plan.host_bytes)} of stored activations in host "
+            f"memory to {what}{pinned if plan.device.type == 'cuda' else ''}, but only "
+            f"{format_bytes(plan.host_available)} is available: free host memory, or give a "
+            f"{name} that the streamed path meets without offload"
+        )
     return BudgetError(
-        f"{name}={format_bytes(plan.budget)} is too small to {plan.op} shape "
-        f"{tuple(plan.shape)} in {str(plan.dtype).replace('torch.', '')} with "
+        f"{name}={format_bytes(plan.budget)} is too small to {what} with "
         f"offload={plan.offload!r}: the smallest budget that works is "
         f"{format_bytes(plan.min_bytes)} ({plan.min_bytes} bytes)"
         + ("" if plan.offload else "; offload='cpu' needs less")

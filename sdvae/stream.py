@@ -28,9 +28,10 @@ layer over row bands, with the same arithmetic as the full computation:
 * Attention: global and exact, by bands of query rows: pass KV writes K and V of every
   pixel (GroupNorm applied band by band), pass QO computes the attention of each band of
   queries against all of K and V, the output projection and the residual, in place.
-* ``offload="cpu"``: the stored tensors live in (pinned) host memory; each band's rows are
-  copied in and out on a side CUDA stream, one band ahead, overlapping compute. On the CPU
-  the same code runs with plain host tensors and copies.
+* ``offload="cpu"``: the stored tensors live in (pinned) host memory, rows outermost so that
+  a band's rows are one dense block; each is copied in and out on a side CUDA stream, one
+  band ahead, overlapping compute, with the host at most two bands ahead (``_Mover``). On
+  the CPU the same code runs with plain host tensors and copies.
 
 The engine reads the weights of the modules by the names sdvae's model and diffusers'
 ``Encoder``/``Decoder`` share, so it serves ``sdvae.VAE`` (unfused: eager ops; optimized:
@@ -525,32 +526,54 @@ class _Mover:
 
     Without offload every stored tensor lives on the device and a read is a view (never
     written through). With ``offload="cpu"`` stored tensors live in host memory (pinned on
-    CUDA): a read copies the rows in -- on CUDA on a side stream, the next band's rows while
-    the current band computes -- and a write copies a band out on that stream; at most two
-    written bands wait for their copies (the oldest is waited for before a third), so the
-    device holds a bounded number of bands whatever the copy speed. On the CPU and on the
-    meta device (the planner) the same code runs with plain copies."""
+    CUDA), row-major: storage ``(H, N, C, W)`` for an NCHW run, ``(H, N, W, C)`` for
+    channels_last, seen as ``(N, C, H, W)``, so the rows of any band are one dense block and
+    every copy in or out is one dense transfer (pinned to device: a real asynchronous copy; a
+    strided host view would go through pageable temporaries, blocking). A band arrives on the
+    device as that block and is made dense in the run's layout there; a written band is laid
+    out as a block on the device before it is copied out (both device temporaries are
+    tensors: the planner counts them). On CUDA the copies run on a side stream, the next
+    band's rows are copied in while the current band computes, at most two written bands wait
+    for their copies (the compute stream waits for the oldest before a third), and the host
+    runs at most ``AHEAD`` bands ahead of the device (it waits on an event per band), so the
+    blocks the allocator holds for pending copies stay bounded. On the CPU and on the meta
+    device (the planner) the same code runs with plain copies."""
 
-    def __init__(self, device: torch.device, offload: bool):
-        self.device, self.offload = device, offload
-        self.stream = torch.cuda.Stream(device) if (offload and device.type == "cuda") else None
+    AHEAD = 2
+
+    def __init__(self, device: torch.device, offload: bool, fmt: torch.memory_format):
+        self.device, self.offload, self.fmt = device, offload, fmt
+        self.cl = fmt == torch.channels_last
+        self.cuda = offload and device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
         self._ahead: dict = {}
         self._pending: list = []
+        self._ticks: list = []
+
+    def _block(self, t: torch.Tensor) -> torch.Tensor:
+        """The ``(N, C, r, W)`` rows ``t`` as a row-major ``(r, N, ., .)`` tensor (a dense
+        block when ``t`` is rows of an offloaded tensor)."""
+        return t.permute(2, 0, 3, 1) if self.cl else t.permute(2, 0, 1, 3)
+
+    def _image(self, block: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``_block``: a row-major block seen as ``(N, C, r, W)``."""
+        return block.permute(1, 3, 0, 2) if self.cl else block.permute(1, 2, 0, 3)
 
     def alloc(self, buf: _Buf, shape, dtype, fmt) -> torch.Tensor:
         if self.offload and not buf.device_only:
+            n, c, h, w = shape
+            rows = (h, n, w, c) if self.cl else (h, n, c, w)
             if self.device.type == "meta":
-                return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
-            pin = self.device.type == "cuda"
-            return torch.empty(shape, dtype=dtype, memory_format=fmt, pin_memory=pin)
+                return self._image(torch.empty(rows, dtype=dtype, device="meta"))
+            return self._image(torch.empty(rows, dtype=dtype, pin_memory=self.cuda))
         return torch.empty(shape, dtype=dtype, device=self.device, memory_format=fmt)
 
     def _copy_in(self, t: torch.Tensor, a: int, b: int):
-        view = t[:, :, a:b]
+        block = self._block(t[:, :, a:b])  # dense host rows
         if self.stream is None:
-            return view.clone(), None
+            return block.clone(), None
         with torch.cuda.stream(self.stream):
-            dev = view.to(self.device, non_blocking=True)
+            dev = block.to(self.device, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.stream)
         return dev, ev
@@ -566,36 +589,64 @@ class _Mover:
         got = self._ahead.pop((id(buf), a, b), None)
         dev, ev = got if got is not None else self._copy_in(buf.tensor, a, b)
         if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)
-            dev.record_stream(torch.cuda.current_stream(self.device))
-        return dev
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ev)
+            dev.record_stream(current)
+        return self._image(dev).contiguous(memory_format=self.fmt)
 
     def write(self, buf: _Buf, a: int, band: torch.Tensor) -> None:
         dst = buf.tensor[:, :, a : a + band.shape[2]]
         if not self.offload or buf.device_only:
             dst.copy_(band)
             return
+        src = self._block(band).contiguous()  # the band as one row block, on the device
         ev = None
         if self.stream is None:
-            dst.copy_(band)
+            self._block(dst).copy_(src)
         else:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                dst.copy_(band, non_blocking=True)
+                self._block(dst).copy_(src, non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
-            band.record_stream(self.stream)
-        self._pending.append((band, ev))
+            src.record_stream(self.stream)
+        self._pending.append((src, ev))
         if len(self._pending) > 2:
             _, old = self._pending.pop(0)
             if old is not None:
                 torch.cuda.current_stream(self.device).wait_event(old)
+
+    def tick(self) -> None:
+        """Once per band: on CUDA with offload the host waits until the device is at most
+        ``AHEAD`` bands behind it (blocks freed while their copies or reads are pending stay
+        held by the allocator, so a host far ahead would hold ever more of them)."""
+        if not self.cuda:
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._ticks.append(ev)
+        if len(self._ticks) > self.AHEAD:
+            self._ticks.pop(0).synchronize()
 
     def drain(self) -> None:
         self._ahead.clear()
         if self.stream is not None:
             self.stream.synchronize()
         self._pending.clear()
+        self._ticks.clear()
+
+    def release(self) -> None:
+        """After the run: the pinned host allocator keeps freed blocks cached (each rounded
+        up to a power of two), tens of GiB after a big offloaded decode; hand them back."""
+        if not self.cuda:
+            return
+        self.drain()
+        accelerator = getattr(torch, "accelerator", None)
+        empty = getattr(accelerator, "empty_host_cache", None) or getattr(
+            torch._C, "_host_emptyCache", None
+        )
+        if empty is not None:
+            empty()
 
 
 def _kernel_fits(x: torch.Tensor) -> bool:
@@ -625,7 +676,7 @@ class _Runner:
         self.real = torch.device(real) if real is not None else device
         self.tracker = tracker
         self._meta_w: dict = {}
-        self.mv = _Mover(device, offload)
+        self.mv = _Mover(device, offload, fmt)
         self.input = self.result = None
 
     def _spike(self, nbytes: int) -> None:
@@ -787,6 +838,7 @@ class _Runner:
         """The bands of a pass, the next band's rows (``need(r0, r1)``: (source, a, b)
         triples) prefetched first when offloading."""
         for k, (r0, r1) in enumerate(bands):
+            self.mv.tick()
             if self.mv.offload and k + 1 < len(bands):
                 for src, a, b in need(*bands[k + 1]):
                     self._prefetch(src, a, b)
@@ -828,13 +880,14 @@ class _Runner:
             for slot in prog.slots:
                 slot.clear()
             self.input = None
+            self.mv.release()
         result, self.result = self.result, None
         return result
 
     def _conv_in(self, p: _Pass, bands) -> None:
         st, x_in = p.step, self.input
         fused = self._fused_stats(p)
-        for r0, r1 in bands:
+        for r0, r1 in self._bands(bands, lambda r0, r1: []):
             a, b, top, bottom = _pads(r0, r1, p.h)
             y = self._conv(x_in[:, :, a:b], st.conv, top, bottom)
             self._acc(p.stats_out, y, fused)

@@ -190,6 +190,88 @@ def test_offload_cpu_runs_the_same_code_and_result():
     assert all(s.where == "device" for s in plan.stored if s.name.endswith((".k", ".v")))
 
 
+def _one_block(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one contiguous range of its storage (dense, in any order
+    of dimensions): what one DMA copy can move."""
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+    return t.numel() == 0 or (min(t.stride()) >= 0 and span == t.numel())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@torch.no_grad()
+def test_offloaded_rows_move_as_one_dense_block(layout, monkeypatch):
+    """Offloaded, the stored tensors are row-major in host memory, so the rows every band
+    reads or writes are one dense block: one real asynchronous DMA each on CUDA (a strided
+    host view goes through pageable temporaries, blocking). NCHW and channels_last, batch 2;
+    the CPU runs the same code, with the same result."""
+    vae = model("3level", torch.float32)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    if layout == "channels_last":
+        vae = copy.deepcopy(vae).to(memory_format=torch.channels_last)
+    z = _latents(vae, dtype=torch.float32).contiguous(memory_format=fmt)
+    x = _images(dtype=torch.float32).contiguous(memory_format=fmt)
+    moved, bad = [], []
+    real_read, real_write = stream._Mover.read, stream._Mover.write
+
+    def check(self, buf, a, b):
+        if self.offload and not buf.device_only:
+            moved.append(1)
+            if not _one_block(buf.tensor[:, :, a:b]):
+                bad.append((buf.name, a, b, buf.tensor.stride()))
+
+    def read(self, buf, a, b):
+        check(self, buf, a, b)
+        return real_read(self, buf, a, b)
+
+    def write(self, buf, a, band):
+        check(self, buf, a, a + band.shape[2])
+        return real_write(self, buf, a, band)
+
+    monkeypatch.setattr(stream._Mover, "read", read)
+    monkeypatch.setattr(stream._Mover, "write", write)
+    out = budget.decode(vae, z, band_rows=(2, 3), offload="cpu")
+    out_m = budget.moments(vae, x, band_rows=(3, 2), offload="cpu")
+    assert moved and not bad, bad[:5]
+    monkeypatch.undo()
+    assert_close(out, vae.decode(z), torch.float32)
+    assert_close(out_m, vae.moments(x), torch.float32)
+
+
+def test_offload_host_memory_is_planned_and_checked(monkeypatch):
+    """The plan counts the host memory the offloaded tensors take (on the CPU the most held at
+    once; on CUDA pinned blocks rounded up to powers of two, reused only at the same size),
+    and an offloaded call that needs more than the host has available is refused before any
+    work, naming host memory."""
+    vae = _sd_like()
+    z = torch.randn(1, 4, 16, 16)
+    full = vae.memory_plan(z.shape).full_bytes
+    plan = vae.memory_plan(z.shape, max_memory=full // 2, offload="cpu")
+    assert plan.path == "streamed" and plan.host_available is not None
+    host = [s for s in plan.stored if s.where == "host"]
+    live = [
+        sum(s.nbytes for s in host if s.passes[0] <= i <= s.passes[1])
+        for i in range(len(plan.passes))
+    ]
+    assert plan.host_bytes == max(live) > 0
+    on_cuda = vae.memory_plan(z.shape, device="cuda", max_memory=full // 2, offload="cpu")
+    rounded = [1 << (s.nbytes - 1).bit_length() for s in host]
+    most = max(
+        sum(r for r, s in zip(rounded, host) if s.passes[0] <= i <= s.passes[1])
+        for i in range(len(plan.passes))
+    )
+    assert most <= on_cuda.host_bytes <= sum(rounded)
+    monkeypatch.setattr(budget, "host_memory_available", lambda: plan.host_bytes - 1)
+    short = vae.memory_plan(z.shape, max_memory=full // 2, offload="cpu")
+    assert short.path == "none" and short.host_short
+    assert "host memory" in short.describe()
+    with torch.no_grad(), TensorMemory("cpu") as m:
+        with pytest.raises(budget.BudgetError, match="offload='cpu' keeps .* host memory"):
+            vae.decode(z, max_memory=full // 2, offload="cpu")
+    assert m.peak <= 64  # refused before any activation (the planner's scalars only)
+    with torch.no_grad():  # without offload nothing lives in host memory: it runs
+        assert_close(vae.decode(z, max_memory=full // 2), vae.decode(z), torch.float32)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @torch.no_grad()
 def test_optimized_model_fp32(layout):
@@ -764,6 +846,42 @@ def test_gpu_streamed_decode_within_budget_and_exact(dtype, offload):
         errs["full"] += _rel(full.float(), want)
         errs["streamed"] += _rel(out.float(), want)
     assert errs["streamed"] <= errs["full"], errs
+
+
+@pytest.mark.cuda
+@torch.inference_mode()
+def test_gpu_offload_pinned_bounded_and_released(monkeypatch):
+    """SD fp16 decode at 1024^2 with ``offload="cpu"`` and a budget between its smallest and
+    the full path's: every offloaded tensor is pinned (real asynchronous copies), the device
+    peak stays within the estimate, the pinned host blocks within the plan's ``host_bytes``
+    during the call and handed back after it; the result is the full decode's."""
+    torch.manual_seed(0)
+    fast = sdvae.optimize(VAE(VAEConfig()).cuda().eval().half())
+    z = torch.randn(1, 4, 128, 128, device="cuda", dtype=torch.float16)
+    want = fast.decode(z)
+    plan = fast.memory_plan(z.shape, max_memory=1, offload="cpu")
+    limit = (plan.min_bytes + plan.full_bytes) // 2
+    plan = fast.memory_plan(z.shape, max_memory=limit, offload="cpu")
+    assert plan.path == "streamed" and plan.host_bytes > 0
+    unpinned = []
+    real_alloc = stream._Mover.alloc
+
+    def alloc(self, buf, *args):
+        t = real_alloc(self, buf, *args)
+        if self.offload and not buf.device_only and not t.is_pinned():
+            unpinned.append(buf.name)
+        return t
+
+    monkeypatch.setattr(stream._Mover, "alloc", alloc)
+    host0 = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    torch.cuda.reset_peak_host_memory_stats()
+    out, peak = _cuda_peak(lambda: fast.decode(z, max_memory=limit, offload="cpu"))
+    stats = torch.cuda.host_memory_stats()
+    assert not unpinned, unpinned
+    assert peak <= plan.streamed_bytes <= limit, (peak, plan.streamed_bytes, limit)
+    assert stats["allocated_bytes.peak"] - host0 <= plan.host_bytes, (stats, plan.host_bytes)
+    assert stats["allocated_bytes.current"] <= host0  # the cached pinned blocks handed back
+    assert_close(out, want, torch.float16, end_to_end=True)
 
 
 @pytest.mark.cuda
