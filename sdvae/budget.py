@@ -12,8 +12,9 @@ what was allocated before the call).
   (known exactly) plus the most one band of its rows allocates, measured by running the
   engine's own band code on the meta device (``stream.pass_cost``); band heights are the
   largest that fit the budget, pass by pass.
-* On CUDA ``stream.CUDA_RESERVE`` is kept for library workspaces (cuDNN, cuBLAS, the
-  attention library path's score chunks), which no tensor shows.
+* On CUDA ``CUDA_RESERVE`` is kept for library workspaces (cuDNN, cuBLAS), which no tensor
+  shows: a budgeted call runs with sdvae's convs' cuDNN workspace capped at
+  ``CONV_WORKSPACE`` and cuDNN's benchmark mode off for ATen's convolutions (``budgeted``).
 
 ``plan`` picks the full path when its estimate fits, else the streamed path; a budget below
 the streamed path's smallest bands raises ``ValueError`` naming the smallest budget.
@@ -21,6 +22,7 @@ the streamed path's smallest bands raises ``ValueError`` naming the smallest bud
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -47,14 +49,31 @@ __all__ = [
     "diffusers_plan",
     "diffusers_decode",
     "diffusers_moments",
+    "budgeted",
     "OFFLOADS",
+    "CONV_WORKSPACE",
+    "ATEN_CONV_WORKSPACE",
+    "CUBLAS_WORKSPACE",
     "CUDA_RESERVE",
 ]
 
 OFFLOADS = (None, "cpu")
-#: Device memory kept free for library workspaces on CUDA (cuDNN conv workspaces, cuBLAS,
-#: the attention library path's score chunks of up to 128 MiB), which no tensor shows.
-CUDA_RESERVE = 384 * 2**20
+#: cuDNN workspace cap of sdvae's convs (``sdvae.ops``) inside a call with a budget
+#: (``ops.workspace_limit``; otherwise ``SDVAE_CONV_WORKSPACE_LIMIT``, default 1 GiB).
+CONV_WORKSPACE = 320 * 2**20
+#: ATen's transposed conv (the folded upsampler; its cuDNN engine and workspace are ATen's
+#: choice, which sdvae cannot cap) and ATen's other convolutions (eager models): an allowance,
+#: with ``torch.backends.cudnn.benchmark`` off inside the call (benchmark mode tries engines
+#: with workspaces up to the allocator's largest free block). Measured on the GPU against
+#: the streamed band shapes (tests/test_stream.py).
+ATEN_CONV_WORKSPACE = 320 * 2**20
+#: cuBLAS / cuBLASLt workspaces (the attention's projections), allocated once per handle and
+#: stream and kept.
+CUBLAS_WORKSPACE = 64 * 2**20
+#: Device memory kept free on CUDA for library workspaces, which no tensor shows: one conv's
+#: workspace at a time (they are freed after each call) plus cuBLAS's. The attention library
+#: path's score chunks are counted with the band that runs them.
+CUDA_RESERVE = max(CONV_WORKSPACE, ATEN_CONV_WORKSPACE) + CUBLAS_WORKSPACE
 #: Small allocations that do not scale with the image (kernel scratch), beside the GroupNorm
 #: statistics the streamed path keeps (counted per plan).
 FIXED_RESERVE = 32 * 2**10
@@ -351,6 +370,24 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def budgeted():
+    """What a call with a budget runs under, whichever path: sdvae's convs' cuDNN workspace
+    capped at ``CONV_WORKSPACE`` (this thread; within ``CUDA_RESERVE``) and
+    ``torch.backends.cudnn.benchmark`` off (process-wide, restored after; benchmark mode tries
+    engines with workspaces up to the allocator's largest free block). Nothing else changes
+    on the CPU, where neither is used."""
+    from . import ops
+
+    bench = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        with ops.workspace_limit(CONV_WORKSPACE):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = bench
+
+
 def _reserve(device: torch.device) -> int:
     return FIXED_RESERVE + (CUDA_RESERVE if device.type == "cuda" else 0)
 
@@ -593,17 +630,18 @@ def _vae_call(vae, op: str, x: torch.Tensor, max_memory, offload, band_rows, raw
     if plan.path == "none":
         raise _fail(plan)
     decoding = op == "decode"
-    if plan.path == "full":
-        return vae.decode(x, raw=raw) if decoding else vae.moments(x)
-    rows = plan.rows if band_rows is None else band_rows
-    part = vae.decoder if decoding else vae.encoder
+    with budgeted():
+        if plan.path == "full":
+            return vae.decode(x, raw=raw) if decoding else vae.moments(x)
+        rows = plan.rows if band_rows is None else band_rows
+        part = vae.decoder if decoding else vae.encoder
 
-    def streamed(t):
-        return stream.run(part, t, rows=rows, offload=offload)
+        def streamed(t):
+            return stream.run(part, t, rows=rows, offload=offload)
 
-    if not decoding:
-        return vae._moments(x, encoder=streamed)
-    return (vae._decode_raw if raw else vae._decode)(x, decoder=streamed)
+        if not decoding:
+            return vae._moments(x, encoder=streamed)
+        return (vae._decode_raw if raw else vae._decode)(x, decoder=streamed)
 
 
 def decode(vae, latents: torch.Tensor, *, max_memory=None, offload=None, band_rows=None,
@@ -652,12 +690,13 @@ def diffusers_decode(akl, z: torch.Tensor, *, band_rows=None) -> torch.Tensor:
                           band_rows=band_rows)  # fmt: skip
     if plan.path == "none":
         raise _fail(plan, "sdvae_max_memory")
-    if akl.post_quant_conv is not None:
-        z = akl.post_quant_conv(z)
-    if plan.path == "full":
-        return akl.decoder(z)
-    return stream.run(akl.decoder, z, rows=plan.rows if band_rows is None else band_rows,
-                      offload=offload)  # fmt: skip
+    with budgeted():
+        if akl.post_quant_conv is not None:
+            z = akl.post_quant_conv(z)
+        if plan.path == "full":
+            return akl.decoder(z)
+        return stream.run(akl.decoder, z, rows=plan.rows if band_rows is None else band_rows,
+                          offload=offload)  # fmt: skip
 
 
 def diffusers_moments(akl, x: torch.Tensor, *, band_rows=None) -> torch.Tensor:
@@ -670,9 +709,10 @@ def diffusers_moments(akl, x: torch.Tensor, *, band_rows=None) -> torch.Tensor:
                           band_rows=band_rows)  # fmt: skip
     if plan.path == "none":
         raise _fail(plan, "sdvae_max_memory")
-    if plan.path == "full":
-        m = akl.encoder(x)
-    else:
-        rows = plan.rows if band_rows is None else band_rows
-        m = stream.run(akl.encoder, x, rows=rows, offload=offload)
-    return akl.quant_conv(m) if akl.quant_conv is not None else m
+    with budgeted():
+        if plan.path == "full":
+            m = akl.encoder(x)
+        else:
+            rows = plan.rows if band_rows is None else band_rows
+            m = stream.run(akl.encoder, x, rows=rows, offload=offload)
+        return akl.quant_conv(m) if akl.quant_conv is not None else m

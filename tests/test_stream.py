@@ -18,6 +18,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_close
 
 import sdvae
@@ -427,6 +428,54 @@ def test_patched_diffusers_tiling_is_exact_within_its_budget(monkeypatch):
         akl.decode(z)
     sdvae.unpatch_diffusers(akl)
     assert "tiled_decode" not in akl.__dict__ and not hasattr(akl, "sdvae_max_memory")
+
+
+@torch.no_grad()
+def test_budgeted_calls_cap_the_conv_workspace_within_the_reserve(monkeypatch):
+    """The CUDA reserve holds one conv's workspace at a time plus cuBLAS's: every call with a
+    budget -- full or streamed path, sdvae's model or a patched diffusers one -- runs
+    sdvae's convs with their cuDNN workspace capped at ``CONV_WORKSPACE`` (the default cap,
+    1 GiB, is over the reserve) and cuDNN's benchmark mode off for ATen's convolutions (it
+    tries engines with workspaces up to the allocator's largest free block); both are
+    restored after the call, and a call without a budget runs as before."""
+    from sdvae import _ext, ops
+
+    assert budget.CONV_WORKSPACE + budget.CUBLAS_WORKSPACE <= budget.CUDA_RESERVE
+    assert budget.ATEN_CONV_WORKSPACE + budget.CUBLAS_WORKSPACE <= budget.CUDA_RESERVE
+    default = _ext._C.conv2d_workspace_limit()
+    assert default > budget.CONV_WORKSPACE
+    seen = []
+    for name in ("conv2d", "pad_conv2d"):
+        real = getattr(ops, name)
+
+        def spy(*args, real=real, **kwargs):
+            seen.append((_ext._C.conv2d_workspace_limit(), torch.backends.cudnn.benchmark))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    fast = sdvae.optimize(copy.deepcopy(model("sd", torch.float32)))  # sdvae.ops convs
+    z = _latents(fast, n=1, hw=(6, 5), dtype=torch.float32)
+    x = _images(1, (12, 10), dtype=torch.float32)
+    plan = fast.memory_plan(z.shape, max_memory=1)
+    assert fast.memory_plan(z.shape, max_memory=plan.min_bytes).path == "streamed"
+    for mm in (plan.full_bytes, plan.min_bytes):  # the full path, the streamed one
+        fast.decode(z, max_memory=mm)
+    fast.encode(x, sample=False, max_memory="1GiB")
+    capped = (budget.CONV_WORKSPACE, False)
+    assert len(seen) > 10 and set(seen) == {capped}, set(seen)
+    assert _ext._C.conv2d_workspace_limit() == default and torch.backends.cudnn.benchmark
+    seen.clear()
+    fast.decode(z)
+    assert seen and set(seen) == {(default, True)}
+    pytest.importorskip("diffusers")
+    akl = sdvae.patch_diffusers(sdvae.to_diffusers(model("sd", torch.float32)).eval())
+    akl.enable_tiling()
+    akl.tile_latent_min_size, akl.tile_sample_min_size = 2, 4
+    seen.clear()
+    akl.encode(x)  # the patched downsamplers' pad_conv2d, inside the tiled call
+    assert seen and set(seen) == {capped}, set(seen)
+    assert _ext._C.conv2d_workspace_limit() == default and torch.backends.cudnn.benchmark
 
 
 def test_patched_diffusers_tiling_under_autograd_runs_diffusers_own_tiles(monkeypatch):
@@ -846,6 +895,34 @@ def test_gpu_streamed_decode_within_budget_and_exact(dtype, offload):
         errs["full"] += _rel(full.float(), want)
         errs["streamed"] += _rel(out.float(), want)
     assert errs["streamed"] <= errs["full"], errs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@torch.inference_mode()
+def test_gpu_aten_transposed_conv_workspace_within_its_allowance(dtype):
+    """The folded upsampler runs ATen's transposed conv, whose cuDNN engine and workspace
+    sdvae cannot cap. At SD's widths and the streamed path's band shapes (channels_last,
+    batch 1 and 2, a 4096^2 decode's levels), inside ``budget.budgeted()`` as a budgeted
+    call runs it, what it allocates beyond its output (the workspace) stays within the
+    reserve's allowance ``ATEN_CONV_WORKSPACE``; a first call (engine choice) included."""
+    from sdvae.model import fold_upsample_weight
+
+    torch.manual_seed(0)
+    for c, rows, width in ((512, 66, 512), (512, 34, 1024), (256, 18, 2048)):
+        w = fold_upsample_weight(torch.randn(c, c, 3, 3, device="cuda") * 0.02).to(dtype)
+        w = w.contiguous(memory_format=torch.channels_last)
+        b = torch.randn(c, device="cuda", dtype=dtype)
+        for n in (1, 2):
+            x = torch.randn(n, c, rows, width, device="cuda", dtype=dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with budget.budgeted():
+                y, peak = _cuda_peak(
+                    lambda x=x, w=w, b=b: F.conv_transpose2d(x, w, b, stride=2, padding=1)
+                )
+            extra = peak - y.nbytes
+            assert extra <= budget.ATEN_CONV_WORKSPACE, (c, rows, width, n, extra)
+            del y
 
 
 @pytest.mark.cuda
