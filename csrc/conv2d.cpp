@@ -225,7 +225,22 @@ ConvPath conv2d_ladder(bool fused, const std::function<GraphAttempt(bool fused)>
   return ConvPath::kEager;
 }
 
+namespace {
+// The calling thread's scoped workspace limit (-1: none, the environment's applies). Per thread:
+// a budgeted call in one thread never changes the convolutions of another.
+thread_local int64_t t_workspace_limit = -1;
+}  // namespace
+
+int64_t conv2d_set_workspace_limit(int64_t bytes) {
+  TORCH_CHECK_VALUE(bytes >= -1, "workspace limit must be a byte count >= 0 (or -1 to clear), got ",
+                    bytes);
+  const int64_t previous = t_workspace_limit;
+  t_workspace_limit = bytes;
+  return previous;
+}
+
 int64_t conv2d_workspace_limit() {
+  if (t_workspace_limit >= 0) return t_workspace_limit;
   constexpr const char* kVar = "SDVAE_CONV_WORKSPACE_LIMIT";
   const char* env = std::getenv(kVar);
   if (env == nullptr || *env == '\0') return kDefaultWorkspaceLimit;

@@ -76,12 +76,16 @@ enum class ConvPath { kFusedGraph, kBareGraph, kEager };
 ConvPath conv2d_ladder(bool fused, const std::function<GraphAttempt(bool fused)>& try_graph,
                        std::string* why);
 
-// The largest cuDNN workspace a plan may ask for, in bytes: SDVAE_CONV_WORKSPACE_LIMIT (bytes, or
-// with a KiB / MiB / GiB suffix; ValueError naming the variable otherwise), default 1 GiB.
-// Engines that want more are filtered out before a plan is chosen; when none is left, cuDNN
-// refuses the graph and the ladder goes on.
+// The largest cuDNN workspace a plan may ask for, in bytes: the calling thread's scoped limit
+// when one is set (conv2d_set_workspace_limit), else SDVAE_CONV_WORKSPACE_LIMIT (bytes, or with
+// a KiB / MiB / GiB suffix; ValueError naming the variable otherwise), default 1 GiB. Engines
+// that want more are filtered out before a plan is chosen; when none is left, cuDNN refuses the
+// graph and the ladder goes on. The limit is part of the plan cache's key.
 constexpr int64_t kDefaultWorkspaceLimit = int64_t{1} << 30;
 int64_t conv2d_workspace_limit();
+// Sets the calling thread's limit (bytes >= 0), or clears it (-1: back to the environment's);
+// returns the previous setting (-1 when none was set). Python: sdvae.ops.workspace_limit.
+int64_t conv2d_set_workspace_limit(int64_t bytes);
 
 // The cuDNN plan cache's policy, apart from cuDNN itself (so that it is testable without a GPU):
 // one entry per (cuDNN handle, key). torch hands each thread its own cuDNN handle per device, so

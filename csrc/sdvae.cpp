@@ -70,7 +70,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("in_per_sample"), py::arg("out_per_sample"),
         "Batch chunks keeping each tensor handed to cuDNN under 2^31 elements ([] if none can)");
   m.def("conv2d_workspace_limit", &sdvae::conv2d_workspace_limit,
-        "The cuDNN workspace cap in bytes (SDVAE_CONV_WORKSPACE_LIMIT, default 1 GiB)");
+        "The cuDNN workspace cap in bytes: this thread's scoped limit, else "
+        "SDVAE_CONV_WORKSPACE_LIMIT, default 1 GiB");
+  m.def("conv2d_set_workspace_limit", &sdvae::conv2d_set_workspace_limit, py::arg("bytes"),
+        "Set this thread's cuDNN workspace cap in bytes (-1 clears it); returns the previous "
+        "setting (-1: none)");
   m.def("_conv2d_ladder_probe", &sdvae::conv2d_ladder_probe,
         "Test hook: the conv fallback ladder with scripted outcomes");
   m.def("_conv2d_failure_is_transient", &sdvae::conv2d_failure_is_transient,

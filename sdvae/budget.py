@@ -12,8 +12,9 @@ what was allocated before the call).
   (known exactly) plus the most one band of its rows allocates, measured by running the
   engine's own band code on the meta device (``stream.pass_cost``); band heights are the
   largest that fit the budget, pass by pass.
-* On CUDA ``stream.CUDA_RESERVE`` is kept for library workspaces (cuDNN, cuBLAS, the
-  attention library path's score chunks), which no tensor shows.
+* On CUDA ``CUDA_RESERVE`` is kept for library workspaces (cuDNN, cuBLAS), which no tensor
+  shows: a budgeted call runs with sdvae's convs' cuDNN workspace capped at
+  ``CONV_WORKSPACE`` and cuDNN's benchmark mode off for ATen's convolutions (``budgeted``).
 
 ``plan`` picks the full path when its estimate fits, else the streamed path; a budget below
 the streamed path's smallest bands raises ``ValueError`` naming the smallest budget.
@@ -21,6 +22,7 @@ the streamed path's smallest bands raises ``ValueError`` naming the smallest bud
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -38,21 +40,40 @@ __all__ = [
     "parse_memory",
     "format_bytes",
     "free_memory",
+    "host_memory_available",
     "full_peak",
     "plan_part",
     "vae_plan",
     "decode",
     "moments",
+    "diffusers_plan",
     "diffusers_decode",
     "diffusers_moments",
+    "budgeted",
     "OFFLOADS",
+    "CONV_WORKSPACE",
+    "ATEN_CONV_WORKSPACE",
+    "CUBLAS_WORKSPACE",
     "CUDA_RESERVE",
 ]
 
 OFFLOADS = (None, "cpu")
-#: Device memory kept free for library workspaces on CUDA (cuDNN conv workspaces, cuBLAS,
-#: the attention library path's score chunks of up to 128 MiB), which no tensor shows.
-CUDA_RESERVE = 384 * 2**20
+#: cuDNN workspace cap of sdvae's convs (``sdvae.ops``) inside a call with a budget
+#: (``ops.workspace_limit``; otherwise ``SDVAE_CONV_WORKSPACE_LIMIT``, default 1 GiB).
+CONV_WORKSPACE = 320 * 2**20
+#: ATen's transposed conv (the folded upsampler; its cuDNN engine and workspace are ATen's
+#: choice, which sdvae cannot cap) and ATen's other convolutions (eager models): an allowance,
+#: with ``torch.backends.cudnn.benchmark`` off inside the call (benchmark mode tries engines
+#: with workspaces up to the allocator's largest free block). Measured on the GPU against
+#: the streamed band shapes (tests/test_stream.py).
+ATEN_CONV_WORKSPACE = 320 * 2**20
+#: cuBLAS / cuBLASLt workspaces (the attention's projections), allocated once per handle and
+#: stream and kept.
+CUBLAS_WORKSPACE = 64 * 2**20
+#: Device memory kept free on CUDA for library workspaces, which no tensor shows: one conv's
+#: workspace at a time (they are freed after each call) plus cuBLAS's. The attention library
+#: path's score chunks are counted with the band that runs them.
+CUDA_RESERVE = max(CONV_WORKSPACE, ATEN_CONV_WORKSPACE) + CUBLAS_WORKSPACE
 #: Small allocations that do not scale with the image (kernel scratch), beside the GroupNorm
 #: statistics the streamed path keeps (counted per plan).
 FIXED_RESERVE = 32 * 2**10
@@ -122,6 +143,45 @@ def free_memory(device) -> int:
         return 2**62
 
 
+def records_grad(x: torch.Tensor, module: torch.nn.Module) -> bool:
+    """Whether autograd would record a call of ``module`` on ``x``: grad mode on and ``x`` or
+    one of the module's weights requires grad."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in module.parameters())
+    )
+
+
+def refuse_grad(x: torch.Tensor, module: torch.nn.Module) -> None:
+    """A call with a budget (``max_memory`` / ``offload``) is an inference call, whichever
+    path its plan picks: the streamed one writes its bands in place, and the full one under
+    autograd keeps every activation for the backward pass, far past the budget. ValueError,
+    before any work, when autograd would record it."""
+    if records_grad(x, module):
+        raise ValueError(
+            "max_memory / offload make this an inference call, but autograd would record it "
+            "(grad mode is on and the input or the model's weights require grad): call it "
+            "under torch.no_grad() or torch.inference_mode() (or freeze the weights with "
+            "requires_grad_(False))"
+        )
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory available now: ``MemAvailable`` of /proc/meminfo (Linux: free
+    memory plus what the kernel can reclaim), else the free physical pages; None when the
+    system does not say."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
 def check_offload(offload) -> str | None:
     if offload not in OFFLOADS:
         raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
@@ -146,7 +206,7 @@ def full_peak(part, shape, dtype: torch.dtype, device) -> int:
     holds at once (the layer's input, its temporaries and output), in units of the layer's
     tensors. Upper bounds of the counts measured with ``sdvae.memtrack`` on the CPU for every
     flavour (tests/test_stream.py)."""
-    kind, steps, _ = stream._steps(part)
+    kind, steps, _ = stream._steps(part, dtype, meta=True)
     flavor = _flavor(part)
     device = torch.device(device)
     on_cpu = device.type == "cpu"
@@ -265,6 +325,20 @@ class MemoryPlan:
     min_bytes: int
     passes: list[PassPlan]
     stored: list[StoredTensor]
+    #: ``offload="cpu"``: host memory the stored tensors take (on CUDA the pinned blocks
+    #: torch's host allocator makes for them, see ``_host_bytes``), and what was available
+    host_bytes: int = 0
+    host_available: int | None = None
+
+    @property
+    def host_short(self) -> bool:
+        """Whether the streamed path's offloaded tensors need more host memory than is
+        available."""
+        return (
+            self.offload == "cpu"
+            and self.host_available is not None
+            and self.host_bytes > self.host_available
+        )
 
     @property
     def estimate(self) -> int:
@@ -283,6 +357,9 @@ class MemoryPlan:
             f"full ~{format_bytes(self.full_bytes)}, streamed ~"
             f"{format_bytes(self.streamed_bytes)}, smallest budget {format_bytes(self.min_bytes)}"
         )
+        if self.offload == "cpu":
+            avail = "?" if self.host_available is None else format_bytes(self.host_available)
+            head += f"; host memory {format_bytes(self.host_bytes)} of {avail} available"
         lines = [head]
         for i, p in enumerate(self.passes):
             lines.append(
@@ -291,6 +368,24 @@ class MemoryPlan:
                 f"{format_bytes(p.band_bytes)}"
             )
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def budgeted():
+    """What a call with a budget runs under, whichever path: sdvae's convs' cuDNN workspace
+    capped at ``CONV_WORKSPACE`` (this thread; within ``CUDA_RESERVE``) and
+    ``torch.backends.cudnn.benchmark`` off (process-wide, restored after; benchmark mode tries
+    engines with workspaces up to the allocator's largest free block). Nothing else changes
+    on the CPU, where neither is used."""
+    from . import ops
+
+    bench = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        with ops.workspace_limit(CONV_WORKSPACE):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = bench
 
 
 def _reserve(device: torch.device) -> int:
@@ -303,6 +398,39 @@ def _stored_bytes(prog, i: int, offload: bool) -> int:
         if b.first <= i <= b.last and (b.device_only or not offload):
             total += prog.n * b.c * b.h * b.w * prog.elem
     return total
+
+
+def _host_bytes(prog, device: torch.device) -> int:
+    """Host memory the offloaded stored tensors take. On CUDA they are pinned through torch's
+    caching host allocator, which rounds each request up to a power of two, reuses a freed
+    block only for a request of the same rounded size and keeps every block it made until
+    the run ends (the stream then hands them back): the bytes of the blocks the run's
+    allocations make, in the order the runner makes and frees them. On the CPU: the most
+    bytes held at once."""
+    pinned = device.type == "cuda"
+    free: dict[int, int] = {}
+    held = live = most = 0
+
+    def size(b) -> int:
+        return prog.n * b.c * b.h * b.w * prog.elem
+
+    for i in range(len(prog.passes)):
+        for b in prog.bufs:
+            if b.device_only or b.first != i:
+                continue
+            live += size(b)
+            most = max(most, live)
+            block = 1 << (size(b) - 1).bit_length()
+            if free.get(block):
+                free[block] -= 1
+            else:
+                held += block
+        for b in prog.bufs:
+            if not b.device_only and b.last == i:
+                live -= size(b)
+                block = 1 << (size(b) - 1).bit_length()
+                free[block] = free.get(block, 0) + 1
+    return held if pinned else most
 
 
 def _largest_rows(cost, height: int, avail: int, c1: int) -> int:
@@ -335,12 +463,13 @@ def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: s
     ``band_rows`` forces the streamed path with those band heights (an int, or a sequence
     used in turn; tests)."""
     device = torch.device(device)
-    prog = stream.program(part, tuple(shape), dtype)
+    prog = stream.program(part, tuple(shape), dtype, meta=True)
     off = offload == "cpu"
     kw = dict(dtype=dtype, fmt=fmt, offload=off, real=device.type)
     acc = 8 if dtype == torch.float64 else 4
     reserve = _reserve(device) + outside_bytes + sum(3 * prog.n * s.groups * acc
                                                      for s in prog.slots)  # fmt: skip
+    reserve += stream.hooked_weight_bytes(part, device, dtype)
     out_bytes = prog.n * prog.out_c * prog.out_hw[0] * prog.out_hw[1] * prog.elem
     passes, smallest, chosen, fits = [], 0, 0, True
     for i, p in enumerate(prog.passes):
@@ -374,6 +503,11 @@ def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: s
         path = "streamed"
     else:
         path = "none"
+    host, host_available = 0, None
+    if off:
+        host, host_available = _host_bytes(prog, device), host_memory_available()
+        if path == "streamed" and host_available is not None and host > host_available:
+            path = "none"
     stored = [
         StoredTensor(
             b.name,
@@ -385,7 +519,8 @@ def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: s
         for b in prog.bufs
     ]
     return MemoryPlan(op or prog.kind, tuple(shape), dtype, device, offload, budget, path,
-                      int(full_bytes), int(streamed), int(min_bytes), passes, stored)  # fmt: skip
+                      int(full_bytes), int(streamed), int(min_bytes), passes, stored,
+                      host, host_available)  # fmt: skip
 
 
 class BudgetError(ValueError):
@@ -393,9 +528,17 @@ class BudgetError(ValueError):
 
 
 def _fail(plan: MemoryPlan, name: str = "max_memory"):
+    what = f"{plan.op} shape {tuple(plan.shape)} in {str(plan.dtype).replace('torch.', '')}"
+    if plan.host_short:
+        pinned = " (pinned: each tensor rounded up to a power of two)"
+        return BudgetError(
+            f"offload='cpu' keeps {format_bytes(plan.host_bytes)} of stored activations in host "
+            f"memory to {what}{pinned if plan.device.type == 'cuda' else ''}, but only "
+            f"{format_bytes(plan.host_available)} is available: free host memory, or give a "
+            f"{name} that the streamed path meets without offload"
+        )
     return BudgetError(
-        f"{name}={format_bytes(plan.budget)} is too small to {plan.op} shape "
-        f"{tuple(plan.shape)} in {str(plan.dtype).replace('torch.', '')} with "
+        f"{name}={format_bytes(plan.budget)} is too small to {what} with "
         f"offload={plan.offload!r}: the smallest budget that works is "
         f"{format_bytes(plan.min_bytes)} ({plan.min_bytes} bytes)"
         + ("" if plan.offload else "; offload='cpu' needs less")
@@ -479,23 +622,26 @@ def _vae_call(vae, op: str, x: torch.Tensor, max_memory, offload, band_rows, raw
     """``VAE.decode`` (``op="decode"``) or ``VAE.moments`` with a budget (input checked):
     the usual path when it fits, else the streamed one; ``BudgetError`` when nothing fits."""
     offload = check_offload(offload)
+    parse_memory(max_memory)
+    refuse_grad(x, vae)
     budget = _budget_for(x.device, max_memory, offload) if band_rows is None else None
     plan = vae_plan(vae, op, x.shape, dtype=x.dtype, device=x.device, max_memory=budget,
                     offload=offload, band_rows=band_rows, raw=raw)  # fmt: skip
     if plan.path == "none":
         raise _fail(plan)
     decoding = op == "decode"
-    if plan.path == "full":
-        return vae.decode(x, raw=raw) if decoding else vae.moments(x)
-    rows = plan.rows if band_rows is None else band_rows
-    part = vae.decoder if decoding else vae.encoder
+    with budgeted():
+        if plan.path == "full":
+            return vae.decode(x, raw=raw) if decoding else vae.moments(x)
+        rows = plan.rows if band_rows is None else band_rows
+        part = vae.decoder if decoding else vae.encoder
 
-    def streamed(t):
-        return stream.run(part, t, rows=rows, offload=offload)
+        def streamed(t):
+            return stream.run(part, t, rows=rows, offload=offload)
 
-    if not decoding:
-        return vae._moments(x, encoder=streamed)
-    return (vae._decode_raw if raw else vae._decode)(x, decoder=streamed)
+        if not decoding:
+            return vae._moments(x, encoder=streamed)
+        return (vae._decode_raw if raw else vae._decode)(x, decoder=streamed)
 
 
 def decode(vae, latents: torch.Tensor, *, max_memory=None, offload=None, band_rows=None,
@@ -516,45 +662,57 @@ def _akl_budget(akl, device):
     return free_memory(device) if budget is None else budget
 
 
+def diffusers_plan(akl, op: str, x: torch.Tensor, *, max_memory=None, offload=None,
+                   band_rows=None) -> MemoryPlan:  # fmt: skip
+    """The plan of a patched ``AutoencoderKL``'s tiled ``op`` (``"decode"``: the decoder and
+    post-quant conv on latents ``x``; ``"encode"``: the encoder on images ``x``, only their
+    shape, dtype, device and layout are read) within ``max_memory`` (None: no budget)."""
+    if op not in ("decode", "encode"):
+        raise ValueError(f"op must be 'decode' or 'encode', got {op!r}")
+    budget, offload = parse_memory(max_memory), check_offload(offload)
+    part = akl.decoder if op == "decode" else akl.encoder
+    outside = x.numel() * x.element_size() if op == "decode" else 0  # the post-quant conv's
+    full = outside + full_peak(part, x.shape, x.dtype, x.device) + _reserve(x.device)
+    return plan_part(part, x.shape, dtype=x.dtype, device=x.device,
+                     fmt=stream.memory_format_of(part, x), budget=budget, offload=offload,
+                     full_bytes=full, outside_bytes=outside, op=op,
+                     band_rows=band_rows)  # fmt: skip
+
+
 def diffusers_decode(akl, z: torch.Tensor, *, band_rows=None) -> torch.Tensor:
     """A patched ``AutoencoderKL``'s decode with tiling on: exactly the untiled decode, run
     full when it fits the budget (``akl.sdvae_max_memory``, else the free memory), else
     streamed (``akl.sdvae_offload``)."""
     offload = check_offload(getattr(akl, "sdvae_offload", None))
-    n, c, h, w = z.shape
-    e = z.element_size()
-    lat = n * c * h * w * e
+    refuse_grad(z, akl)
     budget = _akl_budget(akl, z.device) if band_rows is None else None
-    full = lat + full_peak(akl.decoder, z.shape, z.dtype, z.device) + _reserve(z.device)
-    plan = plan_part(akl.decoder, z.shape, dtype=z.dtype, device=z.device,
-                     fmt=stream.memory_format_of(akl.decoder, z), budget=budget,
-                     offload=offload, full_bytes=full, outside_bytes=lat, op="decode",
-                     band_rows=band_rows)  # fmt: skip
+    plan = diffusers_plan(akl, "decode", z, max_memory=budget, offload=offload,
+                          band_rows=band_rows)  # fmt: skip
     if plan.path == "none":
         raise _fail(plan, "sdvae_max_memory")
-    if akl.post_quant_conv is not None:
-        z = akl.post_quant_conv(z)
-    if plan.path == "full":
-        return akl.decoder(z)
-    return stream.run(akl.decoder, z, rows=plan.rows if band_rows is None else band_rows,
-                      offload=offload)  # fmt: skip
+    with budgeted():
+        if akl.post_quant_conv is not None:
+            z = akl.post_quant_conv(z)
+        if plan.path == "full":
+            return akl.decoder(z)
+        return stream.run(akl.decoder, z, rows=plan.rows if band_rows is None else band_rows,
+                          offload=offload)  # fmt: skip
 
 
 def diffusers_moments(akl, x: torch.Tensor, *, band_rows=None) -> torch.Tensor:
     """A patched ``AutoencoderKL``'s encoder (+ quant conv) with tiling on: the untiled
     moments, full or streamed as ``diffusers_decode`` decides."""
     offload = check_offload(getattr(akl, "sdvae_offload", None))
+    refuse_grad(x, akl)
     budget = _akl_budget(akl, x.device) if band_rows is None else None
-    full = full_peak(akl.encoder, x.shape, x.dtype, x.device) + _reserve(x.device)
-    plan = plan_part(akl.encoder, x.shape, dtype=x.dtype, device=x.device,
-                     fmt=stream.memory_format_of(akl.encoder, x), budget=budget,
-                     offload=offload, full_bytes=full, op="encode",
-                     band_rows=band_rows)  # fmt: skip
+    plan = diffusers_plan(akl, "encode", x, max_memory=budget, offload=offload,
+                          band_rows=band_rows)  # fmt: skip
     if plan.path == "none":
         raise _fail(plan, "sdvae_max_memory")
-    if plan.path == "full":
-        m = akl.encoder(x)
-    else:
-        rows = plan.rows if band_rows is None else band_rows
-        m = stream.run(akl.encoder, x, rows=rows, offload=offload)
-    return akl.quant_conv(m) if akl.quant_conv is not None else m
+    with budgeted():
+        if plan.path == "full":
+            m = akl.encoder(x)
+        else:
+            rows = plan.rows if band_rows is None else band_rows
+            m = stream.run(akl.encoder, x, rows=rows, offload=offload)
+        return akl.quant_conv(m) if akl.quant_conv is not None else m

@@ -603,7 +603,7 @@ class _Encoder:
             return self.vae.encode(x, noise, sample=sample, max_memory=opts.max_memory,
                                    offload=opts.offload)  # fmt: skip
         except BudgetError as exc:
-            raise InputError(f"--max-memory: {exc}") from exc
+            raise InputError(f"{_budget_option(opts.max_memory)}: {exc}") from exc
 
     @torch.no_grad()
     def _run(self, group) -> None:
@@ -945,19 +945,30 @@ def _items_of(path: str, channels: int, factors=None, norm=None) -> list[_Latent
     return [_LatentItem(path, "latents", None, _png_name(source), source, shape)]
 
 
+def _budget_option(max_memory) -> str:
+    """The command-line option a budget refusal is about."""
+    if max_memory is not None:
+        return "--max-memory"
+    return "--offload cpu (no --max-memory: the budget is the device's free memory)"
+
+
 def check_budget(vae, op: str, shapes, batch_size: int, max_memory, offload) -> None:
-    """Refuse (InputError, before any work) a ``--max-memory`` that a batch of
-    ``batch_size`` inputs of one of ``shapes`` ((C, h, w): images to encode or latents to
-    decode, per ``op``) cannot meet, naming the smallest budget that works."""
+    """Refuse (InputError, before any work) a ``--max-memory`` -- or with ``--offload`` alone
+    the device's free memory, the budget such a call takes -- that a batch of ``batch_size``
+    inputs of one of ``shapes`` ((C, h, w): images to encode or latents to decode, per
+    ``op``) cannot meet, naming the smallest budget that works."""
     if max_memory is None and offload is None:
         return
-    from .budget import _fail
+    from . import budget
 
+    limit = max_memory
+    if limit is None:
+        limit = budget.free_memory(next(vae.parameters()).device)
     for c, h, w in sorted(set(shapes)):
-        plan = vae.memory_plan((batch_size, c, h, w), op=op, max_memory=max_memory,
+        plan = vae.memory_plan((batch_size, c, h, w), op=op, max_memory=limit,
                                offload=offload)  # fmt: skip
         if plan.path == "none":
-            raise InputError(f"--max-memory: {_fail(plan)}")
+            raise InputError(f"{_budget_option(max_memory)}: {budget._fail(plan)}")
 
 
 def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int = 4,
@@ -1003,6 +1014,8 @@ def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int =
 def _decode_items(vae, items: list[_LatentItem], out_dir: str, batch_size: int, budget) -> int:
     from safetensors import safe_open
 
+    from .budget import BudgetError
+
     p = next(vae.parameters())
     progress = Progress(len(items), "decode")
     by_file: dict[str, list[_LatentItem]] = {}
@@ -1022,7 +1035,10 @@ def _decode_items(vae, items: list[_LatentItem], out_dir: str, batch_size: int, 
             for i in range(0, len(same), batch_size):
                 chunk = same[i : i + batch_size]
                 z = torch.stack([c[1] for c in chunk]).to(p.device, p.dtype)
-                imgs = vae.decode(z, **budget)
+                try:
+                    imgs = vae.decode(z, **budget)
+                except BudgetError as exc:  # the free memory shrank since check_budget
+                    raise InputError(f"{_budget_option(budget['max_memory'])}: {exc}") from exc
                 for (it, _), img in zip(chunk, imgs):
                     target = os.path.join(out_dir, it.out_name)
                     os.makedirs(os.path.dirname(target), exist_ok=True)

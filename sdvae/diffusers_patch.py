@@ -28,7 +28,10 @@ the instance (never on diffusers' classes, so other models are untouched) and
 runs sdvae's exact streamed path instead of diffusers' blended tiles (``sdvae.budget``): the
 same output as the untiled model, the full path when it fits the budget
 (``patch_diffusers(max_memory=...)``, or the ``sdvae_max_memory`` attribute; default: the
-device's free memory), else the streamed one (``offload=`` / ``sdvae_offload``).
+device's free memory), else the streamed one (``offload=`` / ``sdvae_offload``). That is an
+inference path: a call that autograd records (grad mode on, and the input or the weights
+require grad) runs the tiled method the patch replaced instead -- diffusers' own blended
+tiles, differentiable -- with a one-time warning saying so.
 
 Weights on the meta device (a model built under accelerate's ``init_empty_weights`` or
 ``torch.device("meta")``, whose weights arrive later through ``load_state_dict(...,
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -345,11 +349,40 @@ class _Usable:
         return not_supported_reasons(self.empty(1, 2 * latent_channels, 2, 2))
 
 
+_GRAD_WARNED = False
+
+
+def _diffusers_tiles(self, x, name: str, *args, **kwargs):
+    """Whether autograd records this call; then the result of diffusers' own ``name`` (the
+    tiled method the patch replaced), warned once per process: the streamed path is an
+    inference path (it writes bands in place), so with autograd the blended tiles run."""
+    from .budget import records_grad
+
+    if not records_grad(x, self):
+        return False, None
+    global _GRAD_WARNED
+    if not _GRAD_WARNED:
+        _GRAD_WARNED = True
+        warnings.warn(
+            "sdvae: enable_tiling() on a patched model runs sdvae's exact streamed path for "
+            "inference only; this call is recorded by autograd (grad mode is on and the input "
+            "or the weights require grad), so diffusers' own tiled method runs (blended tiles, "
+            "not equal to the untiled model). Call it under torch.no_grad() or "
+            "torch.inference_mode() for the exact path.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return True, getattr(type(self), name)(self, x, *args, **kwargs)
+
+
 def _tiled_decode(self, z, return_dict: bool = True):
     from diffusers.models.autoencoders.vae import DecoderOutput
 
     from .budget import diffusers_decode
 
+    hit, out = _diffusers_tiles(self, z, "tiled_decode", return_dict=return_dict)
+    if hit:
+        return out
     dec = diffusers_decode(self, z)
     return DecoderOutput(sample=dec) if return_dict else (dec,)
 
@@ -357,13 +390,17 @@ def _tiled_decode(self, z, return_dict: bool = True):
 def _tiled_moments(self, x):
     from .budget import diffusers_moments
 
-    return diffusers_moments(self, x)
+    hit, out = _diffusers_tiles(self, x, "_tiled_encode")
+    return out if hit else diffusers_moments(self, x)
 
 
 def _tiled_encode(self, x, return_dict: bool = True):
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+    hit, out = _diffusers_tiles(self, x, "tiled_encode", return_dict=return_dict)
+    if hit:
+        return out
     posterior = DiagonalGaussianDistribution(_tiled_moments(self, x))
     return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 

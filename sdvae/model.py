@@ -727,6 +727,9 @@ class VAE(nn.Module):
         """The encoder's (N, 2*latent_channels, h, w) output: mean channels, then log-variance.
         ``max_memory`` / ``offload``: see ``encode``."""
         self._check_input("images", images, self.config.in_channels)
+        from .stream import check_encoder_input
+
+        check_encoder_input(*images.shape[2:], len(self.config.block_out_channels) - 1)
         if max_memory is not None or offload is not None:
             from . import budget
 

@@ -22,7 +22,9 @@ Kernels (``torch.ops.sdvae.conv2d`` / ``torch.ops.sdvae.pad_conv2d``, schemas in
   ``fallback_reasons()`` (``sdvae check`` prints it) and warned once; a failure for now (out of
   memory while building a plan or allocating its workspace) is not cached, the next call tries
   the graph again. Engines that want a workspace over ``SDVAE_CONV_WORKSPACE_LIMIT`` bytes
-  (default 1 GiB; a KiB / MiB / GiB suffix is allowed) are never chosen. Tensors of 2**31
+  (default 1 GiB; a KiB / MiB / GiB suffix is allowed), or over the calling thread's
+  ``workspace_limit(nbytes)`` inside such a block (what a call with a memory budget runs
+  under), are never chosen; the limit is part of the plan cache's key. Tensors of 2**31
   elements or more never reach cuDNN (32-bit indexing): the batch is split into chunks under
   that, as torch does; a single sample that large runs eager, recorded.
 * CPU (csrc/pad_conv2d.cpp): for outputs of at least 4x4, ATen's convolution (oneDNN) of x
@@ -42,6 +44,7 @@ traces through both ops without a graph break.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from collections.abc import Sequence
 
@@ -58,6 +61,7 @@ __all__ = [
     "not_supported_reasons",
     "fallback_reasons",
     "plan_stats",
+    "workspace_limit",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -226,6 +230,27 @@ def plan_stats() -> dict[str, int]:
         return {"built": 0, "refused": 0, "transient": 0, "cached": 0}
     built, refused, transient, cached = _ext._C.conv2d_stats()
     return {"built": built, "refused": refused, "transient": transient, "cached": cached}
+
+
+@contextlib.contextmanager
+def workspace_limit(nbytes: int):
+    """Cap the cuDNN workspace of the ``conv2d`` / ``pad_conv2d`` calls this thread makes
+    inside the block at ``nbytes`` (over ``SDVAE_CONV_WORKSPACE_LIMIT``); the cap in force
+    before is restored after it, so blocks nest. Engines that want more are filtered out
+    before a plan is chosen (plans are cached per cap); with none left the conv steps down
+    the fallback ladder, recorded in ``fallback_reasons()``. Other threads are unaffected."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+        raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    if not _ext.available():  # no extension, no conv to cap
+        yield
+        return
+    previous = _ext._C.conv2d_set_workspace_limit(int(nbytes))
+    try:
+        yield
+    finally:
+        _ext._C.conv2d_set_workspace_limit(previous)
 
 
 def _check_device(op: str, x: torch.Tensor) -> None:

@@ -28,14 +28,19 @@ layer over row bands, with the same arithmetic as the full computation:
 * Attention: global and exact, by bands of query rows: pass KV writes K and V of every
   pixel (GroupNorm applied band by band), pass QO computes the attention of each band of
   queries against all of K and V, the output projection and the residual, in place.
-* ``offload="cpu"``: the stored tensors live in (pinned) host memory; each band's rows are
-  copied in and out on a side CUDA stream, one band ahead, overlapping compute. On the CPU
-  the same code runs with plain host tensors and copies.
+* ``offload="cpu"``: the stored tensors live in (pinned) host memory, rows outermost so that
+  a band's rows are one dense block; each is copied in and out on a side CUDA stream, one
+  band ahead, overlapping compute, with the host at most two bands ahead (``_Mover``). On
+  the CPU the same code runs with plain host tensors and copies.
 
 The engine reads the weights of the modules by the names sdvae's model and diffusers'
 ``Encoder``/``Decoder`` share, so it serves ``sdvae.VAE`` (unfused: eager ops; optimized:
 the band GroupNorm kernels, ``sdvae.ops`` convs, the folded transposed-conv upsampler and
 the attention kernel, wherever the model uses them) and a diffusers ``AutoencoderKL``.
+Under accelerate's hooks (sequential CPU offload keeps weights on the meta device between
+calls) ``run`` runs every hooked module's hook around the call, so the weights are real while
+it reads them; weights on the meta device with no hook are refused (``F.conv2d`` of a real
+input and a meta weight returns uninitialised memory).
 
 Memory: ``pass_cost`` measures the most one band of a pass allocates by running this
 module's own band code on the meta device under ``sdvae.memtrack.TensorMemory`` (kernels'
@@ -50,7 +55,14 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-__all__ = ["run", "program", "pass_cost", "band_peak", "memory_format_of"]
+__all__ = [
+    "run",
+    "program",
+    "pass_cost",
+    "band_peak",
+    "memory_format_of",
+    "check_encoder_input",
+]
 
 
 # ------------------------------------------------------------------ the network as steps
@@ -144,15 +156,20 @@ def _band_gn_ok(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 class _Reader:
-    """Turns sdvae's or diffusers' modules into steps (weights in the run's dtype)."""
+    """Turns sdvae's or diffusers' modules into steps, weights in ``dtype``: the tensors
+    themselves (cast when the dtype differs), or with ``meta`` their shape-only twins on the
+    meta device (the planner: nothing real is allocated, whatever the dtype asked). Which
+    kernels run is decided for ``dtype`` on ``device``, the model's."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dtype, self.device = dtype, device
+    def __init__(self, dtype: torch.dtype, device: torch.device, meta: bool = False):
+        self.dtype, self.device, self.meta = dtype, device, meta
         self.gn_kernels = _band_gn_ok(dtype, device)
 
     def t(self, p):
         if p is None:
             return None
+        if self.meta:
+            return torch.empty_like(p, dtype=self.dtype, device="meta")
         return p.detach().to(self.dtype)
 
     def norm(self, m, fused: bool, name: str) -> _Norm:
@@ -185,13 +202,15 @@ def _is_patched(module) -> bool:
     return _ORIG in module.__dict__
 
 
-def _steps(part) -> tuple[str, list, int]:
+def _steps(part, dtype: torch.dtype | None = None, *, meta: bool = False) -> tuple[str, list, int]:
     """(``"encoder"`` or ``"decoder"``, the steps in order, input channels) of an sdvae or
-    diffusers Encoder/Decoder; ValueError for a structure the engine does not know."""
+    diffusers Encoder/Decoder, for running it in ``dtype`` (default: its weights'); ``meta``:
+    shape-only weights (see ``_Reader``). ValueError for a structure the engine does not
+    know."""
     from . import model as M
 
     p = next(part.parameters())
-    rd = _Reader(p.dtype, p.device)
+    rd = _Reader(p.dtype if dtype is None else dtype, p.device, meta)
     sdvae_part = isinstance(part, (M.Encoder, M.Decoder))
     if sdvae_part:
         kind = "encoder" if isinstance(part, M.Encoder) else "decoder"
@@ -257,7 +276,7 @@ def _steps(part) -> tuple[str, list, int]:
             rd.t(a.to_q.weight), rd.t(a.to_q.bias), rd.t(a.to_k.weight), rd.t(a.to_k.bias),
             rd.t(a.to_v.weight), rd.t(a.to_v.bias), rd.t(a.to_out[0].weight),
             rd.t(a.to_out[0].bias), heads, scale, residual, rescale,
-            fused and p.dtype != torch.float64, c,
+            fused and rd.dtype != torch.float64, c,
         )  # fmt: skip
 
     def up(u, name) -> _Up:
@@ -282,11 +301,11 @@ def _steps(part) -> tuple[str, list, int]:
 
     def down(d, name) -> _Down:
         if sdvae_part:
-            fused = bool(d.fused) and p.dtype != torch.float64
+            fused = bool(d.fused) and rd.dtype != torch.float64
         else:
             if not (d.use_conv and d.padding == 0 and d.norm is None):
                 raise ValueError(f"{name}: a Downsample2D with options the VAE does not use")
-            fused = _is_patched(d) and p.dtype != torch.float64
+            fused = _is_patched(d) and rd.dtype != torch.float64
         conv = rd.conv(d.conv, 3, f"{name}.conv", stride=2, padding=0)
         conv.fused = fused
         return _Down(name, conv, d.conv.in_channels)
@@ -507,32 +526,54 @@ class _Mover:
 
     Without offload every stored tensor lives on the device and a read is a view (never
     written through). With ``offload="cpu"`` stored tensors live in host memory (pinned on
-    CUDA): a read copies the rows in -- on CUDA on a side stream, the next band's rows while
-    the current band computes -- and a write copies a band out on that stream; at most two
-    written bands wait for their copies (the oldest is waited for before a third), so the
-    device holds a bounded number of bands whatever the copy speed. On the CPU and on the
-    meta device (the planner) the same code runs with plain copies."""
+    CUDA), row-major: storage ``(H, N, C, W)`` for an NCHW run, ``(H, N, W, C)`` for
+    channels_last, seen as ``(N, C, H, W)``, so the rows of any band are one dense block and
+    every copy in or out is one dense transfer (pinned to device: a real asynchronous copy; a
+    strided host view would go through pageable temporaries, blocking). A band arrives on the
+    device as that block and is made dense in the run's layout there; a written band is laid
+    out as a block on the device before it is copied out (both device temporaries are
+    tensors: the planner counts them). On CUDA the copies run on a side stream, the next
+    band's rows are copied in while the current band computes, at most two written bands wait
+    for their copies (the compute stream waits for the oldest before a third), and the host
+    runs at most ``AHEAD`` bands ahead of the device (it waits on an event per band), so the
+    blocks the allocator holds for pending copies stay bounded. On the CPU and on the meta
+    device (the planner) the same code runs with plain copies."""
 
-    def __init__(self, device: torch.device, offload: bool):
-        self.device, self.offload = device, offload
-        self.stream = torch.cuda.Stream(device) if (offload and device.type == "cuda") else None
+    AHEAD = 2
+
+    def __init__(self, device: torch.device, offload: bool, fmt: torch.memory_format):
+        self.device, self.offload, self.fmt = device, offload, fmt
+        self.cl = fmt == torch.channels_last
+        self.cuda = offload and device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
         self._ahead: dict = {}
         self._pending: list = []
+        self._ticks: list = []
+
+    def _block(self, t: torch.Tensor) -> torch.Tensor:
+        """The ``(N, C, r, W)`` rows ``t`` as a row-major ``(r, N, ., .)`` tensor (a dense
+        block when ``t`` is rows of an offloaded tensor)."""
+        return t.permute(2, 0, 3, 1) if self.cl else t.permute(2, 0, 1, 3)
+
+    def _image(self, block: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``_block``: a row-major block seen as ``(N, C, r, W)``."""
+        return block.permute(1, 3, 0, 2) if self.cl else block.permute(1, 2, 0, 3)
 
     def alloc(self, buf: _Buf, shape, dtype, fmt) -> torch.Tensor:
         if self.offload and not buf.device_only:
+            n, c, h, w = shape
+            rows = (h, n, w, c) if self.cl else (h, n, c, w)
             if self.device.type == "meta":
-                return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
-            pin = self.device.type == "cuda"
-            return torch.empty(shape, dtype=dtype, memory_format=fmt, pin_memory=pin)
+                return self._image(torch.empty(rows, dtype=dtype, device="meta"))
+            return self._image(torch.empty(rows, dtype=dtype, pin_memory=self.cuda))
         return torch.empty(shape, dtype=dtype, device=self.device, memory_format=fmt)
 
     def _copy_in(self, t: torch.Tensor, a: int, b: int):
-        view = t[:, :, a:b]
+        block = self._block(t[:, :, a:b])  # dense host rows
         if self.stream is None:
-            return view.clone(), None
+            return block.clone(), None
         with torch.cuda.stream(self.stream):
-            dev = view.to(self.device, non_blocking=True)
+            dev = block.to(self.device, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.stream)
         return dev, ev
@@ -548,36 +589,64 @@ class _Mover:
         got = self._ahead.pop((id(buf), a, b), None)
         dev, ev = got if got is not None else self._copy_in(buf.tensor, a, b)
         if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)
-            dev.record_stream(torch.cuda.current_stream(self.device))
-        return dev
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ev)
+            dev.record_stream(current)
+        return self._image(dev).contiguous(memory_format=self.fmt)
 
     def write(self, buf: _Buf, a: int, band: torch.Tensor) -> None:
         dst = buf.tensor[:, :, a : a + band.shape[2]]
         if not self.offload or buf.device_only:
             dst.copy_(band)
             return
+        src = self._block(band).contiguous()  # the band as one row block, on the device
         ev = None
         if self.stream is None:
-            dst.copy_(band)
+            self._block(dst).copy_(src)
         else:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                dst.copy_(band, non_blocking=True)
+                self._block(dst).copy_(src, non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
-            band.record_stream(self.stream)
-        self._pending.append((band, ev))
+            src.record_stream(self.stream)
+        self._pending.append((src, ev))
         if len(self._pending) > 2:
             _, old = self._pending.pop(0)
             if old is not None:
                 torch.cuda.current_stream(self.device).wait_event(old)
+
+    def tick(self) -> None:
+        """Once per band: on CUDA with offload the host waits until the device is at most
+        ``AHEAD`` bands behind it (blocks freed while their copies or reads are pending stay
+        held by the allocator, so a host far ahead would hold ever more of them)."""
+        if not self.cuda:
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._ticks.append(ev)
+        if len(self._ticks) > self.AHEAD:
+            self._ticks.pop(0).synchronize()
 
     def drain(self) -> None:
         self._ahead.clear()
         if self.stream is not None:
             self.stream.synchronize()
         self._pending.clear()
+        self._ticks.clear()
+
+    def release(self) -> None:
+        """After the run: the pinned host allocator keeps freed blocks cached (each rounded
+        up to a power of two), tens of GiB after a big offloaded decode; hand them back."""
+        if not self.cuda:
+            return
+        self.drain()
+        accelerator = getattr(torch, "accelerator", None)
+        empty = getattr(accelerator, "empty_host_cache", None) or getattr(
+            torch._C, "_host_emptyCache", None
+        )
+        if empty is not None:
+            empty()
 
 
 def _kernel_fits(x: torch.Tensor) -> bool:
@@ -607,7 +676,7 @@ class _Runner:
         self.real = torch.device(real) if real is not None else device
         self.tracker = tracker
         self._meta_w: dict = {}
-        self.mv = _Mover(device, offload)
+        self.mv = _Mover(device, offload, fmt)
         self.input = self.result = None
 
     def _spike(self, nbytes: int) -> None:
@@ -624,6 +693,15 @@ class _Runner:
         return got
 
     # ---------------------------------------------------------------------- ops
+    def _dense(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` dense in the run's layout. A band's rows of a stored tensor are not (NCHW, or
+        channels_last with a batch of 2+), and a conv copies such an operand inside itself
+        (``sdvae.ops``' C++ entry points: x and the residual on CUDA, x on the CPU; ATen's
+        cuDNN and oneDNN convolutions and its nearest upsample likewise), where no tensor
+        shows it and the planner could not count it. The copy made here is a tensor: the
+        planner's meta run counts it (no copy when ``t`` is dense already)."""
+        return t.contiguous(memory_format=self.fmt)
+
     def _conv(self, x, conv: _Conv, top: int, bottom: int, residual=None):
         """3x3 (or 1x1, top = bottom = 0) stride-1 conv of a band, padded with zero rows only
         where ``top``/``bottom`` say (the image's edges) and with zero columns always."""
@@ -633,14 +711,17 @@ class _Runner:
             from . import ops
 
             pad = (side, side, top, bottom)
+            x = self._dense(x)
+            if residual is not None:
+                residual = self._dense(residual)
             if self.meta:
                 y = ops._out_like(x, w, 1, pad)
                 if self.real.type == "cpu":  # the C++ CPU kernel's copy of its output
                     self._spike(y.nbytes)
                 return y
             return ops.conv2d(x, w, b, stride=1, padding=pad, residual=residual)
-        if top or bottom:
-            x = F.pad(x, (0, 0, top, bottom))
+        # F.pad writes a new (dense) tensor; a band without edge rows is made dense here
+        x = F.pad(x, (0, 0, top, bottom)) if (top or bottom) else self._dense(x)
         y = F.conv2d(x, w, b, padding=(0, side))
         return y if residual is None else y + residual
 
@@ -650,6 +731,7 @@ class _Runner:
         if conv.fused:
             from . import ops
 
+            x = self._dense(x)
             if self.meta:
                 y = ops._out_like(x, w, 2, pad)
                 if self.real.type == "cpu":
@@ -729,7 +811,7 @@ class _Runner:
         """Rows [a, b) of the upsampled tensor ``up(y)``."""
         up, hy = v.up, v.y.h
         ya, yb = max(0, (a - 1) // 2), min(hy, b // 2 + 1)
-        y = self.mv.read(v.y, ya, yb)
+        y = self._dense(self.mv.read(v.y, ya, yb))
         if up.folded is not None:  # the model's transposed conv: rows [2 ya, 2 yb), cropped
             full = F.conv_transpose2d(y, self._w(up.folded), self._w(up.bias), stride=2, padding=1)
             del y
@@ -756,6 +838,7 @@ class _Runner:
         """The bands of a pass, the next band's rows (``need(r0, r1)``: (source, a, b)
         triples) prefetched first when offloading."""
         for k, (r0, r1) in enumerate(bands):
+            self.mv.tick()
             if self.mv.offload and k + 1 < len(bands):
                 for src, a, b in need(*bands[k + 1]):
                     self._prefetch(src, a, b)
@@ -797,13 +880,14 @@ class _Runner:
             for slot in prog.slots:
                 slot.clear()
             self.input = None
+            self.mv.release()
         result, self.result = self.result, None
         return result
 
     def _conv_in(self, p: _Pass, bands) -> None:
         st, x_in = p.step, self.input
         fused = self._fused_stats(p)
-        for r0, r1 in bands:
+        for r0, r1 in self._bands(bands, lambda r0, r1: []):
             a, b, top, bottom = _pads(r0, r1, p.h)
             y = self._conv(x_in[:, :, a:b], st.conv, top, bottom)
             self._acc(p.stats_out, y, fused)
@@ -983,35 +1067,93 @@ def memory_format_of(part, x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def program(part, shape, dtype: torch.dtype) -> _Program:
-    """The passes and stored tensors of running ``part`` on an input of ``shape``."""
-    kind, steps, cin = _steps(part)
+def check_encoder_input(h: int, w: int, downsamplings: int, name: str = "images") -> None:
+    """ValueError unless an ``h`` x ``w`` input leaves every level of an encoder with
+    ``downsamplings`` stride-2 downsamplings at least one row and column: each halves (and
+    floors) the sides, and a side of one pixel has nothing left for the next."""
+    need = 2**downsamplings
+    if h < need or w < need:
+        raise ValueError(
+            f"{name} of {h}x{w} (HxW) are too small for this encoder: its {downsamplings} "
+            f"stride-2 downsamplings need each side to be at least {need} pixels"
+        )
+
+
+def program(part, shape, dtype: torch.dtype, *, meta: bool = False) -> _Program:
+    """The passes and stored tensors of running ``part`` on an input of ``shape`` in
+    ``dtype``; ``meta``: with shape-only weights (the planner)."""
+    kind, steps, cin = _steps(part, dtype, meta=meta)
     n, c, h, w = shape
     if c != cin:
         raise ValueError(f"the input must have {cin} channels, got shape {tuple(shape)}")
+    if kind == "encoder":
+        check_encoder_input(h, w, sum(isinstance(s, _Down) for s in steps))
     elem = torch.empty((), dtype=dtype).element_size()
     return _Program(kind, steps, n, h, w, cin, elem)
+
+
+def _hooked(part) -> list:
+    """The modules of ``part`` that carry an accelerate hook (``_hf_hook``)."""
+    return [m for m in part.modules() if getattr(m, "_hf_hook", None) is not None]
+
+
+def hooked_weight_bytes(part, device, dtype: torch.dtype) -> int:
+    """Bytes of the weights that ``part``'s accelerate hooks bring to ``device`` for a
+    streamed call (they are elsewhere between calls: on the meta device under sequential CPU
+    offload); the streamed path holds them all for the call."""
+    device = torch.device(device)
+    e = torch.empty((), dtype=dtype).element_size()
+    return sum(
+        t.numel() * e
+        for m in _hooked(part)
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+        if t.device != device
+    )
+
+
+def _check_weights(prog: _Program, x: torch.Tensor) -> None:
+    """ValueError when a weight the steps read is on the meta device (``F.conv2d`` of a real
+    input and a meta weight returns an uninitialised tensor: garbage, silently) or on another
+    device than ``x``."""
+    for t in _tensors_of(prog.steps):
+        if t.is_meta:
+            raise ValueError(
+                "the model's weights are on the meta device (built empty and never loaded, or "
+                "offloaded with no accelerate hook to bring them back): load them before "
+                "calling it"
+            )
+        if t.device != x.device:
+            raise ValueError(f"the model's weights are on {t.device} but the input is on "
+                             f"{x.device}")  # fmt: skip
 
 
 def run(part, x: torch.Tensor, *, rows, offload: str | None = None, prog=None) -> torch.Tensor:
     """Run ``part`` (an sdvae or diffusers Encoder/Decoder) on ``x`` streamed: ``rows`` is
     one band height per pass (``MemoryPlan.passes[i].rows``), or an int / a sequence of band
     heights for every pass. Inference only: with grad mode on and an input or weight that
-    requires grad it raises (the bands are written in place)."""
+    requires grad it raises (the bands are written in place).
+
+    The engine reads weights without calling their modules, so the accelerate hooks of the
+    modules that have one (``cpu_offload``, diffusers' sequential CPU offload) run around the
+    whole call: their weights are on the device while it runs, offloaded again after."""
     if torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in part.parameters())
     ):
         raise ValueError(
-            "the streamed path (max_memory/offload) is for inference: call it under "
+            "the streamed path (max_memory/offload) is an inference call: call it under "
             "torch.no_grad() or torch.inference_mode()"
         )
-    if prog is None:
-        prog = program(part, tuple(x.shape), x.dtype)
-    if not isinstance(rows, list) or len(rows) != len(prog.passes):
-        rows = [rows] * len(prog.passes)
-    fmt = memory_format_of(part, x)
-    runner = _Runner(prog, rows, x.device, x.dtype, fmt, offload == "cpu")
-    return runner.run(x)
+    from .diffusers_patch import _weights_of
+
+    with _weights_of(*_hooked(part)):
+        if prog is None:
+            prog = program(part, tuple(x.shape), x.dtype)
+        _check_weights(prog, x)
+        if not isinstance(rows, list) or len(rows) != len(prog.passes):
+            rows = [rows] * len(prog.passes)
+        fmt = memory_format_of(part, x)
+        runner = _Runner(prog, rows, x.device, x.dtype, fmt, offload == "cpu")
+        return runner.run(x)
 
 
 # ----------------------------------------------------------------- band costs (planner)

@@ -302,3 +302,27 @@ def test_memory_budget_failures(tmp_path, weights, capsys):
         assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--max-memory" in err and "'lots'" in err and "invalid choice: 'gpu'" in err
+
+
+def test_offload_alone_beyond_the_free_memory_is_one_error_line(tmp_path, weights, capsys,
+                                                                monkeypatch):  # fmt: skip
+    """``--offload cpu`` without ``--max-memory`` takes the device's free memory as the budget
+    (as ``vae.decode(..., offload="cpu")`` does). When not even the streamed path meets it,
+    both commands stop before any work with one ``sdvae: error:`` line naming the option and
+    the smallest budget, exit 2, nothing written; and a budget refusal that only surfaces at
+    run time (the free memory shrank since the check) is the same one line, not a traceback."""
+    from sdvae import budget, cache
+
+    _, _, folder = weights
+    _png(tmp_path / "a.png", 16, 16, 0)
+    save_file({"latents": torch.randn(4, 8, 8)}, tmp_path / "z.safetensors")
+    monkeypatch.setattr(budget, "free_memory", lambda device: 1000)
+    common = ["--weights", str(folder), "--device", "cpu", "--no-fuse", "--offload", "cpu"]
+    out = ["-o", str(tmp_path / "o")]
+    dec = ["decode", str(tmp_path / "z.safetensors"), *common, *out]
+    enc = ["encode", str(tmp_path / "a.png"), "--size", "16", "--workers", "0", *common, *out]
+    for argv in (dec, enc):
+        _fails(capsys, argv, "--offload cpu", "free memory", "smallest budget")
+        assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(cache, "check_budget", lambda *args, **kwargs: None)
+    _fails(capsys, dec, "--offload cpu", "smallest budget")

@@ -407,6 +407,56 @@ def test_bad_workspace_limit_names_the_variable(monkeypatch, value):
         _ext._C.conv2d_workspace_limit()
 
 
+def test_workspace_limit_scope_overrides_nests_and_stays_in_its_thread(monkeypatch):
+    """``ops.workspace_limit(n)``: this thread's cap inside the block, over the environment's;
+    nested blocks restore the outer cap; other threads keep the environment's; bad values
+    are refused naming the argument."""
+    monkeypatch.setenv("SDVAE_CONV_WORKSPACE_LIMIT", "64MiB")
+    get = _ext._C.conv2d_workspace_limit
+    assert get() == 2**26
+    with ops.workspace_limit(5 * 2**20):
+        assert get() == 5 * 2**20
+        with ops.workspace_limit(0):
+            assert get() == 0
+        assert get() == 5 * 2**20
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(get()))
+        t.start()
+        t.join()
+        assert seen == [2**26]
+    assert get() == 2**26
+    with pytest.raises(RuntimeError, match="inside"), ops.workspace_limit(2**20):
+        assert get() == 2**20
+        raise RuntimeError("inside")
+    assert get() == 2**26  # restored when the block raises
+    with pytest.raises(ValueError, match="nbytes must be >= 0"):
+        with ops.workspace_limit(-1):
+            pass
+    with pytest.raises(TypeError, match="nbytes must be an int"):
+        with ops.workspace_limit(1.5):
+            pass
+    with pytest.raises(ValueError, match="workspace limit must be"):
+        _ext._C.conv2d_set_workspace_limit(-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.graph_conv
+def test_workspace_limit_scope_keys_the_plan_cache():
+    """A conv under a scoped cap builds (and caches) its own plan: a plan chosen under a larger
+    cap is never reused under a smaller one; the result is the same."""
+    x, w, b, r = _inputs(
+        (1, 64, 40, 40, 64, 3), torch.float16, "cuda", torch.channels_last, residual=True
+    )
+    ref = conv2d(x, w, b, residual=r)
+    conv2d(x, w, b, residual=r)
+    before = ops.plan_stats()
+    with ops.workspace_limit(2**20 + 1):  # a cap no other test uses: a new key
+        out = conv2d(x, w, b, residual=r)
+    after = ops.plan_stats()
+    assert after["built"] + after["refused"] > before["built"] + before["refused"]
+    assert_close(out, ref, torch.float16)
+
+
 def test_graph_conv_tests_skip_with_the_reason_without_the_graph_conv(monkeypatch):
     # Tests that forbid any fallback carry the graph_conv marker; without the graph conv in the
     # build they skip with the build's reason instead of failing.
