@@ -13,8 +13,8 @@
 # BENCH_SUITES narrows the benchmark, e.g. `BENCH_SUITES="ceiling conv pad_conv2d"` to settle
 # the convolution issue alone (cuDNN's bare conv, sdvae's graph bare / unfused / with its fused
 # epilogue, and eager), and TEST_TIMEOUT / BENCH_TIMEOUT move the caps.
-# Wheels for packages the GPU image lacks (diffusers; nvidia-cudnn-frontend, whose headers the
-# build needs for the cuDNN graph conv) are taken from .whl/ when present (see
+# Wheels for packages the GPU image lacks (diffusers; accelerate, for the offload-hook tests;
+# nvidia-cudnn-frontend, whose headers the build needs for the cuDNN graph conv) are taken from .whl/ when present (see
 # bench/fetch_wheels.sh); without cudnn-frontend the build goes on and conv2d runs eager, which
 # the build line and `sdvae check` say. The whole-model suites time the image sizes in
 # SDVAE_BENCH_VAE_SIZES (batch 1) and SDVAE_BENCH_VAE_BATCH4 (batch 4; empty: none), see
