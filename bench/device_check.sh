@@ -12,7 +12,8 @@
 # table last.
 # BENCH_SUITES narrows the benchmark, e.g. `BENCH_SUITES="ceiling conv pad_conv2d"` to settle
 # the convolution issue alone (cuDNN's bare conv, sdvae's graph bare / unfused / with its fused
-# epilogue, and eager), and TEST_TIMEOUT / BENCH_TIMEOUT move the caps.
+# epilogue, and eager), and TEST_TIMEOUT / SERIAL_TEST_TIMEOUT / PROFILE_TIMEOUT / BENCH_TIMEOUT
+# move the caps (150 + 45 + 60 + 210 s, with the ~60 s build: under the 540 s of one GPU call).
 # Wheels for packages the GPU image lacks (diffusers; accelerate, for the offload-hook tests;
 # nvidia-cudnn-frontend, whose headers the build needs for the cuDNN graph conv) are taken from .whl/ when present (see
 # bench/fetch_wheels.sh); without cudnn-frontend the build goes on and conv2d runs eager, which
@@ -61,9 +62,17 @@ step() { echo; echo "=== $* ($(date +%T))"; }
     || echo "NO DIFFUSERS: the eager/compile whole-model rows and the diffusers tests will be missing (carry .whl/, see bench/fetch_wheels.sh)"
 
   step "tests (CUDA: the cuda-marked tests, which include every op test parametrised over cuda)"
+  # In parallel (pytest-xdist, TEST_WORKERS processes on the one GPU: most of the time is
+  # Triton's and cuDNN's compiles, on the CPU), except the `serial` ones (tens of GiB each),
+  # which run one at a time afterwards.
   t0=$SECONDS
-  timeout ${TEST_TIMEOUT:-180} $PY -m pytest -q -p no:cacheprovider tests -m cuda -rfE \
-    --junitxml="$OUT_DIR/tests.xml" || echo "TESTS FAILED OR TIMED OUT"
+  workers=()
+  if $PY -c 'import xdist' 2>/dev/null; then workers=(-n "${TEST_WORKERS:-8}"); else
+    echo "no pytest-xdist: the cuda tests run in one process (slower; TEST_TIMEOUT may cut them)"; fi
+  timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider tests -m "cuda and not serial" \
+    "${workers[@]}" -rfE --junitxml="$OUT_DIR/tests.xml" || echo "TESTS FAILED OR TIMED OUT"
+  timeout ${SERIAL_TEST_TIMEOUT:-45} $PY -m pytest -q -p no:cacheprovider tests -m "cuda and serial" \
+    -rfE --junitxml="$OUT_DIR/tests-serial.xml" || echo "TESTS FAILED OR TIMED OUT (serial)"
   echo "tests took $((SECONDS - t0)) s"
 
   step "sdvae profile --size 1024 (fp16: GPU time by category and per kernel, eager beside sdvae)"

@@ -634,6 +634,7 @@ def test_workspace_limit_zero_still_gives_the_right_result(monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.serial
 @pytest.mark.graph_conv
 @torch.no_grad()
 def test_batch_over_2_31_elements_is_split():

@@ -871,6 +871,7 @@ def test_fused_inputs_at_a_vae_shape_on_gpu(dtype, layout):
 
 
 @pytest.mark.cuda
+@pytest.mark.serial
 @pytest.mark.parametrize("layout", LAYOUTS)
 @torch.no_grad()
 def test_over_2_31_elements_on_gpu(layout):
@@ -889,6 +890,7 @@ def test_over_2_31_elements_on_gpu(layout):
 
 
 @pytest.mark.cuda
+@pytest.mark.serial
 @pytest.mark.parametrize("layout", LAYOUTS)
 @torch.no_grad()
 def test_last_groups_past_2_31_values_on_gpu(layout):
@@ -913,6 +915,7 @@ def test_last_groups_past_2_31_values_on_gpu(layout):
 
 
 @pytest.mark.cuda
+@pytest.mark.serial
 @torch.no_grad()
 def test_padding_slots_write_nothing_outside_y_on_gpu():
     """S = 2^31 - 4 * TILE - 1 pixels (the most the kernels take) in one group: the apply
