@@ -478,6 +478,39 @@ def test_budgeted_calls_cap_the_conv_workspace_within_the_reserve(monkeypatch):
     assert _ext._C.conv2d_workspace_limit() == default and torch.backends.cudnn.benchmark
 
 
+def test_budgeted_calls_in_two_threads_keep_benchmark_off_and_restore_it(monkeypatch):
+    """``torch.backends.cudnn.benchmark`` is one process-wide switch: budgeted calls that
+    overlap in two threads (a server decoding requests in parallel) must each run with it off
+    until the last one ends, and leave the user's setting as it was -- not the one the second
+    call saw (off) when the first restores its own."""
+    import threading
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    entered1, entered2, left1 = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with budget.budgeted():
+            entered1.set()
+            entered2.wait(10)
+        left1.set()
+
+    def second():
+        entered1.wait(10)
+        with budget.budgeted():
+            entered2.set()
+            left1.wait(10)
+            seen["inside after the first left"] = torch.backends.cudnn.benchmark
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"inside after the first left": False}
+    assert torch.backends.cudnn.benchmark is True
+
+
 def test_patched_diffusers_tiling_under_autograd_runs_diffusers_own_tiles(monkeypatch):
     """With autograd recording (grad mode on, weights that require grad) the exact streamed
     path cannot run (it writes bands in place), so enable_tiling() on a patched model calls
