@@ -248,6 +248,9 @@ def full_peak(part, shape, dtype: torch.dtype, device) -> int:
             c = size(st.channels, h, w)
             cost = {"run": 14 * c, "sdvae": 9 * c, "stock": 11 * c, "patched": 14 * c}[flavor]
             cost += n * st.heads * h * w * 4  # SDPA's / the kernel's logsumexp
+            if not st.fused and stream.sdpa_math(device, dtype):  # SDPA's scores, materialised
+                cost += stream.sdpa_math_bytes((n, st.heads, h * w, st.channels // st.heads),
+                                               h * w, e)  # fmt: skip
             if flavor in ("run", "patched"):  # the q/k/v weights concatenated per call
                 cost += 3 * st.channels * (st.channels + 1) * e
             if st.fused and not on_cpu:

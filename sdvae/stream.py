@@ -649,6 +649,26 @@ class _Mover:
             empty()
 
 
+def sdpa_math(device, dtype: torch.dtype) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` takes its math path (the scores
+    materialised) for the VAE's attention on ``device`` in ``dtype``: on CUDA for float64,
+    which none of its fused backends (flash, memory-efficient, cuDNN) takes. On the CPU its
+    flash kernel takes every floating dtype."""
+    return torch.device(device).type == "cuda" and dtype == torch.float64
+
+
+def sdpa_math_bytes(q_shape, lk: int, elem: int) -> int:
+    """The most bytes SDPA's math path holds beside its inputs and its output, for queries
+    of ``q_shape`` (..., Lq, D) against ``lk`` keys: q scaled (a copy), with k^T scaled (a
+    copy) and the (..., Lq, Lk) scores, then the scores with their softmax."""
+    *batch, lq, d = q_shape
+    bh = 1
+    for b in batch:
+        bh *= b
+    q, k, scores = bh * lq * d * elem, bh * lk * d * elem, bh * lq * lk * elem
+    return q + max(k + scores, 2 * scores)
+
+
 def _kernel_fits(x: torch.Tensor) -> bool:
     """Whether the band GroupNorm kernels take ``x`` (int32 offsets inside a sample); else
     they run their reference, and so does the planner's estimate."""
@@ -782,6 +802,8 @@ class _Runner:
             o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             if st.fused and self.real.type == "cuda":  # the library path's score chunks
                 self._spike(q.nbytes + 2 * 2**24 * 4)
+            elif not st.fused and sdpa_math(self.real, q.dtype):  # the scores, materialised
+                self._spike(sdpa_math_bytes(q.shape, k.shape[2], q.element_size()))
             elif not st.fused:  # SDPA's flash / memory-efficient kernels: the logsumexp
                 self._spike(q.shape[0] * q.shape[1] * q.shape[2] * 4)
             return o

@@ -739,6 +739,48 @@ def test_band_costs_match_what_each_pass_allocates(offload, monkeypatch):
         assert used <= cost + 1024 and cost <= 1.25 * used + 1024, (p.name, used, cost)
 
 
+def _sdpa_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, scale=scale)[0]
+
+
+@torch.no_grad()
+def test_cuda_float64_estimates_count_the_sdpa_math_path(monkeypatch):
+    """On CUDA no fused SDPA backend takes float64 (flash, memory-efficient and cuDNN take
+    fp16/bf16/fp32): ``F.scaled_dot_product_attention`` runs its math path, which holds q and
+    k scaled and the (Lq, Lk) scores with their softmax. The planner's estimates for a float64
+    model on CUDA -- the streamed path's attention band and the full path's peak -- bound what
+    that path allocates (measured here on the CPU, which runs the same composite code when
+    asked for it)."""
+    vae = model("sd")  # float64, unfused: SDPA
+    z = _latents(vae, n=1, hw=(12, 10))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _sdpa_math)
+    prog = stream.program(vae.decoder, tuple(z.shape), z.dtype)
+    seen = []
+    runner_run = stream._Runner.run
+
+    def run(self, x):
+        method = self._attn_qo
+
+        def measured(p, bands):
+            with TensorMemory("cpu") as m:
+                method(p, bands)
+            seen.append((p, m.peak))
+
+        self._attn_qo = measured
+        return runner_run(self, x)
+
+    monkeypatch.setattr(stream._Runner, "run", run)
+    stream.run(vae.decoder, z, rows=2, prog=prog)
+    ((p, used),) = seen
+    cost = stream.pass_cost(prog, prog.passes.index(p), 2, dtype=z.dtype,
+                            fmt=torch.contiguous_format, offload=False, real="cuda")  # fmt: skip
+    assert used <= cost + 1024, (used, cost)
+    monkeypatch.undo()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _sdpa_math)
+    _, used = peak_bytes(lambda: vae.decoder(z), "cpu")
+    assert used <= budget.full_peak(vae.decoder, z.shape, z.dtype, "cuda"), used
+
+
 # ------------------------------------------------------------------- the plan, errors
 def test_memory_plan_describes_the_choice():
     vae = _sd_like()
@@ -946,6 +988,26 @@ def test_gpu_streamed_decode_within_budget_and_exact(dtype, offload):
         errs["full"] += _rel(full.float(), want)
         errs["streamed"] += _rel(out.float(), want)
     assert errs["streamed"] <= errs["full"], errs
+
+
+@pytest.mark.cuda
+@torch.inference_mode()
+def test_gpu_float64_decode_within_budget_and_exact():
+    """float64 on the GPU: SDPA's math path materialises the attention scores (128 MiB each
+    at L = 4096), which the full path's estimate and the streamed attention bands count."""
+    torch.manual_seed(0)
+    cfg = VAEConfig.tiny(block_out_channels=(32, 64), layers_per_block=1)
+    vae = VAE(cfg).cuda().double().eval()
+    z = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float64)
+    full, full_peak = _cuda_peak(lambda: vae.decode(z))
+    plan = vae.memory_plan(z.shape, max_memory=1)
+    assert full_peak <= plan.full_bytes, (full_peak, plan.full_bytes)
+    limit = (plan.min_bytes + plan.full_bytes) // 2
+    plan = vae.memory_plan(z.shape, max_memory=limit)
+    assert plan.path == "streamed"
+    out, peak = _cuda_peak(lambda: vae.decode(z, max_memory=limit))
+    assert peak <= plan.streamed_bytes <= limit, (peak, plan.streamed_bytes, limit)
+    assert _rel(out, full) <= 1e-10
 
 
 @pytest.mark.cuda
