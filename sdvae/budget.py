@@ -247,10 +247,11 @@ def full_peak(part, shape, dtype: torch.dtype, device) -> int:
         elif isinstance(st, stream._Attn):
             c = size(st.channels, h, w)
             cost = {"run": 14 * c, "sdvae": 9 * c, "stock": 11 * c, "patched": 14 * c}[flavor]
-            cost += n * st.heads * h * w * 4  # SDPA's / the kernel's logsumexp
-            if not st.fused and stream.sdpa_math(device, dtype):  # SDPA's scores, materialised
-                cost += stream.sdpa_math_bytes((n, st.heads, h * w, st.channels // st.heads),
-                                               h * w, e)  # fmt: skip
+            if st.fused:  # the kernel's logsumexp
+                cost += n * st.heads * h * w * 4
+            else:  # SDPA's own buffers
+                q_shape = (n, st.heads, h * w, st.channels // st.heads)
+                cost += stream.sdpa_extra_bytes(device, q_shape, h * w, dtype)
             if flavor in ("run", "patched"):  # the q/k/v weights concatenated per call
                 cost += 3 * st.channels * (st.channels + 1) * e
             if st.fused and not on_cpu:

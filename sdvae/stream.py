@@ -649,24 +649,29 @@ class _Mover:
             empty()
 
 
-def sdpa_math(device, dtype: torch.dtype) -> bool:
-    """Whether ``F.scaled_dot_product_attention`` takes its math path (the scores
-    materialised) for the VAE's attention on ``device`` in ``dtype``: on CUDA for float64,
-    which none of its fused backends (flash, memory-efficient, cuDNN) takes. On the CPU its
-    flash kernel takes every floating dtype."""
-    return torch.device(device).type == "cuda" and dtype == torch.float64
+def sdpa_extra_bytes(device, q_shape, lk: int, dtype: torch.dtype) -> int:
+    """The most bytes ``F.scaled_dot_product_attention`` holds beside its inputs and its
+    output for the VAE's attention (queries of ``q_shape`` (N, heads, Lq, D) against ``lk``
+    keys, no mask, no grad) on ``device`` in ``dtype``:
 
-
-def sdpa_math_bytes(q_shape, lk: int, elem: int) -> int:
-    """The most bytes SDPA's math path holds beside its inputs and its output, for queries
-    of ``q_shape`` (..., Lq, D) against ``lk`` keys: q scaled (a copy), with k^T scaled (a
-    copy) and the (..., Lq, Lk) scores, then the scores with their softmax."""
-    *batch, lq, d = q_shape
-    bh = 1
-    for b in batch:
-        bh *= b
-    q, k, scores = bh * lq * d * elem, bh * lk * d * elem, bh * lq * lk * elem
-    return q + max(k + scores, 2 * scores)
+    * CUDA, float64: no fused backend takes float64, so its math path runs: q scaled (a
+      copy), with k^T scaled (a copy) and the (Lq, Lk) scores, then the scores with their
+      softmax;
+    * CUDA, fp16/bf16 with D > 128 (the VAE's D is 512: past flash's and cuDNN's head dims):
+      the memory-efficient kernel, which for more than 128 value columns accumulates its
+      output in an fp32 buffer of q's shape (``kNeedsOutputAccumulatorBuffer``);
+    * otherwise (CUDA fp32: memory-efficient, output accumulated in place; the CPU's flash
+      kernel, every dtype): the logsumexp at most."""
+    n, heads, lq, d = q_shape
+    lse = n * heads * lq * 4
+    if torch.device(device).type != "cuda":
+        return lse
+    if dtype == torch.float64:
+        q, k, scores = (n * heads * s * 8 for s in (lq * d, lk * d, lq * lk))
+        return q + max(k + scores, 2 * scores)
+    if dtype in (torch.float16, torch.bfloat16) and d > 128:
+        return lse + n * heads * lq * d * 4
+    return lse
 
 
 def _kernel_fits(x: torch.Tensor) -> bool:
@@ -802,10 +807,8 @@ class _Runner:
             o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             if st.fused and self.real.type == "cuda":  # the library path's score chunks
                 self._spike(q.nbytes + 2 * 2**24 * 4)
-            elif not st.fused and sdpa_math(self.real, q.dtype):  # the scores, materialised
-                self._spike(sdpa_math_bytes(q.shape, k.shape[2], q.element_size()))
-            elif not st.fused:  # SDPA's flash / memory-efficient kernels: the logsumexp
-                self._spike(q.shape[0] * q.shape[1] * q.shape[2] * 4)
+            elif not st.fused:  # SDPA's own buffers
+                self._spike(sdpa_extra_bytes(self.real, q.shape, k.shape[2], q.dtype))
             return o
         if st.fused:
             from . import kernels

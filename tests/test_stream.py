@@ -781,6 +781,59 @@ def test_cuda_float64_estimates_count_the_sdpa_math_path(monkeypatch):
     assert used <= budget.full_peak(vae.decoder, z.shape, z.dtype, "cuda"), used
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@torch.no_grad()
+def test_cuda_half_attention_bands_count_sdpas_output_accumulator(dtype, monkeypatch):
+    """On CUDA, SDPA runs fp16/bf16 attention with the VAE's head dim (past flash's and
+    cuDNN's) on its memory-efficient kernel, which for head dims over 128 accumulates the
+    output in an fp32 buffer of q's shape, allocated inside the op where no tensor of the
+    engine shows it: the planner's attention bands for CUDA count it beside SDPA's output
+    (channels_last, batch 1, the moment of the band's peak). The buffer itself is measured
+    against ``stream.sdpa_extra_bytes`` by the ``cuda`` test below."""
+    cfg = VAEConfig.tiny(block_out_channels=(16, 256), layers_per_block=1)
+    vae = VAE(cfg).eval().to(dtype)
+    shape = (1, 4, 8, 6)
+    prog = stream.program(vae.decoder, shape, dtype, meta=True)
+    i = next(j for j, p in enumerate(prog.passes) if p.kind == "attn_qo")
+    held = []
+    attention = stream._Runner._attention
+
+    def spy(self, q, k, v, st):
+        before, self.tracker.peak = self.tracker.peak, self.tracker.current
+        out = attention(self, q, k, v, st)
+        held.append(self.tracker.peak - self.tracker.current)  # beside its output
+        self.tracker.peak = max(before, self.tracker.peak)
+        return out
+
+    monkeypatch.setattr(stream._Runner, "_attention", spy)
+    for rows in (1, 3, 8):
+        held.clear()
+        stream.band_peak(prog, i, [(0, rows)], dtype=dtype, fmt=torch.channels_last,
+                         offload=False, real="cuda")  # fmt: skip
+        accumulator = shape[0] * rows * shape[3] * 256 * 4
+        assert held and min(held) >= accumulator, (rows, held, accumulator)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+    ids=["fp16", "bf16", "fp32", "fp64"],
+)  # fmt: skip
+@pytest.mark.parametrize("lq", [512, 4096])
+@torch.inference_mode()
+def test_gpu_sdpa_extra_bytes_bound_what_sdpa_allocates(dtype, lq):
+    """``stream.sdpa_extra_bytes``, what the planner counts for SDPA beside its output (the
+    unfused attention, in the streamed bands and the full path), bounds what SDPA allocates
+    at the VAE's head dim (512): float64's math path with its scores, fp16/bf16's
+    memory-efficient kernel with its fp32 output accumulator, fp32's logsumexp at most."""
+    q = torch.randn(1, 1, lq, 512, device="cuda", dtype=dtype)
+    k = torch.randn(1, 1, 4096, 512, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    out, peak = _cuda_peak(lambda: F.scaled_dot_product_attention(q, k, v))
+    extra = peak - out.nbytes
+    assert extra <= stream.sdpa_extra_bytes("cuda", q.shape, 4096, dtype), extra
+
+
 # ------------------------------------------------------------------- the plan, errors
 def test_memory_plan_describes_the_choice():
     vae = _sd_like()
