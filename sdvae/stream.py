@@ -674,6 +674,23 @@ def sdpa_extra_bytes(device, q_shape, lk: int, dtype: torch.dtype) -> int:
     return lse
 
 
+def _fused_stats(prog: _Program, p: _Pass) -> bool:
+    """Whether the GroupNorm that reads what ``p`` writes runs the kernels (a step after
+    ``p``'s own: part of its band cost, not of its structure)."""
+    if p.kind == "res_b":
+        return p.step.norm2.fused
+    if p.kind == "res_a":
+        return p.step.norm1.fused
+    steps = prog.steps
+    idx = next(i for i, s in enumerate(steps) if s is p.step)
+    nxt = steps[idx + 1] if idx + 1 < len(steps) else None
+    if isinstance(nxt, _Res):
+        return nxt.norm1.fused
+    if isinstance(nxt, (_Attn, _Out)):
+        return nxt.norm.fused
+    return False
+
+
 def _kernel_fits(x: torch.Tensor) -> bool:
     """Whether the band GroupNorm kernels take ``x`` (int32 offsets inside a sample); else
     they run their reference, and so does the planner's estimate."""
@@ -817,19 +834,7 @@ class _Runner:
         return F.scaled_dot_product_attention(q, k, v, scale=st.scale)
 
     def _fused_stats(self, p: _Pass) -> bool:
-        """Whether the GroupNorm that reads what ``p`` writes runs the kernels."""
-        if p.kind == "res_b":
-            return p.step.norm2.fused
-        if p.kind == "res_a":
-            return p.step.norm1.fused
-        steps = self.prog.steps
-        idx = next(i for i, s in enumerate(steps) if s is p.step)
-        nxt = steps[idx + 1] if idx + 1 < len(steps) else None
-        if isinstance(nxt, _Res):
-            return nxt.norm1.fused
-        if isinstance(nxt, (_Attn, _Out)):
-            return nxt.norm.fused
-        return False
+        return _fused_stats(self.prog, p)
 
     # ------------------------------------------------------------------- sources
     def _up_rows(self, v: _Virtual, a: int, b: int):
@@ -1277,9 +1282,11 @@ _COSTS: dict = {}
 
 def pass_cost(prog: _Program, i: int, rows: int, **kw) -> int:
     """The most bytes one band of ``rows`` rows of pass ``i`` allocates, over every band of the
-    pass (stored tensors excluded); cached by the pass's structure."""
+    pass (stored tensors excluded); cached by the pass's structure and the statistics path of
+    what it writes."""
     p = prog.passes[i]
-    key = (_sig(p), prog.n, rows, tuple(sorted((k, str(v)) for k, v in kw.items())))
+    key = (_sig(p), _fused_stats(prog, p), prog.n, rows,
+           tuple(sorted((k, str(v)) for k, v in kw.items())))  # fmt: skip
     got = _COSTS.get(key)
     if got is None:
         if len(_COSTS) > 65536:

@@ -834,6 +834,31 @@ def test_gpu_sdpa_extra_bytes_bound_what_sdpa_allocates(dtype, lq):
     assert extra <= stream.sdpa_extra_bytes("cuda", q.shape, 4096, dtype), extra
 
 
+@torch.no_grad()
+def test_band_costs_are_cached_per_statistics_path():
+    """A pass accumulates the statistics of what it writes for the GroupNorm of the step after
+    it: with that GroupNorm's kernels (a few KB of partials) or its reference (an fp32 copy of
+    each fp16 band). Two models whose pass is otherwise the same (here conv_in, unfused in
+    both) but whose next GroupNorm differs must not share a cached band cost, whichever is
+    planned first."""
+    cfg = VAEConfig.tiny(block_out_channels=(8, 16), layers_per_block=1)
+    torch.manual_seed(0)
+    plain = VAE(cfg).eval().half()
+    fused = copy.deepcopy(plain)
+    fused.decoder.mid_block.resnets[0].norm1.fused = True
+    shape = (1, 4, 6, 5)
+    kw = dict(dtype=torch.float16, fmt=torch.contiguous_format, offload=False, real="cuda")
+    stream._COSTS.clear()
+    costs = {}
+    for name, vae in (("fused", fused), ("plain", plain)):
+        prog = stream.program(vae.decoder, shape, torch.float16, meta=True)
+        assert prog.passes[0].kind == "conv_in"
+        costs[name] = stream.pass_cost(prog, 0, 2, **kw)
+    band = 1 * 16 * 2 * 5  # conv_in's output band: 16 channels, 2 rows of 5
+    # the plain one holds the fp16 band and its fp32 copy at once
+    assert costs["plain"] >= band * (2 + 4) > costs["fused"], costs
+
+
 # ------------------------------------------------------------------- the plan, errors
 def test_memory_plan_describes_the_choice():
     vae = _sd_like()
