@@ -27,6 +27,7 @@ import dataclasses
 import math
 import os
 import re
+import threading
 
 import torch
 
@@ -246,7 +247,11 @@ def full_peak(part, shape, dtype: torch.dtype, device) -> int:
         elif isinstance(st, stream._Attn):
             c = size(st.channels, h, w)
             cost = {"run": 14 * c, "sdvae": 9 * c, "stock": 11 * c, "patched": 14 * c}[flavor]
-            cost += n * st.heads * h * w * 4  # SDPA's / the kernel's logsumexp
+            if st.fused:  # the kernel's logsumexp
+                cost += n * st.heads * h * w * 4
+            else:  # SDPA's own buffers
+                q_shape = (n, st.heads, h * w, st.channels // st.heads)
+                cost += stream.sdpa_extra_bytes(device, q_shape, h * w, dtype)
             if flavor in ("run", "patched"):  # the q/k/v weights concatenated per call
                 cost += 3 * st.channels * (st.channels + 1) * e
             if st.fused and not on_cpu:
@@ -370,22 +375,36 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+#: ``budgeted`` calls running now, in any thread, and the benchmark setting before the first
+_BENCH_LOCK = threading.Lock()
+_BENCH_STATE = {"calls": 0, "saved": False}
+
+
 @contextlib.contextmanager
 def budgeted():
     """What a call with a budget runs under, whichever path: sdvae's convs' cuDNN workspace
     capped at ``CONV_WORKSPACE`` (this thread; within ``CUDA_RESERVE``) and
-    ``torch.backends.cudnn.benchmark`` off (process-wide, restored after; benchmark mode tries
-    engines with workspaces up to the allocator's largest free block). Nothing else changes
-    on the CPU, where neither is used."""
+    ``torch.backends.cudnn.benchmark`` off (process-wide; benchmark mode tries engines with
+    workspaces up to the allocator's largest free block). The switch is one for the process,
+    so overlapping calls in several threads share it: the first saves the user's setting, the
+    last to end restores it (a call restoring its own saved value would turn benchmark mode
+    back on under another thread's budgeted call, or leave it off for good). Nothing else
+    changes on the CPU, where neither is used."""
     from . import ops
 
-    bench = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
+    with _BENCH_LOCK:
+        if _BENCH_STATE["calls"] == 0:
+            _BENCH_STATE["saved"] = torch.backends.cudnn.benchmark
+        _BENCH_STATE["calls"] += 1
+        torch.backends.cudnn.benchmark = False
     try:
         with ops.workspace_limit(CONV_WORKSPACE):
             yield
     finally:
-        torch.backends.cudnn.benchmark = bench
+        with _BENCH_LOCK:
+            _BENCH_STATE["calls"] -= 1
+            if _BENCH_STATE["calls"] == 0:
+                torch.backends.cudnn.benchmark = _BENCH_STATE["saved"]
 
 
 def _reserve(device: torch.device) -> int:

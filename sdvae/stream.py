@@ -649,6 +649,48 @@ class _Mover:
             empty()
 
 
+def sdpa_extra_bytes(device, q_shape, lk: int, dtype: torch.dtype) -> int:
+    """The most bytes ``F.scaled_dot_product_attention`` holds beside its inputs and its
+    output for the VAE's attention (queries of ``q_shape`` (N, heads, Lq, D) against ``lk``
+    keys, no mask, no grad) on ``device`` in ``dtype``:
+
+    * CUDA, float64: no fused backend takes float64, so its math path runs: q scaled (a
+      copy), with k^T scaled (a copy) and the (Lq, Lk) scores, then the scores with their
+      softmax;
+    * CUDA, fp16/bf16 with D > 128 (the VAE's D is 512: past flash's and cuDNN's head dims):
+      the memory-efficient kernel, which for more than 128 value columns accumulates its
+      output in an fp32 buffer of q's shape (``kNeedsOutputAccumulatorBuffer``);
+    * otherwise (CUDA fp32: memory-efficient, output accumulated in place; the CPU's flash
+      kernel, every dtype): the logsumexp at most."""
+    n, heads, lq, d = q_shape
+    lse = n * heads * lq * 4
+    if torch.device(device).type != "cuda":
+        return lse
+    if dtype == torch.float64:
+        q, k, scores = (n * heads * s * 8 for s in (lq * d, lk * d, lq * lk))
+        return q + max(k + scores, 2 * scores)
+    if dtype in (torch.float16, torch.bfloat16) and d > 128:
+        return lse + n * heads * lq * d * 4
+    return lse
+
+
+def _fused_stats(prog: _Program, p: _Pass) -> bool:
+    """Whether the GroupNorm that reads what ``p`` writes runs the kernels (a step after
+    ``p``'s own: part of its band cost, not of its structure)."""
+    if p.kind == "res_b":
+        return p.step.norm2.fused
+    if p.kind == "res_a":
+        return p.step.norm1.fused
+    steps = prog.steps
+    idx = next(i for i, s in enumerate(steps) if s is p.step)
+    nxt = steps[idx + 1] if idx + 1 < len(steps) else None
+    if isinstance(nxt, _Res):
+        return nxt.norm1.fused
+    if isinstance(nxt, (_Attn, _Out)):
+        return nxt.norm.fused
+    return False
+
+
 def _kernel_fits(x: torch.Tensor) -> bool:
     """Whether the band GroupNorm kernels take ``x`` (int32 offsets inside a sample); else
     they run their reference, and so does the planner's estimate."""
@@ -782,8 +824,8 @@ class _Runner:
             o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             if st.fused and self.real.type == "cuda":  # the library path's score chunks
                 self._spike(q.nbytes + 2 * 2**24 * 4)
-            elif not st.fused:  # SDPA's flash / memory-efficient kernels: the logsumexp
-                self._spike(q.shape[0] * q.shape[1] * q.shape[2] * 4)
+            elif not st.fused:  # SDPA's own buffers
+                self._spike(sdpa_extra_bytes(self.real, q.shape, k.shape[2], q.dtype))
             return o
         if st.fused:
             from . import kernels
@@ -792,19 +834,7 @@ class _Runner:
         return F.scaled_dot_product_attention(q, k, v, scale=st.scale)
 
     def _fused_stats(self, p: _Pass) -> bool:
-        """Whether the GroupNorm that reads what ``p`` writes runs the kernels."""
-        if p.kind == "res_b":
-            return p.step.norm2.fused
-        if p.kind == "res_a":
-            return p.step.norm1.fused
-        steps = self.prog.steps
-        idx = next(i for i, s in enumerate(steps) if s is p.step)
-        nxt = steps[idx + 1] if idx + 1 < len(steps) else None
-        if isinstance(nxt, _Res):
-            return nxt.norm1.fused
-        if isinstance(nxt, (_Attn, _Out)):
-            return nxt.norm.fused
-        return False
+        return _fused_stats(self.prog, p)
 
     # ------------------------------------------------------------------- sources
     def _up_rows(self, v: _Virtual, a: int, b: int):
@@ -1252,9 +1282,11 @@ _COSTS: dict = {}
 
 def pass_cost(prog: _Program, i: int, rows: int, **kw) -> int:
     """The most bytes one band of ``rows`` rows of pass ``i`` allocates, over every band of the
-    pass (stored tensors excluded); cached by the pass's structure."""
+    pass (stored tensors excluded); cached by the pass's structure and the statistics path of
+    what it writes."""
     p = prog.passes[i]
-    key = (_sig(p), prog.n, rows, tuple(sorted((k, str(v)) for k, v in kw.items())))
+    key = (_sig(p), _fused_stats(prog, p), prog.n, rows,
+           tuple(sorted((k, str(v)) for k, v in kw.items())))  # fmt: skip
     got = _COSTS.get(key)
     if got is None:
         if len(_COSTS) > 65536:

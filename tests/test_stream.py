@@ -478,6 +478,39 @@ def test_budgeted_calls_cap_the_conv_workspace_within_the_reserve(monkeypatch):
     assert _ext._C.conv2d_workspace_limit() == default and torch.backends.cudnn.benchmark
 
 
+def test_budgeted_calls_in_two_threads_keep_benchmark_off_and_restore_it(monkeypatch):
+    """``torch.backends.cudnn.benchmark`` is one process-wide switch: budgeted calls that
+    overlap in two threads (a server decoding requests in parallel) must each run with it off
+    until the last one ends, and leave the user's setting as it was -- not the one the second
+    call saw (off) when the first restores its own."""
+    import threading
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    entered1, entered2, left1 = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with budget.budgeted():
+            entered1.set()
+            entered2.wait(10)
+        left1.set()
+
+    def second():
+        entered1.wait(10)
+        with budget.budgeted():
+            entered2.set()
+            left1.wait(10)
+            seen["inside after the first left"] = torch.backends.cudnn.benchmark
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"inside after the first left": False}
+    assert torch.backends.cudnn.benchmark is True
+
+
 def test_patched_diffusers_tiling_under_autograd_runs_diffusers_own_tiles(monkeypatch):
     """With autograd recording (grad mode on, weights that require grad) the exact streamed
     path cannot run (it writes bands in place), so enable_tiling() on a patched model calls
@@ -706,6 +739,126 @@ def test_band_costs_match_what_each_pass_allocates(offload, monkeypatch):
         assert used <= cost + 1024 and cost <= 1.25 * used + 1024, (p.name, used, cost)
 
 
+def _sdpa_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, scale=scale)[0]
+
+
+@torch.no_grad()
+def test_cuda_float64_estimates_count_the_sdpa_math_path(monkeypatch):
+    """On CUDA no fused SDPA backend takes float64 (flash, memory-efficient and cuDNN take
+    fp16/bf16/fp32): ``F.scaled_dot_product_attention`` runs its math path, which holds q and
+    k scaled and the (Lq, Lk) scores with their softmax. The planner's estimates for a float64
+    model on CUDA -- the streamed path's attention band and the full path's peak -- bound what
+    that path allocates (measured here on the CPU, which runs the same composite code when
+    asked for it)."""
+    vae = model("sd")  # float64, unfused: SDPA
+    z = _latents(vae, n=1, hw=(12, 10))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _sdpa_math)
+    prog = stream.program(vae.decoder, tuple(z.shape), z.dtype)
+    seen = []
+    runner_run = stream._Runner.run
+
+    def run(self, x):
+        method = self._attn_qo
+
+        def measured(p, bands):
+            with TensorMemory("cpu") as m:
+                method(p, bands)
+            seen.append((p, m.peak))
+
+        self._attn_qo = measured
+        return runner_run(self, x)
+
+    monkeypatch.setattr(stream._Runner, "run", run)
+    stream.run(vae.decoder, z, rows=2, prog=prog)
+    ((p, used),) = seen
+    cost = stream.pass_cost(prog, prog.passes.index(p), 2, dtype=z.dtype,
+                            fmt=torch.contiguous_format, offload=False, real="cuda")  # fmt: skip
+    assert used <= cost + 1024, (used, cost)
+    monkeypatch.undo()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _sdpa_math)
+    _, used = peak_bytes(lambda: vae.decoder(z), "cpu")
+    assert used <= budget.full_peak(vae.decoder, z.shape, z.dtype, "cuda"), used
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@torch.no_grad()
+def test_cuda_half_attention_bands_count_sdpas_output_accumulator(dtype, monkeypatch):
+    """On CUDA, SDPA runs fp16/bf16 attention with the VAE's head dim (past flash's and
+    cuDNN's) on its memory-efficient kernel, which for head dims over 128 accumulates the
+    output in an fp32 buffer of q's shape, allocated inside the op where no tensor of the
+    engine shows it: the planner's attention bands for CUDA count it beside SDPA's output
+    (channels_last, batch 1, the moment of the band's peak). The buffer itself is measured
+    against ``stream.sdpa_extra_bytes`` by the ``cuda`` test below."""
+    cfg = VAEConfig.tiny(block_out_channels=(16, 256), layers_per_block=1)
+    vae = VAE(cfg).eval().to(dtype)
+    shape = (1, 4, 8, 6)
+    prog = stream.program(vae.decoder, shape, dtype, meta=True)
+    i = next(j for j, p in enumerate(prog.passes) if p.kind == "attn_qo")
+    held = []
+    attention = stream._Runner._attention
+
+    def spy(self, q, k, v, st):
+        before, self.tracker.peak = self.tracker.peak, self.tracker.current
+        out = attention(self, q, k, v, st)
+        held.append(self.tracker.peak - self.tracker.current)  # beside its output
+        self.tracker.peak = max(before, self.tracker.peak)
+        return out
+
+    monkeypatch.setattr(stream._Runner, "_attention", spy)
+    for rows in (1, 3, 8):
+        held.clear()
+        stream.band_peak(prog, i, [(0, rows)], dtype=dtype, fmt=torch.channels_last,
+                         offload=False, real="cuda")  # fmt: skip
+        accumulator = shape[0] * rows * shape[3] * 256 * 4
+        assert held and min(held) >= accumulator, (rows, held, accumulator)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+    ids=["fp16", "bf16", "fp32", "fp64"],
+)  # fmt: skip
+@pytest.mark.parametrize("lq", [512, 4096])
+@torch.inference_mode()
+def test_gpu_sdpa_extra_bytes_bound_what_sdpa_allocates(dtype, lq):
+    """``stream.sdpa_extra_bytes``, what the planner counts for SDPA beside its output (the
+    unfused attention, in the streamed bands and the full path), bounds what SDPA allocates
+    at the VAE's head dim (512): float64's math path with its scores, fp16/bf16's
+    memory-efficient kernel with its fp32 output accumulator, fp32's logsumexp at most."""
+    q = torch.randn(1, 1, lq, 512, device="cuda", dtype=dtype)
+    k = torch.randn(1, 1, 4096, 512, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    out, peak = _cuda_peak(lambda: F.scaled_dot_product_attention(q, k, v))
+    extra = peak - out.nbytes
+    assert extra <= stream.sdpa_extra_bytes("cuda", q.shape, 4096, dtype), extra
+
+
+@torch.no_grad()
+def test_band_costs_are_cached_per_statistics_path():
+    """A pass accumulates the statistics of what it writes for the GroupNorm of the step after
+    it: with that GroupNorm's kernels (a few KB of partials) or its reference (an fp32 copy of
+    each fp16 band). Two models whose pass is otherwise the same (here conv_in, unfused in
+    both) but whose next GroupNorm differs must not share a cached band cost, whichever is
+    planned first."""
+    cfg = VAEConfig.tiny(block_out_channels=(8, 16), layers_per_block=1)
+    torch.manual_seed(0)
+    plain = VAE(cfg).eval().half()
+    fused = copy.deepcopy(plain)
+    fused.decoder.mid_block.resnets[0].norm1.fused = True
+    shape = (1, 4, 6, 5)
+    kw = dict(dtype=torch.float16, fmt=torch.contiguous_format, offload=False, real="cuda")
+    stream._COSTS.clear()
+    costs = {}
+    for name, vae in (("fused", fused), ("plain", plain)):
+        prog = stream.program(vae.decoder, shape, torch.float16, meta=True)
+        assert prog.passes[0].kind == "conv_in"
+        costs[name] = stream.pass_cost(prog, 0, 2, **kw)
+    band = 1 * 16 * 2 * 5  # conv_in's output band: 16 channels, 2 rows of 5
+    # the plain one holds the fp16 band and its fp32 copy at once
+    assert costs["plain"] >= band * (2 + 4) > costs["fused"], costs
+
+
 # ------------------------------------------------------------------- the plan, errors
 def test_memory_plan_describes_the_choice():
     vae = _sd_like()
@@ -913,6 +1066,26 @@ def test_gpu_streamed_decode_within_budget_and_exact(dtype, offload):
         errs["full"] += _rel(full.float(), want)
         errs["streamed"] += _rel(out.float(), want)
     assert errs["streamed"] <= errs["full"], errs
+
+
+@pytest.mark.cuda
+@torch.inference_mode()
+def test_gpu_float64_decode_within_budget_and_exact():
+    """float64 on the GPU: SDPA's math path materialises the attention scores (128 MiB each
+    at L = 4096), which the full path's estimate and the streamed attention bands count."""
+    torch.manual_seed(0)
+    cfg = VAEConfig.tiny(block_out_channels=(32, 64), layers_per_block=1)
+    vae = VAE(cfg).cuda().double().eval()
+    z = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float64)
+    full, full_peak = _cuda_peak(lambda: vae.decode(z))
+    plan = vae.memory_plan(z.shape, max_memory=1)
+    assert full_peak <= plan.full_bytes, (full_peak, plan.full_bytes)
+    limit = (plan.min_bytes + plan.full_bytes) // 2
+    plan = vae.memory_plan(z.shape, max_memory=limit)
+    assert plan.path == "streamed"
+    out, peak = _cuda_peak(lambda: vae.decode(z, max_memory=limit))
+    assert peak <= plan.streamed_bytes <= limit, (peak, plan.streamed_bytes, limit)
+    assert _rel(out, full) <= 1e-10
 
 
 @pytest.mark.cuda
