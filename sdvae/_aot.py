@@ -104,7 +104,12 @@ def _compile_one(fn, cfg: dict, cc: int) -> dict:
     while not hasattr(fn, "arg_names") and hasattr(fn, "fn"):  # autotuner/heuristics wrappers
         fn = fn.fn
     constexprs = dict(cfg.get("constexprs", {}))
-    signature = dict(cfg["signature"])
+    # In the kernel's argument order: Triton 3.2 reads the signature by position, so a config
+    # listing its arguments in another order would type each argument as its neighbour's.
+    missing = [n for n in cfg["signature"] if n not in fn.arg_names]
+    if missing:
+        raise ValueError(f"signature names arguments the kernel does not have: {missing}")
+    signature = {n: cfg["signature"][n] for n in fn.arg_names if n in cfg["signature"]}
     params = inspect.signature(ASTSource.__init__).parameters
     if "constexprs" in params:  # triton >= 3.3
         # The JIT specialises 16-byte-aligned pointers (and ints divisible by 16) with a
