@@ -12,8 +12,10 @@
 # table last.
 # BENCH_SUITES narrows the benchmark, e.g. `BENCH_SUITES="ceiling conv pad_conv2d"` to settle
 # the convolution issue alone (cuDNN's bare conv, sdvae's graph bare / unfused / with its fused
-# epilogue, and eager), and TEST_TIMEOUT / SERIAL_TEST_TIMEOUT / PROFILE_TIMEOUT / BENCH_TIMEOUT
-# move the caps (150 + 45 + 60 + 210 s, with the ~60 s build: under the 540 s of one GPU call).
+# epilogue, and eager), and TEST_TIMEOUT / SERIAL_TEST_TIMEOUT / TUNE_TIMEOUT / PROFILE_TIMEOUT /
+# BENCH_TIMEOUT move the caps (140 + 40 + 40 + 60 + 180 s, with the ~60 s build: under the 540 s
+# of one GPU call). The tune step writes tune-<date>-<gpu>.jsonl: every cuDNN plan of each conv
+# and every attention config, timed (sdvae/bench/tune.py; TUNE_SUITES picks suites).
 # Wheels for packages the GPU image lacks (diffusers; accelerate, for the offload-hook tests;
 # nvidia-cudnn-frontend, whose headers the build needs for the cuDNN graph conv) are taken from .whl/ when present (see
 # bench/fetch_wheels.sh); without cudnn-frontend the build goes on and conv2d runs eager, which
@@ -69,11 +71,21 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   workers=()
   if $PY -c 'import xdist' 2>/dev/null; then workers=(-n "${TEST_WORKERS:-8}"); else
     echo "no pytest-xdist: the cuda tests run in one process (slower; TEST_TIMEOUT may cut them)"; fi
-  timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider tests -m "cuda and not serial" \
+  timeout ${TEST_TIMEOUT:-140} $PY -m pytest -q -p no:cacheprovider tests -m "cuda and not serial" \
     "${workers[@]}" -rfE --junitxml="$OUT_DIR/tests.xml" || echo "TESTS FAILED OR TIMED OUT"
-  timeout ${SERIAL_TEST_TIMEOUT:-45} $PY -m pytest -q -p no:cacheprovider tests -m "cuda and serial" \
+  timeout ${SERIAL_TEST_TIMEOUT:-40} $PY -m pytest -q -p no:cacheprovider tests -m "cuda and serial" \
     -rfE --junitxml="$OUT_DIR/tests-serial.xml" || echo "TESTS FAILED OR TIMED OUT (serial)"
   echo "tests took $((SECONDS - t0)) s"
+
+  step "tune: every candidate timed (cuDNN plans per conv, attention configs${TUNE_SUITES:+: $TUNE_SUITES})"
+  # Data for the next decisions, one JSON line per measurement (sdvae/bench/tune.py); the
+  # GroupNorm launch-constant sweep compiles a kernel per variant: TUNE_SUITES="group_norm" in
+  # a run of its own.
+  t0=$SECONDS
+  timeout ${TUNE_TIMEOUT:-40} $PY -m sdvae.bench.tune --out "$OUT_DIR" \
+    --suites ${TUNE_SUITES:-conv attention} --reps "${TUNE_REPS:-5}" --max-plans "${TUNE_MAX_PLANS:-8}" \
+    || echo "TUNE FAILED OR TIMED OUT (what ran is in tune-*.jsonl)"
+  echo "tune took $((SECONDS - t0)) s"
 
   step "sdvae profile --size 1024 (fp16: GPU time by category and per kernel, eager beside sdvae)"
   t0=$SECONDS
@@ -85,7 +97,7 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   step "sdvae bench"
   t0=$SECONDS
   # Most important first: the CSV is written row by row, so a timeout keeps what ran.
-  timeout ${BENCH_TIMEOUT:-210} $PY -m sdvae.cli bench --out "$OUT_DIR" \
+  timeout ${BENCH_TIMEOUT:-180} $PY -m sdvae.cli bench --out "$OUT_DIR" \
     --compile-mode "${COMPILE_MODE:-default}" --rep-ms "${REP_MS:-100}" \
     ${BENCH_SUITES:-ceiling decode encode conv pad_conv2d attention attention_block group_norm_silu group_norm_fused vae_sample decode_large} \
     > "$OUT_DIR/bench_table.txt" || echo "BENCH FAILED OR TIMED OUT"

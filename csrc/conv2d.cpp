@@ -350,6 +350,38 @@ bool graph_conv_available() {
 #endif
 }
 
+ConvPlanTimings conv2d_time_plans(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& residual_in, int64_t stride,
+                                  std::vector<int64_t> padding, bool fuse_epilogue,
+                                  int64_t max_plans, int64_t reps) {
+  const char* op = "conv2d_time_plans";
+  const ConvGeometry g = conv2d_check_args(op, x_in, weight_in, bias, residual_in, stride, padding);
+  TORCH_CHECK_VALUE(max_plans >= 1, op, ": max_plans must be >= 1, got ", max_plans);
+  TORCH_CHECK_VALUE(reps >= 1, op, ": reps must be >= 1, got ", reps);
+  TORCH_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
+#ifdef SDVAE_WITH_CUDNN_FE
+  const at::MemoryFormat fmt = format_of(g);
+  TORCH_CHECK_VALUE(conv2d_batch_chunks(g.N, g.C * g.H * g.W, g.Cout * g.OH * g.OW).size() == 1,
+                    op, ": a tensor of 2^31 elements or more (conv2d splits the batch; time a "
+                    "smaller batch)");
+  const at::Tensor x = x_in.contiguous(fmt);
+  const at::Tensor w = weight_in.contiguous(fmt);
+  at::Tensor b, r;
+  if (bias.has_value()) b = bias->contiguous();
+  if (residual_in.has_value()) r = residual_in->contiguous(fmt);
+  const bool fuse = fuse_epilogue && (b.defined() || r.defined());
+  at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options().memory_format(fmt));
+  return graph_conv2d_time_plans(g, x, w, fuse && b.defined() ? &b : nullptr,
+                                 fuse && r.defined() ? &r : nullptr, y, max_plans, reps);
+#else
+  (void)g;
+  (void)fuse_epilogue;
+  TORCH_CHECK(false, op, ": needs the cuDNN graph conv, and ", conv2d_build_info());
+  return {};
+#endif
+}
+
 std::string conv2d_build_info() {
 #ifdef SDVAE_WITH_CUDNN_FE
   return "graph conv: " + graph_conv_build_info();

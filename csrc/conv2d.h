@@ -153,12 +153,31 @@ std::vector<int64_t> conv2d_stats();
 bool graph_conv_available();
 std::string conv2d_build_info();
 
+// Every execution plan cuDNN offers for one conv2d call, each built and timed (for
+// sdvae.bench.tune, on a GPU): (name of the plan conv2d itself takes, or "" with cuDNN's refusal;
+// that refusal; one row per candidate in cuDNN's order: (index, plan name, workspace bytes,
+// median ms, error)), until `max_plans` have built. A candidate deselected by conv2d's filters,
+// unsupported, or failing to build or run has ms -1 and the reason.
+using PlanTimingRow = std::tuple<int64_t, std::string, int64_t, double, std::string>;
+using ConvPlanTimings = std::tuple<std::string, std::string, std::vector<PlanTimingRow>>;
+ConvPlanTimings conv2d_time_plans(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& residual, int64_t stride,
+                                  std::vector<int64_t> padding, bool fuse_epilogue,
+                                  int64_t max_plans, int64_t reps);
+
 #ifdef SDVAE_WITH_CUDNN_FE
 // csrc/cuda/conv2d.cpp: the cuDNN graph (fused: b and r, either may be null, in the epilogue;
 // else the bare conv). y is allocated by the caller and untouched unless the graph ran.
 // Throws when a built plan fails to execute.
 GraphAttempt graph_conv2d_cuda(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w,
                                const at::Tensor* b, const at::Tensor* r, at::Tensor& y);
+// The timing of every candidate plan (conv2d_time_plans), on the same filters as the plan
+// graph_conv2d_cuda builds; nothing is cached.
+ConvPlanTimings graph_conv2d_time_plans(const ConvGeometry& g, const at::Tensor& x,
+                                        const at::Tensor& w, const at::Tensor* b,
+                                        const at::Tensor* r, at::Tensor& y, int64_t max_plans,
+                                        int64_t reps);
 int64_t graph_conv_cached_plans();
 void graph_conv_clear_plans();
 std::string graph_conv_build_info();

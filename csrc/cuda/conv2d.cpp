@@ -52,6 +52,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -132,12 +133,14 @@ std::shared_ptr<GraphPlan> refused_plan(std::string why) {
   return plan;
 }
 
-// Build (validate, lower, heuristics, filter, check support, build) the graph for this call.
-std::shared_ptr<GraphPlan> build_plan_steps(const ConvGeometry& g, const at::Tensor& x,
-                                            const at::Tensor& w, const at::Tensor* b,
-                                            const at::Tensor* r, const at::Tensor& y, bool tf32,
-                                            bool deterministic, int64_t workspace_limit,
-                                            cudnnHandle_t handle) {
+// The graph for this call up to its candidate plans (validate, lower, heuristics, filter, check
+// support): the graph, or null and the reason cuDNN refused it in `refused`.
+std::shared_ptr<fe::graph::Graph> candidate_graph(const ConvGeometry& g, const at::Tensor& x,
+                                                  const at::Tensor& w, const at::Tensor* b,
+                                                  const at::Tensor* r, const at::Tensor& y,
+                                                  bool tf32, bool deterministic,
+                                                  int64_t workspace_limit, cudnnHandle_t handle,
+                                                  std::string& refused) {
   auto graph = std::make_shared<fe::graph::Graph>();
   const auto io = fe_dtype(x.scalar_type());
   graph->set_io_data_type(io)
@@ -193,15 +196,18 @@ std::shared_ptr<GraphPlan> build_plan_steps(const ConvGeometry& g, const at::Ten
 
   fe::error_t e = graph->validate();
   if (e.is_bad()) {
-    return refused_plan(describe(e, "validate"));
+    refused = describe(e, "validate");
+    return nullptr;
   }
   e = graph->build_operation_graph(handle);
   if (e.is_bad()) {
-    return refused_plan(describe(e, "build_operation_graph"));
+    refused = describe(e, "build_operation_graph");
+    return nullptr;
   }
   e = graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
   if (e.is_bad()) {
-    return refused_plan(describe(e, "create_execution_plans"));
+    refused = describe(e, "create_execution_plans");
+    return nullptr;
   }
   // As torch's own cuDNN convolutions: never an engine that down-converts its inputs, for fp32
   // no tensor-core (TF32) engine unless torch allows TF32 for convolutions (tf32, from
@@ -215,9 +221,23 @@ std::shared_ptr<GraphPlan> build_plan_steps(const ConvGeometry& g, const at::Ten
   graph->deselect_workspace_greater_than(workspace_limit);
   e = graph->check_support(handle);
   if (e.is_bad()) {
-    return refused_plan(describe(e, "check_support"));
+    refused = describe(e, "check_support");
+    return nullptr;
   }
-  e = graph->build_plans(handle, fe::BuildPlanPolicy_t::HEURISTICS_CHOICE);
+  return graph;
+}
+
+// Build (candidate_graph, then the first candidate that builds) the plan for this call.
+std::shared_ptr<GraphPlan> build_plan_steps(const ConvGeometry& g, const at::Tensor& x,
+                                            const at::Tensor& w, const at::Tensor* b,
+                                            const at::Tensor* r, const at::Tensor& y, bool tf32,
+                                            bool deterministic, int64_t workspace_limit,
+                                            cudnnHandle_t handle) {
+  std::string refused;
+  auto graph =
+      candidate_graph(g, x, w, b, r, y, tf32, deterministic, workspace_limit, handle, refused);
+  if (!graph) return refused_plan(refused);
+  fe::error_t e = graph->build_plans(handle, fe::BuildPlanPolicy_t::HEURISTICS_CHOICE);
   if (e.is_bad()) {
     return refused_plan(describe(e, "build_plans"));
   }
@@ -271,6 +291,41 @@ std::vector<int64_t> plan_key(const ConvGeometry& g, const at::Tensor& x, const 
   return k;
 }
 
+std::unordered_map<int64_t, void*> variant_pack(const at::Tensor& x, const at::Tensor& w,
+                                               const at::Tensor* b, const at::Tensor* r,
+                                               at::Tensor& y) {
+  std::unordered_map<int64_t, void*> pack{
+      {kUidX, const_cast<void*>(x.const_data_ptr())},
+      {kUidW, const_cast<void*>(w.const_data_ptr())},
+      {kUidY, y.mutable_data_ptr()},
+  };
+  if (b != nullptr) pack.emplace(kUidB, const_cast<void*>(b->const_data_ptr()));
+  if (r != nullptr) pack.emplace(kUidR, const_cast<void*>(r->const_data_ptr()));
+  return pack;
+}
+
+// What a call reads from torch each time: the switches that choose the plan, this thread's cuDNN
+// handle for the device, set to the current stream.
+struct CallContext {
+  bool tf32, deterministic;
+  int64_t workspace_limit;
+  cudnnHandle_t handle;
+  cudaStream_t stream;
+};
+
+CallContext call_context(const at::Tensor& x) {
+  CallContext c{};
+  c.tf32 = x.scalar_type() == at::kFloat && cudnn_conv_allows_tf32();
+  c.deterministic =
+      at::globalContext().deterministicCuDNN() || at::globalContext().deterministicAlgorithms();
+  c.workspace_limit = conv2d_workspace_limit();
+  c.handle = at::native::getCudnnHandle();  // this thread's, for this device
+  c.stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  TORCH_CHECK(cudnnSetStream(c.handle, c.stream) == CUDNN_STATUS_SUCCESS,
+              "conv2d: cudnnSetStream failed");
+  return c;
+}
+
 }  // namespace
 
 // Runs the graph conv into y (allocated by the caller in x's memory format): kRan, or why not
@@ -278,14 +333,10 @@ std::vector<int64_t> plan_key(const ConvGeometry& g, const at::Tensor& x, const 
 GraphAttempt graph_conv2d_cuda(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w,
                                const at::Tensor* b, const at::Tensor* r, at::Tensor& y) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool tf32 = x.scalar_type() == at::kFloat && cudnn_conv_allows_tf32();
-  const bool deterministic =
-      at::globalContext().deterministicCuDNN() || at::globalContext().deterministicAlgorithms();
-  const int64_t workspace_limit = conv2d_workspace_limit();
-  cudnnHandle_t handle = at::native::getCudnnHandle();  // this thread's, for this device
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  TORCH_CHECK(cudnnSetStream(handle, stream) == CUDNN_STATUS_SUCCESS,
-              "conv2d: cudnnSetStream failed");
+  const CallContext c = call_context(x);
+  const bool tf32 = c.tf32, deterministic = c.deterministic;
+  const int64_t workspace_limit = c.workspace_limit;
+  cudnnHandle_t handle = c.handle;
   bool built = false;
   const std::shared_ptr<GraphPlan> plan = plan_cache().get_or_build(
       handle, plan_key(g, x, w, b, r, y, tf32, deterministic, workspace_limit),
@@ -309,17 +360,114 @@ GraphAttempt graph_conv2d_cuda(const ConvGeometry& g, const at::Tensor& x, const
                                             " bytes: out of memory"};
     }
   }
-  std::unordered_map<int64_t, void*> pack{
-      {kUidX, const_cast<void*>(x.const_data_ptr())},
-      {kUidW, const_cast<void*>(w.const_data_ptr())},
-      {kUidY, y.mutable_data_ptr()},
-  };
-  if (b != nullptr) pack.emplace(kUidB, const_cast<void*>(b->const_data_ptr()));
-  if (r != nullptr) pack.emplace(kUidR, const_cast<void*>(r->const_data_ptr()));
+  std::unordered_map<int64_t, void*> pack = variant_pack(x, w, b, r, y);
   fe::error_t e = plan->graph->execute(
       handle, pack, workspace.defined() ? workspace.mutable_data_ptr() : nullptr);
   TORCH_CHECK(e.is_good(), "conv2d: executing the cuDNN graph failed: ", e.get_message());
   return {GraphOutcome::kRan, ""};
+}
+
+namespace {
+
+// Times one built candidate: a warm-up run, then `reps` runs each between two events on the
+// call's stream; the median in ms, or an error.
+double time_candidate(fe::graph::Graph& graph, int64_t index, cudnnHandle_t handle,
+                      cudaStream_t stream, std::unordered_map<int64_t, void*>& pack,
+                      void* workspace, int64_t reps, std::string& error) {
+  fe::error_t e = graph.execute_plan_at_index(handle, pack, workspace, index);
+  if (e.is_bad()) {
+    error = describe(e, "execute");
+    return -1.0;
+  }
+  cudaEvent_t start = nullptr, stop = nullptr;
+  if (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) {
+    if (start != nullptr) cudaEventDestroy(start);
+    error = "cudaEventCreate failed";
+    return -1.0;
+  }
+  std::vector<float> times;
+  for (int64_t k = 0; k < reps && error.empty(); ++k) {
+    cudaEventRecord(start, stream);
+    e = graph.execute_plan_at_index(handle, pack, workspace, index);
+    cudaEventRecord(stop, stream);
+    cudaEventSynchronize(stop);
+    float ms = 0.0f;
+    if (e.is_bad()) {
+      error = describe(e, "execute");
+    } else if (cudaEventElapsedTime(&ms, start, stop) == cudaSuccess) {
+      times.push_back(ms);
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  if (times.empty()) {
+    if (error.empty()) error = "no timed run";
+    return -1.0;
+  }
+  std::sort(times.begin(), times.end());
+  return static_cast<double>(times[times.size() / 2]);
+}
+
+}  // namespace
+
+ConvPlanTimings graph_conv2d_time_plans(const ConvGeometry& g, const at::Tensor& x,
+                                        const at::Tensor& w, const at::Tensor* b,
+                                        const at::Tensor* r, at::Tensor& y, int64_t max_plans,
+                                        int64_t reps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const CallContext c = call_context(x);
+  // The plan conv2d itself would build (not cached here: the cache stays as it was).
+  std::string chosen;
+  const auto plan = build_plan(g, x, w, b, r, y, c.tf32, c.deterministic, c.workspace_limit,
+                               c.handle);
+  if (!plan->graph) return {"", plan->refused, {}};
+  if (plan->graph->get_plan_name(chosen).is_bad()) chosen = "?";
+
+  std::string refused;
+  std::shared_ptr<fe::graph::Graph> graph;
+  try {
+    graph = candidate_graph(g, x, w, b, r, y, c.tf32, c.deterministic, c.workspace_limit,
+                            c.handle, refused);
+  } catch (const std::exception& ex) {
+    refused = std::string("building the graph: ") + ex.what();
+  }
+  if (!graph) return {chosen, refused, {}};
+  std::unordered_map<int64_t, void*> pack = variant_pack(x, w, b, r, y);
+  std::vector<PlanTimingRow> rows;
+  // Candidates in cuDNN's order (heuristics A, then FALLBACK); the ones conv2d's filters
+  // deselect or that cuDNN does not support get a row with the reason, and the first
+  // `max_plans` that build are timed.
+  const int64_t count = graph->get_execution_plan_count();
+  int64_t built = 0;
+  for (int64_t i = 0; i < count && built < max_plans; ++i) {
+    std::string name, error;
+    int64_t ws = -1;
+    double ms = -1.0;
+    try {
+      if (graph->get_plan_name_at_index(i, name).is_bad()) name = "?";
+      fe::error_t e = graph->build_plan_at_index(i);
+      if (e.is_bad()) {
+        error = describe(e, "build");
+      } else {
+        ++built;
+        e = graph->get_workspace_size_plan_at_index(i, ws);
+        if (e.is_bad()) {
+          error = describe(e, "get_workspace_size");
+        } else {
+          at::Tensor workspace;
+          if (ws > 0) workspace = at::empty({ws}, x.options().dtype(at::kByte));
+          ms = time_candidate(*graph, i, c.handle, c.stream, pack,
+                              ws > 0 ? workspace.mutable_data_ptr() : nullptr, reps, error);
+        }
+      }
+    } catch (const c10::OutOfMemoryError&) {
+      error = "out of memory";
+    } catch (const std::exception& ex) {
+      error = ex.what();
+    }
+    rows.emplace_back(i, name, ws, ms, error);
+  }
+  return {chosen, "", rows};
 }
 
 int64_t graph_conv_cached_plans() { return plan_cache().size(); }
