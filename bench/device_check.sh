@@ -13,8 +13,8 @@
 # BENCH_SUITES narrows the benchmark, e.g. `BENCH_SUITES="ceiling conv pad_conv2d"` to settle
 # the convolution issue alone (cuDNN's bare conv, sdvae's graph bare / unfused / with its fused
 # epilogue, and eager), and TEST_TIMEOUT / SERIAL_TEST_TIMEOUT / TUNE_TIMEOUT / PROFILE_TIMEOUT /
-# BENCH_TIMEOUT move the caps (140 + 40 + 40 + 60 + 180 s, with the ~60 s build: under the 540 s
-# of one GPU call). The tune step writes tune-<date>-<gpu>.jsonl: every cuDNN plan of each conv
+# BENCH_TIMEOUT move the caps (140 + 40 + 75 + 60 + 140 s, with the ~60 s build: about 515 s,
+# under the 540 s of one GPU call; the tests usually end well before their cap). The tune step writes tune-<date>-<gpu>.jsonl: every cuDNN plan of each conv
 # and every attention config, timed (sdvae/bench/tune.py; TUNE_SUITES picks suites).
 # Wheels for packages the GPU image lacks (diffusers; accelerate, for the offload-hook tests;
 # nvidia-cudnn-frontend, whose headers the build needs for the cuDNN graph conv) are taken from .whl/ when present (see
@@ -77,13 +77,15 @@ step() { echo; echo "=== $* ($(date +%T))"; }
     -rfE --junitxml="$OUT_DIR/tests-serial.xml" || echo "TESTS FAILED OR TIMED OUT (serial)"
   echo "tests took $((SECONDS - t0)) s"
 
-  step "tune: every candidate timed (cuDNN plans per conv, attention configs${TUNE_SUITES:+: $TUNE_SUITES})"
-  # Data for the next decisions, one JSON line per measurement (sdvae/bench/tune.py); the
-  # GroupNorm launch-constant sweep compiles a kernel per variant: TUNE_SUITES="group_norm" in
-  # a run of its own.
+  step "tune: every candidate timed (attention configs, cuDNN plans per conv${TUNE_SUITES:+: $TUNE_SUITES})"
+  # Data for the next decisions, one JSON line per measurement (sdvae/bench/tune.py): attention
+  # first (~20 s, mostly compiling its configs), then the convs until TUNE_BUDGET seconds (each
+  # fused candidate is a runtime-compiled cuDNN engine, ~1 s to build: all 17 shapes need
+  # several minutes, `TUNE_SUITES=conv TUNE_BUDGET=400` in a run of its own). The GroupNorm
+  # launch-constant sweep compiles a kernel per variant: TUNE_SUITES="group_norm" likewise.
   t0=$SECONDS
-  timeout ${TUNE_TIMEOUT:-40} $PY -m sdvae.bench.tune --out "$OUT_DIR" \
-    --suites ${TUNE_SUITES:-conv attention} --reps "${TUNE_REPS:-5}" --max-plans "${TUNE_MAX_PLANS:-8}" \
+  timeout ${TUNE_TIMEOUT:-75} $PY -m sdvae.bench.tune --out "$OUT_DIR" --budget-s "${TUNE_BUDGET:-55}" \
+    --suites ${TUNE_SUITES:-attention conv} --reps "${TUNE_REPS:-10}" --max-plans "${TUNE_MAX_PLANS:-4}" \
     || echo "TUNE FAILED OR TIMED OUT (what ran is in tune-*.jsonl)"
   echo "tune took $((SECONDS - t0)) s"
 
@@ -97,7 +99,7 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   step "sdvae bench"
   t0=$SECONDS
   # Most important first: the CSV is written row by row, so a timeout keeps what ran.
-  timeout ${BENCH_TIMEOUT:-180} $PY -m sdvae.cli bench --out "$OUT_DIR" \
+  timeout ${BENCH_TIMEOUT:-140} $PY -m sdvae.cli bench --out "$OUT_DIR" \
     --compile-mode "${COMPILE_MODE:-default}" --rep-ms "${REP_MS:-100}" \
     ${BENCH_SUITES:-ceiling decode encode conv pad_conv2d attention attention_block group_norm_silu group_norm_fused vae_sample decode_large} \
     > "$OUT_DIR/bench_table.txt" || echo "BENCH FAILED OR TIMED OUT"

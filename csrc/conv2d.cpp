@@ -362,6 +362,8 @@ ConvPlanTimings conv2d_time_plans(const at::Tensor& x_in, const at::Tensor& weig
   TORCH_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
 #ifdef SDVAE_WITH_CUDNN_FE
   const at::MemoryFormat fmt = format_of(g);
+  TORCH_CHECK_VALUE(x_in.numel() > 0 && g.Cout * g.OH * g.OW > 0, op,
+                    ": an empty input or output has nothing to time");
   TORCH_CHECK_VALUE(conv2d_batch_chunks(g.N, g.C * g.H * g.W, g.Cout * g.OH * g.OW).size() == 1,
                     op, ": a tensor of 2^31 elements or more (conv2d splits the batch; time a "
                     "smaller batch)");

@@ -154,12 +154,13 @@ bool graph_conv_available();
 std::string conv2d_build_info();
 
 // Every execution plan cuDNN offers for one conv2d call, each built and timed (for
-// sdvae.bench.tune, on a GPU): (name of the plan conv2d itself takes, or "" with cuDNN's refusal;
-// that refusal; one row per candidate in cuDNN's order: (index, plan name, workspace bytes,
-// median ms, error)), until `max_plans` have built. A candidate deselected by conv2d's filters,
-// unsupported, or failing to build or run has ms -1 and the reason.
+// sdvae.bench.tune, on a GPU): (the index of the candidate conv2d itself takes, -1 if none
+// builds; cuDNN's refusal of the whole graph, else ""; one row per candidate in cuDNN's order:
+// (index, plan name, workspace bytes, median ms, error)), until `max_plans` have built. A
+// candidate deselected by conv2d's filters, unsupported, repeated, or failing to build or run
+// has ms -1 and the reason. A CUDA error while timing is thrown.
 using PlanTimingRow = std::tuple<int64_t, std::string, int64_t, double, std::string>;
-using ConvPlanTimings = std::tuple<std::string, std::string, std::vector<PlanTimingRow>>;
+using ConvPlanTimings = std::tuple<int64_t, std::string, std::vector<PlanTimingRow>>;
 ConvPlanTimings conv2d_time_plans(const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias,
                                   const std::optional<at::Tensor>& residual, int64_t stride,

@@ -86,8 +86,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_time_plans", &sdvae::conv2d_time_plans, py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("residual"), py::arg("stride"), py::arg("padding"),
         py::arg("fuse_epilogue"), py::arg("max_plans"), py::arg("reps"),
-        "Every cuDNN plan for one conv2d call, built and timed (GPU): (the plan conv2d takes, "
-        "cuDNN's refusal, [(index, name, workspace bytes, median ms or -1, error)])");
+        py::call_guard<py::gil_scoped_release>(),
+        "Every cuDNN plan for one conv2d call, built and timed (GPU): (index of the candidate "
+        "conv2d takes or -1, cuDNN's refusal, [(index, name, workspace bytes, median ms or -1, "
+        "error)])");
   m.def("conv2d_reset_stats", &sdvae::conv2d_reset_stats,
         "Drop the cached plans, the counters and the fallback list");
 }

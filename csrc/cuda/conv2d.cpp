@@ -44,6 +44,7 @@
 #endif
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/cuda/Sleep.h>
 #include <ATen/cudnn/Handle.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -369,38 +370,48 @@ GraphAttempt graph_conv2d_cuda(const ConvGeometry& g, const at::Tensor& x, const
 
 namespace {
 
-// Times one built candidate: a warm-up run, then `reps` runs each between two events on the
-// call's stream; the median in ms, or an error.
+// Times one built candidate. Three warm-up runs; then the GPU is held by a sleep kernel while
+// every timed run is queued between its own pair of events, so that each time is the GPU's
+// (not the host's submit cost, which a small conv can be shorter than); the median in ms, or
+// -1 and the error. A CUDA error is thrown (it would poison every later measurement).
 double time_candidate(fe::graph::Graph& graph, int64_t index, cudnnHandle_t handle,
                       cudaStream_t stream, std::unordered_map<int64_t, void*>& pack,
                       void* workspace, int64_t reps, std::string& error) {
-  fe::error_t e = graph.execute_plan_at_index(handle, pack, workspace, index);
-  if (e.is_bad()) {
-    error = describe(e, "execute");
-    return -1.0;
-  }
-  cudaEvent_t start = nullptr, stop = nullptr;
-  if (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) {
-    if (start != nullptr) cudaEventDestroy(start);
-    error = "cudaEventCreate failed";
-    return -1.0;
-  }
-  std::vector<float> times;
-  for (int64_t k = 0; k < reps && error.empty(); ++k) {
-    cudaEventRecord(start, stream);
-    e = graph.execute_plan_at_index(handle, pack, workspace, index);
-    cudaEventRecord(stop, stream);
-    cudaEventSynchronize(stop);
-    float ms = 0.0f;
+  auto cuda_check = [](cudaError_t status, const char* what) {
+    TORCH_CHECK(status == cudaSuccess, "conv2d_time_plans: ", what, ": ",
+                cudaGetErrorString(status));
+  };
+  for (int k = 0; k < 3; ++k) {
+    const fe::error_t e = graph.execute_plan_at_index(handle, pack, workspace, index);
     if (e.is_bad()) {
       error = describe(e, "execute");
-    } else if (cudaEventElapsedTime(&ms, start, stop) == cudaSuccess) {
-      times.push_back(ms);
+      cuda_check(cudaStreamSynchronize(stream), "after a failed run");
+      return -1.0;
     }
   }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  if (times.empty()) {
+  cuda_check(cudaStreamSynchronize(stream), "warm-up");
+  std::vector<cudaEvent_t> events(static_cast<size_t>(2 * reps), nullptr);
+  for (auto& ev : events) cuda_check(cudaEventCreate(&ev), "cudaEventCreate");
+  at::cuda::sleep(4000000);  // ~2 ms at 2 GHz: longer than queueing the runs takes
+  int64_t queued = 0;
+  for (; queued < reps; ++queued) {
+    cuda_check(cudaEventRecord(events[2 * queued], stream), "cudaEventRecord");
+    const fe::error_t e = graph.execute_plan_at_index(handle, pack, workspace, index);
+    if (e.is_bad()) {
+      error = describe(e, "execute");
+      break;
+    }
+    cuda_check(cudaEventRecord(events[2 * queued + 1], stream), "cudaEventRecord");
+  }
+  cuda_check(cudaStreamSynchronize(stream), "timed runs");
+  std::vector<float> times;
+  for (int64_t k = 0; k < queued; ++k) {
+    float ms = 0.0f;
+    cuda_check(cudaEventElapsedTime(&ms, events[2 * k], events[2 * k + 1]), "elapsed time");
+    times.push_back(ms);
+  }
+  for (auto& ev : events) cudaEventDestroy(ev);
+  if (!error.empty() || times.empty()) {
     if (error.empty()) error = "no timed run";
     return -1.0;
   }
@@ -416,13 +427,6 @@ ConvPlanTimings graph_conv2d_time_plans(const ConvGeometry& g, const at::Tensor&
                                         int64_t reps) {
   const c10::cuda::CUDAGuard guard(x.device());
   const CallContext c = call_context(x);
-  // The plan conv2d itself would build (not cached here: the cache stays as it was).
-  std::string chosen;
-  const auto plan = build_plan(g, x, w, b, r, y, c.tf32, c.deterministic, c.workspace_limit,
-                               c.handle);
-  if (!plan->graph) return {"", plan->refused, {}};
-  if (plan->graph->get_plan_name(chosen).is_bad()) chosen = "?";
-
   std::string refused;
   std::shared_ptr<fe::graph::Graph> graph;
   try {
@@ -431,25 +435,35 @@ ConvPlanTimings graph_conv2d_time_plans(const ConvGeometry& g, const at::Tensor&
   } catch (const std::exception& ex) {
     refused = std::string("building the graph: ") + ex.what();
   }
-  if (!graph) return {chosen, refused, {}};
+  if (!graph) return {-1, refused, {}};
   std::unordered_map<int64_t, void*> pack = variant_pack(x, w, b, r, y);
   std::vector<PlanTimingRow> rows;
-  // Candidates in cuDNN's order (heuristics A, then FALLBACK); the ones conv2d's filters
-  // deselect or that cuDNN does not support get a row with the reason, and the first
-  // `max_plans` that build are timed.
+  // Candidates in cuDNN's order (heuristics A, then FALLBACK, which may repeat a config of A:
+  // a repeat gets a row naming the first, unbuilt). conv2d's own plan (build_plans with
+  // HEURISTICS_CHOICE) is the first candidate that builds: `chosen`. The ones conv2d's filters
+  // deselect or that cuDNN does not support get a row with the reason; the first `max_plans`
+  // that build are timed.
   const int64_t count = graph->get_execution_plan_count();
-  int64_t built = 0;
+  int64_t built = 0, chosen = -1;
+  std::unordered_map<std::string, int64_t> seen;
   for (int64_t i = 0; i < count && built < max_plans; ++i) {
     std::string name, error;
     int64_t ws = -1;
     double ms = -1.0;
+    if (graph->get_plan_name_at_index(i, name).is_bad()) name = "?";
+    const auto first = seen.emplace(name, i);
+    if (!first.second && name != "?") {
+      rows.emplace_back(i, name, ws, ms,
+                        "duplicate of candidate " + std::to_string(first.first->second));
+      continue;
+    }
     try {
-      if (graph->get_plan_name_at_index(i, name).is_bad()) name = "?";
       fe::error_t e = graph->build_plan_at_index(i);
       if (e.is_bad()) {
         error = describe(e, "build");
       } else {
         ++built;
+        if (chosen < 0) chosen = i;
         e = graph->get_workspace_size_plan_at_index(i, ws);
         if (e.is_bad()) {
           error = describe(e, "get_workspace_size");
@@ -462,8 +476,6 @@ ConvPlanTimings graph_conv2d_time_plans(const ConvGeometry& g, const at::Tensor&
       }
     } catch (const c10::OutOfMemoryError&) {
       error = "out of memory";
-    } catch (const std::exception& ex) {
-      error = ex.what();
     }
     rows.emplace_back(i, name, ws, ms, error);
   }

@@ -4,6 +4,7 @@ so a timeout keeps what ran). Rules or per-GPU tables are then derived from thes
 machine, committed, and checked by the next GPU run.
 
     python -m sdvae.bench.tune --out DIR [--suites conv attention group_norm] [--dtype fp16]
+                               [--reps N] [--max-plans N] [--budget-s SECONDS]
 
 Suites (GPU; on the CPU each writes one ``skipped`` row saying why, except ``group_norm``,
 which runs its machinery at the interpreter's tiny shapes):
@@ -13,8 +14,9 @@ which runs its machinery at the interpreter's tiny shapes):
   the fused epilogue the model uses (bias, and the residual where the block adds one): every
   execution plan cuDNN offers under ``sdvae.ops.conv2d``'s own filters (no down-converting
   engine, the TF32 and determinism switches, the workspace cap), each built and timed
-  (``sdvae._C.conv2d_time_plans``: CUDA events, median of ``--reps`` after a warm-up), with
-  ``chosen`` marking the plan ``conv2d`` itself takes (heuristics' first that builds); beside
+  (``sdvae._C.conv2d_time_plans``: CUDA events, median of ``--reps`` after a warm-up, the runs
+  queued behind a sleep kernel so that each time is the GPU's), with ``chosen`` marking the
+  plan ``conv2d`` itself takes (the first candidate that builds); beside
   them ATen's ``F.conv2d`` under ``torch.backends.cudnn.benchmark`` (its own timed choice)
   for the same work.
 * ``attention``: D = 512 at L = 4096 and 16384 (batch 1, one head): every Triton config of
@@ -72,7 +74,8 @@ CONV_SHAPES = [
     (512, 512, 256, 3, 2, (0, 1, 0, 1), False),
 ]
 ATTENTION_LENGTHS = (4096, 16384)
-#: one launch-rule constant moved at a time from the default (``kernels.group_norm``'s names)
+#: one launch-rule knob moved at a time from the default (``kernels.group_norm``'s names; the
+#: statistics programs per SM move for both input widths together)
 VARIANTS = [
     {},
     {"TILE": 2048},
@@ -106,17 +109,24 @@ class Writer:
 
 
 def _time_ms(fn, reps: int, device: torch.device) -> float:
-    """Median of ``reps`` timed calls after a warm-up: CUDA events on a GPU, else wall time."""
-    fn()
+    """Median of ``reps`` timed calls after three warm-up calls. On a GPU the calls are queued
+    behind a ~2 ms sleep kernel, each between its own pair of CUDA events, so each time is
+    the GPU's, not the host's launch cost (longer than a small kernel); on the CPU, wall
+    time."""
+    for _ in range(3):
+        fn()
     times = []
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(reps):
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]  # fmt: skip
+        torch.cuda._sleep(4_000_000)
+        for start, end in events:
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
     else:
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -125,19 +135,35 @@ def _time_ms(fn, reps: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _out_of_time(emit, suite: str, deadline: float) -> bool:
+    """Past the run's time budget: a row says where it stopped."""
+    if time.monotonic() < deadline:
+        return False
+    emit(suite=suite, stopped="the run's time budget (--budget-s) is spent")
+    return True
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
 # ----------------------------------------------------------------------------- conv
 def conv_rows(
-    emit, device: torch.device, dtype: torch.dtype, reps: int, max_plans: int, shapes=None
+    emit,
+    device: torch.device,
+    dtype: torch.dtype,
+    reps: int,
+    max_plans: int,
+    shapes=None,
+    deadline: float = math.inf,
 ) -> None:
     from .. import _ext
 
     reason = None
     if device.type != "cuda":
         reason = "needs a CUDA device"
+    elif not _ext.available():
+        reason = "sdvae._C did not load"
     elif not _ext._C.graph_conv_available():
         reason = "sdvae._C has no cuDNN graph conv: " + _ext._C.build_info()
     if reason:
@@ -146,6 +172,8 @@ def conv_rows(
     gen = torch.Generator(device=device).manual_seed(0)
     cl = torch.channels_last
     for cin, cout, size, k, stride, pad, res in shapes or CONV_SHAPES:
+        if _out_of_time(emit, "conv", deadline):
+            return
         label = f"1x{cin}x{size}x{size} -> {cout} k{k} s{stride} pad{list(pad)}"
 
         def rnd(*shape, g=gen):
@@ -180,7 +208,7 @@ def conv_rows(
                     index=index,
                     plan=name,
                     workspace=workspace,
-                    chosen=name == chosen,
+                    chosen=index == chosen,
                     ms=ms if ms >= 0 else None,
                     error=error or None,
                 )
@@ -216,6 +244,7 @@ def attention_rows(
     reps: int,
     lengths=ATTENTION_LENGTHS,
     d: int = 512,
+    deadline: float = math.inf,
 ) -> None:
     if device.type != "cuda":
         emit(suite="attention", skipped="needs a CUDA device")
@@ -223,6 +252,8 @@ def attention_rows(
     A = importlib.import_module("sdvae.kernels.attention")
     gen = torch.Generator(device=device).manual_seed(0)
     for length in lengths:
+        if _out_of_time(emit, "attention", deadline):
+            return
         q, k, v = (
             torch.randn((1, 1, length, d), generator=gen, device=device, dtype=dtype)
             for _ in range(3)
@@ -306,6 +337,7 @@ def group_norm_rows(
     shapes=None,
     variants=None,
     groups: int = 32,
+    deadline: float = math.inf,
 ) -> None:
     GN = importlib.import_module("sdvae.kernels.group_norm")
     if shapes is None:
@@ -314,6 +346,8 @@ def group_norm_rows(
         shapes = [(1, c, hw, hw) for c, hw in SHAPES]
     gen = torch.Generator(device=device).manual_seed(0)
     for shape in shapes:
+        if _out_of_time(emit, "group_norm", deadline):
+            return
         c = shape[1]
         w = torch.randn((c,), generator=gen, device=device, dtype=dtype) * 0.5 + 1
         b = torch.randn((c,), generator=gen, device=device, dtype=dtype) * 0.5
@@ -365,8 +399,11 @@ def run(
     reps: int = 10,
     max_plans: int = 16,
     device: str | None = None,
+    budget_s: float | None = None,
 ) -> str:
-    """Run ``suites`` and write ``<out_dir>/tune-<date>-<gpu>.jsonl``; returns its path."""
+    """Run ``suites`` in the order given and write ``<out_dir>/tune-<date>-<gpu>.jsonl``
+    (appended to); returns its path. ``budget_s``: no new shape is started after that many
+    seconds (a row says where it stopped)."""
     bad = [v for v in suites if v not in SUITES]
     if bad:
         raise ValueError(f"suites must be among {SUITES}, got {bad}")
@@ -375,6 +412,9 @@ def run(
     for name, value in (("reps", reps), ("max_plans", max_plans)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if budget_s is not None and not budget_s > 0:
+        raise ValueError(f"budget_s must be a number of seconds > 0, got {budget_s!r}")
+    deadline = math.inf if budget_s is None else time.monotonic() + budget_s
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     os.makedirs(out_dir, exist_ok=True)
@@ -399,13 +439,13 @@ def run(
     dt = DTYPES[dtype]
     try:
         with torch.no_grad():
-            if "conv" in suites:
-                conv_rows(emit, dev, dt, reps, max_plans)
-            if "attention" in suites:
-                attention_rows(emit, dev, dt, reps)
-            if "group_norm" in suites:
-                if dev.type == "cuda":
-                    group_norm_rows(emit, dev, dt, reps)
+            for suite in dict.fromkeys(suites):
+                if suite == "conv":
+                    conv_rows(emit, dev, dt, reps, max_plans, deadline=deadline)
+                elif suite == "attention":
+                    attention_rows(emit, dev, dt, reps, deadline=deadline)
+                elif dev.type == "cuda":
+                    group_norm_rows(emit, dev, dt, reps, deadline=deadline)
                 else:
                     emit(
                         suite="group_norm",
@@ -432,9 +472,12 @@ def main(argv=None) -> int:
         help="cuDNN candidates timed per conv and variant, in cuDNN's order",
     )
     ap.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new shape after this many seconds")  # fmt: skip
     args = ap.parse_args(argv)
     try:
-        path = run(args.out, args.suites, args.dtype, args.reps, args.max_plans, args.device)
+        path = run(args.out, args.suites, args.dtype, args.reps, args.max_plans, args.device,
+                   args.budget_s)  # fmt: skip
     except ValueError as exc:
         print(f"sdvae tune: error: {exc}", file=sys.stderr)
         return 2
