@@ -197,7 +197,11 @@ def conv_rows(
                     ms=None,
                     error=f"{type(exc).__name__}: {exc}",
                 )
-                continue
+                if isinstance(exc, ValueError):  # this call's arguments: the next may run
+                    continue
+                # a CUDA error while timing stays with the context: later rows would be noise
+                emit(suite="conv", stopped="a CUDA error while timing (the row above)")
+                return
             if refused:
                 emit(suite="conv", shape=label, variant=variant, ms=None, refused=refused)
             for index, name, workspace, ms, error in plans:
