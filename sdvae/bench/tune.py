@@ -6,8 +6,8 @@ machine, committed, and checked by the next GPU run.
     python -m sdvae.bench.tune --out DIR [--suites conv attention group_norm] [--dtype fp16]
                                [--reps N] [--max-plans N] [--budget-s SECONDS]
 
-Suites (GPU; on the CPU each writes one ``skipped`` row saying why, except ``group_norm``,
-which runs its machinery at the interpreter's tiny shapes):
+Suites (GPU; on the CPU each writes one ``skipped`` row saying why; the tests run the
+GroupNorm sweep's machinery in the interpreter):
 
 * ``conv``: each conv of a 1024² decode and encode (the ``conv`` bench suite's shapes, and the
   encoder's three stride-2 convs with their (0, 1, 0, 1) pad), channels_last, bare and with
@@ -27,8 +27,8 @@ which runs its machinery at the interpreter's tiny shapes):
   with its largest difference from the default variant's output.
 
 Rows: ``{"suite", "gpu", "dtype", "shape", ...suite fields..., "ms"}`` with ``ms`` null and
-``error`` set where a candidate failed; the first line of the file is a ``meta`` row (torch,
-triton, cuDNN, commit, date).
+``error`` set where a candidate failed; each run appends to the day's file, starting with a
+``meta`` row (torch, triton, cuDNN, commit, date).
 """
 
 from __future__ import annotations
