@@ -651,7 +651,11 @@ def _vae_call(vae, op: str, x: torch.Tensor, max_memory, offload, band_rows, raw
     decoding = op == "decode"
     with budgeted():
         if plan.path == "full":
-            return vae.decode(x, raw=raw) if decoding else vae.moments(x)
+            # The whole-tensor path, never its CUDA graphs: their pool, static buffers and
+            # warm-ups are not in full_bytes, and a capture empties the caches process-wide.
+            if not decoding:
+                return vae._moments(x)
+            return vae._decode_raw(x) if raw else vae._decode(x)
         rows = plan.rows if band_rows is None else band_rows
         part = vae.decoder if decoding else vae.encoder
 

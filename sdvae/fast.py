@@ -159,9 +159,9 @@ def optimize(vae: VAE, *, channels_last: bool | None = None, cuda_graph: bool = 
             m.fold()
     vae.disable_cuda_graphs()
     if cuda_graph:
-        from .graphs import graph_reasons
+        from .graphs import graph_reasons, hook_reasons
 
-        why = graph_reasons(p.device)
+        why = graph_reasons(p.device) + hook_reasons(vae)
         if why:
             reasons["cuda_graph"] = why
         else:

@@ -20,17 +20,32 @@ What is graphed, and what is not:
 * Only without autograd (grad mode off, or nothing requiring grad), on CUDA, outside
   ``torch.compile`` and outside CUDA autocast; otherwise the call runs eagerly.
 
-Graphs hold the addresses of the weights. Moving or casting the model (``.to()``, ``.half()``,
-...) drops every graph (``VAE._apply``); changing weights in place (``load_state_dict``,
-``copy_``) needs nothing, except the upsamplers' folded weights, which are refolded in place
-before a replay when their source changed. Replacing a parameter object
-(``module.weight = Parameter(...)``) is not seen: call ``sdvae.optimize`` again, which drops
-the graphs. Copies of the model (``copy.deepcopy``, pickling) start without graphs and
-capture their own.
+Graphs hold the addresses of the weights. Before every call the addresses of the model's
+parameters and buffers (the upsamplers' folded weights among them) are compared with those the
+graphs were captured with, and any change drops every graph: moving or casting the model
+(``.to()``, ``.half()``, ...), replacing a parameter object, a fold rebound to a new tensor.
+Changing weights in place (``load_state_dict``, ``copy_``) needs nothing, except the
+upsamplers' folded weights, which are refolded (in place) before a replay when their source
+changed. Models with accelerate hooks (which swap weights per call) run without graphs, saying
+why. Copies of the model (``copy.deepcopy``, pickling) start without graphs and capture their
+own.
+
+A capture that fails (an op that a capture forbids, e.g. a synchronizing copy) does not fail
+the call: that signature runs eagerly from then on, and the reason is kept in
+``GraphedCall.failures`` (``vae.fused_reasons["cuda_graph"]`` for a model), with a warning.
+
+Threads: one lock per ``GraphedCall`` covers the lookup, the capture, the copy into the static
+input, the replay and the copy out, and the next caller's stream waits for the previous
+call's copy out (an event), so two threads never see each other's results. Captures use
+``capture_error_mode="thread_local"``: another thread's offload copies or event waits during a
+capture are not an error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -38,7 +53,7 @@ import torch
 
 from . import _tf32
 
-__all__ = ["GraphedCall", "graph_reasons"]
+__all__ = ["GraphedCall", "graph_reasons", "hook_reasons", "tensor_addresses"]
 
 
 def graph_reasons(device: torch.device) -> list[str]:
@@ -48,6 +63,28 @@ def graph_reasons(device: torch.device) -> list[str]:
     if not torch.cuda.is_available():
         return ["torch.cuda is not available"]
     return []
+
+
+def hook_reasons(module: torch.nn.Module) -> list[str]:
+    """Why ``module`` cannot be replayed from CUDA graphs because of accelerate hooks ([] when
+    it has none): a hook moves or swaps weights around each call, so a graph would read
+    addresses that no longer hold them."""
+    hooked = [name or "(the model)" for name, m in module.named_modules() if hasattr(m, "_hf_hook")]
+    if not hooked:
+        return []
+    more = f" and {len(hooked) - 3} more" if len(hooked) > 3 else ""
+    return [
+        f"accelerate hooks on {', '.join(hooked[:3])}{more}: they move weights per call, "
+        "which a captured graph cannot follow"
+    ]
+
+
+def tensor_addresses(module: torch.nn.Module) -> tuple:
+    """The addresses of ``module``'s parameters and buffers: what a graph captured from it
+    reads. A change means a graph would read freed memory."""
+    return tuple(t.data_ptr() for t in module.parameters()) + tuple(
+        t.data_ptr() if t is not None else 0 for t in module.buffers()
+    )
 
 
 def autocast_on() -> bool:
@@ -81,33 +118,48 @@ class GraphedCall:
 
     The input is copied into a dense static buffer in ``memory_format`` (the model's), so any
     input layout (expanded, sliced, NCHW or channels_last) takes the same graph. Sharing the
-    pool is safe because replays run one after another on the caller's stream and each output
-    is copied out before the next replay. ``before_replay`` (optional) runs on the host before
-    each replay (e.g. refreshing derived weights in place)."""
+    pool is safe because calls hold a lock, replays are ordered one after another (the next
+    caller's stream waits for the previous call's copy out) and each output is copied out
+    before the next replay.
+
+    ``prepare(x)`` (optional) runs on the host before each call, before any warm-up or
+    capture: it refreshes derived weights in place and fills caches, so that nothing a graph
+    reads is first made on the warm-up's side stream. ``addresses()`` (optional) returns what
+    the graphs read by address; when it changes every graph is dropped. A signature whose
+    capture failed runs ``fn`` eagerly from then on, its reason in ``failures``."""
 
     def __init__(
         self,
         fn: Callable[[torch.Tensor], torch.Tensor],
         *,
         warmup: int = 2,
-        before_replay: Callable[[], None] | None = None,
+        prepare: Callable[[torch.Tensor], None] | None = None,
+        addresses: Callable[[], tuple] | None = None,
         memory_format: torch.memory_format | None = None,
         max_graphs: int = 8,
     ):
         self.fn = fn
         self.warmup = warmup
-        self.before_replay = before_replay
+        self.prepare = prepare
+        self.addresses = addresses
         self.memory_format = memory_format or torch.contiguous_format
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
+        #: signature -> why its capture failed (that signature runs eagerly)
+        self.failures: dict[tuple, str] = {}
         self._pools: dict = {}  # device -> graph pool handle
+        self._captured_from: tuple | None = None  # addresses() when the graphs were captured
+        self._done: dict = {}  # device -> event recorded after the last call's copy out
+        self._lock = threading.Lock()
 
     def key(self, x: torch.Tensor) -> tuple:
         return (tuple(x.shape), x.dtype, x.device, settings_key())
 
     def clear(self) -> None:
-        self.graphs.clear()
-        self._pools.clear()
+        with self._lock:
+            self.graphs.clear()
+            self._pools.clear()
+            self.failures.clear()
 
     def _capture(self, x: torch.Tensor):
         dev = x.device
@@ -127,26 +179,64 @@ class GraphedCall:
             if pool is None:
                 pool = self._pools[dev] = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device=dev)):
+            with torch.cuda.graph(
+                graph,
+                pool=pool,
+                stream=torch.cuda.Stream(device=dev),
+                capture_error_mode="thread_local",
+            ):
                 static_out = self.fn(static_in)
         return graph, static_in, static_out
+
+    def _replay(self, entry, x: torch.Tensor) -> torch.Tensor:
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone(memory_format=torch.preserve_format)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # Plain (not inference-mode) tensors throughout, so that static buffers made under
         # torch.inference_mode can still be written by a later call outside it.
-        with torch.inference_mode(False), torch.no_grad():
-            if self.before_replay is not None:
-                self.before_replay()
+        with torch.inference_mode(False), torch.no_grad(), self._lock:
+            if self.prepare is not None:
+                self.prepare(x)
+            if self.addresses is not None:
+                now = self.addresses()
+                if now != self._captured_from:
+                    self.graphs.clear()
+                    self.failures.clear()
+                    self._captured_from = now
             k = self.key(x)
-            entry = self.graphs.get(k)
-            if entry is None:
-                while len(self.graphs) >= self.max_graphs:
-                    self.graphs.popitem(last=False)
-                entry = self._capture(x)
-                self.graphs[k] = entry
-            self.graphs.move_to_end(k)
-            graph, static_in, static_out = entry
-            with torch.cuda.device(x.device):
-                static_in.copy_(x)
-                graph.replay()
-                return static_out.clone(memory_format=torch.preserve_format)
+            if k in self.failures:
+                return self.fn(x)
+            dev = x.device
+            with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+                self._after_previous(dev)
+                entry = self.graphs.get(k)
+                if entry is None:
+                    while len(self.graphs) >= self.max_graphs:
+                        self.graphs.popitem(last=False)
+                    try:
+                        entry = self._capture(x)
+                    except Exception as exc:  # noqa: BLE001 - recorded, and the call runs
+                        why = f"capture of {tuple(x.shape)} {x.dtype} failed: {exc}"
+                        self.failures[k] = why
+                        warnings.warn(f"sdvae: CUDA graph {why}; running eagerly", stacklevel=3)
+                        return self.fn(x)
+                    self.graphs[k] = entry
+                self.graphs.move_to_end(k)
+                out = self._replay(entry, x)
+                self._mark_done(dev)
+                return out
+
+    def _after_previous(self, dev: torch.device) -> None:
+        """Order this call's stream after the previous call's copy out (which may have run on
+        another thread's stream): the static input is overwritten next."""
+        done = self._done.get(dev)
+        if done is not None:
+            torch.cuda.current_stream(dev).wait_event(done)
+
+    def _mark_done(self, dev: torch.device) -> None:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(dev))
+        self._done[dev] = ev

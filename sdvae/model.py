@@ -288,9 +288,12 @@ def fold_upsample_weight(weight: torch.Tensor) -> torch.Tensor:
     Folded in float64, returned in ``weight``'s dtype."""
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"weight must be (C_out, C_in, 3, 3), got {tuple(weight.shape)}")
-    m = torch.tensor(_UPSAMPLE_TAPS, dtype=torch.float64, device=weight.device)
-    wt = torch.einsum("au,bv,oiuv->ioab", m, m, weight.detach().double())
-    return wt.to(weight.dtype)
+    w = weight.detach().double()
+    # Sums of slices, no tap matrix: nothing is copied from the host (a CUDA-graph capture
+    # forbids that copy).
+    rows = torch.stack([sum(w[:, :, u] for u in range(3) if t[u]) for t in _UPSAMPLE_TAPS], 2)
+    wt = torch.stack([sum(rows[..., v] for v in range(3) if t[v]) for t in _UPSAMPLE_TAPS], 3)
+    return wt.transpose(0, 1).to(weight.dtype)
 
 
 class _StorageRef:
@@ -403,10 +406,15 @@ def upsample_folded(
     if conv.weight.is_meta:
         w = fold_upsample_weight(conv.weight)
     else:
-        if not torch.compiler.is_compiling() and not fold_is_current(owner, conv):
+        # Never refolded inside a CUDA-graph capture: the graph's caller refolds in place
+        # before capturing and before each replay (a fold made in the capture would live in
+        # the graph's pool, and the refold's host-to-device copy of the taps is forbidden
+        # there). Inference-tensor weights are never "current" (no version counter).
+        capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.compiler.is_compiling() and not fold_is_current(owner, conv):
             refold_upsample(owner, conv)
         w = getattr(owner, "folded_weight", None)
-        if w is None:
+        if w is None or (capturing and (w.dtype, w.device) != (x.dtype, x.device)):
             w = fold_upsample_weight(conv.weight)
     b = conv.bias if bias else None
     if w.dtype != x.dtype:  # under autocast, as autocast's own conv would
@@ -656,10 +664,18 @@ class VAE(nn.Module):
     def cuda_graphs(self) -> bool:
         return self._graphs is not None
 
-    def _refresh_folds(self) -> None:
+    def _prepare(self, x: torch.Tensor) -> None:
+        """Before a graphed call (``sdvae.graphs``): refold what changed, in place."""
         for m in self.modules():
             if isinstance(m, Upsample) and m.fused and not fold_is_current(m, m.conv):
                 m.fold()
+
+    def _prepare_decode(self, latents: torch.Tensor) -> None:
+        """``_prepare``, and FLUX.2's folded normalization made here on the caller's stream,
+        not first during the warm-up on the graph's side stream."""
+        self._prepare(latents)
+        if self.config.is_flux2:
+            self._norm_folded("decode", latents)
 
     def _apply(self, fn, *args, **kwargs):
         # Moving or casting reallocates every weight: captured graphs would read freed memory.
@@ -678,11 +694,16 @@ class VAE(nn.Module):
 
     def _graphed(self, name: str, x: torch.Tensor):
         """The graph runner for ``name`` when this call may be replayed from a graph."""
-        from .graphs import GraphedCall, autocast_on
+        from .graphs import GraphedCall, autocast_on, hook_reasons, tensor_addresses
 
         if self._graphs is None or not x.is_cuda or torch.compiler.is_compiling():
             return None
         if autocast_on():
+            return None
+        hooked = hook_reasons(self)
+        if hooked:  # hooks added after sdvae.optimize: eager, saying why
+            self._graphs = {}
+            getattr(self, "fused_reasons", {})["cuda_graph"] = hooked
             return None
         if torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
@@ -696,7 +717,10 @@ class VAE(nn.Module):
                 "decode_raw": self._decode_raw,
             }[name]
             runner = GraphedCall(
-                fn, before_replay=self._refresh_folds, memory_format=self.memory_format
+                fn,
+                prepare=self._prepare_decode if name == "decode" else self._prepare,
+                addresses=lambda: tensor_addresses(self),
+                memory_format=self.memory_format,
             )
             self._graphs[name] = runner
         return runner

@@ -51,6 +51,7 @@ and picks the band heights for a budget.
 from __future__ import annotations
 
 import dataclasses
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -903,16 +904,33 @@ class _Runner:
                 for b in prog.bufs:
                     if b.last == i:
                         b.tensor = None
-        finally:
-            self.mv.drain()
-            for b in prog.bufs:
-                b.tensor = None
-            for slot in prog.slots:
-                slot.clear()
-            self.input = None
-            self.mv.release()
+        except BaseException as exc:
+            # Clean up first and keep the original exception: a caller that catches an
+            # out-of-memory error and retries with a smaller budget must get the memory
+            # back (the result, the stored tensors, and what the bands' frames hold through
+            # the traceback), and a sticky CUDA error that the drain raises again must
+            # neither replace the original nor skip the release.
+            self._cleanup()
+            self.result = None
+            traceback.clear_frames(exc.__traceback__.tb_next)
+            for step in (self.mv.drain, self.mv.release):
+                try:
+                    step()
+                except Exception as later:  # noqa: BLE001 - noted on the original
+                    if hasattr(exc, "add_note"):  # Python >= 3.11
+                        exc.add_note(f"(and while cleaning up after it: {later!r})")
+            raise
         result, self.result = self.result, None
+        self._cleanup()
+        self.mv.release()  # drains the copies first
         return result
+
+    def _cleanup(self) -> None:
+        for b in self.prog.bufs:
+            b.tensor = None
+        for slot in self.prog.slots:
+            slot.clear()
+        self.input = None
 
     def _conv_in(self, p: _Pass, bands) -> None:
         st, x_in = p.step, self.input

@@ -3,6 +3,9 @@ run, and on a GPU the replayed encode/decode equal the eager fused model, per sh
 weight changes, across inference/no-grad modes, with sampling still drawing fresh noise."""
 
 import copy
+import inspect
+import threading
+import time
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from conftest import assert_close
 
 import sdvae
 from sdvae import VAE, VAEConfig
+from sdvae.graphs import GraphedCall
 
 CFG = VAEConfig.tiny(sample_size=16)
 
@@ -132,3 +136,228 @@ def test_tf32_switch_gets_its_own_graph():
     with tf32(True):
         vae.decode(z)
     assert len(vae._graphs["decode"].graphs) == 2
+
+
+# ------------------------------------------------------------------ host-side decisions
+class _FakeGraphs(GraphedCall):
+    """``GraphedCall`` with the CUDA parts replaced by host code: a "graph" is the static
+    buffers, and a "replay" runs ``fn`` on the static input with a pause between the copy in
+    and the compute (where another thread's copy would land without the lock)."""
+
+    captures = 0
+
+    def _capture(self, x):
+        type(self).captures += 1
+        time.sleep(0.01)
+        return None, torch.empty_like(x), None
+
+    def _replay(self, entry, x):
+        _, static_in, _ = entry
+        static_in.copy_(x)
+        time.sleep(0.0005)
+        return self.fn(static_in).clone()
+
+    def _after_previous(self, dev):
+        pass
+
+    def _mark_done(self, dev):
+        pass
+
+
+def test_two_threads_never_get_each_others_result():
+    runner = _FakeGraphs(lambda t: t * 2)
+    _FakeGraphs.captures = 0
+    errors = []
+
+    def worker(value: float):
+        x = torch.full((4, 4), value)
+        for _ in range(50):
+            out = runner(x)
+            if not torch.equal(out, x * 2):
+                errors.append((value, float(out[0, 0])))
+
+    threads = [threading.Thread(target=worker, args=(v,)) for v in (1.0, 3.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"{len(errors)} calls returned another thread's result, e.g. {errors[:3]}"
+    assert _FakeGraphs.captures == 1, "two first calls captured at once"
+
+
+def test_a_failed_capture_runs_eagerly_with_its_reason_and_is_not_retried():
+    calls = []
+
+    class Failing(_FakeGraphs):
+        def _capture(self, x):
+            calls.append(1)
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    runner = Failing(lambda t: t + 1)
+    x = torch.zeros(2, 2)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        assert torch.equal(runner(x), x + 1)
+    assert torch.equal(runner(x), x + 1)
+    assert len(calls) == 1, "the capture was retried"
+    (why,) = runner.failures.values()
+    assert "not permitted" in why and "(2, 2)" in why
+
+
+def test_graphs_are_dropped_when_what_they_read_moves():
+    where = {"addr": 1}
+    runner = _FakeGraphs(lambda t: t, addresses=lambda: (where["addr"],))
+    _FakeGraphs.captures = 0
+    x = torch.zeros(3)
+    runner(x)
+    runner(x)
+    assert _FakeGraphs.captures == 1
+    where["addr"] = 2  # e.g. a fold rebound to a new tensor
+    runner(x)
+    assert _FakeGraphs.captures == 2
+
+
+def test_the_capture_uses_thread_local_error_mode():
+    src = inspect.getsource(GraphedCall._capture)
+    assert 'capture_error_mode="thread_local"' in src
+
+
+def test_upsample_fold_is_not_redone_inside_a_capture(monkeypatch):
+    """Inference-tensor weights are never "current" (no version counter), so outside a
+    capture every call refolds; inside one (``is_current_stream_capturing`` patched) the fold
+    made before the capture is used, and nothing is copied from the host."""
+    from sdvae import model as M
+
+    with torch.inference_mode():
+        up = M.Upsample(4)
+        up.fused = True
+        x = torch.randn(1, 4, 3, 5)
+        ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        up.fold()
+    refolds = []
+    real = M.refold_upsample
+    monkeypatch.setattr(M, "refold_upsample", lambda o, c: (refolds.append(1), real(o, c)))
+    with torch.no_grad():
+        up(x)
+    assert refolds, "an inference-tensor fold should be redone outside a capture"
+    refolds.clear()
+
+    def no_host_copy(*a, **k):
+        raise AssertionError("torch.tensor (a host-to-device copy) called during a capture")
+
+    with monkeypatch.context() as m, torch.no_grad():
+        m.setattr(torch.cuda, "is_initialized", lambda: True)
+        m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        m.setattr(torch, "tensor", no_host_copy)
+        out = up(x)
+    assert not refolds, "refolded inside a capture"
+    assert_close(out, ref, name="folded upsample under a (simulated) capture")
+
+
+def test_fold_without_a_host_tap_matrix_equals_the_upsample():
+    from sdvae.model import fold_upsample_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    ref = torch.nn.functional.conv2d(
+        torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=1
+    )
+    out = torch.nn.functional.conv_transpose2d(x, fold_upsample_weight(w), stride=2, padding=1)
+    assert (out - ref).abs().max() < 1e-12
+
+
+def test_budgeted_full_path_never_goes_through_the_graphs(monkeypatch):
+    vae = sdvae.optimize(_vae())
+    vae.enable_cuda_graphs()  # as on CUDA; the budgeted path must not use them
+
+    def graphed(*a, **k):
+        raise AssertionError("a budgeted call went through the CUDA graphs")
+
+    monkeypatch.setattr(vae, "_graphed", graphed)
+    z = torch.randn(1, 4, 4, 4)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        plan = vae.memory_plan(tuple(z.shape), max_memory="1GiB")
+        assert plan.path == "full"
+        vae.decode(z, max_memory="1GiB")
+        vae.encode(x, sample=False, max_memory="1GiB")
+
+
+def test_models_with_accelerate_hooks_keep_graphs_off_saying_why():
+    from sdvae.graphs import hook_reasons
+
+    vae = _vae()
+    assert hook_reasons(vae) == []
+    vae.decoder.conv_in._hf_hook = object()
+    (why,) = hook_reasons(vae)
+    assert "decoder.conv_in" in why and "accelerate" in why
+    sdvae.optimize(vae, cuda_graph=True)
+    assert not vae.cuda_graphs
+    assert any("accelerate" in r for r in vae.fused_reasons["cuda_graph"])
+
+
+def test_flux2_decode_fold_is_made_before_the_warm_up():
+    cfg = VAEConfig.flux2(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+    vae = VAE(cfg).eval()
+    z = torch.randn(1, cfg.pipeline_latent_channels, 2, 2)
+    with torch.no_grad():
+        vae._prepare_decode(z)
+    assert "decode" in vae._norm_cache
+
+
+# ------------------------------------------------------------------------ on a GPU
+@pytest.mark.cuda
+def test_capture_with_inference_tensor_weights():
+    """A model cast under torch.inference_mode (inference-tensor weights: folds are never
+    "current") captures and replays, equal to the eager fused model."""
+    with torch.inference_mode():
+        eager = sdvae.optimize(_vae("cuda", torch.float16))
+        graphed = sdvae.optimize(copy.deepcopy(eager), cuda_graph=True)
+        z = torch.randn(1, 4, 4, 4, device="cuda", dtype=torch.float16)
+        for _ in range(3):
+            assert_close(graphed.decode(z), eager.decode(z), name="inference-tensor weights")
+    assert not graphed._graphs["decode"].failures
+    assert len(graphed._graphs["decode"].graphs) == 1
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_two_threads_times_50_decodes_equal_eager():
+    eager = sdvae.optimize(_vae("cuda", torch.float16))
+    graphed = sdvae.optimize(copy.deepcopy(eager), cuda_graph=True)
+    zs = [torch.randn(1, 4, 4, 4, device="cuda", dtype=torch.float16) for _ in range(2)]
+    want = [eager.decode(z) for z in zs]
+    errors = []
+
+    def worker(i):
+        with torch.no_grad(), torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(50):
+                out = graphed.decode(zs[i])
+                torch.cuda.current_stream().synchronize()
+                if not torch.allclose(out.float(), want[i].float(), atol=2e-2, rtol=0):
+                    errors.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"{len(errors)} of 100 graphed decodes differ from eager"
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_budgeted_call_under_cuda_graph_stays_within_full_bytes():
+    vae = sdvae.optimize(_vae("cuda", torch.float16), cuda_graph=True)
+    z = torch.randn(1, 4, 16, 16, device="cuda", dtype=torch.float16)
+    plan = vae.memory_plan(tuple(z.shape), max_memory="4GiB")
+    assert plan.path == "full"
+    vae.decode(z, max_memory="4GiB")  # warm (cuDNN plans, Triton compiles)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    vae.decode(z, max_memory="4GiB")
+    torch.cuda.synchronize()
+    used = torch.cuda.max_memory_allocated() - base
+    assert used <= plan.full_bytes, (used, plan.full_bytes)
+    assert not vae._graphs.get("decode"), "a budgeted call captured a graph"

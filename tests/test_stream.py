@@ -1214,3 +1214,40 @@ def test_gpu_patched_diffusers_tiling_equals_untiled(monkeypatch):
         errs["tiled"] += _rel(tiled.float(), want)
     assert len(runs) == 2
     assert errs["tiled"] <= errs["untiled"], errs
+
+
+# ------------------------------------------------------------------------ error path
+def test_a_failed_run_keeps_its_error_frees_its_memory_and_releases(monkeypatch):
+    """A run that fails (e.g. out of memory in its last pass) while the copies' drain raises
+    too (a sticky CUDA error) raises the original error, releases the mover's host blocks, and
+    holds nothing: the result and the stored tensors are freed even while the caller keeps the
+    exception (to retry with a smaller budget)."""
+    import weakref
+
+    vae = model("sd")
+    z = _latents(vae)
+    seen: dict = {}
+
+    def failing_out(self, p, bands):
+        seen["result"] = weakref.ref(self.result)
+        seen["stored"] = [weakref.ref(b.tensor) for b in self.prog.bufs if b.tensor is not None]
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    drains = []
+
+    def drain(self):  # the drains after each pass go through; the one after the failure not
+        if "result" in seen:
+            drains.append(self)
+            raise RuntimeError("CUDA error: an illegal memory access (simulated sticky error)")
+
+    released = []
+    monkeypatch.setattr(stream._Runner, "_out", failing_out)
+    monkeypatch.setattr(stream._Mover, "drain", drain)
+    monkeypatch.setattr(stream._Mover, "release", lambda self: released.append(self))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="out of memory") as info:
+        stream.run(vae.decoder, vae.post_quant_conv(z / vae.config.scaling_factor), rows=2)
+    assert released, "the mover was not released"
+    assert drains, "the drain was not attempted"
+    assert seen["result"]() is None, "the result is still alive through the exception"
+    assert seen["stored"] and all(r() is None for r in seen["stored"]), "stored tensors alive"
+    assert info.value is not None  # the caller still holds the exception here
