@@ -1,9 +1,11 @@
-"""The ``sdvae`` command: ``bench``, ``check``, ``profile``, ``encode``, ``decode``."""
+"""The ``sdvae`` command: ``bench``, ``check``, ``profile``, ``build-info``, ``encode``,
+``decode``."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import time
@@ -24,6 +26,11 @@ def _bench(args) -> int:
     dtypes = tuple(_DTYPES[d] for d in args.dtype) if args.dtype else None
     ctx = engine.Context(device=device, quick=quick, dtypes=dtypes, compile_mode=args.compile_mode)
     names = args.bench or None
+    for pattern in args.skip or ():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise InputError(f"--skip {pattern!r}: not a regular expression ({exc})") from None
     unknown = [n for n in names or () if n not in engine.suites()]
     if unknown:
         raise InputError(
@@ -40,13 +47,20 @@ def _bench(args) -> int:
         )
     )
     writer = None
+    earlier: list = []  # --append: the rows already in the CSV, for the table
     if args.out:
         path = os.path.join(args.out, engine.default_csv_name(device))
         try:
-            writer = engine.CsvWriter(path, device)
+            if args.append and os.path.exists(path):
+                earlier = engine.read_csv(path)
+            writer = engine.CsvWriter(path, device, append=args.append)
         except OSError as exc:
             raise InputError(
                 f"--out {args.out}: cannot write {path} ({exc.strerror}); give a writable folder"
+            ) from exc
+        except (KeyError, ValueError) as exc:
+            raise InputError(
+                f"--append: {path} is not a CSV of `sdvae bench` ({exc}); move it away"
             ) from exc
     rows: list = []
     errors: list[str] = []
@@ -62,14 +76,20 @@ def _bench(args) -> int:
     old = signal.signal(signal.SIGTERM, stop)
     try:
         engine.run(
-            ctx, names, progress=engine.log, rep_ms=args.rep_ms, on_row=on_row, errors=errors
+            ctx,
+            names,
+            progress=engine.log,
+            rep_ms=args.rep_ms,
+            on_row=on_row,
+            errors=errors,
+            skip=args.skip or (),
         )
-    except KeyboardInterrupt as exc:
-        errors.append(f"interrupted ({exc}) after {len(rows)} rows")
+    except KeyboardInterrupt as exc:  # SIGINT (`timeout -s INT`, Ctrl-C) or the SIGTERM above
+        errors.append(f"interrupted ({exc or 'SIGINT'}) after {len(rows)} rows")
         engine.log(f"INTERRUPTED after {len(rows)} rows")
     finally:
         signal.signal(signal.SIGTERM, old)
-        table = engine.markdown(rows, device)
+        table = engine.markdown(earlier + rows, device)
         if writer is not None:
             writer.close()
             engine.log(f"wrote {writer.path}")
@@ -99,6 +119,43 @@ def _check(args) -> int:
     bad = [r for r in results if not r.ok]
     print(f"{len(results) - len(bad)} passed, {len(bad)} failed")
     return 1 if bad else 0
+
+
+#: what ``sdvae build-info --require`` can ask of the compiled extension
+_REQUIREMENTS = ("cuda", "graph_conv")
+
+
+def build_problems(required) -> list[str]:
+    """Why the compiled extension lacks each of ``required`` (``_REQUIREMENTS``), one line
+    each; [] when it has them all. Read from ``sdvae._ext``'s public answers: ``with_cuda()``
+    and the ``graph conv: cudnn-frontend ...`` field of ``build_info()``."""
+    from . import _ext
+
+    info = _ext.build_info()
+    if not _ext.available():
+        return [f"sdvae._C is not loaded: {info}"]
+    problems = []
+    if "cuda" in required and not _ext.with_cuda():
+        problems.append(
+            f"sdvae._C was built without CUDA kernels ({info}): the build needs nvcc and a "
+            "CUDA build of torch"
+        )
+    if "graph_conv" in required and "graph conv: cudnn-frontend" not in info:
+        problems.append(
+            f"sdvae._C was built without the cuDNN graph conv ({info}): the build needs "
+            "cudnn-frontend's headers (the nvidia-cudnn-frontend wheel; bench/fetch_wheels.sh)"
+        )
+    return problems
+
+
+def _build_info(args) -> int:
+    from . import _ext
+
+    print(f"sdvae._C: {_ext.build_info()}", flush=True)
+    problems = build_problems(args.require or ())
+    for p in problems:
+        print(f"sdvae: error: {p}", file=sys.stderr, flush=True)
+    return 1 if problems else 0
 
 
 def _profile(args) -> int:
@@ -131,18 +188,31 @@ def _profile(args) -> int:
     z = z.to(device, dtype)
     if device.type == "cuda":
         x, z = (t.contiguous(memory_format=torch.channels_last) for t in (x, z))
-    models = profile.build_models(vae)
-    kernels: dict = {}
-    result = profile.profile_models(models, x, z, args.out, kernels=kernels)
-    unit = "GPU ms" if device.type == "cuda" else "CPU ms"
-    ran = str(next(vae.parameters()).dtype).replace("torch.", "")  # what really ran
+    ran = str(next(vae.parameters()).dtype).replace("torch.", "")  # what really runs
     print(
         f"encode + decode of one {size}x{size} image, {ran}, "
-        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}",
+        flush=True,
     )
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:  # each stage as it ends: a run cut short shows how far
+        print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
+
+    models = profile.build_models(vae)
+    progress(f"models built: {', '.join(models)}")
+    kernels: dict = {}
+    unit = "GPU ms" if device.type == "cuda" else "CPU ms"
+    result = profile.profile_models(
+        models, x, z, args.out, kernels=kernels, progress=progress, unit=unit
+    )
+    print(flush=True)
     print(profile.format_table(result, unit))
     print(profile.format_kernels(kernels, unit))
-    print(f"Chrome traces: {', '.join(os.path.join(args.out, p + '.trace.json') for p in models)}")
+    print(
+        f"Chrome traces: {', '.join(os.path.join(args.out, p + '.trace.json') for p in models)}",
+        flush=True,
+    )
     return 0
 
 
@@ -411,7 +481,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--rep-ms", type=float, help="time budget per case for repeats (ms)")
     b.add_argument("--out", help="folder for <date>-<gpu>.csv and .md (default: print only)")
+    b.add_argument(
+        "--append",
+        action="store_true",
+        help="with --out: add the rows to the day's CSV (its .md then lists them all) instead "
+        "of starting it anew",
+    )
+    b.add_argument(
+        "--skip",
+        action="append",
+        metavar="REGEX",
+        help="leave out the cases whose label (bench shape dtype layout provider, as the "
+        "progress lines print it) matches; repeatable",
+    )
     b.set_defaults(func=_bench)
+
+    bi = sub.add_parser(
+        "build-info",
+        help="what sdvae._C was built with; exit 1, saying why, when it lacks a --require",
+    )
+    bi.add_argument(
+        "--require",
+        nargs="+",
+        choices=_REQUIREMENTS,
+        help="fail unless the extension has these (cuda: CUDA kernels; graph_conv: the cuDNN "
+        "graph conv)",
+    )
+    bi.set_defaults(func=_build_info)
 
     c = sub.add_parser("check", help="every op against its float64 reference on this device")
     c.add_argument("--device", help="cuda or cpu (default: cuda when available)")

@@ -179,12 +179,22 @@ def profile_models(
     latents: torch.Tensor,
     out_dir: str,
     kernels: dict | None = None,
+    progress=None,
+    unit: str = "ms",
 ):
     """Profile ``encode`` + ``decode`` of each ``{provider: (encode_fn, decode_fn, module)}``;
     writes ``<provider>.trace.json`` to ``out_dir``; returns ``{provider: {category: ms}}``
     and, when ``kernels`` is a dict, fills it with ``{provider: [(name, category, calls,
-    ms)]}``, largest first."""
+    ms)]}``, largest first. ``progress(message)``, when given, hears of each stage as it
+    ends (warm-up, profiled run, trace written) and gets each provider's category totals as
+    soon as they are known, so a run stopped midway has said what it measured."""
+    import time
+
     from torch.profiler import ProfilerActivity, profile, record_function
+
+    def say(msg: str) -> None:
+        if progress is not None:
+            progress(msg)
 
     os.makedirs(out_dir, exist_ok=True)
     on_cuda = images.device.type == "cuda"
@@ -192,10 +202,13 @@ def profile_models(
     result = {}
     for provider, (encode, decode, module) in models.items():
         with torch.inference_mode():
+            t0 = time.perf_counter()
             encode(images)
             decode(latents)  # warm-up: Triton compiles, cuDNN picks algorithms
             if on_cuda:
                 torch.cuda.synchronize()
+            say(f"{provider}: warm-up encode + decode took {time.perf_counter() - t0:.1f} s")
+            t0 = time.perf_counter()
             with _ranges(module), profile(activities=acts) as prof:
                 with record_function("encode"):
                     encode(images)
@@ -203,10 +216,17 @@ def profile_models(
                     decode(latents)
                 if on_cuda:
                     torch.cuda.synchronize()
-        prof.export_chrome_trace(os.path.join(out_dir, f"{provider}.trace.json"))
+        say(f"{provider}: profiled encode + decode in {time.perf_counter() - t0:.1f} s")
+        path = os.path.join(out_dir, f"{provider}.trace.json")
+        prof.export_chrome_trace(path)
         result[provider], per_kernel = _summarise(prof, on_cuda)
         if kernels is not None:
             kernels[provider] = per_kernel
+        totals = ", ".join(f"{c} {v:.3f}" for c, v in result[provider].items() if v)
+        say(
+            f"{provider}: {sum(result[provider].values()):.3f} {unit} in all ({totals}); "
+            f"{len(per_kernel)} distinct kernels; trace {path}"
+        )
     return result
 
 

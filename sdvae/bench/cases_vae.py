@@ -11,7 +11,8 @@ Providers (every one sees the same random weights):
 
 Sizes: ``SDVAE_BENCH_VAE_SIZES`` (image sizes, default ``512,1024`` on a GPU, 64 on the CPU)
 at batch 1, plus ``SDVAE_BENCH_VAE_BATCH4`` (default ``512``) at batch 4, each a comma list
-(set but empty: none);
+(set but empty: none); dtypes of these (SD) rows: ``SDVAE_BENCH_VAE_DTYPES`` (a comma list of
+fp16, bf16, fp32; default fp16,bf16 on a GPU, fp32 on the CPU; ``--dtype`` narrows it too);
 e.g. ``SDVAE_BENCH_VAE_SIZES=512,1024,2048 SDVAE_BENCH_VAE_BATCH4=512,1024,2048`` for the
 whole matrix (each torch.compile provider compiles once per size and dtype, which is what
 makes the whole matrix slow). On a GPU, ``decode`` also reports the peak memory of one 2048²
@@ -134,9 +135,23 @@ def pipeline_calls(akl, cfg: VAEConfig):
     return encode, decode
 
 
+_DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def _dtypes(ctx: Context):
-    default = (torch.float32,) if not ctx.is_cuda else (torch.float16, torch.bfloat16)
-    return tuple(d for d in default if ctx.wants(d)) if ctx.dtypes is None else ctx.dtypes
+    """The SD rows' dtypes: ``SDVAE_BENCH_VAE_DTYPES`` (set: those; set but empty: none), else
+    fp16 and bf16 on a GPU, fp32 on the CPU; either way only those ``ctx`` wants."""
+    raw = os.environ.get("SDVAE_BENCH_VAE_DTYPES")
+    if raw is None:
+        default = (torch.float32,) if not ctx.is_cuda else (torch.float16, torch.bfloat16)
+        return tuple(d for d in default if ctx.wants(d)) if ctx.dtypes is None else ctx.dtypes
+    names = [v for v in raw.replace(" ", "").split(",") if v]
+    bad = [v for v in names if v not in _DTYPE_NAMES]
+    if bad:
+        raise ValueError(
+            f"SDVAE_BENCH_VAE_DTYPES must be a comma list of {', '.join(_DTYPE_NAMES)}, got {bad}"
+        )
+    return tuple(_DTYPE_NAMES[v] for v in dict.fromkeys(names) if ctx.wants(_DTYPE_NAMES[v]))
 
 
 def _models(ctx: Context, dtype: torch.dtype, cfg: VAEConfig | None = None):

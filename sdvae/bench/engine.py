@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,7 +41,10 @@ __all__ = [
     "run",
     "measure",
     "write_csv",
+    "read_csv",
     "markdown",
+    "commit",
+    "file_label",
 ]
 
 CSV_COLUMNS = (
@@ -213,13 +217,21 @@ def run(
     rep_ms: float | None = None,
     on_row: Callable[[Row], None] | None = None,
     errors: list[str] | None = None,
+    skip: Iterable[str] = (),
 ) -> list[Row]:
     """Time every case of the named suites (all when ``names`` is None).
 
     ``on_row`` sees each row as soon as it is measured (the CLI appends it to the CSV, so a
     run cut short keeps what it measured). A case that raises is reported through
     ``progress`` and appended to ``errors`` (when given, else it propagates); out-of-memory is
-    a result (empty row), not an error."""
+    a result (empty row), not an error. ``skip``: regular expressions searched in each case's
+    label (``"<bench> <shape> <dtype> <layout> <provider>"``, as ``progress`` prints it); a
+    case that matches one is never called, so nothing of it is compiled or timed (how a
+    second run leaves out the rows a first one measured)."""
+    try:
+        skips = [re.compile(p) for p in skip]
+    except re.error as exc:
+        raise ValueError(f"skip: {exc.pattern!r} is not a regular expression ({exc})") from None
     table = suites()
     names = list(table) if names is None else list(names)
     unknown = [n for n in names if n not in table]
@@ -239,6 +251,11 @@ def run(
             i += 1
             dname = DTYPE_NAMES.get(case.dtype, case.dtype)
             label = f"{case.bench} {case.shape} {dname} {case.layout} {case.provider}"
+            if any(p.search(label) for p in skips):
+                if progress:
+                    progress(f"[{name} #{i}] {label}: skipped (matches a skip pattern)")
+                del case
+                continue
             if progress:
                 progress(f"[{name} #{i}] {label}")
             try:
@@ -291,7 +308,13 @@ def run(
 
 
 # ----------------------------------------------------------------------------- output
-def _commit() -> str:
+def commit() -> str:
+    """The commit the measured code came from: ``SDVAE_COMMIT`` when set (bench/device_check.sh
+    sets it from the working tree; a GPU machine that gets the tree without ``.git`` cannot
+    ask git), else ``git rev-parse`` of this package's checkout, else ``unknown``."""
+    env = os.environ.get("SDVAE_COMMIT", "").strip()
+    if env:
+        return env
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(
@@ -312,6 +335,14 @@ def device_name(device: torch.device) -> str:
     return f"cpu-{os.cpu_count()}core"
 
 
+def file_label(name: str) -> str:
+    """The one rule for a device name inside a file name (the bench CSV and the tune file):
+    a leading ``NVIDIA`` dropped, every run of characters outside ``[A-Za-z0-9._-]`` made one
+    ``-``. ``"NVIDIA H100 80GB HBM3"`` -> ``"H100-80GB-HBM3"``."""
+    name = re.sub(r"^\s*NVIDIA\b[\s_-]*", "", name, flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "unknown"
+
+
 def environment(device: torch.device) -> dict[str, str]:
     try:
         import triton
@@ -324,7 +355,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "gpu": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
-        "commit": _commit(),
+        "commit": commit(),
     }
 
 
@@ -335,15 +366,18 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 
 class CsvWriter:
-    """DESIGN.md's CSV, one flushed line per row as it is measured."""
+    """DESIGN.md's CSV, one flushed line per row as it is measured. ``append``: add to the
+    file when it already holds this CSV (its header), else start it."""
 
-    def __init__(self, path: str, device: torch.device):
+    def __init__(self, path: str, device: torch.device, *, append: bool = False):
         self.path = path
         self.env = environment(device)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._fh = open(path, "w", newline="")  # noqa: SIM115 (closed in close())
+        add = append and _has_header(path)
+        self._fh = open(path, "a" if add else "w", newline="")  # noqa: SIM115 (closed in close())
         self._w = csv.writer(self._fh)
-        self._w.writerow(CSV_COLUMNS)
+        if not add:
+            self._w.writerow(CSV_COLUMNS)
         self._fh.flush()
 
     def write(self, r: Row) -> None:
@@ -370,10 +404,42 @@ def write_csv(rows: list[Row], path: str, device: torch.device) -> str:
     return path
 
 
+def _has_header(path: str) -> bool:
+    try:
+        with open(path, newline="") as fh:
+            return next(csv.reader(fh), None) == CSV_COLUMNS
+    except OSError:
+        return False
+
+
+def _num(text: str) -> float | None:
+    return float(text) if text else None
+
+
+def read_csv(path: str) -> list[Row]:
+    """The rows of a CSV that ``CsvWriter`` wrote (numbers as written, 6 significant digits)."""
+    with open(path, newline="") as fh:
+        return [
+            Row(
+                bench=r["bench"],
+                shape=r["shape"],
+                dtype=r["dtype"],
+                layout=r["layout"],
+                provider=r["provider"],
+                median_ms=_num(r["median_ms"]),
+                p20_ms=_num(r["p20_ms"]),
+                p80_ms=_num(r["p80_ms"]),
+                gbps=_num(r["gbps"]),
+                tflops=_num(r["tflops"]),
+                peak_mem_mb=_num(r["peak_mem_mb"]),
+                max_err=_num(r["max_err"]),
+            )
+            for r in csv.DictReader(fh)
+        ]
+
+
 def default_csv_name(device: torch.device) -> str:
-    gpu = device_name(device).replace("NVIDIA ", "").replace(" ", "-")
-    gpu = "".join(ch for ch in gpu if ch.isalnum() or ch in "-_.")
-    return f"{_dt.date.today().isoformat()}-{gpu}.csv"
+    return f"{_dt.date.today().isoformat()}-{file_label(device_name(device))}.csv"
 
 
 def markdown(rows: list[Row], device: torch.device) -> str:

@@ -90,11 +90,13 @@ VARIANTS = [
 
 
 class Writer:
-    """JSON lines into ``path``, each flushed as it is written."""
+    """JSON lines into ``path``, each flushed as it is written; with ``echo``, each row also
+    as one line on stderr (a log then shows what a run cut short had measured)."""
 
-    def __init__(self, path: str, common: dict):
+    def __init__(self, path: str, common: dict, echo: bool = False):
         self.path = path
         self.common = common
+        self.echo = echo
         self.rows = 0
         self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
@@ -103,6 +105,8 @@ class Writer:
         self._fh.write(json.dumps(row, sort_keys=False) + "\n")
         self._fh.flush()
         self.rows += 1
+        if self.echo:
+            print("tune:", json.dumps(fields, sort_keys=False), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self._fh.close()
@@ -404,10 +408,12 @@ def run(
     max_plans: int = 16,
     device: str | None = None,
     budget_s: float | None = None,
+    echo: bool = False,
 ) -> str:
     """Run ``suites`` in the order given and write ``<out_dir>/tune-<date>-<gpu>.jsonl``
-    (appended to); returns its path. ``budget_s``: no new shape is started after that many
-    seconds (a row says where it stopped)."""
+    (appended to; ``<gpu>`` by ``engine.file_label``, the bench CSV's rule); returns its path.
+    ``budget_s``: no new shape is started after that many seconds (a row says where it
+    stopped). ``echo``: print each row to stderr as well."""
     bad = [v for v in suites if v not in SUITES]
     if bad:
         raise ValueError(f"suites must be among {SUITES}, got {bad}")
@@ -423,8 +429,8 @@ def run(
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     os.makedirs(out_dir, exist_ok=True)
     date = datetime.date.today().isoformat()
-    path = os.path.join(out_dir, f"tune-{date}-{gpu.replace(' ', '-').replace('/', '-')}.jsonl")
-    emit = Writer(path, {"gpu": gpu, "dtype": dtype})
+    path = os.path.join(out_dir, f"tune-{date}-{engine.file_label(gpu)}.jsonl")
+    emit = Writer(path, {"gpu": gpu, "dtype": dtype}, echo=echo)
     try:
         import triton
 
@@ -436,7 +442,7 @@ def run(
         torch=torch.__version__,
         triton=triton_version,
         cudnn=torch.backends.cudnn.version() if dev.type == "cuda" else None,
-        commit=engine._commit(),
+        commit=engine.commit(),
         date=date,
         reps=reps,
     )
@@ -481,10 +487,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         path = run(args.out, args.suites, args.dtype, args.reps, args.max_plans, args.device,
-                   args.budget_s)  # fmt: skip
+                   args.budget_s, echo=True)  # fmt: skip
     except ValueError as exc:
         print(f"sdvae tune: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # `timeout -s INT`: the rows so far are in the file
+        print("sdvae tune: interrupted; the rows measured so far are written", file=sys.stderr)
+        return 130
     print(path)
     return 0
 
