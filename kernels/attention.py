@@ -113,12 +113,15 @@ __all__ = [
     "attention_reference",
     "backend_choices",
     "backend_for",
+    "block_d",
     "chunk_heads",
     "chunk_rows",
     "kernel_config_choices",
     "kernel_config_for",
+    "launch",
     "launchable_configs",
     "not_supported_reasons",
+    "shared_limit",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -461,6 +464,22 @@ def _as4d(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     if not ok(t):
         t = t.clone(memory_format=torch.contiguous_format)
     return t, tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
+
+
+def block_d(d: int) -> int:
+    """The padded head dim the kernel's tiles use for head dim ``d``."""
+    return _block_d(d)
+
+
+def shared_limit(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (bytes)."""
+    return _shared_limit(device)
+
+
+def launch(q, k, v, scale: float, config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """One launch of the Triton kernel with ``config`` (BLOCK_M, BLOCK_N, num_warps,
+    num_stages; None: the default), for timing each config (``sdvae.bench.tune``)."""
+    return _launch(q, k, v, scale, config)
 
 
 def _launch(q, k, v, scale: float, config: tuple[int, ...] | None = None) -> torch.Tensor:

@@ -137,11 +137,11 @@ try:
     import triton
     import triton.language as tl
 
-    _TRITON_ERROR = None
+    TRITON_ERROR = None
 except ImportError as _exc:  # CPU-only installs still get the reference path
     triton = None
     tl = None
-    _TRITON_ERROR = f"triton is not importable ({_exc})"
+    TRITON_ERROR = f"triton is not importable ({_exc})"
 
 __all__ = ["describe_plan", "group_norm", "group_norm_reference", "not_supported_reasons", "plan"]
 
@@ -273,7 +273,7 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _silu(y):
+    def silu_tl(y):
         # exp's argument capped at 80: no overflow (masked lanes can hold anything); for
         # y < -80 the result is y * 1.8e-35 instead of about y * e^y: both negligible
         return y / (1.0 + tl.exp(tl.minimum(-y, 80.0)))
@@ -333,7 +333,7 @@ if triton is not None:
         if HAS_B:
             y = y + tl.load(b_ptr + c0 + dc, mask=mask, other=0.0).to(tl.float32)
         if SILU:
-            y = _silu(y)
+            y = silu_tl(y)
         tl.store(y_ptr + base + rel, y.to(y_ptr.dtype.element_ty), mask=mask)
         if WRITE_SUM:
             tl.store(sum_ptr + base + rel, v.to(sum_ptr.dtype.element_ty), mask=mask)
@@ -539,14 +539,15 @@ if triton is not None:
         d = tl.load((coef_ptr + 2 * nc) + ci, mask=c_ok, other=0.0)[:, None]
         y = (v - k) * a + d
         if SILU:
-            y = _silu(y)
+            y = silu_tl(y)
         tl.store(y_ptr + base + rel, y.to(y_ptr.dtype.element_ty), mask=mask)
         if WRITE_SUM:
             tl.store(sum_ptr + base + rel, v.to(sum_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------ host
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -749,9 +750,9 @@ def not_supported_reasons(
     these arguments (empty list: the kernels run). Bad arguments raise instead."""
     _check(x, num_groups, weight, bias, eps, input_bias, residual)
     reasons = []
-    if _TRITON_ERROR is not None:
-        reasons.append(_TRITON_ERROR)
-    if x.device.type != "cuda" and not _interpreting():
+    if TRITON_ERROR is not None:
+        reasons.append(TRITON_ERROR)
+    if x.device.type != "cuda" and not interpreting():
         reasons.append(
             f"x is on {x.device.type} and TRITON_INTERPRET is not 1: the eager reference runs"
         )

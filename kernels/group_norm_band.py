@@ -43,10 +43,10 @@ import contextlib
 
 import torch
 
-from .group_norm import _TRITON_ERROR, _interpreting, tl, triton
+from .group_norm import TRITON_ERROR, interpreting, tl, triton
 
 if triton is not None:
-    from .group_norm import _silu
+    from .group_norm import silu_tl
 
 __all__ = [
     "group_norm_band_stats",
@@ -55,6 +55,7 @@ __all__ = [
     "group_norm_band_apply_reference",
     "merge_stats",
     "not_supported_reasons",
+    "empty_like_format",
 ]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -234,7 +235,7 @@ if triton is not None:
         if HAS_B:
             y = y + b
         if SILU:
-            y = _silu(y)
+            y = silu_tl(y)
         tl.store(y_ptr + yoff + yrel, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -259,9 +260,9 @@ def not_supported_reasons(x: torch.Tensor, num_groups: int = 1) -> list[str]:
     Bad arguments raise instead."""
     _check_x(x, num_groups)
     reasons = []
-    if _TRITON_ERROR is not None:
-        reasons.append(_TRITON_ERROR)
-    if x.device.type != "cuda" and not _interpreting():
+    if TRITON_ERROR is not None:
+        reasons.append(TRITON_ERROR)
+    if x.device.type != "cuda" and not interpreting():
         reasons.append(
             f"x is on {x.device.type} and TRITON_INTERPRET is not 1: the eager reference runs"
         )
@@ -361,7 +362,9 @@ def _check_apply(x, mean, rstd, weight, bias, out) -> None:
             )
 
 
-def _empty_like_format(x: torch.Tensor) -> torch.Tensor:
+def empty_like_format(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor like ``x`` in the layout the band kernels write (channels_last when
+    ``x`` is, else contiguous)."""
     fmt = torch.channels_last if _c_fast(x) else torch.contiguous_format
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
@@ -378,7 +381,7 @@ def group_norm_band_apply(x, mean, rstd, weight=None, bias=None, *, silu=False, 
         if out is None:
             return y
         return out.copy_(y)
-    y = _empty_like_format(x) if out is None else out
+    y = empty_like_format(x) if out is None else out
     if x.numel() == 0:
         return y
     n, c, h, w = x.shape
@@ -433,4 +436,4 @@ def _apply_op(
 def _(x, mean, rstd, weight, bias, silu):
     _check_x(x, 1)
     _check_apply(x, mean, rstd, weight, bias, None)
-    return _empty_like_format(x)
+    return empty_like_format(x)

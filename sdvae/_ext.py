@@ -23,6 +23,11 @@ def available() -> bool:
     return _C is not None
 
 
+def extension():
+    """The loaded ``sdvae._C`` module (None when it could not be loaded: ``LOAD_ERROR``)."""
+    return _C
+
+
 def build_info() -> str:
     if _C is None:
         return LOAD_ERROR or "sdvae._C is not available"

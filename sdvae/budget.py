@@ -31,10 +31,11 @@ import threading
 
 import torch
 
-from . import stream
+from . import dispatch, execute, steps, stream
 
 __all__ = [
     "BudgetError",
+    "budget_error",
     "MemoryPlan",
     "PassPlan",
     "StoredTensor",
@@ -190,26 +191,52 @@ def check_offload(offload) -> str | None:
 
 
 # ------------------------------------------------------------------ today's path
-def _flavor(part) -> str:
-    """Which code runs ``part``'s full forward: ``run`` (sdvae fused), ``sdvae`` (sdvae
-    eager), ``patched`` / ``stock`` (diffusers with / without ``patch_diffusers``)."""
-    from . import model as M
+def full_peak(part, shape, dtype: torch.dtype, device, fmt=None) -> int:
+    """Estimated peak bytes of ``part``'s own full forward on an input of ``shape`` in layout
+    ``fmt`` (default: the part's, ``stream.memory_format_of``) on ``device``: the input
+    excluded, the output included.
 
-    if isinstance(part, (M.Encoder, M.Decoder)):
-        return "run" if M._fused_run(part) else "sdvae"
-    blocks = part.mid_block.resnets if part.mid_block is not None else []
-    return "patched" if any(stream._is_patched(b) for b in blocks) else "stock"
-
-
-def full_peak(part, shape, dtype: torch.dtype, device) -> int:
-    """Estimated peak bytes of ``part``'s own full forward on an input of ``shape`` (the input
-    excluded, the output included): the largest, over the layers, of what the running code
-    holds at once (the layer's input, its temporaries and output), in units of the layer's
-    tensors. Upper bounds of the counts measured with ``sdvae.memtrack`` on the CPU for every
-    flavour (tests/test_stream.py)."""
-    kind, steps, _ = stream._steps(part, dtype, meta=True)
-    flavor = _flavor(part)
+    sdvae's own paths are measured, not fitted: their own code runs on the meta device, with
+    what the fused ops hold inside themselves counted (``sdvae.dispatch.metered``): the
+    whole-tensor executor on the part's meta step records (``execute.measure``), or the eager
+    modules' forwards with meta parameters (``torch.func.functional_call``). A diffusers
+    part runs diffusers' own forwards (with the patch's leaves when patched), which are not
+    ours: for them the counts below, per block, in units of the block's tensors, upper bounds
+    of what ``sdvae.memtrack`` measured on the CPU for each (tests/test_stream.py)."""
     device = torch.device(device)
+    low = steps.lower(part, dtype, meta=True, banded=False)
+    if low.kind == "encoder":  # a level with no rows left: refused, naming the images
+        downs = sum(isinstance(st, steps.Downsample) for st in low.steps)
+        stream.check_encoder_input(*shape[2:], downs)
+    if fmt is None:
+        fmt = stream.memory_format_of(part, torch.empty(shape, device="meta"))
+    if low.flavor == "fused":
+        return execute.measure(low, tuple(shape), dtype, fmt, device)
+    if low.flavor == "sdvae":
+        return _measure_modules(part, shape, dtype, fmt, device)
+    return _diffusers_peak(low, shape, dtype, device)
+
+
+def _measure_modules(part, shape, dtype, fmt, device) -> int:
+    """Peak bytes of ``part``'s own (eager) forward, run on the meta device with meta twins of
+    its parameters and buffers."""
+    from .memtrack import TensorMemory
+
+    def twin(t):
+        return torch.empty_like(t, device="meta", dtype=dtype if t.is_floating_point() else None)
+
+    state = {n: twin(t) for n, t in part.named_parameters()}
+    state.update({n: twin(t) for n, t in part.named_buffers() if t is not None})
+    x = torch.empty(tuple(shape), dtype=dtype, device="meta", memory_format=fmt)
+    with torch.no_grad(), TensorMemory("meta", collect=False) as tracker:
+        with dispatch.metered(tracker, device):
+            torch.func.functional_call(part, state, (x,))
+    return tracker.peak
+
+
+def _diffusers_peak(low, shape, dtype: torch.dtype, device) -> int:
+    """``full_peak`` of a diffusers part: stock (``low.flavor == "stock"``) or patched."""
+    flavor = low.flavor
     on_cpu = device.type == "cpu"
     n, _, h, w = shape
     e = torch.empty((), dtype=dtype).element_size()
@@ -221,46 +248,44 @@ def full_peak(part, shape, dtype: torch.dtype, device) -> int:
         return out if (on_cpu and conv.fused) else 0
 
     peak, cur, held, level_in, box = 0, 0, 0, 0, None
-    for st in steps:
+    for st in low.steps:
         # A level or mid block called as a module keeps its input (nn.Module's call holds
-        # the arguments) while its later blocks run; the fused path hands tensors on.
+        # the arguments) while its later blocks run.
         container = re.split(r"\.(?:resnets|attentions|upsamplers|downsamplers)\.", st.name)[0]
         if container != box:
             box, held, level_in = container, 0, cur
-        elif flavor != "run":
+        else:
             held = level_in
-        if isinstance(st, stream._ConvIn):
+        if isinstance(st, steps.ConvIn):
             out = size(st.cout, h, w)
             cost, cur = out + conv_extra(st.conv, out), out
-        elif isinstance(st, stream._Res):
+        elif isinstance(st, steps.Resnet):
             x, o = size(st.cin, h, w), size(st.cout, h, w)
             if st.shortcut is not None:
                 cost = {
-                    "run": max(x + 2 * o, 3 * o),
-                    "sdvae": max(3 * x, 2 * x + o, x + 3 * o),
                     "stock": max(3 * x, 2 * x + o, 2 * x + 2 * o, x + 4 * o),
                     "patched": max(2 * x + o, x + 3 * o),
                 }[flavor]
             else:
-                cost = {"run": 3 * o, "sdvae": 4 * o, "stock": 4 * o, "patched": 3 * o}[flavor]
+                cost = {"stock": 4 * o, "patched": 3 * o}[flavor]
             cost, cur = cost + conv_extra(st.conv1, o), o
-        elif isinstance(st, stream._Attn):
+        elif isinstance(st, steps.Attention):
             c = size(st.channels, h, w)
-            cost = {"run": 14 * c, "sdvae": 9 * c, "stock": 11 * c, "patched": 14 * c}[flavor]
+            cost = {"stock": 11 * c, "patched": 14 * c}[flavor]
             if st.fused:  # the kernel's logsumexp
                 cost += n * st.heads * h * w * 4
             else:  # SDPA's own buffers
                 q_shape = (n, st.heads, h * w, st.channels // st.heads)
-                cost += stream.sdpa_extra_bytes(device, q_shape, h * w, dtype)
-            if flavor in ("run", "patched"):  # the q/k/v weights concatenated per call
+                cost += dispatch.sdpa_extra_bytes(device, q_shape, h * w, dtype)
+            if flavor == "patched":  # the q/k/v weights concatenated per call
                 cost += 3 * st.channels * (st.channels + 1) * e
             if st.fused and not on_cpu:
                 cost += c + 2 * 2**24 * 4  # the attention library path's q copy and scores
-        elif isinstance(st, stream._Up):
+        elif isinstance(st, steps.Upsample):
             o = 4 * cur
             cost = cur + o if st.folded is not None else cur + 2 * o
             cur, h, w = o, 2 * h, 2 * w
-        elif isinstance(st, stream._Down):
+        elif isinstance(st, steps.Downsample):
             h2, w2 = h // 2, w // 2
             o = size(st.channels, h2, w2)
             if st.conv.fused:
@@ -270,12 +295,7 @@ def full_peak(part, shape, dtype: torch.dtype, device) -> int:
             cur, h, w = o, h2, w2
         else:
             img = size(st.cout, h, w)
-            cost = {
-                "run": cur + img,
-                "sdvae": max(3 * cur, 2 * cur + img),
-                "stock": max(2 * cur, cur + img),
-                "patched": max(2 * cur, cur + img),
-            }[flavor] + conv_extra(st.conv, img)
+            cost = max(2 * cur, cur + img) + conv_extra(st.conv, img)
         peak = max(peak, cost + held)
     return int(peak)
 
@@ -497,7 +517,7 @@ def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: s
         smallest = max(smallest, stored + c1)
         if band_rows is not None:
             rows = band_rows
-            height = max(b - a for a, b in stream._band_list(p.h, band_rows))
+            height = max(b - a for a, b in stream.band_list(p.h, band_rows))
             band = stream.pass_cost(prog, i, height, **kw) if isinstance(rows, int) else c1
         else:
             avail = (budget if budget is not None else 2**62) - reserve - stored
@@ -510,7 +530,7 @@ def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: s
         if not isinstance(rows, int):  # a sequence of band heights: its costliest band
             band = max(stream.pass_cost(prog, i, r, **kw) for r in set(rows))
         chosen = max(chosen, stored + band)
-        bands = len(stream._band_list(p.h, rows))
+        bands = len(stream.band_list(p.h, rows))
         passes.append(PassPlan(p.name, p.kind, p.h, p.w, rows if isinstance(rows, int) else
                                max(rows), bands, stored, band))  # fmt: skip
     min_bytes, streamed = smallest + reserve, chosen + reserve
@@ -546,7 +566,9 @@ class BudgetError(ValueError):
     """A memory budget that no path can meet (the message names the smallest that works)."""
 
 
-def _fail(plan: MemoryPlan, name: str = "max_memory"):
+def budget_error(plan: MemoryPlan, name: str = "max_memory") -> BudgetError:
+    """The error for a plan no path meets (``plan.path == "none"``), naming the smallest
+    budget that works, or the host memory offload lacks; ``name``: the option's name."""
     what = f"{plan.op} shape {tuple(plan.shape)} in {str(plan.dtype).replace('torch.', '')}"
     if plan.host_short:
         pinned = " (pinned: each tensor rounded up to a power of two)"
@@ -647,15 +669,15 @@ def _vae_call(vae, op: str, x: torch.Tensor, max_memory, offload, band_rows, raw
     plan = vae_plan(vae, op, x.shape, dtype=x.dtype, device=x.device, max_memory=budget,
                     offload=offload, band_rows=band_rows, raw=raw)  # fmt: skip
     if plan.path == "none":
-        raise _fail(plan)
+        raise budget_error(plan)
     decoding = op == "decode"
     with budgeted():
         if plan.path == "full":
             # The whole-tensor path, never its CUDA graphs: their pool, static buffers and
             # warm-ups are not in full_bytes, and a capture empties the caches process-wide.
             if not decoding:
-                return vae._moments(x)
-            return vae._decode_raw(x) if raw else vae._decode(x)
+                return vae.run_encoder(x)
+            return vae.run_decoder(x, raw=raw)
         rows = plan.rows if band_rows is None else band_rows
         part = vae.decoder if decoding else vae.encoder
 
@@ -663,8 +685,8 @@ def _vae_call(vae, op: str, x: torch.Tensor, max_memory, offload, band_rows, raw
             return stream.run(part, t, rows=rows, offload=offload)
 
         if not decoding:
-            return vae._moments(x, encoder=streamed)
-        return (vae._decode_raw if raw else vae._decode)(x, decoder=streamed)
+            return vae.run_encoder(x, encoder=streamed)
+        return vae.run_decoder(x, streamed, raw=raw)
 
 
 def decode(vae, latents: torch.Tensor, *, max_memory=None, offload=None, band_rows=None,
@@ -712,7 +734,7 @@ def diffusers_decode(akl, z: torch.Tensor, *, band_rows=None) -> torch.Tensor:
     plan = diffusers_plan(akl, "decode", z, max_memory=budget, offload=offload,
                           band_rows=band_rows)  # fmt: skip
     if plan.path == "none":
-        raise _fail(plan, "sdvae_max_memory")
+        raise budget_error(plan, "sdvae_max_memory")
     with budgeted():
         if akl.post_quant_conv is not None:
             z = akl.post_quant_conv(z)
@@ -731,7 +753,7 @@ def diffusers_moments(akl, x: torch.Tensor, *, band_rows=None) -> torch.Tensor:
     plan = diffusers_plan(akl, "encode", x, max_memory=budget, offload=offload,
                           band_rows=band_rows)  # fmt: skip
     if plan.path == "none":
-        raise _fail(plan, "sdvae_max_memory")
+        raise budget_error(plan, "sdvae_max_memory")
     with budgeted():
         if plan.path == "full":
             m = akl.encoder(x)

@@ -968,7 +968,7 @@ def check_budget(vae, op: str, shapes, batch_size: int, max_memory, offload) -> 
         plan = vae.memory_plan((batch_size, c, h, w), op=op, max_memory=limit,
                                offload=offload)  # fmt: skip
         if plan.path == "none":
-            raise InputError(f"{_budget_option(max_memory)}: {budget._fail(plan)}")
+            raise InputError(f"{_budget_option(max_memory)}: {budget.budget_error(plan)}")
 
 
 def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int = 4,

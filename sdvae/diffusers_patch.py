@@ -17,7 +17,7 @@ the instance (never on diffusers' classes, so other models are untouched) and
   processor it replaced.
 * ``Downsample2D`` with the asymmetric pad: ``sdvae.ops.pad_conv2d``.
 * ``Upsample2D`` (nearest x2 + 3x3 conv): one stride-2 transposed conv with the folded 4x4
-  weight, as ``sdvae.optimize`` does (``sdvae.model.upsample_folded``; a call with an
+  weight, as ``sdvae.optimize`` does (``sdvae.dispatch.upsample``; a call with an
   ``output_size`` other than twice the input goes to the original forward).
 * On CUDA the model is moved to channels_last (``channels_last=None``), as ``sdvae.optimize``
   does: cuDNN's fastest convolutions and the kernels' fast layout.
@@ -38,7 +38,7 @@ Weights on the meta device (a model built under accelerate's ``init_empty_weight
 assign=True)``): nothing is computed from them. Each op's blocks stay stock, with the reason
 in ``_sdvae_reasons`` (patch after loading to get the kernels); the upsamplers, which need no
 kernel, are patched and fold at their first call on real weights, and refold whenever the
-conv weight is changed, replaced, moved or cast (``sdvae.model.fold_is_current``).
+conv weight is changed, replaced, moved or cast (``sdvae.dispatch.fold_is_current``).
 
 accelerate's hooks (``cpu_offload``, ``enable_sequential_cpu_offload``, ``dispatch_model``)
 bring a module's weights to its execution device when the module is called. The patched
@@ -52,38 +52,20 @@ upsamplers.
 
 from __future__ import annotations
 
-import contextlib
 import types
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from .fast import op_status
+from . import dispatch, steps
+from .dispatch import weights_of
 from .loading import check_diffusers_model
 
-__all__ = ["patch_diffusers", "unpatch_diffusers", "is_patched"]
+__all__ = ["patch_diffusers", "unpatch_diffusers", "is_patched", "is_patched_module", "lower"]
 
 _ORIG = "_sdvae_original_forward"
 _MINE = "_sdvae_forward"
-
-
-@contextlib.contextmanager
-def _weights_of(*modules):
-    """Run the accelerate hook of each of ``modules`` that has one (``_hf_hook``) around a
-    block that reads their weights without calling them: ``pre_forward`` brings offloaded
-    weights to the execution device, ``post_forward`` offloads them again."""
-    entered = []
-    try:
-        for m in modules:
-            hook = getattr(m, "_hf_hook", None)
-            if hook is not None:
-                hook.pre_forward(m)
-                entered.append(m)
-        yield
-    finally:
-        for m in reversed(entered):
-            m._hf_hook.post_forward(m, None)
 
 
 def _set_forward(module, fn) -> None:
@@ -131,16 +113,15 @@ def _diffusers():
 
 
 def _gn(norm, x, silu):
-    from . import kernels
-
-    return kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
+    return dispatch.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu,
+                               fused=True)  # fmt: skip
 
 
 def _resnet_forward(self, input_tensor, temb=None, *args, **kwargs):
-    with _weights_of(self.norm1):
+    with weights_of(self.norm1):
         h = _gn(self.norm1, input_tensor, True)
     h = self.conv1(h)
-    with _weights_of(self.norm2):
+    with weights_of(self.norm2):
         h = _gn(self.norm2, h, True)
     h = self.conv2(self.dropout(h))
     x = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
@@ -164,14 +145,8 @@ def _gn_silu_forward(self, x):
 
 
 def _downsample_forward(self, hidden_states, *args, **kwargs):
-    from . import ops
-
-    with _weights_of(self.conv):
-        w, b = self.conv.weight, self.conv.bias
-        if w.dtype != hidden_states.dtype:  # under autocast, as autocast's own conv would
-            w = w.to(hidden_states.dtype)
-            b = b.to(hidden_states.dtype) if b is not None else None
-        return ops.pad_conv2d(hidden_states, w, b, stride=2, padding=(0, 1, 0, 1))
+    with weights_of(self.conv):
+        return dispatch.pad_conv2d(hidden_states, self.conv.weight, self.conv.bias, fused=True)
 
 
 def _upsample_supported(up) -> bool:
@@ -193,14 +168,12 @@ def _upsample_supported(up) -> bool:
 
 
 def _upsample_forward(self, hidden_states, output_size=None, *args, **kwargs):
-    from .model import upsample_folded
-
     if output_size is not None and tuple(output_size) != tuple(
         2 * s for s in hidden_states.shape[-2:]
     ):
         return getattr(self, _ORIG)(hidden_states, output_size, *args, **kwargs)
-    with _weights_of(self.conv):
-        return upsample_folded(self, self.conv, hidden_states)
+    with weights_of(self.conv):
+        return dispatch.upsample(self, self.conv, hidden_states)
 
 
 class FusedAttnProcessor:
@@ -231,14 +204,12 @@ class FusedAttnProcessor:
             return self.fallback(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
             )
-        from . import kernels
-
         b, c, h, w = hidden_states.shape
         residual = hidden_states
-        with _weights_of(attn.group_norm):
+        with weights_of(attn.group_norm):
             t = _gn(attn.group_norm, hidden_states, False)
         t = t.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        with _weights_of(attn.to_q, attn.to_k, attn.to_v):
+        with weights_of(attn.to_q, attn.to_k, attn.to_v):
             w_qkv = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
             b_qkv = None
             if attn.to_q.bias is not None:
@@ -250,7 +221,8 @@ class FusedAttnProcessor:
         def split_heads(u):
             return u.reshape(b, h * w, heads, d).transpose(1, 2).contiguous()  # (B, H, L, d)
 
-        o = kernels.attention(split_heads(q), split_heads(k), split_heads(v), scale=attn.scale)
+        q, k, v = split_heads(q), split_heads(k), split_heads(v)
+        o = dispatch.attention(q, k, v, scale=attn.scale, fused=True)
         o = o.transpose(1, 2).reshape(b, h * w, attn.inner_dim)
         o = attn.to_out[1](attn.to_out[0](o))
         o = o.reshape(b, h, w, c).permute(0, 3, 1, 2)
@@ -298,12 +270,17 @@ def is_patched(autoencoder_kl) -> bool:
     return bool(getattr(autoencoder_kl, "_sdvae_patched", False))
 
 
+def is_patched_module(module) -> bool:
+    """Whether ``module`` (a block of a diffusers autoencoder) runs a forward of the patch."""
+    return _ORIG in module.__dict__
+
+
 class _Usable:
     """Asks each op's ``not_supported_reasons`` about an input of a block's own shape, on the
     model's device and dtype, and collects the reasons of the blocks left stock."""
 
     def __init__(self, device, dtype):
-        self.status = op_status()
+        self.status = dispatch.op_status()
         if device.type == "meta":
             why = (
                 "the weights were on the meta device when patched (built empty, or offloaded "
@@ -323,30 +300,22 @@ class _Usable:
                 self.reasons[op].append(r)
         return not why
 
-    def empty(self, *shape):
-        return torch.empty(*shape, device=self.device, dtype=self.dtype)
-
     def group_norm(self, norm):
-        from .kernels.group_norm import not_supported_reasons
-
-        x = self.empty(1, norm.num_channels, 2, 2)
-        return not_supported_reasons(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return dispatch.group_norm_reasons(norm.num_channels, norm.num_groups, norm.weight,
+                                           norm.bias, norm.eps, silu=False, device=self.device,
+                                           dtype=self.dtype)  # fmt: skip
 
     def attention(self, attn):
-        from .kernels.attention import not_supported_reasons
-
-        q = self.empty(1, attn.heads, 4, attn.inner_dim // attn.heads)
-        return not_supported_reasons(q, q, q, scale=attn.scale)
+        d = attn.inner_dim // attn.heads
+        return dispatch.attention_reasons(attn.heads, d, attn.scale, device=self.device,
+                                          dtype=self.dtype)  # fmt: skip
 
     def pad_conv2d(self, conv):
-        from .ops import not_supported_reasons
-
-        return not_supported_reasons(self.empty(1, conv.in_channels, 4, 4), conv.weight, conv.bias)
+        return dispatch.conv_reasons(conv.weight, conv.bias, device=self.device,
+                                     dtype=self.dtype, padded=True)  # fmt: skip
 
     def vae_sample(self, latent_channels):
-        from .kernels.vae_sample import not_supported_reasons
-
-        return not_supported_reasons(self.empty(1, 2 * latent_channels, 2, 2))
+        return dispatch.sample_reasons(latent_channels, device=self.device, dtype=self.dtype)
 
 
 _GRAD_WARNED = False
@@ -407,6 +376,81 @@ def _tiled_encode(self, x, return_dict: bool = True):
 
 _TILED = {"tiled_decode": _tiled_decode, "_tiled_encode": _tiled_moments,
           "tiled_encode": _tiled_encode}  # fmt: skip
+
+
+# ------------------------------------------------------------------ lowering (sdvae.steps)
+def _is_diffusers_part(part) -> bool:
+    return type(part).__name__ in ("Encoder", "Decoder") and not type(part).__module__.startswith(
+        "sdvae."
+    )
+
+
+def lower(part, rd: steps.Reader) -> steps.Lowered:
+    """A diffusers ``Encoder`` / ``Decoder`` (of ``AutoencoderKL`` or ``AutoencoderKLFlux2``),
+    stock or patched, as step records (``sdvae.steps``): the live parameters, and fused where
+    the patch put a fused forward. ValueError for options the VAE does not use."""
+    kind = {"Encoder": "encoder", "Decoder": "decoder"}[type(part).__name__]
+    act = getattr(part, "_sdvae_original_act", getattr(part, "conv_act", None))
+    if not isinstance(act, torch.nn.SiLU):
+        raise ValueError(f"{kind}.conv_act must be SiLU, got {type(act).__name__}")
+    if getattr(part, "mid_block", None) is None:
+        raise ValueError(f"{kind} without a mid block is not supported")
+
+    def res(block, name) -> steps.Resnet:
+        if not _resnet_supported(block):
+            raise ValueError(f"{name}: a ResnetBlock2D with options the VAE does not use")
+        fused = is_patched_module(block)
+        sc = block.conv_shortcut
+        return steps.Resnet(
+            name,
+            rd.norm(block.norm1, fused, f"{name}.norm1"),
+            rd.conv(block.conv1, 3, f"{name}.conv1"),
+            rd.norm(block.norm2, fused, f"{name}.norm2"),
+            rd.conv(block.conv2, 3, f"{name}.conv2"),
+            None if sc is None else rd.conv(sc, 1, f"{name}.conv_shortcut"),
+            block.conv1.in_channels,
+            block.conv1.out_channels,
+        )
+
+    def attn(a, name) -> steps.Attention:
+        if (
+            a.group_norm is None
+            or a.spatial_norm is not None
+            or a.norm_q is not None
+            or a.norm_k is not None
+            or a.is_cross_attention
+        ):
+            raise ValueError(f"{name}: an attention with options the VAE does not use")
+        fused = isinstance(a.processor, FusedAttnProcessor)
+        return steps.Attention(
+            name, rd.norm(a.group_norm, fused, f"{name}.group_norm"),
+            rd.t(a.to_q.weight), rd.t(a.to_q.bias), rd.t(a.to_k.weight), rd.t(a.to_k.bias),
+            rd.t(a.to_v.weight), rd.t(a.to_v.bias), rd.t(a.to_out[0].weight),
+            rd.t(a.to_out[0].bias), a.heads, a.scale if fused else None,
+            bool(a.residual_connection), float(a.rescale_output_factor),
+            rd.fused(fused), a.to_q.in_features,
+        )  # fmt: skip
+
+    def up(u, name) -> steps.Upsample:
+        if not _upsample_supported(u):
+            raise ValueError(f"{name}: an Upsample2D with options the VAE does not use")
+        return steps.upsample_record(u, name, rd, is_patched_module(u))
+
+    def down(d, name) -> steps.Downsample:
+        if not (d.use_conv and d.padding == 0 and d.norm is None):
+            raise ValueError(f"{name}: a Downsample2D with options the VAE does not use")
+        conv = rd.conv(d.conv, 3, f"{name}.conv", stride=2, padding=0,
+                       fused=is_patched_module(d))  # fmt: skip
+        return steps.Downsample(name, conv, d.conv.in_channels)
+
+    out_fused = is_patched_module(part.conv_norm_out)
+    found = steps.walk(part, kind, rd, res=res, attn=attn, up=up, down=down, out_fused=out_fused)
+    patched = any(is_patched_module(b) for b in part.mid_block.resnets)
+    return steps.Lowered(kind, found, part.conv_in.in_channels,
+                         "patched" if patched else "stock")  # fmt: skip
+
+
+steps.register(_is_diffusers_part, lower)
 
 
 def patch_diffusers(
@@ -500,9 +544,7 @@ def patch_diffusers(
         autoencoder_kl.to(memory_format=torch.channels_last)
     for module in patched:
         if isinstance(module, Upsample2D):
-            from .model import refold_upsample
-
-            refold_upsample(module, module.conv)
+            dispatch.refold_upsample(module, module.conv)
     return autoencoder_kl
 
 

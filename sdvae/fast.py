@@ -22,7 +22,7 @@ What runs where, once switched:
   adds in its loads, and an upsampler's bias is handed to the block after it
   (``ResnetBlock.run``).
 * Upsample (nearest x2 + 3x3 conv) -> one stride-2 transposed conv with the 3x3 weight folded
-  once into a 4x4 one (``sdvae.model.fold_upsample_weight``): exact, 2.25x fewer FLOPs and no
+  once into a 4x4 one (``sdvae.dispatch.fold_upsample_weight``): exact, 2.25x fewer FLOPs and no
   upsampled copy; on the CPU too (measured on the H200 before it was adopted: 2.1-2.5x per
   layer, 1024^2 decode 38.5 -> 33.9 ms, error unchanged).
 * Encoder sampling -> ``sdvae.kernels.vae_sample`` (for FLUX.2 with per-channel scale and
@@ -35,74 +35,33 @@ tensors run the eager reference unless Triton's interpreter is on.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 
+from . import dispatch
+from .dispatch import op_status
 from .model import VAE, AttentionBlock, Conv2d, Downsample, GroupNorm, Upsample
 
 __all__ = ["optimize", "unoptimize", "op_status", "module_reasons"]
 
 
-def _import_reasons(module: str, name: str) -> list[str]:
-    try:
-        mod = importlib.import_module(module)
-        getattr(mod, name)
-    except (ImportError, AttributeError) as exc:
-        return [f"{module}.{name} is not available: {exc}"]
-    return []
-
-
-def op_status() -> dict[str, list[str]]:
-    """For each fused op, the reasons it cannot be used here (empty list: usable)."""
-    status = {
-        "group_norm": _import_reasons("sdvae.kernels.group_norm", "group_norm"),
-        "attention": _import_reasons("sdvae.kernels.attention", "attention"),
-        "vae_sample": _import_reasons("sdvae.kernels.vae_sample", "vae_sample"),
-        "pad_conv2d": _import_reasons("sdvae.ops", "pad_conv2d"),
-        "conv2d": _import_reasons("sdvae.ops", "conv2d"),
-    }
-    for op in ("pad_conv2d", "conv2d"):
-        if not status[op]:
-            from . import _ext
-
-            if not _ext.available():
-                status[op].append(_ext.LOAD_ERROR or "sdvae._C is not available")
-    return status
-
-
 def module_reasons(module, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Why ``module`` (a GroupNorm, AttentionBlock or Downsample of the model) cannot run its
-    fused op on ``device``/``dtype`` -- the op's own ``not_supported_reasons`` for an input of
-    the module's shape, outside grad mode ([] when it can)."""
-    with torch.no_grad():
-        if isinstance(module, GroupNorm):
-            from .kernels.group_norm import not_supported_reasons
-
-            x = torch.empty(1, module.num_channels, 2, 2, device=device, dtype=dtype)
-            return not_supported_reasons(
-                x, module.num_groups, module.weight, module.bias, module.eps, silu=module.silu
-            )
-        if isinstance(module, AttentionBlock):
-            from .kernels.attention import not_supported_reasons
-
-            c = module.to_q.in_features
-            q = torch.empty(1, 4, c, device=device, dtype=dtype)
-            return not_supported_reasons(q, q, q, scale=c**-0.5)
-        if isinstance(module, Downsample):
-            from .ops import not_supported_reasons
-
-            c = module.conv.in_channels
-            x = torch.empty(1, c, 4, 4, device=device, dtype=dtype)
-            return not_supported_reasons(x, module.conv.weight, module.conv.bias)
-        if isinstance(module, Conv2d):
-            from .ops import not_supported_reasons
-
-            if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-                return ["CPU without TRITON_INTERPRET=1: F.conv2d (oneDNN) runs, as in eager"]
-            x = torch.empty(1, module.in_channels, 4, 4, device=device, dtype=dtype)
-            return not_supported_reasons(x, module.weight, module.bias)
+    """Why ``module`` (a GroupNorm, AttentionBlock, Downsample or Conv2d of the model) cannot
+    run its fused op on ``device``/``dtype`` ([] when it can): ``sdvae.dispatch``'s reasons
+    for an input of the module's shape."""
+    if isinstance(module, GroupNorm):
+        return dispatch.group_norm_reasons(
+            module.num_channels, module.num_groups, module.weight, module.bias, module.eps,
+            silu=module.silu, device=device, dtype=dtype,
+        )  # fmt: skip
+    if isinstance(module, AttentionBlock):
+        c = module.to_q.in_features
+        return dispatch.attention_reasons(1, c, c**-0.5, device=device, dtype=dtype)
+    if isinstance(module, Downsample):
+        conv = module.conv
+        return dispatch.conv_reasons(conv.weight, conv.bias, device=device, dtype=dtype,
+                                     padded=True)  # fmt: skip
+    if isinstance(module, Conv2d):
+        return dispatch.conv_reasons(module.weight, module.bias, device=device, dtype=dtype)
     raise TypeError(f"no fused op for {type(module).__name__}")
 
 
@@ -138,12 +97,7 @@ def optimize(vae: VAE, *, channels_last: bool | None = None, cuda_graph: bool = 
             if r not in reasons.setdefault(op, []):
                 reasons[op].append(r)
     if not status["vae_sample"]:
-        from .kernels.vae_sample import not_supported_reasons
-
-        c2 = 2 * vae.config.latent_channels
-        m = torch.empty(1, c2, 2, 2, device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            why = not_supported_reasons(m)
+        why = dispatch.sample_reasons(vae.config.latent_channels, device=p.device, dtype=p.dtype)
         if why:
             reasons.setdefault("vae_sample", []).extend(why)
     vae.fused_sampling = "vae_sample" not in reasons

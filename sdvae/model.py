@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dispatch, execute, steps
 from .config import VAEConfig
+from .dispatch import fold_is_current, fold_upsample_weight, tensors_key, tensors_unchanged
 
 __all__ = [
     "VAE",
@@ -50,7 +52,21 @@ __all__ = [
 ]
 
 
-class GroupNorm(nn.GroupNorm):
+class _Switch:
+    """The ``fused`` switch of a module (set by ``sdvae.optimize``): setting it marks lowered
+    steps stale (``sdvae.steps.changed``), so the next call lowers again."""
+
+    @property
+    def fused(self) -> bool:
+        return self.__dict__.get("_fused", False)
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self.__dict__["_fused"] = bool(value)
+        steps.changed()
+
+
+class GroupNorm(_Switch, nn.GroupNorm):
     """GroupNorm, optionally followed by SiLU (``silu=True``); parameter names as nn.GroupNorm."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float, *, silu: bool):
@@ -69,71 +85,36 @@ class GroupNorm(nn.GroupNorm):
         bias, left out of that conv so that it is added here, inside the kernel's loads).
         ``inplace``: the fused kernel may write the result over ``x`` (the caller will not
         read ``x`` again); callers always use the returned tensor."""
-        if self.fused:
-            from . import kernels
-
-            return kernels.group_norm(
-                x,
-                self.num_groups,
-                self.weight,
-                self.bias,
-                self.eps,
-                silu=self.silu,
-                input_bias=input_bias,
-                out=x if inplace and self._may_overwrite(x, input_bias) else None,
-            )
-        if input_bias is not None:
-            x = x + input_bias.view(1, -1, *([1] * (x.dim() - 2)))
-        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.silu(y) if self.silu else y
-
-    def _may_overwrite(self, x: torch.Tensor, input_bias: torch.Tensor | None) -> bool:
-        """In place only for inference: not under torch.compile (which plans memory itself)
-        and not when autograd records the call (it may need x for the backward)."""
-        if torch.compiler.is_compiling():
-            return False
-        if not torch.is_grad_enabled():
-            return True
-        return not any(
-            t is not None and t.requires_grad for t in (x, self.weight, self.bias, input_bias)
+        return dispatch.group_norm(
+            x,
+            self.num_groups,
+            self.weight,
+            self.bias,
+            self.eps,
+            silu=self.silu,
+            fused=self.fused,
+            input_bias=input_bias,
+            inplace=inplace,
         )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", silu={self.silu}"
 
 
-class Conv2d(nn.Conv2d):
+class Conv2d(_Switch, nn.Conv2d):
     """``nn.Conv2d`` (same parameters and names) that can run through ``sdvae.ops.conv2d``
     (``fused``, set by ``sdvae.optimize``): one cuDNN graph with the bias and an optional
     residual fused into the conv's epilogue, no padded copy. ``bias=False`` leaves the bias
     out (the caller adds it elsewhere, e.g. inside the next GroupNorm's loads); ``bias`` may
     also be a tensor that replaces ``self.bias`` for this call (a bias folded from upstream)."""
 
-    fused = False
-
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, *, bias=True
     ) -> torch.Tensor:
         b = self.bias if bias is True else (None if bias is False else bias)
-        w = self.weight
-        if w.dtype != x.dtype:  # under autocast, as autocast's own conv would
-            w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
-        if self.fused:
-            from . import ops
-
-            ph, pw = self.padding
-            return ops.conv2d(
-                x, w, b, stride=self.stride[0], padding=(pw, pw, ph, ph), residual=residual
-            )
-        y = F.conv2d(x, w, b, self.stride, self.padding)
-        return y if residual is None else y + residual
-
-
-def _bias_through_1x1(conv: nn.Conv2d, pending: torch.Tensor) -> torch.Tensor:
-    """The bias of ``conv(x + pending[c])`` for a 1x1 conv: ``b + W @ pending``."""
-    w = conv.weight.reshape(conv.weight.shape[0], -1)
-    extra = torch.mv(w.float(), pending.float()).to(w.dtype)
-    return extra if conv.bias is None else conv.bias + extra
+        ph, pw = self.padding
+        return dispatch.conv2d(x, self.weight, b, fused=self.fused, stride=self.stride[0],
+                               padding=(pw, pw, ph, ph), residual=residual)  # fmt: skip
 
 
 class ResnetBlock(nn.Module):
@@ -150,9 +131,9 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, pending_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The block of ``x + pending_bias[c]`` (``pending_bias``: the bias of the upsampler
-        before it, folded in here instead of being added to its output; see ``run``).
-        Unfused, this is the plain eager block."""
+        """The block of ``x + pending_bias[c]`` (``pending_bias``: the bias of an upsampler
+        before it, not yet added). Unfused, this is the plain eager block; fused, the
+        whole-tensor executor runs it (``sdvae.execute.resnet``)."""
         if not self.norm2.fused and pending_bias is None:
             h = self.conv1(self.norm1(x))
             h = self.norm2(h)
@@ -162,49 +143,11 @@ class ResnetBlock(nn.Module):
             return x + h
         state = [x]
         del x
-        self.run(state, pending_bias, owned=False)
+        execute.resnet(resnet_record(self, _WHOLE), state, pending_bias, owned=False)
         return state.pop()
 
-    def run(self, state: list, pending_bias: torch.Tensor | None = None, *, owned: bool) -> None:
-        """The fused block on ``state = [x]``, replaced by ``[output]``: the block holds the
-        only reference it needs, so each activation is freed as soon as its last reader ran.
 
-        * conv1 runs without its bias, which norm2 adds in its loads (when norm2 is fused);
-          conv2's bias and the residual go into conv2's epilogue (one cuDNN graph when the
-          convs are fused).
-        * A pending bias (the upsampler's, see ``Decoder.forward``) enters norm1's loads and
-          the residual: through the 1x1 shortcut as ``W @ pending`` added to its bias, else
-          into conv2's bias.
-        * Memory: norm2 writes over conv1's output; with ``owned`` (x is the model's own
-          activation, read by no one after this block) and a shortcut, the shortcut runs
-          first and norm1 then writes over x. At the decoder's last level (256 -> 128
-          channels at 2048^2, 2 GiB per 256-channel tensor in fp16) that is the difference
-          between five live tensors' worth and four."""
-        x = state.pop()
-        fold = self.norm2.fused
-        if self.conv_shortcut is not None:
-            sb = (
-                True
-                if pending_bias is None
-                else _bias_through_1x1(self.conv_shortcut, pending_bias)
-            )
-            res = self.conv_shortcut(x, bias=sb)
-            h = self.norm1(x, input_bias=pending_bias, inplace=owned)
-            del x
-        else:
-            res = x
-            del x
-            h = self.norm1(res, input_bias=pending_bias)
-        h = self.conv1(h, bias=not fold)
-        h = self.norm2(h, input_bias=self.conv1.bias if fold else None, inplace=True)
-        bias2 = True
-        if self.conv_shortcut is None and pending_bias is not None:
-            b2 = self.conv2.bias
-            bias2 = pending_bias if b2 is None else b2 + pending_bias
-        state.append(self.conv2(h, residual=res, bias=bias2))
-
-
-class AttentionBlock(nn.Module):
+class AttentionBlock(_Switch, nn.Module):
     """Single-head self-attention over the H*W pixels, head dim = channels, residual add."""
 
     def __init__(self, channels: int, groups: int, eps: float):
@@ -217,8 +160,8 @@ class AttentionBlock(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            return self._forward_fused(x)
+        if self.fused:  # the whole-tensor executor (sdvae.execute.attention)
+            return execute.attention(attention_record(self, _WHOLE), x)
         b, c, h, w = x.shape
         t = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, L, C)
         q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
@@ -228,29 +171,8 @@ class AttentionBlock(nn.Module):
         o = self.to_out[0](o)
         return x + o.transpose(1, 2).reshape(b, c, h, w)
 
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """GN, one C->3C projection, fused attention, and out-projection + residual in one addmm.
 
-        In channels_last the (B, L, C) token views of ``x`` and of the result are free."""
-        from . import kernels
-
-        b, c, h, w = x.shape
-        t = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, L, C)
-        w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-        b_qkv = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
-        qkv = F.linear(t, w_qkv, b_qkv)  # (B, L, 3C)
-        q, k, v = (u.contiguous() for u in qkv.split(c, dim=-1))
-        o = kernels.attention(q, k, v, scale=c**-0.5)  # (B, L, C)
-        out = self.to_out[0]
-        res = x.permute(0, 2, 3, 1).reshape(b * h * w, c) + out.bias  # residual + bias
-        y = torch.addmm(res, o.reshape(b * h * w, c), out.weight.t())  # (B*L, C)
-        y = y.view(b, h, w, c).permute(0, 3, 1, 2)  # a channels_last view
-        if x.is_contiguous(memory_format=torch.channels_last):
-            return y
-        return y.contiguous()  # x's layout, so that the convs after it keep theirs
-
-
-class Downsample(nn.Module):
+class Downsample(_Switch, nn.Module):
     """Zero pad one column right and one row bottom, then a 3x3 stride-2 conv."""
 
     padding = (0, 1, 0, 1)
@@ -262,167 +184,12 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            from . import ops
-
-            w, b = self.conv.weight, self.conv.bias
-            if w.dtype != x.dtype:  # under autocast, as autocast's own conv would
-                w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
-            return ops.pad_conv2d(x, w, b, stride=2, padding=self.padding)
+            c = self.conv
+            return dispatch.pad_conv2d(x, c.weight, c.bias, fused=True, padding=self.padding)
         return self.conv(F.pad(x, self.padding))
 
 
-#: Nearest-x2 upsampling followed by a 3-tap conv (padding 1), per output parity and tap:
-#: output pixel 2i + p reads input taps i - 1, i, i + 1 of the upsampled row, which are input
-#: pixels ``(2i + p - 1) // 2 .. (2i + p + 1) // 2``. Row a of this map says which 3x3 taps
-#: land on tap a of a stride-2, padding-1, 4-tap transposed conv.
-_UPSAMPLE_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
-
-
-def fold_upsample_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The (C_in, C_out, 4, 4) weight ``Wt`` with
-    ``conv_transpose2d(x, Wt, b, stride=2, padding=1) == conv2d(interpolate(x, 2), W, b, 1)``
-    for a (C_out, C_in, 3, 3) weight ``W``:
-    ``Wt[i, o, a, b] = sum_uv M[a, u] M[b, v] W[o, i, u, v]`` with ``M = _UPSAMPLE_TAPS``.
-    Exact in real arithmetic: the taps that read the same input pixel are summed into one
-    weight, so only the rounding differs. 2.25x fewer FLOPs and no 4x-sized upsampled copy.
-    Folded in float64, returned in ``weight``'s dtype."""
-    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
-        raise ValueError(f"weight must be (C_out, C_in, 3, 3), got {tuple(weight.shape)}")
-    w = weight.detach().double()
-    # Sums of slices, no tap matrix: nothing is copied from the host (a CUDA-graph capture
-    # forbids that copy).
-    rows = torch.stack([sum(w[:, :, u] for u in range(3) if t[u]) for t in _UPSAMPLE_TAPS], 2)
-    wt = torch.stack([sum(rows[..., v] for v in range(3) if t[v]) for t in _UPSAMPLE_TAPS], 3)
-    return wt.transpose(0, 1).to(weight.dtype)
-
-
-class _StorageRef:
-    """A weak reference to a weight's storage. A fold is current only while the storage it was
-    made from lives: once freed, its address may be reused by another weight with the same
-    version, dtype and device (a cast there and back, accelerate's offload bringing weights
-    per call). Copies and pickles are dead references (their owner refolds)."""
-
-    __slots__ = ("ref",)
-
-    def __init__(self, t: torch.Tensor | None = None):
-        self.ref = None if t is None else weakref.ref(t.untyped_storage())
-
-    def __call__(self):
-        return None if self.ref is None else self.ref()
-
-    def __reduce__(self):
-        return (_StorageRef, ())
-
-
-def _tensors_key(tensors, *extra) -> tuple | None:
-    """What ``_tensors_unchanged`` compares: each tensor's live storage (weakly), address and
-    version, plus ``extra`` (e.g. the dtype and device a result was made for). None when a
-    tensor is an inference tensor (made under ``torch.inference_mode``), which has no version
-    counter: what is made from it is then never reused."""
-    if any(t.is_inference() for t in tensors):
-        return None
-    return (extra, tuple((_StorageRef(t), t.data_ptr(), t._version) for t in tensors))
-
-
-def _tensors_unchanged(key: tuple | None, tensors, *extra) -> bool:
-    """Whether ``tensors`` are still the ones ``key`` was made from, unmodified: the same live
-    storages (an address alone may be reused after a cast there and back), addresses and
-    versions."""
-    if key is None or any(t.is_inference() for t in tensors):
-        return False
-    made_extra, made = key
-    return (
-        made_extra == extra
-        and len(made) == len(tensors)
-        and all(
-            not t.is_meta and ref() is t.untyped_storage() and (p, v) == (t.data_ptr(), t._version)
-            for (ref, p, v), t in zip(made, tensors)
-        )
-    )
-
-
-def fold_is_current(owner: nn.Module, conv: nn.Conv2d) -> bool:
-    """Whether ``owner.folded_weight`` was folded from ``conv.weight`` as it is now: the same
-    live storage, address, version, dtype and device."""
-    key = getattr(owner, "_folded_from", None)
-    w = conv.weight
-    return (
-        key is not None
-        and getattr(owner, "folded_weight", None) is not None
-        and _tensors_unchanged(key, [w], w.dtype, w.device)
-    )
-
-
-def refold_upsample(owner: nn.Module, conv: nn.Conv2d) -> None:
-    """(Re)compute ``owner.folded_weight`` from ``conv.weight``, in its dtype, device and
-    memory format (channels_last when the conv weight is); in place when the tensor's layout
-    allows, since a captured CUDA graph keeps reading it. It is a non-persistent buffer of
-    ``Upsample`` and a plain attribute of a diffusers ``Upsample2D`` (which accelerate's hooks
-    then leave alone).
-
-    Nothing is folded while ``conv.weight`` is on the meta device (a model built empty and
-    loaded later with ``assign=True``, or offloaded by accelerate): a meta buffer would make
-    the later ``.to(device)`` fail, so the fold waits for the first call on real weights.
-    Shared by ``Upsample`` and the diffusers patch."""
-    if conv.weight.is_meta:
-        return
-    with torch.inference_mode(False), torch.no_grad():
-        # A plain tensor even when the fold happens under inference mode, so that a later
-        # in-place refold outside it (or inside a CUDA graph's call) is allowed.
-        _refold_upsample(owner, conv)
-
-
-def _refold_upsample(owner: nn.Module, conv: nn.Conv2d) -> None:
-    w = conv.weight
-    wt = fold_upsample_weight(w)
-    if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
-        wt = wt.contiguous(memory_format=torch.channels_last)
-    old = getattr(owner, "folded_weight", None)
-    if (
-        old is not None
-        and (old.shape, old.stride(), old.dtype, old.device)
-        == (
-            wt.shape,
-            wt.stride(),
-            wt.dtype,
-            wt.device,
-        )
-        and not old.is_inference()
-    ):
-        old.copy_(wt)
-    else:
-        owner.folded_weight = wt  # a buffer where one is registered, else a plain attribute
-    owner._folded_from = _tensors_key([w], w.dtype, w.device)
-
-
-def upsample_folded(
-    owner: nn.Module, conv: nn.Conv2d, x: torch.Tensor, *, bias: bool = True
-) -> torch.Tensor:
-    """``conv(interpolate(x, 2, nearest))`` as one transposed conv with ``owner``'s folded
-    weight, refolded first if ``conv.weight`` changed since (not under torch.compile, which
-    traces the weights as they are; there a missing fold is computed in the graph);
-    ``bias=False`` leaves ``conv.bias`` out. On meta weights (a shape-only call) the fold is
-    computed for the call and not kept."""
-    if conv.weight.is_meta:
-        w = fold_upsample_weight(conv.weight)
-    else:
-        # Never refolded inside a CUDA-graph capture: the graph's caller refolds in place
-        # before capturing and before each replay (a fold made in the capture would live in
-        # the graph's pool, and the refold's host-to-device copy of the taps is forbidden
-        # there). Inference-tensor weights are never "current" (no version counter).
-        capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
-        if not capturing and not torch.compiler.is_compiling() and not fold_is_current(owner, conv):
-            refold_upsample(owner, conv)
-        w = getattr(owner, "folded_weight", None)
-        if w is None or (capturing and (w.dtype, w.device) != (x.dtype, x.device)):
-            w = fold_upsample_weight(conv.weight)
-    b = conv.bias if bias else None
-    if w.dtype != x.dtype:  # under autocast, as autocast's own conv would
-        w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
-    return F.conv_transpose2d(x, w, b, stride=2, padding=1)
-
-
-class Upsample(nn.Module):
+class Upsample(_Switch, nn.Module):
     """Nearest-neighbour x2, then a 3x3 conv.
 
     Fused (``sdvae.optimize``): one stride-2 transposed conv with the folded 4x4 weight
@@ -440,17 +207,11 @@ class Upsample(nn.Module):
         self._folded_from: tuple | None = None
 
     def fold(self) -> None:
-        refold_upsample(self, self.conv)
+        dispatch.refold_upsample(self, self.conv)
 
-    def forward(self, x: torch.Tensor, *, defer_bias: bool = False):
-        """The upsampled tensor; with ``defer_bias`` (fused only) ``(y without bias, bias)``,
-        for a next block that adds the bias itself (``ResnetBlock(pending_bias=...)``)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            y = upsample_folded(self, self.conv, x, bias=not defer_bias)
-            if defer_bias:
-                b = self.conv.bias
-                return y, (b.to(y.dtype) if b is not None and b.dtype != y.dtype else b)
-            return y
+            return dispatch.upsample(self, self.conv, x)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -472,26 +233,6 @@ class _Level(nn.Module):
         sampler = getattr(self, self.sampler_name)
         return x if sampler is None else sampler[0](x)
 
-    def run(
-        self, state: list, pending_bias: torch.Tensor | None = None, *, defer_bias: bool = False
-    ) -> torch.Tensor | None:
-        """``forward`` on ``state = [x]`` (see ``ResnetBlock.run``). In the decoder
-        (``Decoder.forward``) a fused upsampler's bias can be handed on instead of added
-        (``defer_bias``): it is returned, and the next level takes it as ``pending_bias``;
-        else None is returned."""
-        for i, block in enumerate(self.resnets):
-            block.run(state, pending_bias if i == 0 else None, owned=True)
-        sampler = getattr(self, self.sampler_name)
-        if sampler is None:
-            return None
-        x = state.pop()
-        if defer_bias:
-            x, bias = sampler[0](x, defer_bias=True)
-            state.append(x)
-            return bias
-        state.append(sampler[0](x))
-        return None
-
 
 class MidBlock(nn.Module):
     def __init__(self, channels: int, groups: int, eps: float, attention: bool):
@@ -512,17 +253,10 @@ class MidBlock(nn.Module):
             x = self.attentions[0](x)
         return self.resnets[1](x)
 
-    def run(self, state: list) -> None:
-        """``forward`` on ``state = [x]`` (see ``ResnetBlock.run``)."""
-        self.resnets[0].run(state, owned=True)
-        if self.attentions is not None:
-            state.append(self.attentions[0](state.pop()))
-        self.resnets[1].run(state, owned=True)
-
 
 def _fused_run(part) -> bool:
-    """Whether ``part`` (Encoder/Decoder) runs its blocks through ``run``: the fused path,
-    where activations are freed early and GroupNorms write in place."""
+    """Whether ``part`` (Encoder/Decoder) runs the whole-tensor executor (``sdvae.execute``):
+    the fused path, where activations are freed early and GroupNorms write in place."""
     return part.conv_norm_out.fused
 
 
@@ -548,12 +282,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fused_run(self):
-            state = [self.conv_in(x)]
-            del x
-            for level in self.down_blocks:
-                level.run(state)
-            self.mid_block.run(state)
-            return self.conv_out(self.conv_norm_out(state.pop(), inplace=True))
+            return execute.run(_lowered(self), x)
         x = self.conv_in(x)
         for level in self.down_blocks:
             x = level(x)
@@ -583,26 +312,81 @@ class Decoder(nn.Module):
         self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if not _fused_run(self):
-            x = self.mid_block(self.conv_in(z))
-            for level in self.up_blocks:
-                x = level(x)
-            return self.conv_out(self.conv_norm_out(x))
-        state = [self.conv_in(z)]
-        self.mid_block.run(state)
-        pending = None
-        levels = list(self.up_blocks)
-        for level, after in zip(levels, levels[1:] + [None]):
-            # A fused upsampler hands its bias to the next level's first GroupNorm when that
-            # GroupNorm is fused too (it adds the bias in its loads, at no extra pass).
-            defer = (
-                after is not None
-                and isinstance(level.upsamplers[0], Upsample)
-                and level.upsamplers[0].fused
-                and after.resnets[0].norm1.fused
-            )
-            pending = level.run(state, pending, defer_bias=defer)
-        return self.conv_out(self.conv_norm_out(state.pop(), inplace=True))
+        if _fused_run(self):
+            return execute.run(_lowered(self), z)
+        x = self.mid_block(self.conv_in(z))
+        for level in self.up_blocks:
+            x = level(x)
+        return self.conv_out(self.conv_norm_out(x))
+
+
+# ------------------------------------------------------------------ lowering (sdvae.steps)
+def resnet_record(block: ResnetBlock, rd: steps.Reader, name: str = "") -> steps.Resnet:
+    sc = block.conv_shortcut
+    return steps.Resnet(
+        name,
+        rd.norm(block.norm1, block.norm1.fused, f"{name}.norm1"),
+        rd.conv(block.conv1, 3, f"{name}.conv1"),
+        rd.norm(block.norm2, block.norm2.fused, f"{name}.norm2"),
+        rd.conv(block.conv2, 3, f"{name}.conv2"),
+        None if sc is None else rd.conv(sc, 1, f"{name}.conv_shortcut"),
+        block.conv1.in_channels,
+        block.conv1.out_channels,
+    )
+
+
+def attention_record(a: AttentionBlock, rd: steps.Reader, name: str = "") -> steps.Attention:
+    c = a.to_q.in_features
+    return steps.Attention(
+        name, rd.norm(a.group_norm, a.group_norm.fused, f"{name}.group_norm"),
+        rd.t(a.to_q.weight), rd.t(a.to_q.bias), rd.t(a.to_k.weight), rd.t(a.to_k.bias),
+        rd.t(a.to_v.weight), rd.t(a.to_v.bias), rd.t(a.to_out[0].weight),
+        rd.t(a.to_out[0].bias), 1, c**-0.5, True, 1.0, rd.fused(a.fused), c,
+    )  # fmt: skip
+
+
+def lower(part: Encoder | Decoder, rd: steps.Reader) -> steps.Lowered:
+    """sdvae's ``Encoder`` / ``Decoder`` as step records (``sdvae.steps``): the live
+    parameters and each module's ``fused`` switch."""
+    kind = "encoder" if isinstance(part, Encoder) else "decoder"
+
+    def up(u: Upsample, name: str) -> steps.Upsample:
+        return steps.upsample_record(u, name, rd, u.fused)
+
+    def down(d: Downsample, name: str) -> steps.Downsample:
+        conv = rd.conv(d.conv, 3, f"{name}.conv", stride=2, padding=0, fused=d.fused)
+        return steps.Downsample(name, conv, d.conv.in_channels)
+
+    found = steps.walk(
+        part, kind, rd,
+        res=lambda b, name: resnet_record(b, rd, name),
+        attn=lambda a, name: attention_record(a, rd, name),
+        up=up, down=down, out_fused=part.conv_norm_out.fused,
+    )  # fmt: skip
+    return steps.Lowered(kind, found, part.conv_in.in_channels,
+                         "fused" if _fused_run(part) else "sdvae")  # fmt: skip
+
+
+steps.register(lambda part: isinstance(part, (Encoder, Decoder)), lower)
+
+#: The whole-tensor executor's reader: the parameters themselves, the modules' own choices
+#: (no dtype, device or meta: neither is read in that mode).
+_WHOLE = steps.Reader(torch.float32, torch.device("cpu"), banded=False)
+
+
+def _lowered(part: Encoder | Decoder) -> steps.Lowered:
+    """``part``'s steps for the whole-tensor executor, lowered again only when a module's
+    structure changed since (``sdvae.steps.generation``): lowering costs about a millisecond
+    of Python, a decode of a small image only a few."""
+    hit = _LOWERED.get(part)
+    now = steps.generation()
+    if hit is None or hit[0] != now:
+        hit = _LOWERED[part] = (now, lower(part, _WHOLE))
+    return hit[1]
+
+
+#: part -> (generation, its steps); weak, so that neither a copy nor a pickle carries them
+_LOWERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class VAE(nn.Module):
@@ -654,7 +438,8 @@ class VAE(nn.Module):
     # ------------------------------------------------------------ CUDA graphs
     def enable_cuda_graphs(self) -> None:
         """Replay ``moments`` (the encoder) and the decoder from CUDA graphs, one per input
-        shape (``sdvae.graphs``); ``sdvae.optimize(vae, cuda_graph=True)`` calls this."""
+        shape (``sdvae.graphs``); ``sdvae.optimize(vae, cuda_graph=True)`` calls this. Graphs
+        captured before are dropped (with their memory pool)."""
         self._graphs = {}
 
     def disable_cuda_graphs(self) -> None:
@@ -712,9 +497,9 @@ class VAE(nn.Module):
         runner = self._graphs.get(name)
         if runner is None:
             fn = {
-                "moments": self._moments,
-                "decode": self._decode,
-                "decode_raw": self._decode_raw,
+                "moments": self.run_encoder,
+                "decode": self.run_decoder,
+                "decode_raw": self._run_decoder_raw,
             }[name]
             runner = GraphedCall(
                 fn,
@@ -759,9 +544,11 @@ class VAE(nn.Module):
 
             return budget.moments(self, images, max_memory=max_memory, offload=offload)
         graphed = self._graphed("moments", images)
-        return graphed(images) if graphed is not None else self._moments(images)
+        return graphed(images) if graphed is not None else self.run_encoder(images)
 
-    def _moments(self, images: torch.Tensor, encoder=None) -> torch.Tensor:
+    def run_encoder(self, images: torch.Tensor, encoder=None) -> torch.Tensor:
+        """The moments of checked ``images``, no graphs and no budget: the whole-tensor path,
+        or ``encoder`` (a callable standing in for ``self.encoder``, e.g. the banded one)."""
         if self.memory_format is not None:
             images = images.contiguous(memory_format=self.memory_format)
         m = (encoder or self.encoder)(images)
@@ -888,7 +675,7 @@ class VAE(nn.Module):
         graphed = self._graphed(name, latents)
         if graphed is not None:
             return graphed(latents)
-        return self._decode_raw(latents) if raw else self._decode(latents)
+        return self.run_decoder(latents, raw=raw)
 
     def memory_plan(self, shape, *, op: str = "decode", dtype=None, device=None,
                     max_memory=None, offload=None, raw: bool = False):  # fmt: skip
@@ -902,15 +689,15 @@ class VAE(nn.Module):
         return budget.vae_plan(self, op, shape, dtype=dtype, device=device,
                                max_memory=max_memory, offload=offload, raw=raw)  # fmt: skip
 
-    def _decode(self, latents: torch.Tensor, decoder=None) -> torch.Tensor:
+    def run_decoder(self, latents: torch.Tensor, decoder=None, *, raw: bool = False):
+        """The images of checked ``latents`` (``raw``: the encoder's own), no graphs and no
+        budget: the whole-tensor path, or ``decoder`` standing in for ``self.decoder``."""
         if self.memory_format is not None:
             latents = latents.contiguous(memory_format=self.memory_format)
-        return (decoder or self.decoder)(self._decoder_input(latents))
+        return (decoder or self.decoder)(self._decoder_input(latents, raw=raw))
 
-    def _decode_raw(self, latents: torch.Tensor, decoder=None) -> torch.Tensor:
-        if self.memory_format is not None:
-            latents = latents.contiguous(memory_format=self.memory_format)
-        return (decoder or self.decoder)(self._decoder_input(latents, raw=True))
+    def _run_decoder_raw(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.run_decoder(latents, raw=True)
 
     def _decoder_input(self, latents: torch.Tensor, *, raw: bool = False) -> torch.Tensor:
         """What the decoder's ``conv_in`` reads: the latents de-scaled (SD) or de-normalized
@@ -928,12 +715,7 @@ class VAE(nn.Module):
             z = torch.addcmul(mean.view(1, -1, 1, 1), latents, std.view(1, -1, 1, 1))
         else:
             w, b = self._norm_folded("decode", latents)
-            if pqc.fused:
-                from . import ops
-
-                z = ops.conv2d(latents, w, b, stride=1, padding=(0, 0, 0, 0))
-            else:
-                z = F.conv2d(latents, w, b)
+            z = dispatch.conv2d(latents, w, b, fused=pqc.fused, padding=(0, 0, 0, 0))
         z = F.pixel_shuffle(z, 2)
         if self.memory_format is not None:
             z = z.contiguous(memory_format=self.memory_format)
@@ -1010,7 +792,7 @@ class VAE(nn.Module):
           without it, (mean, std) for the explicit pass.
 
         Kept while the weights and statistics are unchanged (same live storages, addresses and
-        versions: ``_tensors_unchanged``);
+        versions: ``dispatch.tensors_unchanged``);
         recomputed every call under torch.compile or CUDA-graph capture, so that a traced or
         captured call always reads the current values, when autograd must see the fold
         (``post_quant_conv``'s weights require grad), and for inference tensors (no version
@@ -1030,9 +812,9 @@ class VAE(nn.Module):
         ):
             return self._fold_norm(which, pqc, x.device, dtype)
         hit = self._norm_cache.get(which)
-        if hit is not None and _tensors_unchanged(hit[0], sources, dtype, x.device):
+        if hit is not None and tensors_unchanged(hit[0], sources, dtype, x.device):
             return hit[1]
-        key = _tensors_key(sources, dtype, x.device)
+        key = tensors_key(sources, dtype, x.device)
         # Plain tensors even when called under inference mode, so that a later call with
         # autograd on may read them.
         with torch.inference_mode(False), torch.no_grad():

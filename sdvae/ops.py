@@ -62,6 +62,7 @@ __all__ = [
     "fallback_reasons",
     "plan_stats",
     "workspace_limit",
+    "output_like",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,7 +71,7 @@ _CONV_PADDING = (1, 1, 1, 1)
 
 # Read once at import: both are pybind calls, which torch.compile cannot trace inside the ops.
 _WITH_CUDA = _ext.with_cuda()
-_GRAPH_CONV = _ext.available() and bool(_ext._C.graph_conv_available())
+_GRAPH_CONV = _ext.available() and bool(_ext.extension().graph_conv_available())
 
 
 def conv2d_reference(
@@ -218,7 +219,7 @@ def fallback_reasons() -> list[str]:
     cuDNN graph + ATen adds instead of the fused one, or eager instead of either, each with
     what was taken and why (cuDNN's message); also warned once each. Empty on the CPU and
     without the extension."""
-    return list(_ext._C.conv2d_fallbacks()) if _ext.available() else []
+    return list(_ext.extension().conv2d_fallbacks()) if _ext.available() else []
 
 
 def plan_stats() -> dict[str, int]:
@@ -228,7 +229,7 @@ def plan_stats() -> dict[str, int]:
     key and thread)."""
     if not _ext.available():
         return {"built": 0, "refused": 0, "transient": 0, "cached": 0}
-    built, refused, transient, cached = _ext._C.conv2d_stats()
+    built, refused, transient, cached = _ext.extension().conv2d_stats()
     return {"built": built, "refused": refused, "transient": transient, "cached": cached}
 
 
@@ -246,11 +247,11 @@ def workspace_limit(nbytes: int):
     if not _ext.available():  # no extension, no conv to cap
         yield
         return
-    previous = _ext._C.conv2d_set_workspace_limit(int(nbytes))
+    previous = _ext.extension().conv2d_set_workspace_limit(int(nbytes))
     try:
         yield
     finally:
-        _ext._C.conv2d_set_workspace_limit(previous)
+        _ext.extension().conv2d_set_workspace_limit(previous)
 
 
 def _check_device(op: str, x: torch.Tensor) -> None:
@@ -311,7 +312,9 @@ def pad_conv2d(
     return torch.ops.sdvae.pad_conv2d(x, weight, bias, stride, list(padding))
 
 
-def _out_like(x, weight, stride, padding):
+def output_like(x, weight, stride, padding):
+    """An empty tensor shaped, typed and laid out as ``conv2d``'s output (the fake kernel; the
+    banded path's shape-only runs on the meta device)."""
     n, _, h, w = x.shape
     cout, _, kh, kw = weight.shape
     left, right, top, bottom = padding
@@ -324,11 +327,11 @@ def _out_like(x, weight, stride, padding):
 
 
 def _pad_conv2d_fake(x, weight, bias, stride, padding):
-    return _out_like(x, weight, stride, padding)
+    return output_like(x, weight, stride, padding)
 
 
 def _conv2d_fake(x, weight, bias, stride, padding, residual, fuse_epilogue):
-    return _out_like(x, weight, stride, padding)
+    return output_like(x, weight, stride, padding)
 
 
 if _ext.available():

@@ -56,300 +56,20 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from . import dispatch
+from .dispatch import sdpa_extra_bytes, weights_of
+from .steps import Attention, Conv, ConvIn, Downsample, Norm, Out, Resnet, Upsample, lower
+
 __all__ = [
     "run",
+    "band_list",
+    "sdpa_extra_bytes",
     "program",
     "pass_cost",
     "band_peak",
     "memory_format_of",
     "check_encoder_input",
 ]
-
-
-# ------------------------------------------------------------------ the network as steps
-@dataclasses.dataclass
-class _Norm:
-    groups: int
-    eps: float
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    fused: bool
-
-
-@dataclasses.dataclass
-class _Conv:
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    fused: bool  # sdvae.ops.conv2d / pad_conv2d (else F.conv2d)
-
-
-@dataclasses.dataclass
-class _ConvIn:
-    name: str
-    conv: _Conv
-    cin: int
-    cout: int
-
-
-@dataclasses.dataclass
-class _Res:
-    name: str
-    norm1: _Norm
-    conv1: _Conv
-    norm2: _Norm
-    conv2: _Conv
-    shortcut: _Conv | None
-    cin: int
-    cout: int
-
-
-@dataclasses.dataclass
-class _Attn:
-    name: str
-    norm: _Norm
-    wq: torch.Tensor
-    bq: torch.Tensor | None
-    wk: torch.Tensor
-    bk: torch.Tensor | None
-    wv: torch.Tensor
-    bv: torch.Tensor | None
-    wo: torch.Tensor
-    bo: torch.Tensor | None
-    heads: int
-    scale: float | None  # None: SDPA's default (what diffusers' stock processor passes)
-    residual: bool
-    rescale: float
-    fused: bool  # sdvae.kernels.attention (else F.scaled_dot_product_attention)
-    channels: int
-
-
-@dataclasses.dataclass
-class _Up:
-    name: str
-    weight: torch.Tensor  # the 3x3 conv after nearest x2
-    bias: torch.Tensor | None
-    folded: torch.Tensor | None  # the 4x4 transposed-conv weight when the model uses it
-    channels: int
-
-
-@dataclasses.dataclass
-class _Down:
-    name: str
-    conv: _Conv
-    channels: int
-
-
-@dataclasses.dataclass
-class _Out:
-    name: str
-    norm: _Norm
-    conv: _Conv
-    cin: int
-    cout: int
-
-
-def _band_gn_ok(dtype: torch.dtype, device: torch.device) -> bool:
-    from .kernels import group_norm_band as gnb
-
-    x = torch.empty(1, 1, 1, 1, dtype=dtype, device=device)
-    with torch.no_grad():
-        return not gnb.not_supported_reasons(x, 1)
-
-
-class _Reader:
-    """Turns sdvae's or diffusers' modules into steps, weights in ``dtype``: the tensors
-    themselves (cast when the dtype differs), or with ``meta`` their shape-only twins on the
-    meta device (the planner: nothing real is allocated, whatever the dtype asked). Which
-    kernels run is decided for ``dtype`` on ``device``, the model's."""
-
-    def __init__(self, dtype: torch.dtype, device: torch.device, meta: bool = False):
-        self.dtype, self.device, self.meta = dtype, device, meta
-        self.gn_kernels = _band_gn_ok(dtype, device)
-
-    def t(self, p):
-        if p is None:
-            return None
-        if self.meta:
-            return torch.empty_like(p, dtype=self.dtype, device="meta")
-        return p.detach().to(self.dtype)
-
-    def norm(self, m, fused: bool, name: str) -> _Norm:
-        if not isinstance(m, torch.nn.GroupNorm) or not m.affine:
-            raise ValueError(f"{name}: expected an affine GroupNorm, got {type(m).__name__}")
-        return _Norm(m.num_groups, float(m.eps), self.t(m.weight), self.t(m.bias),
-                     fused and self.gn_kernels)  # fmt: skip
-
-    def conv(self, m, k: int, name: str, *, stride: int = 1, padding: int | None = None) -> _Conv:
-        pad = k // 2 if padding is None else padding
-        if (
-            not isinstance(m, torch.nn.Conv2d)
-            or m.kernel_size != (k, k)
-            or m.stride != (stride, stride)
-            or m.padding != (pad, pad)
-            or m.dilation != (1, 1)
-            or m.groups != 1
-            or m.padding_mode != "zeros"
-        ):
-            raise ValueError(
-                f"{name}: expected a {k}x{k} stride-{stride} conv with padding {pad}, got {m!r}"
-            )
-        fused = bool(getattr(m, "fused", False)) and self.dtype != torch.float64
-        return _Conv(self.t(m.weight), self.t(m.bias), fused)
-
-
-def _is_patched(module) -> bool:
-    from .diffusers_patch import _ORIG
-
-    return _ORIG in module.__dict__
-
-
-def _steps(part, dtype: torch.dtype | None = None, *, meta: bool = False) -> tuple[str, list, int]:
-    """(``"encoder"`` or ``"decoder"``, the steps in order, input channels) of an sdvae or
-    diffusers Encoder/Decoder, for running it in ``dtype`` (default: its weights'); ``meta``:
-    shape-only weights (see ``_Reader``). ValueError for a structure the engine does not
-    know."""
-    from . import model as M
-
-    p = next(part.parameters())
-    rd = _Reader(p.dtype if dtype is None else dtype, p.device, meta)
-    sdvae_part = isinstance(part, (M.Encoder, M.Decoder))
-    if sdvae_part:
-        kind = "encoder" if isinstance(part, M.Encoder) else "decoder"
-    else:
-        kind = {"Encoder": "encoder", "Decoder": "decoder"}.get(type(part).__name__)
-        if kind is None:
-            raise ValueError(f"expected an Encoder or Decoder, got {type(part).__name__}")
-        act = getattr(part, "_sdvae_original_act", getattr(part, "conv_act", None))
-        if not isinstance(act, torch.nn.SiLU):
-            raise ValueError(f"{kind}.conv_act must be SiLU, got {type(act).__name__}")
-        if getattr(part, "mid_block", None) is None:
-            raise ValueError(f"{kind} without a mid block is not supported")
-
-    def gn_fused(norm, owner=None) -> bool:
-        if sdvae_part:
-            return bool(getattr(norm, "fused", False))
-        return _is_patched(owner if owner is not None else norm)
-
-    def res(block, name) -> _Res:
-        if not sdvae_part:
-            from .diffusers_patch import _resnet_supported
-
-            if not _resnet_supported(block):
-                raise ValueError(f"{name}: a ResnetBlock2D with options the VAE does not use")
-        fused = gn_fused(block.norm1, block)
-        cin, cout = block.conv1.in_channels, block.conv1.out_channels
-        sc = block.conv_shortcut
-        return _Res(
-            name,
-            rd.norm(block.norm1, fused, f"{name}.norm1"),
-            rd.conv(block.conv1, 3, f"{name}.conv1"),
-            rd.norm(block.norm2, gn_fused(block.norm2, block), f"{name}.norm2"),
-            rd.conv(block.conv2, 3, f"{name}.conv2"),
-            None if sc is None else rd.conv(sc, 1, f"{name}.conv_shortcut"),
-            cin,
-            cout,
-        )
-
-    def attn(a, name) -> _Attn:
-        c = a.to_q.in_features
-        if sdvae_part:
-            heads, scale, residual, rescale = 1, c**-0.5, True, 1.0
-            fused = bool(a.fused)
-            norm_fused = bool(a.group_norm.fused)
-        else:
-            from .diffusers_patch import FusedAttnProcessor
-
-            if (
-                a.group_norm is None
-                or a.spatial_norm is not None
-                or a.norm_q is not None
-                or a.norm_k is not None
-                or a.is_cross_attention
-            ):
-                raise ValueError(f"{name}: an attention with options the VAE does not use")
-            heads, residual = a.heads, bool(a.residual_connection)
-            rescale = float(a.rescale_output_factor)
-            fused = isinstance(a.processor, FusedAttnProcessor)
-            scale = a.scale if fused else None
-            norm_fused = fused
-        return _Attn(
-            name, rd.norm(a.group_norm, norm_fused, f"{name}.group_norm"),
-            rd.t(a.to_q.weight), rd.t(a.to_q.bias), rd.t(a.to_k.weight), rd.t(a.to_k.bias),
-            rd.t(a.to_v.weight), rd.t(a.to_v.bias), rd.t(a.to_out[0].weight),
-            rd.t(a.to_out[0].bias), heads, scale, residual, rescale,
-            fused and rd.dtype != torch.float64, c,
-        )  # fmt: skip
-
-    def up(u, name) -> _Up:
-        if sdvae_part:
-            folded = u.fused
-        else:
-            from .diffusers_patch import _upsample_supported
-
-            if not _upsample_supported(u):
-                raise ValueError(f"{name}: an Upsample2D with options the VAE does not use")
-            folded = _is_patched(u)
-        fw = None
-        if folded:
-            from .model import fold_is_current, fold_upsample_weight, refold_upsample
-
-            if not fold_is_current(u, u.conv):
-                refold_upsample(u, u.conv)  # nothing is kept from meta weights
-            fw = getattr(u, "folded_weight", None)
-            fw = rd.t(fw if fw is not None else fold_upsample_weight(u.conv.weight))
-        rd.conv(u.conv, 3, f"{name}.conv")
-        return _Up(name, rd.t(u.conv.weight), rd.t(u.conv.bias), fw, u.conv.in_channels)
-
-    def down(d, name) -> _Down:
-        if sdvae_part:
-            fused = bool(d.fused) and rd.dtype != torch.float64
-        else:
-            if not (d.use_conv and d.padding == 0 and d.norm is None):
-                raise ValueError(f"{name}: a Downsample2D with options the VAE does not use")
-            fused = _is_patched(d) and rd.dtype != torch.float64
-        conv = rd.conv(d.conv, 3, f"{name}.conv", stride=2, padding=0)
-        conv.fused = fused
-        return _Down(name, conv, d.conv.in_channels)
-
-    def mid() -> list:
-        mb = part.mid_block
-        out = [res(mb.resnets[0], "mid_block.resnets.0")]
-        attns = [a for a in (mb.attentions or []) if a is not None]
-        if len(mb.resnets) != 2 or len(attns) > 1:
-            raise ValueError("mid_block must hold two resnets and at most one attention")
-        if attns:
-            out.append(attn(attns[0], "mid_block.attentions.0"))
-        out.append(res(mb.resnets[1], "mid_block.resnets.1"))
-        return out
-
-    cin = part.conv_in
-    steps: list = [_ConvIn("conv_in", rd.conv(cin, 3, "conv_in"), cin.in_channels,
-                           cin.out_channels)]  # fmt: skip
-    if kind == "decoder":
-        steps += mid()
-    blocks = part.down_blocks if kind == "encoder" else part.up_blocks
-    for i, level in enumerate(blocks):
-        pre = f"{'down' if kind == 'encoder' else 'up'}_blocks.{i}"
-        steps += [res(b, f"{pre}.resnets.{j}") for j, b in enumerate(level.resnets)]
-        samplers = getattr(level, "downsamplers" if kind == "encoder" else "upsamplers", None)
-        if samplers:
-            if len(samplers) != 1:
-                raise ValueError(f"{pre}: expected one resampler")
-            name = f"{pre}.{'downsamplers' if kind == 'encoder' else 'upsamplers'}.0"
-            steps.append(down(samplers[0], name) if kind == "encoder" else up(samplers[0], name))
-    if kind == "encoder":
-        steps += mid()
-    norm = part.conv_norm_out
-    steps.append(
-        _Out(
-            "conv_out",
-            rd.norm(norm, gn_fused(norm), "conv_norm_out"),
-            rd.conv(part.conv_out, 3, "conv_out"),
-            part.conv_out.in_channels,
-            part.conv_out.out_channels,
-        )
-    )
-    return kind, steps, cin.in_channels
 
 
 # ------------------------------------------------------------------------- the program
@@ -388,7 +108,7 @@ class _Virtual:
     """The upsampled tensor ``up(y)``, recomputed band by band from ``y``."""
 
     y: _Buf
-    up: _Up
+    up: Upsample
 
 
 @dataclasses.dataclass
@@ -437,9 +157,9 @@ class _Program:
         if i + 1 >= len(self.steps):
             return None
         s = self.steps[i + 1]
-        if isinstance(s, _Res):
+        if isinstance(s, Resnet):
             return s.norm1.groups
-        if isinstance(s, (_Attn, _Out)):
+        if isinstance(s, (Attention, Out)):
             return s.norm.groups
         return None
 
@@ -456,14 +176,14 @@ class _Program:
         cur = None  # _Buf or _Virtual
         stats = None
         for i, st in enumerate(self.steps):
-            if isinstance(st, _ConvIn):
+            if isinstance(st, ConvIn):
                 out = self._buf(st.name, st.cout, h, w)
                 stats = self._slot(i)
                 self._add(_Pass(st.name, "conv_in", st, h, w, "input", out, stats_out=stats))
                 cur = out
-            elif isinstance(st, _Res):
+            elif isinstance(st, Resnet):
                 cur, stats = self._res(i, st, cur, stats)
-            elif isinstance(st, _Attn):
+            elif isinstance(st, Attention):
                 kw = dict(device_only=True, heads=st.heads)
                 k = self._buf(st.name + ".k", st.channels, cur.h, cur.w, **kw)
                 v = self._buf(st.name + ".v", st.channels, cur.h, cur.w, **kw)
@@ -473,22 +193,22 @@ class _Program:
                 self._add(_Pass(st.name + " qo", "attn_qo", st, cur.h, cur.w, cur, cur,
                                 stats_in=stats, stats_out=nxt, k=k, v=v))  # fmt: skip
                 stats = nxt
-            elif isinstance(st, _Up):
-                if not isinstance(self.steps[i + 1], _Res):
+            elif isinstance(st, Upsample):
+                if not isinstance(self.steps[i + 1], Resnet):
                     raise ValueError(f"{st.name}: an upsampler must be followed by a resnet")
                 cur, stats = _Virtual(cur, st), None
-            elif isinstance(st, _Down):
+            elif isinstance(st, Downsample):
                 out = self._buf(st.name, st.channels, cur.h // 2, cur.w // 2)
                 nxt = self._slot(i)
                 self._add(_Pass(st.name, "down", st, out.h, out.w, cur, out, stats_out=nxt))
                 cur, stats = out, nxt
-            elif isinstance(st, _Out):
+            elif isinstance(st, Out):
                 self._add(_Pass(st.name, "out", st, cur.h, cur.w, cur, stats_in=stats))
                 cur = None
         self.out_hw = (self.passes[-1].h, self.passes[-1].w)
         self.out_c = self.steps[-1].cout
 
-    def _res(self, i, st: _Res, cur, stats):
+    def _res(self, i, st: Resnet, cur, stats):
         virtual = isinstance(cur, _Virtual)
         hh, ww = (cur.y.h * 2, cur.y.w * 2) if virtual else (cur.h, cur.w)
         if virtual:
@@ -650,31 +370,6 @@ class _Mover:
             empty()
 
 
-def sdpa_extra_bytes(device, q_shape, lk: int, dtype: torch.dtype) -> int:
-    """The most bytes ``F.scaled_dot_product_attention`` holds beside its inputs and its
-    output for the VAE's attention (queries of ``q_shape`` (N, heads, Lq, D) against ``lk``
-    keys, no mask, no grad) on ``device`` in ``dtype``:
-
-    * CUDA, float64: no fused backend takes float64, so its math path runs: q scaled (a
-      copy), with k^T scaled (a copy) and the (Lq, Lk) scores, then the scores with their
-      softmax;
-    * CUDA, fp16/bf16 with D > 128 (the VAE's D is 512: past flash's and cuDNN's head dims):
-      the memory-efficient kernel, which for more than 128 value columns accumulates its
-      output in an fp32 buffer of q's shape (``kNeedsOutputAccumulatorBuffer``);
-    * otherwise (CUDA fp32: memory-efficient, output accumulated in place; the CPU's flash
-      kernel, every dtype): the logsumexp at most."""
-    n, heads, lq, d = q_shape
-    lse = n * heads * lq * 4
-    if torch.device(device).type != "cuda":
-        return lse
-    if dtype == torch.float64:
-        q, k, scores = (n * heads * s * 8 for s in (lq * d, lk * d, lq * lk))
-        return q + max(k + scores, 2 * scores)
-    if dtype in (torch.float16, torch.bfloat16) and d > 128:
-        return lse + n * heads * lq * d * 4
-    return lse
-
-
 def _fused_stats(prog: _Program, p: _Pass) -> bool:
     """Whether the GroupNorm that reads what ``p`` writes runs the kernels (a step after
     ``p``'s own: part of its band cost, not of its structure)."""
@@ -685,9 +380,9 @@ def _fused_stats(prog: _Program, p: _Pass) -> bool:
     steps = prog.steps
     idx = next(i for i, s in enumerate(steps) if s is p.step)
     nxt = steps[idx + 1] if idx + 1 < len(steps) else None
-    if isinstance(nxt, _Res):
+    if isinstance(nxt, Resnet):
         return nxt.norm1.fused
-    if isinstance(nxt, (_Attn, _Out)):
+    if isinstance(nxt, (Attention, Out)):
         return nxt.norm.fused
     return False
 
@@ -745,51 +440,33 @@ class _Runner:
         planner's meta run counts it (no copy when ``t`` is dense already)."""
         return t.contiguous(memory_format=self.fmt)
 
-    def _conv(self, x, conv: _Conv, top: int, bottom: int, residual=None):
+    def _conv(self, x, conv: Conv, top: int, bottom: int, residual=None):
         """3x3 (or 1x1, top = bottom = 0) stride-1 conv of a band, padded with zero rows only
         where ``top``/``bottom`` say (the image's edges) and with zero columns always."""
         w, b = self._w(conv.weight), self._w(conv.bias)
         side = w.shape[-1] // 2
         if conv.fused:
-            from . import ops
-
-            pad = (side, side, top, bottom)
             x = self._dense(x)
             if residual is not None:
                 residual = self._dense(residual)
-            if self.meta:
-                y = ops._out_like(x, w, 1, pad)
-                if self.real.type == "cpu":  # the C++ CPU kernel's copy of its output
-                    self._spike(y.nbytes)
-                return y
-            return ops.conv2d(x, w, b, stride=1, padding=pad, residual=residual)
-        # F.pad writes a new (dense) tensor; a band without edge rows is made dense here
-        x = F.pad(x, (0, 0, top, bottom)) if (top or bottom) else self._dense(x)
-        y = F.conv2d(x, w, b, padding=(0, side))
-        return y if residual is None else y + residual
+        elif top == bottom:  # a band with no edge row, or both: made dense here (F.pad's
+            x = self._dense(x)  # output, where the rows are padded, is dense already)
+        return dispatch.conv2d(x, w, b, fused=conv.fused, padding=(side, side, top, bottom),
+                               residual=residual)  # fmt: skip
 
-    def _down_conv(self, x, conv: _Conv, bottom: int):
-        pad = (0, 1, 0, bottom)
+    def _down_conv(self, x, conv: Conv, bottom: int):
         w, b = self._w(conv.weight), self._w(conv.bias)
         if conv.fused:
-            from . import ops
-
             x = self._dense(x)
-            if self.meta:
-                y = ops._out_like(x, w, 2, pad)
-                if self.real.type == "cpu":
-                    self._spike(y.nbytes)
-                return y
-            return ops.pad_conv2d(x, w, b, stride=2, padding=pad)
-        return F.conv2d(F.pad(x, pad), w, b, stride=2)
+        return dispatch.pad_conv2d(x, w, b, fused=conv.fused, padding=(0, 1, 0, bottom))
 
-    def _gn(self, x, norm: _Norm, slot: _Slot, silu: bool):
+    def _gn(self, x, norm: Norm, slot: _Slot, silu: bool):
         from .kernels import group_norm_band as gnb
 
         fused = norm.fused and _kernel_fits(x)
         if self.meta:  # what the kernel returns; the reference also holds an fp32 copy
             if fused:
-                return gnb._empty_like_format(x)
+                return gnb.empty_like_format(x)
             y = torch.empty_like(x)
             acc = 8 if x.dtype == torch.float64 else 4
             self._spike(x.numel() * acc if acc != x.element_size() else 0)
@@ -819,20 +496,10 @@ class _Runner:
         slot.mean, slot.m2, slot.count = gnb.merge_stats(slot.mean, slot.m2, slot.count,
                                                          mean, m2, count)  # fmt: skip
 
-    def _attention(self, q, k, v, st: _Attn):
+    def _attention(self, q, k, v, st: Attention):
         """(N, heads, l, d) queries against all keys and values."""
-        if self.meta:
-            o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            if st.fused and self.real.type == "cuda":  # the library path's score chunks
-                self._spike(q.nbytes + 2 * 2**24 * 4)
-            elif not st.fused:  # SDPA's own buffers
-                self._spike(sdpa_extra_bytes(self.real, q.shape, k.shape[2], q.dtype))
-            return o
-        if st.fused:
-            from . import kernels
-
-            return kernels.attention(q.contiguous(), k, v, scale=st.scale)
-        return F.scaled_dot_product_attention(q, k, v, scale=st.scale)
+        return dispatch.attention(q.contiguous() if st.fused else q, k, v, scale=st.scale,
+                                  fused=st.fused)  # fmt: skip
 
     def _fused_stats(self, p: _Pass) -> bool:
         return _fused_stats(self.prog, p)
@@ -850,7 +517,7 @@ class _Runner:
         u = F.interpolate(y, scale_factor=2.0, mode="nearest")  # rows [2 ya, 2 yb)
         del y
         ua, ub, top, bottom = _pads(a, b, 2 * hy)
-        return self._conv(u[:, :, ua - 2 * ya : ub - 2 * ya], _Conv(up.weight, up.bias, False),
+        return self._conv(u[:, :, ua - 2 * ya : ub - 2 * ya], Conv(up.weight, up.bias, False),
                           top, bottom)  # fmt: skip
 
     def _x_rows(self, src, a: int, b: int):
@@ -899,7 +566,7 @@ class _Runner:
                     shape = (prog.n, prog.out_c, *prog.out_hw)
                     self.result = torch.empty(shape, dtype=self.dtype, device=self.device,
                                               memory_format=self.fmt)  # fmt: skip
-                getattr(self, "_" + p.kind)(p, _band_list(p.h, self.rows[i]))
+                getattr(self, "_" + p.kind)(p, band_list(p.h, self.rows[i]))
                 self.mv.drain()
                 for b in prog.bufs:
                     if b.last == i:
@@ -1091,7 +758,7 @@ class _Runner:
             del y
 
 
-def _band_list(height: int, rows) -> list[tuple[int, int]]:
+def band_list(height: int, rows) -> list[tuple[int, int]]:
     """Bands ``[r0, r1)`` covering ``height`` rows: ``rows`` per band (an int), or a sequence
     of band heights used in turn (tests: band edges at every offset)."""
     seq = [rows] if isinstance(rows, int) else list(rows)
@@ -1130,12 +797,13 @@ def check_encoder_input(h: int, w: int, downsamplings: int, name: str = "images"
 def program(part, shape, dtype: torch.dtype, *, meta: bool = False) -> _Program:
     """The passes and stored tensors of running ``part`` on an input of ``shape`` in
     ``dtype``; ``meta``: with shape-only weights (the planner)."""
-    kind, steps, cin = _steps(part, dtype, meta=meta)
+    low = lower(part, dtype, meta=meta)
+    kind, steps, cin = low.kind, low.steps, low.cin
     n, c, h, w = shape
     if c != cin:
         raise ValueError(f"the input must have {cin} channels, got shape {tuple(shape)}")
     if kind == "encoder":
-        check_encoder_input(h, w, sum(isinstance(s, _Down) for s in steps))
+        check_encoder_input(h, w, sum(isinstance(s, Downsample) for s in steps))
     elem = torch.empty((), dtype=dtype).element_size()
     return _Program(kind, steps, n, h, w, cin, elem)
 
@@ -1191,9 +859,7 @@ def run(part, x: torch.Tensor, *, rows, offload: str | None = None, prog=None) -
             "the streamed path (max_memory/offload) is an inference call: call it under "
             "torch.no_grad() or torch.inference_mode()"
         )
-    from .diffusers_patch import _weights_of
-
-    with _weights_of(*_hooked(part)):
+    with weights_of(*_hooked(part)):
         if prog is None:
             prog = program(part, tuple(x.shape), x.dtype)
         _check_weights(prog, x)
@@ -1253,7 +919,7 @@ def band_peak(prog: _Program, i: int, bands, *, dtype, fmt, offload: bool, real)
         _meta_state(prog, i, runner)
         for t in _tensors_of([p.step, p.src.up if isinstance(p.src, _Virtual) else None]):
             runner._w(t)
-        with TensorMemory("meta", collect=False) as tracker:
+        with TensorMemory("meta", collect=False) as tracker, dispatch.metered(tracker, real):
             runner.tracker = tracker
             getattr(runner, "_" + p.kind)(p, bands)
             runner.mv.drain()
@@ -1270,7 +936,7 @@ def band_checks(height: int, rows: int, offload: bool) -> list[list[tuple[int, i
     in the middle (both parities of their first row) and the last, each after the band
     before it. Offloaded, each comes with the two bands before it (whose written rows are
     still held) and the one after it (whose rows are prefetched)."""
-    bands = _band_list(height, rows)
+    bands = band_list(height, rows)
     k = len(bands)
     picks = sorted({0, k // 2, min(k // 2 + 1, k - 1), k - 1})
     if not offload:  # with the band before it: nothing of it may outlive it
@@ -1290,7 +956,9 @@ def _sig(obj):
         return ("S", obj.groups)
     if dataclasses.is_dataclass(obj):
         return (type(obj).__name__,) + tuple(
-            _sig(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "name"
+            _sig(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.name != "name" and f.repr  # not the modules an Upsample record points to
         )
     return obj
 

@@ -21,7 +21,7 @@ import torch
 from conftest import assert_close
 
 import sdvae
-from sdvae.model import fold_is_current
+from sdvae.dispatch import fold_is_current
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.upsampling import Upsample2D  # noqa: E402

@@ -225,6 +225,7 @@ def test_upsample_fold_is_not_redone_inside_a_capture(monkeypatch):
     """Inference-tensor weights are never "current" (no version counter), so outside a
     capture every call refolds; inside one (``is_current_stream_capturing`` patched) the fold
     made before the capture is used, and nothing is copied from the host."""
+    from sdvae import dispatch
     from sdvae import model as M
 
     with torch.inference_mode():
@@ -234,8 +235,8 @@ def test_upsample_fold_is_not_redone_inside_a_capture(monkeypatch):
         ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
         up.fold()
     refolds = []
-    real = M.refold_upsample
-    monkeypatch.setattr(M, "refold_upsample", lambda o, c: (refolds.append(1), real(o, c)))
+    real = dispatch.refold_upsample
+    monkeypatch.setattr(dispatch, "refold_upsample", lambda o, c: (refolds.append(1), real(o, c)))
     with torch.no_grad():
         up(x)
     assert refolds, "an inference-tensor fold should be redone outside a capture"
@@ -254,7 +255,7 @@ def test_upsample_fold_is_not_redone_inside_a_capture(monkeypatch):
 
 
 def test_fold_without_a_host_tap_matrix_equals_the_upsample():
-    from sdvae.model import fold_upsample_weight
+    from sdvae.dispatch import fold_upsample_weight
 
     torch.manual_seed(0)
     w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
@@ -262,7 +263,9 @@ def test_fold_without_a_host_tap_matrix_equals_the_upsample():
     ref = torch.nn.functional.conv2d(
         torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=1
     )
-    out = torch.nn.functional.conv_transpose2d(x, fold_upsample_weight(w), stride=2, padding=1)
+    folded = fold_upsample_weight(w)
+    assert folded.is_contiguous(), "a strided fold would cost the transposed conv a copy"
+    out = torch.nn.functional.conv_transpose2d(x, folded, stride=2, padding=1)
     assert (out - ref).abs().max() < 1e-12
 
 

@@ -41,8 +41,7 @@ skipped; ``importlib.import_module("sdvae.x")`` with a literal is read.
 The layers, bottom to top (``LAYERS``), and why each module sits where it sits. The order is
 DESIGN.md's target read onto today's files: families on top, importing down to the
 executors, dispatch and kernels (issue 27: "the banded executor and the planner import no
-model class"). It is *not* today's call graph: where today's code runs the other way
-(``stream`` lowering ``model``'s and diffusers' blocks itself), that is the debt below.
+model class"). Where code runs the other way, that is the debt below.
 
 * ``kernels``: ``sdvae.kernels.*``, the Triton ops. DESIGN.md: ``sdvae`` -> ``sdvae.kernels``,
   never back; lowest, so that any import from it into the rest of the package is upward.
@@ -52,11 +51,10 @@ model class"). It is *not* today's call graph: where today's code runs the other
   (image files, ``InputError``), ``_aot`` (ahead-of-time Triton compiles for tests/checks).
 * ``ops``: ``sdvae.ops``, the C++/CUDA ops over ``_ext``.
 * ``dispatch``: ``sdvae.dispatch``, the one place that picks fused kernel or eager per op
-  (issue 27; above the ops it picks between, below every caller). The step records that
-  issue 27 plans go here or just above, below the executors that read them.
-* ``executors``: what runs a network: ``graphs`` (CUDA graphs of the whole-tensor path) and
-  ``stream`` (the banded executor; today also the lowering of both families to its steps,
-  which is why it imports ``model`` and ``diffusers_patch`` upward).
+  (above the ops it picks between, below every caller), and ``sdvae.steps``, the step
+  records every executor reads (with the registry the families' lowerings join).
+* ``executors``: what runs a network: ``execute`` (the whole-tensor executor), ``graphs``
+  (CUDA graphs of the whole-tensor path) and ``stream`` (the banded executor).
 * ``planner``: ``budget`` (memory plans). It measures the executors, so it sits above them,
   and below the families that ask it for a plan.
 * ``family``: ``model``, sdvae's own family: the reference modules and their state-dict
@@ -133,8 +131,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("ops", ("sdvae.ops",)),
-    ("dispatch", ("sdvae.dispatch",)),
-    ("executors", ("sdvae.graphs", "sdvae.stream")),
+    ("dispatch", ("sdvae.dispatch", "sdvae.steps")),
+    ("executors", ("sdvae.execute", "sdvae.graphs", "sdvae.stream")),
     ("planner", ("sdvae.budget",)),
     ("family", ("sdvae.model",)),
     ("family-ops", ("sdvae.fast", "sdvae.loading")),

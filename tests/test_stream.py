@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from conftest import assert_close
 
 import sdvae
-from sdvae import VAE, VAEConfig, budget, stream
+from sdvae import VAE, VAEConfig, budget, dispatch, stream
 from sdvae.memtrack import TensorMemory, peak_bytes
 
 
@@ -579,7 +579,7 @@ def test_patched_diffusers_tiling_under_sequential_cpu_offload(order, monkeypatc
     akl.tile_latent_min_size, akl.tile_sample_min_size = 2, 4  # diffusers would tile these
     # the hooks are under test: the band GroupNorms run their reference (the kernels, in
     # Triton's interpreter, would take a minute at these sizes)
-    monkeypatch.setattr(stream, "_band_gn_ok", lambda dtype, device: False)
+    monkeypatch.setattr(dispatch, "band_group_norm_reasons", lambda **kw: ["off in this test"])
     runs = []
     real_run = stream.run
     monkeypatch.setattr(stream, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
@@ -1126,7 +1126,7 @@ def test_gpu_aten_transposed_conv_workspace_within_its_allowance(dtype):
     batch 1 and 2, a 4096^2 decode's levels), inside ``budget.budgeted()`` as a budgeted
     call runs it, what it allocates beyond its output (the workspace) stays within the
     reserve's allowance ``ATEN_CONV_WORKSPACE``; a first call (engine choice) included."""
-    from sdvae.model import fold_upsample_weight
+    from sdvae.dispatch import fold_upsample_weight
 
     torch.manual_seed(0)
     for c, rows, width in ((512, 66, 512), (512, 34, 1024), (256, 18, 2048)):

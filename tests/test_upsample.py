@@ -133,7 +133,7 @@ def test_decoder_defers_upsampler_bias_into_the_next_block(monkeypatch, channels
     equals float64."""
     from sdvae.kernels.group_norm import not_supported_reasons
 
-    from sdvae.model import ResnetBlock
+    from sdvae import execute
 
     if not_supported_reasons(torch.empty(1, 8, 2, 2), 4):
         pytest.skip("GroupNorm is not fused here (CPU without the interpreter)")
@@ -145,14 +145,14 @@ def test_decoder_defers_upsampler_bias_into_the_next_block(monkeypatch, channels
     fast = sdvae.optimize(sdvae.VAE(cfg).eval())
     fast.load_state_dict(ref.state_dict())
     seen = []
-    original = ResnetBlock.run
+    original = execute.resnet
 
-    def spy(self, state, pending_bias=None, *, owned):
-        if pending_bias is not None:
-            seen.append(self.conv_shortcut is not None)
-        return original(self, state, pending_bias, owned=owned)
+    def spy(st, state, pending=None, *, owned):
+        if pending is not None:
+            seen.append(st.shortcut is not None)
+        return original(st, state, pending, owned=owned)
 
-    monkeypatch.setattr(ResnetBlock, "run", spy)
+    monkeypatch.setattr(execute, "resnet", spy)
     z = torch.randn(2, cfg.latent_channels, 3, 5)
     out = fast.decode(z)
     assert len(seen) == len(channels) - 1
@@ -208,7 +208,7 @@ def test_optimize_on_meta_folds_at_the_first_call_on_real_weights():
 def test_refold_in_place_keeps_the_buffer_a_cuda_graph_reads():
     """A captured CUDA graph keeps reading ``folded_weight``'s memory: a refold after the weight
     changed in place (or was replaced by one of the same layout) writes into that memory."""
-    from sdvae.model import fold_is_current
+    from sdvae.dispatch import fold_is_current
 
     torch.manual_seed(11)
     m = Upsample(4)

@@ -339,7 +339,7 @@ def _memory_providers(providers, models):
         if name == "sdvae_graph":
 
             def fn(run=fn):
-                graphed._graphs.pop("decode", None)  # its graphs and their memory pool
+                graphed.enable_cuda_graphs()  # drops its graphs and their memory pool
                 return run()
 
         out.append((name, lay, fn))

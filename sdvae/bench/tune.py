@@ -168,8 +168,8 @@ def conv_rows(
         reason = "needs a CUDA device"
     elif not _ext.available():
         reason = "sdvae._C did not load"
-    elif not _ext._C.graph_conv_available():
-        reason = "sdvae._C has no cuDNN graph conv: " + _ext._C.build_info()
+    elif not _ext.extension().graph_conv_available():
+        reason = "sdvae._C has no cuDNN graph conv: " + _ext.extension().build_info()
     if reason:
         emit(suite="conv", skipped=reason)
         return
@@ -190,7 +190,7 @@ def conv_rows(
         r = rnd(1, cout, oh, oh).to(memory_format=cl) if res else None
         for variant, bias, resid, fuse in (("bare", None, None, False), ("fused", b, r, True)):
             try:
-                chosen, refused, plans = _ext._C.conv2d_time_plans(
+                chosen, refused, plans = _ext.extension().conv2d_time_plans(
                     x, w, bias, resid, stride, list(pad), fuse, max_plans, reps
                 )
             except Exception as exc:  # noqa: BLE001 - recorded: the next decision needs it
@@ -278,15 +278,15 @@ def attention_rows(
             ),
         )
         elem = q.element_size()
-        launchable = set(A.launchable_configs(A._block_d(d), elem, A._shared_limit(device)))
+        launchable = set(A.launchable_configs(A.block_d(d), elem, A.shared_limit(device)))
         for cfg in A.configs_for(d, dtype):
             t = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
             row = dict(suite="attention", shape=label, candidate="triton", config=list(t))
             row["launchable"] = t in launchable
             try:
-                out = A._launch(q, k, v, scale, t)
+                out = A.launch(q, k, v, scale, t)
                 ms = _time_ms(
-                    lambda q=q, k=k, v=v, t=t, sc=scale: A._launch(q, k, v, sc, t), reps, device
+                    lambda q=q, k=k, v=v, t=t, sc=scale: A.launch(q, k, v, sc, t), reps, device
                 )
                 emit(**row, ms=ms, max_diff_vs_chunked=_max_diff(out, ref))
             except Exception as exc:  # noqa: BLE001 - a config the device cannot run
