@@ -32,7 +32,8 @@ own.
 
 A capture that fails (an op that a capture forbids, e.g. a synchronizing copy) does not fail
 the call: that signature runs eagerly from then on, and the reason is kept in
-``GraphedCall.failures`` (``vae.fused_reasons["cuda_graph"]`` for a model), with a warning.
+``GraphedCall.failures`` (and in ``vae.fused_reasons["cuda_graph"]`` for a model), with a
+warning.
 
 Threads: one lock per ``GraphedCall`` covers the lookup, the capture, the copy into the static
 input, the replay and the copy out, and the next caller's stream waits for the previous
@@ -126,7 +127,8 @@ class GraphedCall:
     capture: it refreshes derived weights in place and fills caches, so that nothing a graph
     reads is first made on the warm-up's side stream. ``addresses()`` (optional) returns what
     the graphs read by address; when it changes every graph is dropped. A signature whose
-    capture failed runs ``fn`` eagerly from then on, its reason in ``failures``."""
+    capture failed runs ``fn`` eagerly from then on, its reason in ``failures`` (and passed to
+    ``on_failure``)."""
 
     def __init__(
         self,
@@ -135,6 +137,7 @@ class GraphedCall:
         warmup: int = 2,
         prepare: Callable[[torch.Tensor], None] | None = None,
         addresses: Callable[[], tuple] | None = None,
+        on_failure: Callable[[str], None] | None = None,
         memory_format: torch.memory_format | None = None,
         max_graphs: int = 8,
     ):
@@ -142,6 +145,7 @@ class GraphedCall:
         self.warmup = warmup
         self.prepare = prepare
         self.addresses = addresses
+        self.on_failure = on_failure
         self.memory_format = memory_format or torch.contiguous_format
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
@@ -221,6 +225,8 @@ class GraphedCall:
                     except Exception as exc:  # noqa: BLE001 - recorded, and the call runs
                         why = f"capture of {tuple(x.shape)} {x.dtype} failed: {exc}"
                         self.failures[k] = why
+                        if self.on_failure is not None:
+                            self.on_failure(why)
                         warnings.warn(f"sdvae: CUDA graph {why}; running eagerly", stacklevel=3)
                         return self.fn(x)
                     self.graphs[k] = entry

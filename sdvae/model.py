@@ -449,6 +449,11 @@ class VAE(nn.Module):
     def cuda_graphs(self) -> bool:
         return self._graphs is not None
 
+    def _graph_failed(self, why: str) -> None:
+        reasons = self.__dict__.setdefault("fused_reasons", {}).setdefault("cuda_graph", [])
+        if why not in reasons:
+            reasons.append(why)
+
     def _prepare(self, x: torch.Tensor) -> None:
         """Before a graphed call (``sdvae.graphs``): refold what changed, in place."""
         for m in self.modules():
@@ -488,7 +493,7 @@ class VAE(nn.Module):
         hooked = hook_reasons(self)
         if hooked:  # hooks added after sdvae.optimize: eager, saying why
             self._graphs = {}
-            getattr(self, "fused_reasons", {})["cuda_graph"] = hooked
+            self.__dict__.setdefault("fused_reasons", {})["cuda_graph"] = hooked
             return None
         if torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
@@ -505,6 +510,7 @@ class VAE(nn.Module):
                 fn,
                 prepare=self._prepare_decode if name == "decode" else self._prepare,
                 addresses=lambda: tensor_addresses(self),
+                on_failure=self._graph_failed,
                 memory_format=self.memory_format,
             )
             self._graphs[name] = runner

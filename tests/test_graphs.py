@@ -193,7 +193,8 @@ def test_a_failed_capture_runs_eagerly_with_its_reason_and_is_not_retried():
             calls.append(1)
             raise RuntimeError("operation not permitted when stream is capturing")
 
-    runner = Failing(lambda t: t + 1)
+    failed = []
+    runner = Failing(lambda t: t + 1, on_failure=failed.append)
     x = torch.zeros(2, 2)
     with pytest.warns(UserWarning, match="running eagerly"):
         assert torch.equal(runner(x), x + 1)
@@ -201,6 +202,7 @@ def test_a_failed_capture_runs_eagerly_with_its_reason_and_is_not_retried():
     assert len(calls) == 1, "the capture was retried"
     (why,) = runner.failures.values()
     assert "not permitted" in why and "(2, 2)" in why
+    assert failed == [why]
 
 
 def test_graphs_are_dropped_when_what_they_read_moves():
