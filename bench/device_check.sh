@@ -7,7 +7,7 @@
 # Each run fits one GPU command of 9 minutes: every step after the build is capped, and the caps
 # shrink to what is left of RUN_BUDGET (540 s). A capped step gets SIGINT (`timeout -s INT -k
 # 20`), so pytest still writes its junit XML and its summary and the bench its table; every
-# test's outcome is logged as it ends (-v). The README's "GPU runs" section lists the steps, their
+# test's outcome is logged as it ends (-v). docs/benchmarks.md ("GPU runs") lists the steps, their
 # caps and expected times.
 #
 # The first run: device, carried wheels and their check, build (kept between runs), build gate

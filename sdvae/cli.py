@@ -429,7 +429,7 @@ def _model_args(p, batch_size: int):
         type=_memory,
         metavar="SIZE",
         help="device memory budget of each batch (bytes, or e.g. 6GiB, 12GB): over it the "
-        "exact streamed path runs, same result (see the README's 'Memory budget')",
+        "exact streamed path runs, same result (see docs/memory-budget.md)",
     )
     p.add_argument(
         "--offload",
