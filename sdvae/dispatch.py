@@ -55,6 +55,7 @@ __all__ = [
     "weights_of",
     "metered",
     "sdpa_extra_bytes",
+    "cpu_conv_extra",
 ]
 
 
@@ -153,16 +154,72 @@ def band_fused(fused: bool, dtype: torch.dtype) -> bool:
 _METER = threading.local()
 
 
-class _MetaSDPA(torch.overrides.TorchFunctionMode):
-    """``F.scaled_dot_product_attention`` on meta tensors (a forward that is not ours calls
-    it directly) as ``attention(fused=False)`` counts it: the meta kernel would allocate the
-    math path's (Lq, Lk) scores, which no real backend but float64's on CUDA holds."""
+def _round16(c: int) -> int:
+    return (c + 15) // 16 * 16
+
+
+def cpu_conv_extra(x_shape, w_shape, out_hw, dtype: torch.dtype, channels_last: bool) -> int:
+    """Bytes ``F.conv2d`` holds inside itself on the CPU at its peak, beyond what is live
+    before the call, its output included (measured with the allocator's own count, on an
+    AVX-512 CPU, where oneDNN's blocks are 16 channels; an upper bound for 8):
+
+    * fp32 / bf16 (oneDNN): its weights reordered (twice at once); NCHW operands reordered
+      to a blocked layout with channels rounded up to 16 (the input when it has 8 channels or
+      more, and the output), then the output reordered back. bf16 1x1 convs on NCHW go
+      through fp32 buffers. channels_last operands need no reorder.
+    * fp16 / float64 (ATen's ``slow_conv2d``): the im2col columns (none for 1x1).
+
+    ``x_shape`` is the padded input's."""
+    n, c, hp, wp = x_shape
+    cout, _, kh, kw = w_shape
+    e = torch.empty((), dtype=dtype).element_size()
+    y = n * cout * out_hw[0] * out_hw[1] * e
+    if dtype in (torch.float32, torch.bfloat16):
+        weights = 2 * cout * c * kh * kw * e
+        if channels_last:
+            return weights + y
+        if dtype == torch.bfloat16 and (kh, kw) == (1, 1):
+            xb = n * c * hp * wp * e
+            return 4 * max(xb, y) + xb + y
+        src = n * _round16(c) * hp * wp * e if c >= 8 else 0
+        dst = n * _round16(cout) * out_hw[0] * out_hw[1] * e
+        return max(src + weights + dst, dst + y)
+    cols = n * c * kh * kw * out_hw[0] * out_hw[1] * e if (kh, kw) != (1, 1) else 0
+    return cols + y
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class _MetaOps(torch.overrides.TorchFunctionMode):
+    """Library calls on meta tensors, whoever makes them (ours, ``nn.Conv2d``'s, diffusers'),
+    counted as they run on the real device:
+
+    * ``F.conv2d`` on the CPU: what it holds inside itself (``cpu_conv_extra``);
+    * ``F.scaled_dot_product_attention`` as ``attention(fused=False)`` counts it: the meta
+      kernel would allocate the math path's (Lq, Lk) scores, which no real backend but
+      float64's on CUDA holds."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and args[0].is_meta and len(args) == 3:
             if set(kwargs) <= {"scale"}:
                 return attention(*args, scale=kwargs.get("scale"), fused=False)
+        if func is torch.conv2d and args and args[0].is_meta and _real().type == "cpu":
+            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+            a = {**dict(zip(names, args)), **kwargs}
+            x, w = a["input"], a["weight"]
+            (sh, sw), pad = _pair(a.get("stride", 1)), a.get("padding", 0)
+            if isinstance(pad, str):
+                ph, pw = (0, 0) if pad == "valid" else (w.shape[2] // 2, w.shape[3] // 2)
+            else:
+                ph, pw = _pair(pad)
+            hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
+            out_hw = ((hp - w.shape[2]) // sh + 1, (wp - w.shape[3]) // sw + 1)
+            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            _spike(cpu_conv_extra((x.shape[0], x.shape[1], hp, wp), tuple(w.shape), out_hw,
+                                  x.dtype, cl))  # fmt: skip
         return func(*args, **kwargs)
 
 
@@ -174,7 +231,7 @@ def metered(tracker, real: torch.device):
     saved = getattr(_METER, "value", None)
     _METER.value = (tracker, torch.device(real))
     try:
-        with _MetaSDPA():
+        with _MetaOps():
             yield
     finally:
         _METER.value = saved

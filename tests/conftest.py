@@ -169,3 +169,24 @@ def fp32_precision_restored():
 def _fresh_seed():
     # Random inputs differ per test but the suite is reproducible run to run.
     torch.manual_seed(0)
+
+
+def allocator_peak(fn) -> tuple[object, int]:
+    """``(fn(), peak)``: the most bytes the CPU allocator held at once during ``fn()``
+    beyond what it held when the call began (every allocation, inside ops included)."""
+    from torch._C._profiler import _EventType
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:  # fmt: skip
+        out = fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.typed[0] == _EventType.Allocation and e.typed[1].device.type == "cpu":
+            events.append((e.start_time_ns, e.typed[1].alloc_size))
+    cur = peak = 0
+    for _, nbytes in sorted(events, key=lambda r: r[0]):
+        cur += nbytes
+        peak = max(peak, cur)
+    return out, peak
