@@ -454,10 +454,25 @@ class VAE(nn.Module):
         if why not in reasons:
             reasons.append(why)
 
+    def _graph_view(self) -> tuple:
+        """What a graphed call checks on the host, walked once per structural change
+        (``sdvae.steps.generation``; moves and casts bump it too, see ``_apply``) instead of
+        per call: (generation, every submodule, the upsamplers, the weights' addresses). The
+        model itself is left out of the list, so that it holds no cycle to itself."""
+        from .graphs import tensor_addresses
+
+        now = steps.generation()
+        view = self.__dict__.get("_graph_cache")
+        if view is None or view[0] != now:
+            mods = [m for m in self.modules() if m is not self]
+            ups = [m for m in mods if isinstance(m, Upsample)]
+            view = self.__dict__["_graph_cache"] = (now, mods, ups, tensor_addresses(self))
+        return view
+
     def _prepare(self, x: torch.Tensor) -> None:
         """Before a graphed call (``sdvae.graphs``): refold what changed, in place."""
-        for m in self.modules():
-            if isinstance(m, Upsample) and m.fused and not fold_is_current(m, m.conv):
+        for m in self._graph_view()[2]:
+            if m.fused and not fold_is_current(m, m.conv):
                 m.fold()
 
     def _prepare_decode(self, latents: torch.Tensor) -> None:
@@ -471,7 +486,9 @@ class VAE(nn.Module):
         # Moving or casting reallocates every weight: captured graphs would read freed memory.
         if self._graphs:
             self._graphs = {}
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        steps.changed()  # addresses changed without a registration (``param.data = ...``)
+        return out
 
     def __getstate__(self):
         # Captured graphs belong to this model's memory: a copy (deepcopy, pickle) keeps the
@@ -480,18 +497,21 @@ class VAE(nn.Module):
         state = dict(state)
         if state.get("_graphs"):
             state["_graphs"] = {}
+        state.pop("_graph_cache", None)
         return state
 
     def _graphed(self, name: str, x: torch.Tensor):
         """The graph runner for ``name`` when this call may be replayed from a graph."""
-        from .graphs import GraphedCall, autocast_on, hook_reasons, tensor_addresses
+        from .graphs import GraphedCall, autocast_on, hook_reasons
 
         if self._graphs is None or not x.is_cuda or torch.compiler.is_compiling():
             return None
         if autocast_on():
             return None
-        hooked = hook_reasons(self)
-        if hooked:  # hooks added after sdvae.optimize: eager, saying why
+        mods = self._graph_view()[1]
+        if "_hf_hook" in self.__dict__ or any("_hf_hook" in m.__dict__ for m in mods):
+            # hooks added after sdvae.optimize: eager, saying why
+            hooked = hook_reasons(self)
             self._graphs = {}
             self.__dict__.setdefault("fused_reasons", {})["cuda_graph"] = hooked
             return None
@@ -509,7 +529,7 @@ class VAE(nn.Module):
             runner = GraphedCall(
                 fn,
                 prepare=self._prepare_decode if name == "decode" else self._prepare,
-                addresses=lambda: tensor_addresses(self),
+                addresses=lambda: self._graph_view()[3],
                 on_failure=self._graph_failed,
                 memory_format=self.memory_format,
             )

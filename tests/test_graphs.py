@@ -366,3 +366,16 @@ def test_budgeted_call_under_cuda_graph_stays_within_full_bytes():
     used = torch.cuda.max_memory_allocated() - base
     assert used <= plan.full_bytes, (used, plan.full_bytes)
     assert not vae._graphs.get("decode"), "a budgeted call captured a graph"
+
+
+def test_host_checks_are_walked_once_per_structural_change():
+    """What a graphed call checks on the host (modules, upsamplers, weight addresses) is
+    cached, and refreshed by a replaced parameter and by a move or cast."""
+    vae = _vae()
+    first = vae._graph_view()
+    assert vae._graph_view() is first
+    vae.decoder.conv_in.weight = torch.nn.Parameter(vae.decoder.conv_in.weight.detach().clone())
+    second = vae._graph_view()
+    assert second is not first and second[3] != first[3]
+    vae.double()
+    assert vae._graph_view()[3] != second[3]
