@@ -342,7 +342,8 @@ def upsample_record(u, name: str, rd: Reader, folded: bool) -> Upsample:
 
 
 def weights(steps) -> list[torch.Tensor]:
-    """Every tensor the records hold, in order."""
+    """Every tensor the records (a list of them, or of lists) hold, in order; None entries and
+    the modules an ``Upsample`` record points to are skipped."""
     out: list = []
 
     def visit(obj):

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .dispatch import sdpa_extra_bytes, weights_of
-from .steps import Attention, Conv, ConvIn, Downsample, Norm, Out, Resnet, Upsample, lower
+from .steps import Attention, Conv, ConvIn, Downsample, Norm, Out, Resnet, Upsample, lower, weights
 
 __all__ = [
     "run",
@@ -831,7 +831,7 @@ def _check_weights(prog: _Program, x: torch.Tensor) -> None:
     """ValueError when a weight the steps read is on the meta device (``F.conv2d`` of a real
     input and a meta weight returns an uninitialised tensor: garbage, silently) or on another
     device than ``x``."""
-    for t in _tensors_of(prog.steps):
+    for t in weights(prog.steps):
         if t.is_meta:
             raise ValueError(
                 "the model's weights are on the meta device (built empty and never loaded, or "
@@ -896,17 +896,6 @@ def _meta_state(prog: _Program, i: int, runner: _Runner) -> None:
                                     device="meta", memory_format=runner.fmt)  # fmt: skip
 
 
-def _tensors_of(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, list):
-        for o in obj:
-            yield from _tensors_of(o)
-    elif dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            yield from _tensors_of(getattr(obj, f.name))
-
-
 def band_peak(prog: _Program, i: int, bands, *, dtype, fmt, offload: bool, real) -> int:
     """Bytes the given consecutive bands of pass ``i`` allocate at most (stored tensors and
     weights excluded), measured by running the engine's own code for them on the meta
@@ -917,7 +906,7 @@ def band_peak(prog: _Program, i: int, bands, *, dtype, fmt, offload: bool, real)
     p = prog.passes[i]
     try:
         _meta_state(prog, i, runner)
-        for t in _tensors_of([p.step, p.src.up if isinstance(p.src, _Virtual) else None]):
+        for t in weights([p.step, p.src.up if isinstance(p.src, _Virtual) else None]):
             runner._w(t)
         with TensorMemory("meta", collect=False) as tracker, dispatch.metered(tracker, real):
             runner.tracker = tracker
