@@ -47,8 +47,9 @@ model class"). Where code runs the other way, that is the debt below.
   never back; lowest, so that any import from it into the rest of the package is upward.
 * ``base``: leaves that import nothing of sdvae but kernels, and that any layer may use:
   ``_ext`` (loads ``sdvae._C``), ``_tf32`` (torch's TF32 switch), ``numerics`` (the tolerance
-  table), ``config`` (``VAEConfig``, plain data), ``memtrack`` (counts tensor bytes), ``io``
-  (image files, ``InputError``), ``_aot`` (ahead-of-time Triton compiles for tests/checks).
+  table), ``config`` (``VAEConfig``, ``WanConfig``, plain data), ``memtrack`` (counts tensor
+  bytes), ``io`` (image files, ``InputError``), ``_aot`` (ahead-of-time Triton compiles for
+  tests/checks), ``wan_keys`` (original Wan checkpoint key names to diffusers').
 * ``ops``: ``sdvae.ops``, the C++/CUDA ops over ``_ext``.
 * ``dispatch``: ``sdvae.dispatch``, the one place that picks fused kernel or eager per op
   (above the ops it picks between, below every caller), and ``sdvae.steps``, the step
@@ -59,6 +60,7 @@ model class"). Where code runs the other way, that is the debt below.
   and below the families that ask it for a plan.
 * ``family``: ``model``, sdvae's own family: the reference modules and their state-dict
   names; ``VAE.decode(max_memory=...)`` calls down into the planner and the executors.
+  ``wan``: the Wan video family (Wan 2.1/2.2, Qwen-Image), beside it.
 * ``family-ops``: what works on a built sdvae ``VAE``: ``fast`` (``optimize``, which walks
   the model's classes) and ``loading`` (checkpoints in and out, to and from diffusers).
 * ``diffusers``: ``diffusers_patch``, the diffusers family. It uses ``loading``'s model
@@ -128,13 +130,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "sdvae.memtrack",
             "sdvae.io",
             "sdvae._aot",
+            "sdvae.wan_keys",
         ),
     ),
     ("ops", ("sdvae.ops",)),
     ("dispatch", ("sdvae.dispatch", "sdvae.steps")),
     ("executors", ("sdvae.execute", "sdvae.graphs", "sdvae.stream")),
     ("planner", ("sdvae.budget",)),
-    ("family", ("sdvae.model",)),
+    ("family", ("sdvae.model", "sdvae.wan")),
     ("family-ops", ("sdvae.fast", "sdvae.loading")),
     ("diffusers", ("sdvae.diffusers_patch",)),
     ("api", ("sdvae",)),

@@ -1,0 +1,543 @@
+"""The Wan video VAE family: Wan 2.1, Wan 2.2 (TI2V-5B) and Qwen-Image, as reference modules.
+
+Module and parameter names are diffusers' (``AutoencoderKLWan``; ``AutoencoderKLQwenImage``
+has the very same state dict), so a diffusers state dict loads as it is. ``WanConfig``
+(``sdvae.config``) holds the architecture.
+
+The network is 2-D convolutions' and GroupNorms' video cousin:
+
+* ``CausalConv3d``: a 3-D conv, zero-padded in space and *causal* in time: ``2 p`` frames in
+  front (``p`` the temporal padding), none behind. A run goes chunk by chunk (the decoder one
+  latent frame at a time, the encoder 1 frame then 4 at a time), and each causal conv keeps
+  the last ``2 p`` frames of its input for the next chunk (zeros before the first). So a
+  chunked run equals one causal run over the whole video, and its memory does not grow with
+  the number of frames.
+* ``RMSNorm``: per pixel, over the channels: ``x / max(||x||_2, 1e-12) * sqrt(C) * gamma``,
+  then SiLU where the block applies one.
+* ``Resample``: nearest x2 + 3x3 conv (up) or the asymmetric pad + stride-2 conv (down), per
+  frame; the temporal ones add a ``time_conv``. Up: a causal (3, 1, 1) conv to twice the
+  channels, whose two halves become two frames; the first chunk skips it (its one frame
+  stays one frame), so the second chunk's ``time_conv`` starts from zeros, as in diffusers.
+  Down: a stride-2 (3, 1, 1) conv over the previous chunk's last frame and this chunk's.
+* Attention: single head per frame, head dim = channels.
+* Wan 2.2 (``is_residual``): each level's blocks are wrapped with a parameter-free shortcut
+  (``AvgDown3D``: space/time to channels, then group means; ``DupUp3D``: the inverse by
+  repetition) added to their output.
+
+``WanVAE.encode`` returns the pipeline's latents ``(z - latents_mean) / latents_std`` (the
+posterior mean unless ``sample``), ``decode`` takes them back; the de-normalization is folded
+into ``post_quant_conv`` (1x1x1, computed in float64). ``raw=True`` gives or takes the
+encoder's own latents. Decoded frames are clamped to [-1, 1], as diffusers' ``decode`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import WanConfig
+
+__all__ = [
+    "WanVAE",
+    "WanEncoder",
+    "WanDecoder",
+    "CausalConv3d",
+    "RMSNorm",
+    "ResidualBlock",
+    "AttentionBlock",
+    "Resample",
+    "AvgDown3D",
+    "DupUp3D",
+    "ChunkState",
+    "patchify",
+    "unpatchify",
+    "ENCODE_CHUNK",
+]
+
+#: Frames per encoder chunk after the first (which is one frame), as diffusers chunks them.
+ENCODE_CHUNK = 4
+
+
+def _triple(v) -> tuple[int, int, int]:
+    return (v, v, v) if isinstance(v, int) else tuple(int(u) for u in v)
+
+
+class ChunkState:
+    """What a chunked run carries from one chunk to the next: per causal op (keyed by its
+    module), the frames it keeps; ``first``: this is the run's first chunk."""
+
+    def __init__(self) -> None:
+        self.frames: dict[nn.Module, torch.Tensor] = {}
+        self.first = True
+
+
+class CausalConv3d(nn.Conv3d):
+    """A 3-D conv with symmetric zero padding in space and ``2 * padding[0]`` frames of
+    causal padding in time: the frames kept from the chunks before (``state``), zeros before
+    the first."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0):
+        pt, ph, pw = _triple(padding)
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
+                         padding=(0, ph, pw))  # fmt: skip
+        self.front = 2 * pt
+
+    def forward(self, x: torch.Tensor, state: ChunkState | None = None) -> torch.Tensor:
+        if self.front:
+            kept = state.frames.get(self) if state is not None else None
+            if kept is None:
+                n, c, _, h, w = x.shape
+                kept = x.new_zeros((n, c, self.front, h, w))
+            x = torch.cat([kept, x], 2)
+            if state is not None:
+                state.frames[self] = x[:, :, -self.front :].clone()
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """``x / max(||x||_2 over channels, 1e-12) * sqrt(C) * gamma`` (``gamma`` shaped
+    ``(C, 1, 1, 1)`` for videos, ``(C, 1, 1)`` for the attention's per-frame images, as in
+    diffusers' state dicts); ``silu``: followed by SiLU."""
+
+    def __init__(self, channels: int, *, images: bool = False, silu: bool = False):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones((channels,) + (1,) * (2 if images else 3)))
+        self.scale = channels**0.5
+        self.silu = silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.normalize(x, dim=1) * self.scale * self.gamma
+        return F.silu(y) if self.silu else y
+
+
+class ResidualBlock(nn.Module):
+    """RMSNorm -> SiLU -> causal 3x3x3 conv, twice, plus the input (a 1x1x1 conv when the
+    channels change)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.norm1 = RMSNorm(in_dim, silu=True)
+        self.conv1 = CausalConv3d(in_dim, out_dim, 3, padding=1)
+        self.norm2 = RMSNorm(out_dim, silu=True)
+        self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1)
+        self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
+
+    def forward(self, x: torch.Tensor, state: ChunkState | None = None) -> torch.Tensor:
+        res = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        h = self.conv1(self.norm1(x), state)
+        h = self.conv2(self.norm2(h), state)
+        return h + res
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over each frame's pixels (head dim = channels, scale
+    ``C**-0.5``), 1x1 projections, residual add."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        f = x.transpose(1, 2).reshape(b * t, c, h, w)  # frames as images
+        qkv = self.to_qkv(self.norm(f)).reshape(b * t, 3 * c, h * w).transpose(1, 2)
+        q, k, v = (u.unsqueeze(1).contiguous() for u in qkv.chunk(3, dim=-1))  # (bt, 1, L, C)
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        o = self.proj(o.transpose(1, 2).reshape(b * t, c, h, w))
+        return o.reshape(b, t, c, h, w).transpose(1, 2) + x
+
+
+class _Nearest2x(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+
+
+class Resample(nn.Module):
+    """``mode``: ``upsample2d``/``upsample3d`` (nearest x2 + 3x3 conv to ``out_dim``
+    channels; 3d also doubles the frames with ``time_conv``) or ``downsample2d``/
+    ``downsample3d`` (zero pad right/bottom + 3x3 stride-2 conv; 3d also halves the frames).
+    The 2-D part runs per frame; its conv sits at ``resample.1`` (diffusers' name)."""
+
+    def __init__(self, dim: int, mode: str, out_dim: int | None = None):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("upsample"):
+            out = dim // 2 if out_dim is None else out_dim
+            self.resample = nn.Sequential(_Nearest2x(), nn.Conv2d(dim, out, 3, padding=1))
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode.startswith("downsample"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)),
+                                          nn.Conv2d(dim, dim, 3, stride=2))  # fmt: skip
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        else:
+            raise ValueError(f"mode must be upsample2d/3d or downsample2d/3d, got {mode!r}")
+
+    def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        if self.mode == "upsample3d" and not state.first:
+            x = self.time_conv(x, state)  # (b, 2c, t, h, w): the halves are frames 2i, 2i + 1
+            x = x.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+            t = 2 * t
+        y = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
+        y = y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
+        if self.mode == "downsample3d":
+            kept = state.frames.get(self)
+            state.frames[self] = y[:, :, -1:].clone()
+            if kept is not None:  # the first chunk's frames pass through
+                y = self.time_conv(torch.cat([kept, y], 2))
+        return y
+
+
+class AvgDown3D(nn.Module):
+    """Wan 2.2's encoder shortcut (no parameters): zero frames in front up to a multiple of
+    ``factor_t``, each ``factor_t x factor_s x factor_s`` block to channels
+    (``c * factor + (dt * fs + dy) * fs + dx``), then the mean of each run of
+    ``in * factor / out`` channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int = 1):
+        super().__init__()
+        self.out_channels, self.ft, self.fs = out_channels, factor_t, factor_s
+        self.factor = factor_t * factor_s * factor_s
+        if (in_channels * self.factor) % out_channels:
+            raise ValueError("AvgDown3D: in_channels * factor must be a multiple of out_channels")
+        self.group = in_channels * self.factor // out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ft, fs = self.ft, self.fs
+        x = F.pad(x, (0, 0, 0, 0, (ft - x.shape[2] % ft) % ft, 0))
+        b, c, t, h, w = x.shape
+        x = x.reshape(b, c, t // ft, ft, h // fs, fs, w // fs, fs)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, self.out_channels, self.group,
+                                                      t // ft, h // fs, w // fs)  # fmt: skip
+        return x.mean(dim=2)
+
+
+class DupUp3D(nn.Module):
+    """Wan 2.2's decoder shortcut (no parameters): each channel repeated, the copies laid out
+    as ``factor_t x factor_s x factor_s`` blocks of frames and pixels; on the first chunk the
+    first ``factor_t - 1`` frames are dropped."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int = 1):
+        super().__init__()
+        self.out_channels, self.ft, self.fs = out_channels, factor_t, factor_s
+        factor = factor_t * factor_s * factor_s
+        if (out_channels * factor) % in_channels:
+            raise ValueError("DupUp3D: out_channels * factor must be a multiple of in_channels")
+        self.repeats = out_channels * factor // in_channels
+
+    def forward(self, x: torch.Tensor, first: bool) -> torch.Tensor:
+        ft, fs = self.ft, self.fs
+        b, _, t, h, w = x.shape
+        x = x.repeat_interleave(self.repeats, dim=1)
+        x = x.reshape(b, self.out_channels, ft, fs, fs, t, h, w)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, self.out_channels, t * ft, h * fs,
+                                                      w * fs)  # fmt: skip
+        return x[:, :, ft - 1 :] if first else x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.attentions = nn.ModuleList([AttentionBlock(dim)])
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim), ResidualBlock(dim, dim)])
+
+    def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        x = self.resnets[0](x, state)
+        return self.resnets[1](self.attentions[0](x), state)
+
+
+class ResidualDownBlock(nn.Module):
+    """Wan 2.2: residual blocks and a downsampler, plus ``AvgDown3D`` of the input."""
+
+    def __init__(self, in_dim: int, out_dim: int, blocks: int, temporal: bool, down: bool):
+        super().__init__()
+        self.avg_shortcut = AvgDown3D(in_dim, out_dim, 2 if temporal else 1, 2 if down else 1)
+        self.resnets = nn.ModuleList(
+            [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(blocks)]
+        )
+        mode = "downsample3d" if temporal else "downsample2d"
+        self.downsampler = Resample(out_dim, mode) if down else None
+
+    def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        h = x
+        for block in self.resnets:
+            h = block(h, state)
+        if self.downsampler is not None:
+            h = self.downsampler(h, state)
+        return h + self.avg_shortcut(x)
+
+
+class UpBlock(nn.Module):
+    """Wan 2.1: ``blocks + 1`` residual blocks, then an upsampler (``upsamplers.0``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, blocks: int, mode: str | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(blocks + 1)]
+        )
+        self.upsamplers = nn.ModuleList([Resample(out_dim, mode)]) if mode else None
+
+    def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        for block in self.resnets:
+            x = block(x, state)
+        return x if self.upsamplers is None else self.upsamplers[0](x, state)
+
+
+class ResidualUpBlock(nn.Module):
+    """Wan 2.2: ``blocks + 1`` residual blocks and an upsampler to ``out_dim`` channels, plus
+    ``DupUp3D`` of the input."""
+
+    def __init__(self, in_dim: int, out_dim: int, blocks: int, temporal: bool, up: bool):
+        super().__init__()
+        self.avg_shortcut = DupUp3D(in_dim, out_dim, 2 if temporal else 1, 2) if up else None
+        self.resnets = nn.ModuleList(
+            [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(blocks + 1)]
+        )
+        mode = "upsample3d" if temporal else "upsample2d"
+        self.upsampler = Resample(out_dim, mode, out_dim) if up else None
+
+    def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        h = x
+        for block in self.resnets:
+            h = block(h, state)
+        if self.upsampler is not None:
+            h = self.upsampler(h, state)
+        if self.avg_shortcut is not None:
+            h = h + self.avg_shortcut(x, state.first)
+        return h
+
+
+class WanEncoder(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        self.conv_in = CausalConv3d(cfg.in_channels, dims[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        last = len(cfg.dim_mult) - 1
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            temporal = cfg.temperal_downsample[i] if i < last else False
+            if cfg.is_residual:
+                blocks.append(ResidualDownBlock(d_in, d_out, cfg.num_res_blocks, temporal,
+                                                i < last))  # fmt: skip
+                continue
+            for j in range(cfg.num_res_blocks):
+                blocks.append(ResidualBlock(d_in if j == 0 else d_out, d_out))
+            if i < last:
+                blocks.append(Resample(d_out, "downsample3d" if temporal else "downsample2d"))
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = MidBlock(dims[-1])
+        self.norm_out = RMSNorm(dims[-1], silu=True)
+        self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        x = self.conv_in(x, state)
+        for block in self.down_blocks:
+            x = block(x, state)
+        x = self.mid_block(x, state)
+        return self.conv_out(self.norm_out(x), state)
+
+
+class WanDecoder(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        base = cfg.decoder_base_dim or cfg.base_dim
+        dims = [base * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+        self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0])
+        blocks: list[nn.Module] = []
+        last = len(cfg.dim_mult) - 1
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            up = i < last
+            temporal = cfg.temperal_upsample[i] if up else False
+            if cfg.is_residual:
+                blocks.append(ResidualUpBlock(d_in, d_out, cfg.num_res_blocks, temporal, up))
+                continue
+            mode = ("upsample3d" if temporal else "upsample2d") if up else None
+            # Wan 2.1's upsamplers halve the channels: the next level starts from half.
+            blocks.append(UpBlock(d_in // 2 if i > 0 else d_in, d_out, cfg.num_res_blocks, mode))
+        self.up_blocks = nn.ModuleList(blocks)
+        self.norm_out = RMSNorm(dims[-1], silu=True)
+        self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(x, state), state)
+        for block in self.up_blocks:
+            x = block(x, state)
+        return self.conv_out(self.norm_out(x), state)
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, T, H, W) -> (N, C p^2, T, H / p, W / p), channel ``c p^2 + dx p + dy`` holding
+    pixel ``(y p + dy, x p + dx)`` (diffusers' Wan order: the column offset first)."""
+    n, c, t, h, w = x.shape
+    x = x.reshape(n, c, t, h // p, p, w // p, p).permute(0, 1, 6, 4, 2, 3, 5)
+    return x.reshape(n, c * p * p, t, h // p, w // p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of ``patchify``."""
+    n, cp, t, h, w = x.shape
+    x = x.reshape(n, cp // (p * p), p, p, t, h, w).permute(0, 1, 4, 5, 3, 6, 2)
+    return x.reshape(n, cp // (p * p), t, h * p, w * p)
+
+
+class WanVAE(nn.Module):
+    """A Wan-family video VAE (``WanConfig``): ``encode`` videos (N, C, T, H, W) in [-1, 1]
+    with ``T = 1 + 4k`` (or images (N, C, H, W)) to the pipeline's latents, ``decode`` them
+    back to ``1 + 4 (t - 1)`` frames for ``t`` latent frames."""
+
+    def __init__(self, config: WanConfig | None = None):
+        super().__init__()
+        cfg = WanConfig() if config is None else config
+        if not isinstance(cfg, WanConfig):
+            raise TypeError(f"config must be a WanConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        self.encoder = WanEncoder(cfg)
+        self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
+        self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = WanDecoder(cfg)
+
+    # ----------------------------------------------------------------- checks
+    def _check(self, name: str, x, channels: int) -> tuple[torch.Tensor, bool]:
+        """``x`` as a 5-D tensor, and whether it was given as 4-D (one frame)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        image = x.dim() == 4
+        if image:
+            x = x.unsqueeze(2)
+        if x.dim() != 5 or x.shape[1] != channels or min(x.shape) < 1:
+            raise ValueError(
+                f"{name} must be (N, {channels}, T, H, W) or (N, {channels}, H, W) with "
+                f"positive sizes, got {tuple(x.shape) if not image else tuple(x.shape[:2]) + tuple(x.shape[3:])}"  # noqa: E501
+            )
+        w = next(self.parameters())
+        if x.device != w.device:
+            raise ValueError(f"{name} is on {x.device} but the model is on {w.device}")
+        return x, image
+
+    def _stats(self, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if not cfg.has_latent_stats:
+            raise ValueError(
+                "this WanConfig has no latents_mean/latents_std (give them in the config, e.g. "
+                "from the model's diffusers config.json), so only raw latents are available: "
+                "pass raw=True"
+            )
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float64, device=device)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float64, device=device)
+        return mean.to(dtype), std.to(dtype)
+
+    # ----------------------------------------------------------------- encode
+    def moments(self, video: torch.Tensor) -> torch.Tensor:
+        """The encoder's moments (mean and log-variance channels) of checked ``video``
+        (N, C, T, H, W): the first frame alone, then chunks of ``ENCODE_CHUNK`` frames."""
+        cfg = self.config
+        n, _, t, h, w = video.shape
+        p = cfg.patch_size or 1
+        if p > 1:
+            video = patchify(video, p)
+        state, outs = ChunkState(), []
+        for a in (0, *range(1, t, ENCODE_CHUNK)):
+            state.first = a == 0
+            outs.append(self.encoder(video[:, :, a : 1 if a == 0 else a + ENCODE_CHUNK], state))
+        z = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+        del outs, state
+        return self.quant_conv(z)
+
+    def encode(self, video: torch.Tensor, *, sample: bool = False, noise=None,
+               seed: int | None = None, raw: bool = False) -> torch.Tensor:  # fmt: skip
+        """Videos (N, C, T, H, W) in [-1, 1] with ``T = 1 + 4k``, or images (N, C, H, W) ->
+        the pipeline's latents ``(z - latents_mean) / latents_std`` (``raw``: ``z`` itself),
+        with ``z`` the posterior mean, or with ``sample`` a draw ``mean + std * noise``
+        (``noise`` given, or drawn with ``seed``). Images give 4-D latents."""
+        cfg = self.config
+        for flag, v in (("sample", sample), ("raw", raw)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{flag} must be a bool, got {type(v).__name__}")
+        x, image = self._check("video", video, cfg.image_channels)
+        t, h, w = x.shape[2:]
+        if (t - 1) % ENCODE_CHUNK:
+            raise ValueError(f"video has {t} frames: the encoder takes 1 + {ENCODE_CHUNK}k "
+                             f"frames (1, 5, 9, ...)")  # fmt: skip
+        # Wan 2.2's AvgDown3D shortcuts need every level's sides even
+        f = cfg.spatial_factor if cfg.is_residual else (cfg.patch_size or 1)
+        if h % f or w % f:
+            raise ValueError(f"video frames of {h}x{w} (HxW): this model needs sides that are "
+                             f"multiples of {f}")  # fmt: skip
+        if not raw:
+            self._stats(x.dtype, x.device)  # refused before the encoder runs
+        mom = self.moments(x)
+        mean, logvar = mom.chunk(2, dim=1)
+        if noise is not None and not sample:
+            raise ValueError("noise was given but sample=False uses no noise")
+        if sample:
+            if noise is None:
+                gen = None if seed is None else torch.Generator(x.device).manual_seed(seed)
+                noise = torch.randn(mean.shape, generator=gen, device=x.device, dtype=x.dtype)
+            elif not isinstance(noise, torch.Tensor) or noise.shape != mean.shape:
+                raise ValueError(f"noise must be a tensor of the raw latents' shape "
+                                 f"{tuple(mean.shape)}")  # fmt: skip
+            z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean.dtype)
+        else:
+            z = mean
+        if not raw:  # as the pipelines: (z - mean) * (1 / std), the reciprocal in fp32
+            m, _ = self._stats(z.dtype, z.device)
+            inv = (1.0 / torch.tensor(cfg.latents_std, device=z.device)).to(z.dtype)
+            z = (z - m.view(1, -1, 1, 1, 1)) * inv.view(1, -1, 1, 1, 1)
+        return z[:, :, 0] if image else z
+
+    # ----------------------------------------------------------------- decode
+    def _decoder_input(self, z: torch.Tensor, raw: bool) -> torch.Tensor:
+        """``post_quant_conv`` of raw latents; of pipeline latents, with the de-normalization
+        ``z * std + mean`` folded into its weight and bias (float64, then ``z``'s dtype)."""
+        pqc = self.post_quant_conv
+        if raw:
+            return pqc(z)
+        mean, std = self._stats(torch.float64, z.device)
+        c = self.config.z_dim
+        wt = pqc.weight.detach().double().reshape(c, c)
+        b = pqc.bias.detach().double() if pqc.bias is not None else torch.zeros_like(mean)
+        w2 = (wt * std[None, :]).reshape(c, c, 1, 1, 1).to(z.dtype)
+        b2 = (b + wt @ mean).to(z.dtype)
+        return F.conv3d(z, w2, b2)
+
+    def decode(self, latents: torch.Tensor, *, raw: bool = False,
+               clamp: bool = True) -> torch.Tensor:  # fmt: skip
+        """The pipeline's latents (N, z_dim, t, h, w) (``raw``: the encoder's own) ->
+        ``1 + 4 (t - 1)`` frames, decoded one latent frame at a time (the memory does not
+        grow with ``t``), clamped to [-1, 1] as diffusers' ``decode`` does (``clamp=False``:
+        not clamped). 4-D latents give images (N, C, H, W)."""
+        cfg = self.config
+        if not isinstance(raw, bool):
+            raise TypeError(f"raw must be a bool, got {type(raw).__name__}")
+        z, image = self._check("latents", latents, cfg.z_dim)
+        x = self._decoder_input(z, raw)
+        t = x.shape[2]
+        state, out = ChunkState(), None
+        for i in range(t):
+            state.first = i == 0
+            y = self.decoder(x[:, :, i : i + 1], state)
+            if out is None:
+                frames = 1 + (t - 1) * cfg.temporal_factor
+                out = y.new_empty((y.shape[0], y.shape[1], frames, *y.shape[3:]))
+                pos = 0
+            out[:, :, pos : pos + y.shape[2]] = y
+            pos += y.shape[2]
+            del y
+        del state, x
+        if clamp:
+            out.clamp_(-1.0, 1.0)
+        if cfg.patch_size and cfg.patch_size > 1:
+            out = unpatchify(out, cfg.patch_size)
+        return out[:, :, 0] if image else out
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """Encode (posterior mean) then decode: the reconstruction."""
+        return self.decode(self.encode(video))

@@ -1,0 +1,189 @@
+"""The Wan video VAE family (sdvae.wan) against diffusers 0.42's own classes, same random
+weights: AutoencoderKLWan (Wan 2.1, and Wan 2.2's residual/patchified design) and
+AutoencoderKLQwenImage, in fp32, for T in {1, 5, 9} frames and odd spatial sizes; the
+pipelines' latent normalization; memory that does not grow with the number of frames."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import allocator_peak
+
+from sdvae.config import WanConfig
+from sdvae.wan import WanVAE, patchify, unpatchify
+
+diffusers = pytest.importorskip("diffusers")
+
+CONFIGS = {
+    "wan21": WanConfig.tiny(),
+    "wan22": WanConfig.tiny(
+        is_residual=True,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        decoder_base_dim=12,
+        z_dim=6,
+    ),  # fmt: skip
+    "qwen_image": WanConfig.tiny(diffusers_class="AutoencoderKLQwenImage"),
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _pair(name: str):
+    """(diffusers model, sdvae model) with the same random, non-trivial weights."""
+    cfg = CONFIGS[name]
+    cls = getattr(diffusers, cfg.diffusers_class)
+    torch.manual_seed(hash(name) % 1000)
+    ref = cls(**cfg.to_diffusers()).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ours = WanVAE(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request):
+    return request.param, *_pair(request.param)
+
+
+def _stats(cfg, like):
+    mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1).to(like)
+    inv_std = (1.0 / torch.tensor(cfg.latents_std)).view(1, -1, 1, 1, 1).to(like)
+    return mean, inv_std
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9])
+@torch.no_grad()
+def test_encode_and_decode_equal_diffusers(pair, frames):
+    """Raw and pipeline latents (the pipelines' ``(z - mean) * (1 / std)`` and
+    ``z / (1 / std) + mean``), encode and decode, <= 1e-5 relative in fp32."""
+    name, ref, ours = pair
+    cfg = ours.config
+    h, w = (32, 48) if cfg.is_residual else (33, 45)  # Wan 2.2: sides multiple of 16
+    x = torch.rand(1, 3, frames, h, w) * 2 - 1
+    want = ref.encode(x).latent_dist.mode()
+    got = ours.encode(x, raw=True)
+    assert got.shape == want.shape and _rel(got, want) <= 1e-5, (name, _rel(got, want))
+    mean, inv_std = _stats(cfg, want)
+    want_pipe = (want - mean) * inv_std
+    assert _rel(ours.encode(x), want_pipe) <= 1e-5
+
+    t = 1 + (frames - 1) // 4
+    lat = torch.randn(2, cfg.z_dim, t, 5, 7)  # odd latent sides, batch 2
+    want_img = ref.decode(lat).sample
+    got_img = ours.decode(lat, raw=True)
+    assert got_img.shape == want_img.shape == (2, 3, 1 + 4 * (t - 1), 5 * cfg.spatial_factor,
+                                               7 * cfg.spatial_factor)  # fmt: skip
+    assert _rel(got_img, want_img) <= 1e-5, (name, _rel(got_img, want_img))
+    pipe = ref.decode(lat / inv_std + mean).sample
+    assert _rel(ours.decode(lat), pipe) <= 1e-5
+
+
+@torch.no_grad()
+def test_images_are_one_frame_videos(pair):
+    name, ref, ours = pair
+    img = torch.rand(2, 3, 32, 48) * 2 - 1
+    lat = ours.encode(img)
+    assert lat.dim() == 4 and torch.equal(lat, ours.encode(img.unsqueeze(2))[:, :, 0])
+    out = ours.decode(lat)
+    assert out.shape == img.shape
+    assert torch.equal(out, ours.decode(lat.unsqueeze(2))[:, :, 0])
+    want = ref.decode(ref.encode(img.unsqueeze(2)).latent_dist.mode()).sample[:, :, 0]
+    assert _rel(ours.decode(ours.encode(img, raw=True), raw=True), want) <= 1e-5
+
+
+@torch.no_grad()
+def test_decode_does_not_clamp_when_asked_and_never_modifies_latents(pair):
+    _, ref, ours = pair
+    lat = torch.randn(1, ours.config.z_dim, 2, 3, 4) * 3
+    keep = lat.clone()
+    raw = ours.decode(lat, clamp=False)
+    assert torch.equal(lat, keep)
+    assert torch.equal(ours.decode(lat), raw.clamp(-1, 1))
+
+
+def test_patchify_matches_diffusers():
+    from diffusers.models.autoencoders import autoencoder_kl_wan as dw
+
+    x = torch.randn(2, 3, 5, 8, 12)
+    assert torch.equal(patchify(x, 2), dw.patchify(x, 2))
+    assert torch.equal(unpatchify(patchify(x, 2), 2), x)
+    y = torch.randn(1, 12, 3, 4, 6)
+    assert torch.equal(unpatchify(y, 2), dw.unpatchify(y, 2))
+
+
+@torch.no_grad()
+def test_sampling_uses_the_posterior():
+    _, ours = _pair("wan21")
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    mean = ours.encode(x, raw=True)
+    noise = torch.randn_like(mean)
+    mom = ours.moments(x)
+    std = torch.exp(0.5 * mom.chunk(2, 1)[1].clamp(-30, 20))
+    assert torch.allclose(ours.encode(x, raw=True, sample=True, noise=noise), mean + std * noise)
+    a = ours.encode(x, sample=True, seed=3)
+    assert torch.equal(a, ours.encode(x, sample=True, seed=3))
+    assert not torch.equal(a, ours.encode(x, sample=True, seed=4))
+
+
+def test_bad_input_is_refused_with_the_argument_named():
+    _, ours = _pair("wan21")
+    with pytest.raises(ValueError, match="video has 4 frames"):
+        ours.encode(torch.zeros(1, 3, 4, 16, 16))
+    with pytest.raises(ValueError, match=r"video must be \(N, 3, T, H, W\)"):
+        ours.encode(torch.zeros(1, 4, 5, 16, 16))
+    with pytest.raises(TypeError, match="video must be a floating tensor"):
+        ours.encode(torch.zeros(1, 3, 5, 16, 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"latents must be \(N, 4, T, H, W\)"):
+        ours.decode(torch.zeros(1, 16, 2, 4, 4))
+    with pytest.raises(ValueError, match="noise was given but sample=False"):
+        ours.encode(torch.zeros(1, 3, 1, 16, 16), noise=torch.zeros(1, 4, 1, 2, 2))
+    _, wan22 = _pair("wan22")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        wan22.encode(torch.zeros(1, 3, 1, 24, 32))
+
+
+def test_a_config_without_latent_statistics_gives_raw_latents_only():
+    cfg = CONFIGS["wan21"].replace(latents_mean=None, latents_std=None)
+    m = WanVAE(cfg).eval()
+    with torch.no_grad():
+        assert m.encode(torch.zeros(1, 3, 1, 16, 16), raw=True).shape == (1, 4, 1, 2, 2)
+        with pytest.raises(ValueError, match="raw=True"):
+            m.encode(torch.zeros(1, 3, 1, 16, 16))
+        with pytest.raises(ValueError, match="raw=True"):
+            m.decode(torch.zeros(1, 4, 1, 2, 2))
+
+
+def test_config_round_trips_through_diffusers():
+    for cfg in (*CONFIGS.values(), WanConfig.wan21(), WanConfig.qwen_image(),
+                WanConfig.wan22(latents_mean=(0.0,) * 48, latents_std=(1.0,) * 48)):  # fmt: skip
+        cls = getattr(diffusers, cfg.diffusers_class)
+        with torch.device("meta"):  # diffusers' own config, defaults filled in
+            d = dict(cls(**cfg.to_diffusers()).config, _class_name=cfg.diffusers_class)
+        assert WanConfig.from_diffusers(d) == cfg, cfg
+    with pytest.raises(ValueError, match="attn_scales"):
+        WanConfig.from_diffusers({"attn_scales": [0.5]})
+    with pytest.raises(ValueError, match="_class_name"):
+        WanConfig.from_diffusers({"_class_name": "AutoencoderKLQwenImage21"})
+    with pytest.raises(ValueError, match="temperal_downsample"):
+        WanConfig(dim_mult=(1, 2), temperal_downsample=(True, True))
+
+
+@torch.no_grad()
+def test_decode_memory_does_not_grow_with_frames():
+    """The allocator-level peak of a decode beyond its output (the frames it returns) at 9
+    latent frames is within 5% of the peak at 3: one latent frame at a time, the frames each
+    causal conv keeps, and the output written in place."""
+    _, ours = _pair("wan21")
+    peaks = {}
+    for t in (3, 9):
+        lat = torch.randn(1, 4, t, 8, 8)
+        ours.decode(lat)  # warm-up
+        out, peak = allocator_peak(lambda lat=lat: ours.decode(lat))
+        peaks[t] = peak - out.nbytes
+    assert peaks[9] <= 1.05 * peaks[3], peaks
