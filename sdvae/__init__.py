@@ -9,17 +9,20 @@
 from __future__ import annotations
 
 from . import _ext  # noqa: F401  (loads sdvae._C, registering the C++ ops)
-from .config import VAEConfig
+from .config import VAEConfig, WanConfig
 from .diffusers_patch import patch_diffusers, unpatch_diffusers
 from .fast import optimize, unoptimize
 from .loading import from_diffusers, load, to_diffusers
 from .model import VAE
+from .wan import WanVAE
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VAE",
     "VAEConfig",
+    "WanConfig",
+    "WanVAE",
     "from_diffusers",
     "load",
     "optimize",

@@ -28,8 +28,10 @@ from typing import Any
 
 import torch
 
-from .config import SUPPORTED_DIFFUSERS_CLASSES, VAEConfig
+from . import wan_keys
+from .config import SUPPORTED_DIFFUSERS_CLASSES, WAN_DIFFUSERS_CLASSES, VAEConfig, WanConfig
 from .model import VAE
+from .wan import WanVAE
 
 __all__ = [
     "load",
@@ -216,7 +218,7 @@ def convert_state_dict(
     return out
 
 
-def _check_against(model: VAE, sd: Mapping[str, torch.Tensor]) -> None:
+def _check_against(model: VAE | WanVAE, sd: Mapping[str, torch.Tensor]) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -243,17 +245,22 @@ def _check_against(model: VAE, sd: Mapping[str, torch.Tensor]) -> None:
                 shown = "\n    ".join(items[:40])
                 more = f"\n    ... and {len(items) - 40} more" if len(items) > 40 else ""
                 parts.append(f"  {len(items)} {title}:\n    {shown}{more}")
+        c = model.config
+        if isinstance(c, WanConfig):
+            what = (f"Wan VAE config (base_dim={c.base_dim}, z_dim={c.z_dim}, dim_mult="
+                    f"{c.dim_mult}, num_res_blocks={c.num_res_blocks})")  # fmt: skip
+        else:
+            what = (f"VAE config (block_out_channels={c.block_out_channels}, "
+                    f"latent_channels={c.latent_channels})")  # fmt: skip
         raise CheckpointError(
-            "the checkpoint does not match the VAE config "
-            f"(block_out_channels={model.config.block_out_channels}, "
-            f"latent_channels={model.config.latent_channels}); refusing to load:\n"
-            + "\n".join(parts)
+            f"the checkpoint does not match the {what}; refusing to load:\n" + "\n".join(parts)
         )
 
 
-def _build(config: VAEConfig, sd: Mapping[str, torch.Tensor], dtype, device) -> VAE:
+def _build(config: VAEConfig | WanConfig, sd: Mapping[str, torch.Tensor], dtype,
+           device) -> VAE | WanVAE:  # fmt: skip
     with torch.device("meta"):
-        model = VAE(config)
+        model = WanVAE(config) if isinstance(config, WanConfig) else VAE(config)
     _check_against(model, sd)
     # copy=True: the model never shares storage with the caller's tensors (from_diffusers,
     # a state dict), so changing one never changes the other.
@@ -268,20 +275,30 @@ def _build(config: VAEConfig, sd: Mapping[str, torch.Tensor], dtype, device) -> 
 # --------------------------------------------------------------------------- public API
 def load(
     path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
-    config: VAEConfig | None = None,
+    config: VAEConfig | WanConfig | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-) -> VAE:
+) -> VAE | WanVAE:
     """Load a VAE from a checkpoint file, a diffusers folder or a state dict.
 
     ``config=None`` uses the folder's ``config.json`` for a diffusers folder; otherwise
     ``VAEConfig.flux2()`` when the weights hold FLUX.2's ``bn.running_mean``, else the SD 1.x
     config (``VAEConfig()``): pass ``VAEConfig.sdxl()`` for SDXL's VAE, whose weights have the
     same shapes but another scaling factor.
+
+    The Wan video family (``sdvae.WanVAE``: Wan 2.1/2.2, Qwen-Image) loads the same ways, with
+    diffusers' keys or the original checkpoints' (``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth``,
+    ``sdvae.wan_keys``). Without a config its architecture is read off the weights' shapes
+    (``wan_config_from_weights``); the latent statistics then are Wan 2.1's for a 16-channel
+    Wan 2.1-design model and unknown otherwise (raw latents only): give a ``WanConfig`` (or
+    the diffusers folder's config.json) for Wan 2.2's.
     """
-    if config is not None and not isinstance(config, VAEConfig):
-        raise TypeError(f"config must be a sdvae.VAEConfig or None, got {type(config).__name__}")
+    if config is not None and not isinstance(config, (VAEConfig, WanConfig)):
+        raise TypeError(
+            f"config must be a sdvae.VAEConfig, a sdvae.WanConfig or None, got "
+            f"{type(config).__name__}"
+        )
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     folder_cfg = None
@@ -300,11 +317,95 @@ def load(
             "path_or_state_dict must be a path or a dict of tensors, "
             f"got {type(path_or_state_dict).__name__}"
         )
+    wan_folder = folder_cfg is not None and folder_cfg.get("_class_name") in WAN_DIFFUSERS_CLASSES
+    if isinstance(config, WanConfig) or (config is None and (wan_folder or is_wan(sd))):
+        sd = wan_state_dict(sd)
+        if config is None:
+            config = (
+                WanConfig.from_diffusers(folder_cfg) if wan_folder else wan_config_from_weights(sd)
+            )
+        return _build(config, sd, dtype, device)
     if config is None:
         config = (
             VAEConfig.from_diffusers(folder_cfg) if folder_cfg is not None else default_config(sd)
         )
     return _build(config, convert_state_dict(sd, config), dtype, device)
+
+
+# ---------------------------------------------------------------------------- Wan family
+def is_wan(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict holds a Wan-family VAE: original Wan keys, or diffusers' Wan keys
+    (5-D ``encoder.conv_in.weight``), bare or under a prefix."""
+    sd = _strip_prefix(dict(state_dict))
+    if wan_keys.is_original_wan(sd):
+        return True
+    w = sd.get("encoder.conv_in.weight", sd.get("decoder.conv_in.weight"))
+    return isinstance(w, torch.Tensor) and w.dim() == 5
+
+
+def wan_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Wan-family state dict under diffusers' names (original keys converted)."""
+    sd = _strip_prefix(dict(state_dict))
+    return wan_keys.convert_original_wan(sd) if wan_keys.is_original_wan(sd) else sd
+
+
+def wan_config_from_weights(sd: Mapping[str, torch.Tensor]) -> WanConfig:
+    """The ``WanConfig`` whose model has these (diffusers-named) weights' shapes: channels,
+    levels, blocks per level, which downsamplers are temporal, Wan 2.2's residual design and
+    its patch size (``in_channels`` = 3 x patch^2). CheckpointError naming the key when one
+    the architecture needs is missing."""
+
+    def get(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise CheckpointError(f"a Wan VAE checkpoint needs {key!r}; it is missing")
+        return sd[key]
+
+    base = get("encoder.conv_in.weight").shape[0]
+    cin = get("encoder.conv_in.weight").shape[1]
+    z = get("post_quant_conv.weight").shape[0]
+    residual = any(re.match(r"^encoder\.down_blocks\.\d+\.resnets\.", k) for k in sd)
+    levels: list[list[int]] = [[]]  # per level, the blocks' output channels
+    temporal: list[bool] = []
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"^encoder\.down_blocks\.(\d+)\.", k))}
+    for i in sorted(blocks):
+        pre = f"encoder.down_blocks.{i}."
+        if residual:
+            j = 0
+            while f"{pre}resnets.{j}.conv2.weight" in sd:
+                levels[-1].append(sd[f"{pre}resnets.{j}.conv2.weight"].shape[0])
+                j += 1
+            if f"{pre}downsampler.resample.1.weight" in sd:
+                temporal.append(f"{pre}downsampler.time_conv.weight" in sd)
+                levels.append([])
+        elif f"{pre}conv2.weight" in sd:
+            levels[-1].append(sd[f"{pre}conv2.weight"].shape[0])
+        elif f"{pre}resample.1.weight" in sd:
+            temporal.append(f"{pre}time_conv.weight" in sd)
+            levels.append([])
+    levels = [lv for lv in levels if lv]
+    if not levels or len({len(lv) for lv in levels}) != 1 or len(temporal) != len(levels) - 1:
+        raise CheckpointError("the Wan VAE checkpoint's encoder levels could not be read "
+                              f"(blocks per level: {[len(lv) for lv in levels]})")  # fmt: skip
+    dim_mult = tuple(lv[-1] // base for lv in levels)
+    dec_base = get("decoder.conv_in.weight").shape[0] // dim_mult[-1]
+    cout = get("decoder.conv_out.weight").shape[0]
+    patch = round((cin / 3) ** 0.5) if cin > 3 and cin % 3 == 0 else None
+    wan21_stats = z == 16 and not residual
+    return WanConfig(
+        base_dim=base,
+        decoder_base_dim=None if dec_base == base else dec_base,
+        z_dim=z,
+        dim_mult=dim_mult,
+        num_res_blocks=len(levels[0]),
+        temperal_downsample=tuple(temporal),
+        is_residual=residual,
+        in_channels=cin,
+        out_channels=cout,
+        patch_size=patch,
+        latents_mean=WanConfig().latents_mean if wan21_stats else None,
+        latents_std=WanConfig().latents_std if wan21_stats else None,
+        scale_factor_spatial=2 ** len(temporal) * (patch or 1),
+    )
 
 
 def default_config(state_dict: Mapping[str, torch.Tensor]) -> VAEConfig:
@@ -340,9 +441,27 @@ def check_diffusers_model(model, argname: str = "autoencoder_kl") -> str:
     return kind
 
 
-def from_diffusers(autoencoder_kl) -> VAE:
+def _wan_kind(model) -> str | None:
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    for name in WAN_DIFFUSERS_CLASSES:
+        cls = getattr(diffusers, name, None)
+        if cls is not None and isinstance(model, cls):
+            return name
+    return None
+
+
+def from_diffusers(autoencoder_kl) -> VAE | WanVAE:
     """A ``VAE`` with the same config and weights (same dtype and device) as a diffusers
-    ``AutoencoderKL`` or ``AutoencoderKLFlux2``."""
+    ``AutoencoderKL`` or ``AutoencoderKLFlux2``; a ``WanVAE`` for an ``AutoencoderKLWan`` or
+    ``AutoencoderKLQwenImage``."""
+    wan = _wan_kind(autoencoder_kl)
+    if wan is not None:
+        config = WanConfig.from_diffusers({**autoencoder_kl.config, "_class_name": wan})
+        p = next(autoencoder_kl.parameters())
+        return _build(config, dict(autoencoder_kl.state_dict()), p.dtype, p.device)
     kind = check_diffusers_model(autoencoder_kl)
     config = VAEConfig.from_diffusers(
         {**autoencoder_kl.config, "_class_name": kind}  # the instance's config lacks its name
@@ -352,15 +471,16 @@ def from_diffusers(autoencoder_kl) -> VAE:
     return _build(config, sd, p.dtype, p.device)
 
 
-def to_diffusers(vae: VAE):
-    """A diffusers ``AutoencoderKL`` (``AutoencoderKLFlux2`` for a FLUX.2 config) with this
-    VAE's config and weights (needs diffusers)."""
+def to_diffusers(vae: VAE | WanVAE):
+    """A diffusers ``AutoencoderKL`` (``AutoencoderKLFlux2`` for a FLUX.2 config; for a
+    ``WanVAE`` its config's ``diffusers_class``) with this VAE's config and weights (needs
+    diffusers)."""
     try:
         import diffusers
     except ImportError as exc:
         raise ImportError("to_diffusers needs diffusers: pip install 'sdvae[test]'") from exc
-    if not isinstance(vae, VAE):
-        raise TypeError(f"vae must be a sdvae.VAE, got {type(vae).__name__}")
+    if not isinstance(vae, (VAE, WanVAE)):
+        raise TypeError(f"vae must be a sdvae.VAE or sdvae.WanVAE, got {type(vae).__name__}")
     p = next(vae.parameters())
     cls = getattr(diffusers, vae.config.diffusers_class, None)
     if cls is None:

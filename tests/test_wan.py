@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import allocator_peak
 
+import sdvae
 from sdvae.config import WanConfig
 from sdvae.wan import WanVAE, patchify, unpatchify
 
@@ -187,3 +188,63 @@ def test_decode_memory_does_not_grow_with_frames():
         out, peak = allocator_peak(lambda lat=lat: ours.decode(lat))
         peaks[t] = peak - out.nbytes
     assert peaks[9] <= 1.05 * peaks[3], peaks
+
+
+# ------------------------------------------------------------------------------- loading
+@torch.no_grad()
+def test_load_from_diffusers_folder_safetensors_and_round_trip(tmp_path, pair):
+    """A diffusers folder (config.json gives the config), a bare safetensors file (the
+    architecture read off the shapes), from_diffusers / to_diffusers: the same weights and
+    the same decode."""
+    from safetensors.torch import save_file
+
+    name, ref, ours = pair
+    ref.save_pretrained(tmp_path / "vae")
+    a = sdvae.load(tmp_path / "vae")
+    assert isinstance(a, sdvae.WanVAE) and a.config == ours.config
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    save_file(sd, tmp_path / "w.safetensors")
+    b = sdvae.load(tmp_path / "w.safetensors", config=ours.config)
+    inferred = sdvae.load(tmp_path / "w.safetensors")
+    stats = dict(latents_mean=None, latents_std=None, scale_factor_spatial=8,
+                 diffusers_class="AutoencoderKLWan")  # fmt: skip
+    arch = ours.config.replace(**stats)
+    assert inferred.config.replace(scale_factor_spatial=8) == arch, inferred.config
+    c = sdvae.from_diffusers(ref)
+    assert c.config == ours.config
+    back = sdvae.to_diffusers(c)
+    assert type(back) is type(ref)
+    lat = torch.randn(1, ours.config.z_dim, 2, 3, 4)
+    want = ref.decode(lat).sample
+    for m in (a, b, inferred, c):
+        assert torch.equal(m.decode(lat, raw=True), want)
+    assert torch.equal(back.decode(lat).sample, want)
+
+
+def test_original_wan_keys_load_as_diffusers_converter_loads_them():
+    """An original Wan2.1_VAE.pth-style state dict: sdvae.load equals diffusers' own
+    single-file converter followed by a strict load (the layout that converter handles)."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+    from test_wan_keys import _tensors, wan21_original_shapes
+
+    torch.manual_seed(5)
+    orig = _tensors(wan21_original_shapes(4, 16, [1, 2, 4, 4], 2, [False, True, True]))
+    ref = diffusers.AutoencoderKLWan(base_dim=4, z_dim=16).eval()
+    ref.load_state_dict(convert_wan_vae_to_diffusers(dict(orig)), strict=True)
+    ours = sdvae.load({f"vae.{k}": v for k, v in orig.items()})
+    assert ours.config == WanConfig.wan21(base_dim=4)  # 16 channels: Wan 2.1's statistics
+    want = ref.state_dict()
+    got = ours.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_a_checkpoint_that_does_not_match_is_refused_with_the_keys_listed():
+    from sdvae.loading import CheckpointError
+
+    ref, _ = _pair("wan21")
+    sd = dict(ref.state_dict())
+    del sd["decoder.conv_out.bias"]
+    sd["decoder.extra.weight"] = torch.zeros(1)
+    want = r"(?s)missing keys.*decoder\.conv_out\.bias.*unexpected keys.*decoder\.extra\.weight"
+    with pytest.raises(CheckpointError, match=want):
+        sdvae.load(sd, config=CONFIGS["wan21"])
