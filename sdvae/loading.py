@@ -416,14 +416,14 @@ def default_config(state_dict: Mapping[str, torch.Tensor]) -> VAEConfig:
     return VAEConfig()
 
 
-def diffusers_kind(model) -> str | None:
-    """The name of the supported diffusers class ``model`` is an instance of (``AutoencoderKL``
-    or ``AutoencoderKLFlux2``), else None."""
+def diffusers_kind(model, classes=SUPPORTED_DIFFUSERS_CLASSES) -> str | None:
+    """The name of the diffusers class among ``classes`` (default: ``AutoencoderKL``,
+    ``AutoencoderKLFlux2``) that ``model`` is an instance of, else None."""
     try:
         import diffusers
     except ImportError:
         return None
-    for name in SUPPORTED_DIFFUSERS_CLASSES:
+    for name in classes:
         cls = getattr(diffusers, name, None)
         if cls is not None and isinstance(model, cls):
             return name
@@ -441,23 +441,11 @@ def check_diffusers_model(model, argname: str = "autoencoder_kl") -> str:
     return kind
 
 
-def _wan_kind(model) -> str | None:
-    try:
-        import diffusers
-    except ImportError:
-        return None
-    for name in WAN_DIFFUSERS_CLASSES:
-        cls = getattr(diffusers, name, None)
-        if cls is not None and isinstance(model, cls):
-            return name
-    return None
-
-
 def from_diffusers(autoencoder_kl) -> VAE | WanVAE:
     """A ``VAE`` with the same config and weights (same dtype and device) as a diffusers
     ``AutoencoderKL`` or ``AutoencoderKLFlux2``; a ``WanVAE`` for an ``AutoencoderKLWan`` or
     ``AutoencoderKLQwenImage``."""
-    wan = _wan_kind(autoencoder_kl)
+    wan = diffusers_kind(autoencoder_kl, WAN_DIFFUSERS_CLASSES)
     if wan is not None:
         config = WanConfig.from_diffusers({**autoencoder_kl.config, "_class_name": wan})
         p = next(autoencoder_kl.parameters())
