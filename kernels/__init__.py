@@ -7,14 +7,15 @@ arguments, and the eager ``<op>_reference`` that tests and benchmarks compare ag
 fused use, and for the sampling step's reference (``vae_sample_reference``), which the unfused
 model runs too. Nothing here imports the rest of ``sdvae``.
 
-Triton is a Linux-only dependency. Without it, ``vae_sample`` and ``vae_sample_reference``
-still work (the reference runs, and ``vae_sample.not_supported_reasons`` says why), while
+Triton is a Linux-only dependency. Without it, ``vae_sample`` and ``rms_norm`` (and their
+references) still work (the reference runs, and ``not_supported_reasons`` says why), while
 ``group_norm`` and ``attention`` (and their references) raise an ImportError that says so.
 
 The functions are imported here by name, which also rebinds ``sdvae.kernels.group_norm`` etc.
 to the functions rather than to the submodules of the same name.
 """
 
+from .rms_norm import rms_norm, rms_norm_reference
 from .vae_sample import vae_sample, vae_sample_reference
 
 try:
@@ -39,6 +40,8 @@ __all__ = [
     "attention_reference",
     "group_norm",
     "group_norm_reference",
+    "rms_norm",
+    "rms_norm_reference",
     "vae_sample",
     "vae_sample_reference",
 ]
