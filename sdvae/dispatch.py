@@ -43,6 +43,8 @@ __all__ = [
     "conv2d",
     "pad_conv2d",
     "group_norm",
+    "rms_norm_reasons",
+    "rms_norm",
     "may_overwrite",
     "attention",
     "fold_upsample_weight",
@@ -73,6 +75,7 @@ def op_status() -> dict[str, list[str]]:
     """For each fused op, the reasons it cannot be used here (empty list: usable)."""
     status = {
         "group_norm": _import_reasons("sdvae.kernels.group_norm", "group_norm"),
+        "rms_norm": _import_reasons("sdvae.kernels.rms_norm", "rms_norm"),
         "attention": _import_reasons("sdvae.kernels.attention", "attention"),
         "vae_sample": _import_reasons("sdvae.kernels.vae_sample", "vae_sample"),
         "pad_conv2d": _import_reasons("sdvae.ops", "pad_conv2d"),
@@ -95,6 +98,16 @@ def group_norm_reasons(channels, groups, weight, bias, eps, *, silu, device, dty
     with torch.no_grad():
         x = torch.empty(1, channels, 2, 2, device=device, dtype=dtype)
         return not_supported_reasons(x, groups, weight, bias, eps, silu=silu)
+
+
+def rms_norm_reasons(channels: int, weight, *, silu: bool, device, dtype) -> list[str]:
+    """Why a channel RMS norm(+SiLU) of ``channels`` (the Wan family's) cannot run the fused
+    kernel ([] when it can)."""
+    from .kernels.rms_norm import not_supported_reasons
+
+    with torch.no_grad():
+        x = torch.empty(1, channels, 1, 2, 2, device=device, dtype=dtype)
+        return not_supported_reasons(x, weight, silu=silu)
 
 
 def attention_reasons(heads: int, head_dim: int, scale, *, device, dtype) -> list[str]:
@@ -355,6 +368,25 @@ def group_norm(x, groups: int, weight, bias, eps: float, *, silu: bool, fused: b
         x = x + input_bias.view(1, -1, *([1] * (x.dim() - 2)))
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if silu else y
+
+
+# --------------------------------------------------------------------------- RMS norm
+def rms_norm(x, weight, *, silu: bool, fused: bool, out=None, eps: float = 1e-12):
+    """The Wan family's channel RMS norm(+SiLU): ``x / max(||x||_2 over dim 1, eps) *
+    sqrt(C) * weight[c]``. Fused: one ``sdvae.kernels.rms_norm`` (written into ``out`` when
+    given: a tensor of x's shape and strides, e.g. the frames of a causal conv's input
+    buffer). Eager: the kernel's reference (``rms_norm_reference``: diffusers' own arithmetic,
+    the normalization in fp32 for fp16/bf16 inputs), copied into ``out`` when given."""
+    if fused:
+        if x.is_meta:
+            return out if out is not None else torch.empty_like(x)
+        from . import kernels
+
+        return kernels.rms_norm(x, weight, eps=eps, silu=silu, out=out)
+    from .kernels.rms_norm import rms_norm_reference
+
+    y = rms_norm_reference(x, weight, eps=eps, silu=silu)
+    return y if out is None else out.copy_(y)
 
 
 # -------------------------------------------------------------------------- attention

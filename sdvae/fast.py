@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
+from . import dispatch, wan
 from .dispatch import op_status
 from .model import VAE, AttentionBlock, Conv2d, Downsample, GroupNorm, Upsample
 
@@ -65,7 +65,8 @@ def module_reasons(module, device: torch.device, dtype: torch.dtype) -> list[str
     raise TypeError(f"no fused op for {type(module).__name__}")
 
 
-def optimize(vae: VAE, *, channels_last: bool | None = None, cuda_graph: bool = False) -> VAE:
+def optimize(vae: VAE | wan.WanVAE, *, channels_last: bool | None = None,
+             cuda_graph: bool = False) -> VAE | wan.WanVAE:  # fmt: skip
     """Switch ``vae`` onto the fused kernels in place and return it.
 
     Call it after moving the model to its device and dtype: each module is switched on only
@@ -75,9 +76,16 @@ def optimize(vae: VAE, *, channels_last: bool | None = None, cuda_graph: bool = 
     one captured per input shape (``sdvae.graphs``); on a model that is not on CUDA it stays
     off, with the reason in ``vae.fused_reasons["cuda_graph"]``. Calling ``optimize`` again
     drops any graphs captured so far.
+
+    A ``WanVAE`` (the Wan video family) is switched the same way (``optimize_wan``); CUDA
+    graphs are not offered for it yet.
     """
+    if isinstance(vae, wan.WanVAE):
+        if cuda_graph:
+            raise ValueError("cuda_graph=True: CUDA graphs are not available for WanVAE yet")
+        return optimize_wan(vae, channels_last=channels_last)
     if not isinstance(vae, VAE):
-        raise TypeError(f"vae must be a sdvae.VAE, got {type(vae).__name__}")
+        raise TypeError(f"vae must be a sdvae.VAE or sdvae.WanVAE, got {type(vae).__name__}")
     p = next(vae.parameters())
     status = op_status()
     reasons: dict[str, list[str]] = {op: list(r) for op, r in status.items() if r}
@@ -123,8 +131,87 @@ def optimize(vae: VAE, *, channels_last: bool | None = None, cuda_graph: bool = 
     return vae
 
 
-def unoptimize(vae: VAE) -> VAE:
+def wan_module_reasons(module, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why a ``WanVAE`` module cannot run its fused op on ``device``/``dtype`` ([]: it can)."""
+    if isinstance(module, wan.RMSNorm):
+        return dispatch.rms_norm_reasons(module.gamma.numel(), module.gamma, silu=module.silu,
+                                         device=device, dtype=dtype)  # fmt: skip
+    if isinstance(module, wan.AttentionBlock):
+        c = module.proj.in_channels
+        return dispatch.attention_reasons(1, c, c**-0.5, device=device, dtype=dtype)
+    if isinstance(module, wan.Resample) and module.mode.startswith("downsample"):
+        conv = module.resample[1]
+        return dispatch.conv_reasons(conv.weight, conv.bias, device=device, dtype=dtype,
+                                     padded=True)  # fmt: skip
+    if isinstance(module, wan.Resample) and dtype in (torch.float16, torch.bfloat16):
+        return [
+            f"{str(dtype).replace('torch.', '')}: the folded 4x4 upsampler weight is rounded "
+            "once more than diffusers' 3x3 one (on the tests' model +7% fp16 decode error), "
+            "so the upsampler runs nearest x2 + conv, as diffusers does"
+        ]
+    return []  # plain torch ops (frame buffers, the folded upsampler): wherever torch runs
+
+
+_WAN_OPS = {
+    wan.RMSNorm: "rms_norm",
+    wan.AttentionBlock: "attention",
+    wan.CausalConv3d: None,
+}
+
+
+def optimize_wan(vae: wan.WanVAE, *, channels_last: bool | None = None) -> wan.WanVAE:
+    """``optimize`` for the Wan family, in place:
+
+    * RMS norm (+SiLU) -> ``sdvae.kernels.rms_norm``, written straight into the next causal
+      conv's frame buffer;
+    * causal 3-D convs -> one frame buffer per call (kept frames, then the new ones), no
+      ``torch.cat`` and no padded copy;
+    * attention -> ``sdvae.kernels.attention`` per frame, the output projection with the
+      residual in one ``addmm``;
+    * the spatial upsamplers -> the folded transposed conv in fp32 (in fp16/bf16 the folded
+      weight's extra rounding made the decode's error larger than diffusers': there they run
+      nearest x2 + conv); the downsamplers -> ``sdvae.ops.pad_conv2d``.
+
+    ``channels_last=None``: channels_last_3d on CUDA (cuDNN's fast 3-D layout; the frames of
+    a chunk are then contiguous blocks), as it is on the CPU. The reasons an op stays eager
+    are in ``vae.fused_reasons``."""
+    p = next(vae.parameters())
+    status = op_status()
+    reasons: dict[str, list[str]] = {}
+    for m in vae.modules():
+        if isinstance(m, wan.Resample):
+            op = "pad_conv2d" if m.mode.startswith("downsample") else "upsample_fold"
+        elif type(m) in _WAN_OPS:
+            op = _WAN_OPS[type(m)]
+        else:
+            continue
+        why = status.get(op, []) or wan_module_reasons(m, p.device, p.dtype)
+        m.fused = not why
+        for r in why:
+            if r not in reasons.setdefault(op, []):
+                reasons[op].append(r)
+        if isinstance(m, wan.Resample) and m.fused and m.mode.startswith("upsample"):
+            m.fold()
+    vae.fused_reasons = reasons
+    if channels_last is None:
+        channels_last = p.device.type == "cuda"
+    if channels_last:  # the 3-D convs' weights channels_last_3d, the per-frame 2-D ones'
+        for m in vae.modules():  # channels_last (torch's .to takes one format for all ranks)
+            if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
+                fmt = torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last
+                m.to(memory_format=fmt)
+    vae.memory_format = torch.channels_last_3d if channels_last else None
+    return vae
+
+
+def unoptimize(vae: VAE | wan.WanVAE) -> VAE | wan.WanVAE:
     """Switch every fused path off again (the weights are untouched)."""
+    if isinstance(vae, wan.WanVAE):
+        for m in vae.modules():
+            if hasattr(m, "fused"):
+                m.fused = False
+        vae.fused_reasons, vae.memory_format = {}, None
+        return vae
     if not isinstance(vae, VAE):
         raise TypeError(f"vae must be a sdvae.VAE, got {type(vae).__name__}")
     for m in vae.modules():

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dispatch
 from .config import WanConfig
 
 __all__ = [
@@ -63,6 +64,13 @@ def _triple(v) -> tuple[int, int, int]:
     return (v, v, v) if isinstance(v, int) else tuple(int(u) for u in v)
 
 
+CL3 = torch.channels_last_3d
+
+
+def _is_cl3(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=CL3) and not x.is_contiguous()
+
+
 class ChunkState:
     """What a chunked run carries from one chunk to the next: per causal op (keyed by its
     module), the frames it keeps; ``first``: this is the run's first chunk."""
@@ -75,40 +83,68 @@ class ChunkState:
 class CausalConv3d(nn.Conv3d):
     """A 3-D conv with symmetric zero padding in space and ``2 * padding[0]`` frames of
     causal padding in time: the frames kept from the chunks before (``state``), zeros before
-    the first."""
+    the first. ``norm``: an ``RMSNorm`` the conv's input goes through first.
+
+    Fused (``fused``, set by ``sdvae.optimize``): the input is assembled in one frame buffer,
+    the kept frames first and the new ones after them, written there by the norm itself
+    (``out=``, when the buffer's frames have the input's strides: channels_last_3d at batch
+    1); no ``torch.cat`` of the cache and no padded copy. Unfused: diffusers' order of ops
+    (the norm, then the concatenation)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0):
         pt, ph, pw = _triple(padding)
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=(0, ph, pw))  # fmt: skip
         self.front = 2 * pt
+        self.fused = False
 
-    def forward(self, x: torch.Tensor, state: ChunkState | None = None) -> torch.Tensor:
-        if self.front:
-            kept = state.frames.get(self) if state is not None else None
+    def forward(self, x: torch.Tensor, state: ChunkState | None = None,
+                norm: RMSNorm | None = None) -> torch.Tensor:  # fmt: skip
+        kept = state.frames.get(self) if state is not None and self.front else None
+        if self.fused and self.front:
+            n, c, t, h, w = x.shape
+            fmt = CL3 if _is_cl3(x) else torch.contiguous_format
+            buf = torch.empty((n, c, self.front + t, h, w), dtype=x.dtype, device=x.device,
+                              memory_format=fmt)  # fmt: skip
             if kept is None:
-                n, c, _, h, w = x.shape
-                kept = x.new_zeros((n, c, self.front, h, w))
-            x = torch.cat([kept, x], 2)
-            if state is not None:
-                state.frames[self] = x[:, :, -self.front :].clone()
+                buf[:, :, : self.front].zero_()
+            else:
+                buf[:, :, : self.front].copy_(kept)
+            new = buf[:, :, self.front :]
+            if norm is None:
+                new.copy_(x)
+            elif new.stride() == x.stride() or (n == 1 and new.stride()[1:] == x.stride()[1:]):
+                norm(x, out=new.as_strided(x.shape, x.stride()) if n == 1 else new)
+            else:
+                new.copy_(norm(x))
+            x = buf
+        else:
+            if norm is not None:
+                x = norm(x)
+            if self.front:
+                if kept is None:
+                    n, c, _, h, w = x.shape
+                    kept = x.new_zeros((n, c, self.front, h, w))
+                x = torch.cat([kept, x], 2)
+        if state is not None and self.front:
+            state.frames[self] = x[:, :, -self.front :].clone()
         return super().forward(x)
 
 
 class RMSNorm(nn.Module):
     """``x / max(||x||_2 over channels, 1e-12) * sqrt(C) * gamma`` (``gamma`` shaped
     ``(C, 1, 1, 1)`` for videos, ``(C, 1, 1)`` for the attention's per-frame images, as in
-    diffusers' state dicts); ``silu``: followed by SiLU."""
+    diffusers' state dicts); ``silu``: followed by SiLU. ``fused``: one Triton kernel
+    (``sdvae.dispatch.rms_norm``), which may write into ``out``."""
 
     def __init__(self, channels: int, *, images: bool = False, silu: bool = False):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones((channels,) + (1,) * (2 if images else 3)))
-        self.scale = channels**0.5
         self.silu = silu
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.normalize(x, dim=1) * self.scale * self.gamma
-        return F.silu(y) if self.silu else y
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return dispatch.rms_norm(x, self.gamma, silu=self.silu, fused=self.fused, out=out)
 
 
 class ResidualBlock(nn.Module):
@@ -125,8 +161,10 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, state: ChunkState | None = None) -> torch.Tensor:
         res = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        h = self.conv1(self.norm1(x), state)
-        h = self.conv2(self.norm2(h), state)
+        h = self.conv1(x, state, norm=self.norm1)
+        h = self.conv2(h, state, norm=self.norm2)
+        if self.conv2.fused and dispatch.may_overwrite(h, res):
+            return h.add_(res)  # conv2's own output: no one else reads it
         return h + res
 
 
@@ -139,15 +177,38 @@ class AttentionBlock(nn.Module):
         self.norm = RMSNorm(dim, images=True)
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         f = x.transpose(1, 2).reshape(b * t, c, h, w)  # frames as images
+        if self.fused:
+            return self._fused(x, f)
         qkv = self.to_qkv(self.norm(f)).reshape(b * t, 3 * c, h * w).transpose(1, 2)
         q, k, v = (u.unsqueeze(1).contiguous() for u in qkv.chunk(3, dim=-1))  # (bt, 1, L, C)
         o = F.scaled_dot_product_attention(q, k, v).squeeze(1)
         o = self.proj(o.transpose(1, 2).reshape(b * t, c, h, w))
         return o.reshape(b, t, c, h, w).transpose(1, 2) + x
+
+    def _fused(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """The norm, one (C -> 3C) projection, ``sdvae.kernels.attention`` per frame, and the
+        output projection with its bias and the residual in one ``addmm`` (token views of
+        channels_last frames are free)."""
+        b, c, t, h, w = x.shape
+        n = self.norm(f)
+        tok = n.permute(0, 2, 3, 1).reshape(b * t, h * w, c)
+        qkv = F.linear(tok, self.to_qkv.weight.view(3 * c, c), self.to_qkv.bias)
+        del n, tok
+        q, k, v = (u.contiguous() for u in qkv.split(c, dim=-1))
+        del qkv
+        o = dispatch.attention(q, k, v, scale=c**-0.5, fused=True)
+        del q, k, v
+        res = f.permute(0, 2, 3, 1).reshape(b * t * h * w, c)
+        bo = self.proj.bias
+        res = res + bo if bo is not None else res.clone()
+        y = torch.addmm(res, o.reshape(-1, c), self.proj.weight.view(c, c).t())
+        y = y.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # channels_last_3d
+        return y if _is_cl3(x) else y.contiguous()
 
 
 class _Nearest2x(nn.Module):
@@ -164,6 +225,9 @@ class Resample(nn.Module):
     def __init__(self, dim: int, mode: str, out_dim: int | None = None):
         super().__init__()
         self.mode = mode
+        self.fused = False  # up: the folded transposed conv; down: sdvae.ops.pad_conv2d
+        self.register_buffer("folded_weight", None, persistent=False)
+        self._folded_from: tuple | None = None
         if mode.startswith("upsample"):
             out = dim // 2 if out_dim is None else out_dim
             self.resample = nn.Sequential(_Nearest2x(), nn.Conv2d(dim, out, 3, padding=1))
@@ -177,13 +241,31 @@ class Resample(nn.Module):
         else:
             raise ValueError(f"mode must be upsample2d/3d or downsample2d/3d, got {mode!r}")
 
+    def fold(self) -> None:
+        """(Re)fold the upsampler's 3x3 weight into the 4x4 transposed-conv weight."""
+        dispatch.refold_upsample(self, self.resample[1])
+
+    def _frames(self, f: torch.Tensor) -> torch.Tensor:
+        """The 2-D part on frames as images (N T, C, H, W)."""
+        conv = self.resample[1]
+        if not self.fused:
+            return self.resample(f)
+        if self.mode.startswith("upsample"):
+            return dispatch.upsample(self, conv, f)
+        return dispatch.pad_conv2d(f, conv.weight, conv.bias, fused=True, padding=(0, 1, 0, 1))
+
     def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
         b, c, t, h, w = x.shape
         if self.mode == "upsample3d" and not state.first:
             x = self.time_conv(x, state)  # (b, 2c, t, h, w): the halves are frames 2i, 2i + 1
-            x = x.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+            halves = x.unflatten(1, (2, c)).permute(0, 2, 3, 1, 4, 5)  # (b, c, t, 2, h, w)
+            fmt = CL3 if _is_cl3(x) else torch.contiguous_format
+            x = torch.empty((b, c, 2 * t, h, w), dtype=x.dtype, device=x.device,
+                            memory_format=fmt)  # fmt: skip
+            x.unflatten(2, (t, 2)).copy_(halves)
+            del halves
             t = 2 * t
-        y = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
+        y = self._frames(x.transpose(1, 2).reshape(b * t, c, h, w))
         y = y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
         if self.mode == "downsample3d":
             kept = state.frames.get(self)
@@ -339,7 +421,7 @@ class WanEncoder(nn.Module):
         for block in self.down_blocks:
             x = block(x, state)
         x = self.mid_block(x, state)
-        return self.conv_out(self.norm_out(x), state)
+        return self.conv_out(x, state, norm=self.norm_out)
 
 
 class WanDecoder(nn.Module):
@@ -368,7 +450,7 @@ class WanDecoder(nn.Module):
         x = self.mid_block(self.conv_in(x, state), state)
         for block in self.up_blocks:
             x = block(x, state)
-        return self.conv_out(self.norm_out(x), state)
+        return self.conv_out(x, state, norm=self.norm_out)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -397,6 +479,9 @@ class WanVAE(nn.Module):
         if not isinstance(cfg, WanConfig):
             raise TypeError(f"config must be a WanConfig, got {type(cfg).__name__}")
         self.config = cfg
+        #: set by ``sdvae.optimize``: the layout activations run in, and why ops stay eager
+        self.memory_format: torch.memory_format | None = None
+        self.fused_reasons: dict[str, list[str]] = {}
         self.encoder = WanEncoder(cfg)
         self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
@@ -443,6 +528,8 @@ class WanVAE(nn.Module):
         p = cfg.patch_size or 1
         if p > 1:
             video = patchify(video, p)
+        if self.memory_format is not None:
+            video = video.contiguous(memory_format=self.memory_format)
         state, outs = ChunkState(), []
         for a in (0, *range(1, t, ENCODE_CHUNK)):
             state.first = a == 0
@@ -518,6 +605,8 @@ class WanVAE(nn.Module):
         if not isinstance(raw, bool):
             raise TypeError(f"raw must be a bool, got {type(raw).__name__}")
         z, image = self._check("latents", latents, cfg.z_dim)
+        if self.memory_format is not None:
+            z = z.contiguous(memory_format=self.memory_format)
         x = self._decoder_input(z, raw)
         t = x.shape[2]
         state, out = ChunkState(), None
@@ -526,7 +615,9 @@ class WanVAE(nn.Module):
             y = self.decoder(x[:, :, i : i + 1], state)
             if out is None:
                 frames = 1 + (t - 1) * cfg.temporal_factor
-                out = y.new_empty((y.shape[0], y.shape[1], frames, *y.shape[3:]))
+                fmt = CL3 if _is_cl3(y) else torch.contiguous_format
+                out = torch.empty((y.shape[0], y.shape[1], frames, *y.shape[3:]), dtype=y.dtype,
+                                  device=y.device, memory_format=fmt)  # fmt: skip
                 pos = 0
             out[:, :, pos : pos + y.shape[2]] = y
             pos += y.shape[2]

@@ -17,7 +17,7 @@ from sdvae.fast import op_status
 from sdvae.model import AttentionBlock, Conv2d, Downsample, GroupNorm
 
 CFG = VAEConfig.tiny(sample_size=16)
-ALL_OPS = ("group_norm", "attention", "vae_sample", "pad_conv2d", "conv2d")
+ALL_OPS = ("group_norm", "rms_norm", "attention", "vae_sample", "pad_conv2d", "conv2d")
 
 
 def _pair(cfg=CFG, device="cpu", dtype=torch.float32):
