@@ -1,4 +1,5 @@
-"""Latent caching: ``sdvae encode`` over an image set, sharded, on many ranks, resumable.
+"""Latent caching: ``sdvae encode`` over an image (or video) set, sharded, on many ranks,
+resumable.
 
 Layout of an output folder ``OUT``::
 
@@ -37,6 +38,18 @@ arguments keeps a shard when its index lines and error lines account for all its
 the file's size and SHA-256 match the index; any other shard is encoded again (a shard
 whose images all failed has no file and is always tried again).
 
+Videos. With a Wan-family model (``sdvae.WanVAE``) the inputs are videos, read by PyAV
+(``sdvae.io.video_frames``): ``--frames N`` of each clip (``N = 1 + 4k``), picked evenly
+over the whole clip (``--frame-sampling even``: first and last frame included) or the first
+N at the clip's own rate (``first``); a clip with fewer frames is an error of that file.
+Every frame is fitted as an image is (``--size``, ``--fit``, ``--buckets``, the box chosen
+from the frames' size), and the clip is encoded as one (3, N, H, W) video to latents
+(C, 1 + (N - 1) / 4, H / 8, W / 8). Files with an image extension are one-frame videos
+(latents (C, 1, h, w)). Shards record the model's latent statistics (metadata ``wan``)
+instead of scaling factors; index lines add ``frames`` (the indices taken), ``clip_frames``
+(frames decoded) and ``fps`` (the stream's average rate). ``decode`` writes MP4s (or PNG
+frames) of video latents and PNGs of one-frame ones.
+
 Buckets. With ``--buckets STEP`` each image gets, of the sizes of about the area of
 ``--size`` with sides multiples of STEP (aspect ratios 1:4 to 4:1), the one whose aspect
 ratio is nearest its own.
@@ -60,14 +73,34 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .io import InputError, Progress, make_out_dir, pil, write_bytes_atomic, write_image
+from .config import WanConfig
+from .io import (
+    FRAME_SAMPLING,
+    VIDEO_EXTENSIONS,
+    InputError,
+    Progress,
+    av,
+    make_out_dir,
+    pil,
+    video_frames,
+    write_bytes_atomic,
+    write_image,
+    write_video,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "FRAME_SAMPLING",
     "Source",
     "collect_sources",
     "file_seed",
     "load_image",
+    "load_video",
+    "is_image_file",
+    "is_video_model",
+    "pixel_factor",
+    "wan_latent_record",
     "buckets",
     "ImageDataset",
     "EncodeOptions",
@@ -87,10 +120,12 @@ RUN_FORMAT = "sdvae-latents-1"
 # --------------------------------------------------------------------------- inputs
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """An input image: ``path`` to open, ``name`` (relative path) for seeds and outputs."""
+    """An input image: ``path`` to open, ``name`` (relative path) for seeds and outputs;
+    ``in_folder``: found by walking a folder given (not named directly or in a list)."""
 
     name: str
     path: str
+    in_folder: bool = False
 
 
 def _norm_name(name: str) -> str:
@@ -175,7 +210,7 @@ def collect_sources(
     kept: dict[str, tuple] = {}
     for item in sorted(walked):  # no symlink first, then by name
         kept.setdefault(os.path.realpath(item[2]), item)
-    found.extend(Source(name, path) for _, name, path in kept.values())
+    found.extend(Source(name, path, True) for _, name, path in kept.values())
     if notes is not None and (counts["links"] or counts["unreadable"] or len(kept) < len(walked)):
         dropped = len(walked) - len(kept)
         notes.append(
@@ -263,7 +298,27 @@ def load_image(
             # 16-bit grey: convert("RGB") clips at 255 (a white image); scale to 8 bits.
             im = im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
         im = im.convert("RGB")
-    w0, h0 = im.size
+    fitted, meta = _fit([im], size, fit, factor)
+    return fitted[0], meta
+
+
+def load_video(path: str, size, fit: str, factor: int, frames: int | None,
+               sampling: str = "even") -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """Read a video's frames (``sdvae.io.video_frames``: ``frames`` of them picked by
+    ``sampling``, all when None) and fit them as ``load_image`` fits an image (the same box
+    for every frame). Returns (3, T, H, W) uint8 and its index fields: those of an image
+    (the frames' size, the crop box) plus ``clip_frames`` (frames decoded), ``frames`` (the
+    indices taken) and ``fps`` (the stream's average rate)."""
+    images, facts = video_frames(path, frames, sampling)
+    fitted, meta = _fit(images, size, fit, factor)
+    return torch.stack(fitted, 1), {**meta, **facts}
+
+
+def _fit(images: list, size, fit: str, factor: int) -> tuple[list[torch.Tensor], dict]:
+    """``load_image``'s fitting of RGB Pillow images of one size: (3, H, W) uint8 each, and
+    the index fields (original height and width, crop box)."""
+    Image = pil()
+    w0, h0 = images[0].size
     if isinstance(size, list):
         size = _nearest_bucket(size, h0, w0)
     if size is None:
@@ -272,8 +327,9 @@ def load_image(
             raise ValueError(f"image is {w0}x{h0}, smaller than the model's factor {factor}")
         left, top = (w0 - W) // 2, (h0 - H) // 2
         box = (left, top, left + W, top + H)
-        if (W, H) != (w0, h0):
-            im = im.crop(box)
+
+        def one(im):
+            return im.crop(box) if (W, H) != (w0, h0) else im
     else:
         H, W = size
         if fit == "cover":
@@ -286,45 +342,103 @@ def load_image(
                 bw, bh = h0 * W / H, float(h0)
             left, top = (w0 - bw) / 2, (h0 - bh) / 2
             box = (left, top, w0 - left, h0 - top)
-            im = im.resize((W, H), Image.Resampling.BICUBIC, box=box)
+
+            def one(im):
+                return im.resize((W, H), Image.Resampling.BICUBIC, box=box)
         elif fit == "stretch":
             box = (0, 0, w0, h0)
-            im = im.resize((W, H), Image.Resampling.BICUBIC)
+
+            def one(im):
+                return im.resize((W, H), Image.Resampling.BICUBIC)
         elif fit == "crop":
             if w0 < W or h0 < H:
                 raise ValueError(f"image is {w0}x{h0}, smaller than --size {W}x{H} (--fit crop)")
             left, top = (w0 - W) // 2, (h0 - H) // 2
             box = (left, top, left + W, top + H)
-            im = im.crop(box)
+
+            def one(im):
+                return im.crop(box)
         else:
             raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    a = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    out = [
+        torch.from_numpy(np.array(one(im), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        for im in images
+    ]
     meta = {"height": h0, "width": w0, "crop": [round(float(c), 4) for c in box]}
-    return a, meta
+    return out, meta
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """Item ``i`` -> (i, uint8 image or None, index fields or None, error or None). A file
     that cannot be read gives its error instead of raising, so one bad file never stops the
-    loader."""
+    loader.
 
-    def __init__(self, sources: Sequence[Source], size, fit: str, factor: int):
+    ``video=True`` (a Wan-family model): files with an image extension (``IMAGE_EXTENSIONS``)
+    are one-frame videos (3, 1, H, W); every other file is read as a video (3, T, H, W) by
+    ``load_video``, ``frames`` frames picked by ``sampling``."""
+
+    def __init__(self, sources: Sequence[Source], size, fit: str, factor: int, *,
+                 video: bool = False, frames: int | None = None,
+                 sampling: str = "even"):  # fmt: skip
         self.sources, self.size, self.fit, self.factor = list(sources), size, fit, factor
+        self.video, self.frames, self.sampling = video, frames, sampling
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int):
+        src = self.sources[i]
         try:
-            image, meta = load_image(self.sources[i].path, self.size, self.fit, self.factor)
+            if not self.video:
+                image, meta = load_image(src.path, self.size, self.fit, self.factor)
+            elif is_image_file(src.name):
+                image, meta = load_image(src.path, self.size, self.fit, self.factor)
+                image = image.unsqueeze(1)
+            else:
+                image, meta = load_video(src.path, self.size, self.fit, self.factor,
+                                         self.frames, self.sampling)  # fmt: skip
         except InputError:
             raise
-        # Image decoders raise many types (OSError, SyntaxError, ValueError, zlib errors,
-        # DecompressionBombError...): any of them means this file is unusable, and it is
-        # reported with its reason while the job goes on.
+        # Image and video decoders raise many types (OSError, SyntaxError, ValueError, zlib
+        # errors, DecompressionBombError, av.error.*...): any of them means this file is
+        # unusable, and it is reported with its reason while the job goes on.
         except Exception as exc:  # noqa: BLE001
             return i, None, None, f"{type(exc).__name__}: {exc}"
         return i, image, meta, None
+
+
+def is_image_file(name: str) -> bool:
+    """Whether a file's name has one of ``IMAGE_EXTENSIONS`` (with a Wan-family model, every
+    other input is read as a video)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def is_video_model(vae) -> bool:
+    """Whether ``vae`` is a Wan-family video VAE (``sdvae.WanVAE``: 5-D videos and latents)."""
+    return isinstance(getattr(vae, "config", None), WanConfig)
+
+
+def pixel_factor(vae) -> int:
+    """Pixels per latent pixel along each side: sizes and crops are multiples of it (8; 16
+    for FLUX.2's patchified latents and Wan 2.2)."""
+    cfg = vae.config
+    return cfg.spatial_factor if is_video_model(vae) else cfg.image_factor
+
+
+def wan_latent_record(vae) -> dict | None:
+    """What decides how a Wan-family model's latents decode beyond its weights: the latent
+    channels and the pipeline's normalization ``(z - latents_mean) / latents_std``, with
+    the model's factors. None for the 2-D VAEs."""
+    if not is_video_model(vae):
+        return None
+    cfg = vae.config
+    return {
+        "z_dim": cfg.z_dim,
+        "spatial_factor": cfg.spatial_factor,
+        "temporal_factor": cfg.temporal_factor,
+        "latents_mean": list(cfg.latents_mean) if cfg.has_latent_stats else None,
+        "latents_std": list(cfg.latents_std) if cfg.has_latent_stats else None,
+    }
 
 
 # --------------------------------------------------------------------------- distributed
@@ -400,6 +514,8 @@ class EncodeOptions:
     workers: int = 0
     max_memory: int | None = None  # device memory budget per batch (bytes; sdvae.budget)
     offload: str | None = None
+    frames: int | None = None  # video frames to encode per clip (Wan-family models)
+    frame_sampling: str = "even"  # how they are picked (sdvae.io.frame_indices)
     run_args: dict = dataclasses.field(default_factory=dict)  # recorded in run.json
 
 
@@ -608,19 +724,30 @@ class _Encoder:
     @torch.no_grad()
     def _run(self, group) -> None:
         u8 = torch.stack([g[1] for g in group])
+        video = is_video_model(self.vae)
         if self.device.type == "cuda":
             u8 = u8.pin_memory().to(self.device, non_blocking=True)
         x = (u8.float() / 127.5 - 1.0).to(self.dtype)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not video:
             x = x.contiguous(memory_format=torch.channels_last)
+        noise = None
         if self.opts.sample:
-            shape = self.vae.latent_shape(x.shape[2], x.shape[3])  # what encode returns
+            if video:  # the raw latents' shape (what WanVAE.encode draws noise of)
+                cfg = self.vae.config
+                t, h, w = x.shape[2:]
+                f = cfg.spatial_factor
+                shape = (cfg.z_dim, 1 + (t - 1) // cfg.temporal_factor, h // f, w // f)
+            else:
+                shape = self.vae.latent_shape(x.shape[2], x.shape[3])  # what encode returns
             noise = torch.stack(
                 [
                     torch.randn(shape, generator=torch.Generator().manual_seed(s))
                     for _, _, s in group
                 ]
             ).to(self.device)
+        if video:
+            lat = self.vae.encode(x, sample=self.opts.sample, noise=noise)
+        elif self.opts.sample:
             lat = self._encode(x, noise)
         else:
             lat = self._encode(x, None, sample=False)
@@ -644,11 +771,14 @@ def _shard_bytes(latents: list[torch.Tensor], names: list[str], vae, opts) -> tu
     info = {
         "format": SHARD_FORMAT,
         "sources": names,
-        "scaling_factor": vae.config.scaling_factor,
-        "shift_factor": vae.config.shift_factor,
         "sampled": bool(opts.sample),
         "seed": opts.seed if opts.sample else None,
     }
+    if is_video_model(vae):  # Wan: the latents' normalization instead of scaling factors
+        info["wan"] = wan_latent_record(vae)
+    else:
+        info["scaling_factor"] = vae.config.scaling_factor
+        info["shift_factor"] = vae.config.shift_factor
     norm = latent_norm_record(vae)
     if norm is not None:  # absent for the SD configs: their shards stay byte for byte the same
         info["latent_norm"] = norm
@@ -674,14 +804,18 @@ def encode_sources(
     todo = [p for p in plan if p[0] not in complete]
     files = [i for _, a, b in todo for i in range(a, b)]
     label = f"encode rank {rank}/{dist.world}" if dist.world > 1 else "encode"
-    progress = Progress(len(files), label)
+    video = is_video_model(vae)
+    progress = Progress(len(files), label, unit="files" if video else "images")
     if not files:
         progress.update()
     dataset = ImageDataset(
         [sources[i] for i in files],
         buckets(opts.size, opts.bucket_step) if opts.bucket_step else opts.size,
         opts.fit,
-        vae.config.image_factor,
+        pixel_factor(vae),
+        video=video,
+        frames=opts.frames,
+        sampling=opts.frame_sampling,
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -770,7 +904,7 @@ def _merge(out_dir: str, dist: Dist, rows: list[dict], errs: list[dict]) -> None
 def run_record(opts: EncodeOptions, sources: Sequence[Source], vae, world: int) -> dict:
     """What ``run.json`` records: everything that decides the shards' contents."""
     names = hashlib.sha256("\n".join(s.name for s in sources).encode()).hexdigest()
-    return {
+    record = {
         "format": RUN_FORMAT,
         "files": len(sources),
         "files_sha256": names,
@@ -782,13 +916,19 @@ def run_record(opts: EncodeOptions, sources: Sequence[Source], vae, world: int) 
         "sample": opts.sample,
         "seed": opts.seed if opts.sample else None,
         "world_size": world,
-        "latent_channels": vae.config.latent_channels,
-        "scaling_factor": vae.config.scaling_factor,
-        "shift_factor": vae.config.shift_factor,
         "dtype": str(next(vae.parameters()).dtype).replace("torch.", ""),
-        **({"latent_norm": latent_norm_record(vae)} if vae.config.is_flux2 else {}),
         **opts.run_args,
     }
+    if is_video_model(vae):  # keys absent before videos: earlier run.json files still match
+        record.update(latent_channels=vae.config.z_dim, wan=wan_latent_record(vae),
+                      frames=opts.frames, frame_sampling=opts.frame_sampling)  # fmt: skip
+    else:
+        record.update(latent_channels=vae.config.latent_channels,
+                      scaling_factor=vae.config.scaling_factor,
+                      shift_factor=vae.config.shift_factor)  # fmt: skip
+        if vae.config.is_flux2:
+            record["latent_norm"] = latent_norm_record(vae)
+    return record
 
 
 def latent_norm_record(vae) -> dict | None:
@@ -863,7 +1003,11 @@ def _latent_files(arg: str) -> list[str]:
     raise InputError(f"{arg}: no such file or folder; give latents files or shard folders")
 
 
-def _items_of(path: str, channels: int, factors=None, norm=None) -> list[_LatentItem]:
+def _items_of(path: str, channels: int, factors=None, norm=None,
+              wan: dict | None = None) -> list[_LatentItem]:  # fmt: skip
+    """The latents of one file, checked against the model: ``channels`` and, for shards,
+    ``factors`` (scaling, shift) and ``norm`` (``latent_norm_record``) of a 2-D VAE, or
+    ``wan`` (``wan_latent_record``) of a Wan-family one, whose latents are (C, t, h, w)."""
     from safetensors import safe_open
 
     fix = "give files written by `sdvae encode` (or a safetensors file with a 'latents' tensor)"
@@ -874,10 +1018,13 @@ def _items_of(path: str, channels: int, factors=None, norm=None) -> list[_Latent
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
         raise InputError(f"{path}: not a safetensors latents file ({exc}); {fix}") from exc
 
+    rank = 4 if wan is not None else 3  # of one item's latents
+
     def check(key, shape):
-        if len(shape) != 3 or shape[0] != channels:
+        if len(shape) != rank or shape[0] != channels:
+            want = f"({channels}, t, h, w) video" if wan is not None else f"({channels}, h, w)"
             raise InputError(
-                f"{path}: tensor {key!r} has shape {shape}, not ({channels}, h, w) latents of "
+                f"{path}: tensor {key!r} has shape {shape}, not {want} latents of "
                 "this model; give latents of this model, or the --config/--weights that "
                 "wrote them"
             )
@@ -890,10 +1037,25 @@ def _items_of(path: str, channels: int, factors=None, norm=None) -> list[_Latent
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: shard metadata 'sdvae' is unreadable; {fix}") from exc
     if info is not None and info.get("format") == SHARD_FORMAT:
+        theirs = info.get("wan")
+        if (theirs is None) != (wan is None):
+            kinds = ("a Wan-family video VAE", "a 2-D image VAE")
+            raise InputError(
+                f"{path}: latents of {kinds[theirs is None]}, but --weights is "
+                f"{kinds[wan is None]}; give the --weights of the model that wrote them"
+            )
+        # Wan: latents normalized by one model's latents_mean/latents_std decode to wrong
+        # videos with another's, silently.
+        if wan is not None and not _same_wan(theirs, wan):
+            raise InputError(
+                f"{path}: Wan latents normalized otherwise (other channels or "
+                "latents_mean/latents_std) than this model's; give the --weights (with its "
+                "config.json) of the model that wrote them"
+            )
         # Two models with the same latent channels (SD and SDXL, SD3 and FLUX) scale their
         # latents differently: decoding with the other one gives wrong images silently.
         wrote = (info.get("scaling_factor"), info.get("shift_factor"))
-        if factors is not None and wrote != tuple(factors):
+        if wan is None and factors is not None and wrote != tuple(factors):
             raise InputError(
                 f"{path}: latents scaled by {wrote[0]} (shift {wrote[1]}), but this model "
                 f"uses {factors[0]} (shift {factors[1]}); give the --weights/--config of "
@@ -901,7 +1063,11 @@ def _items_of(path: str, channels: int, factors=None, norm=None) -> list[_Latent
             )
         # FLUX.2: latents normalized by one model's BatchNorm statistics decode to wrong
         # images with another's (or with a model that has none), silently.
-        if factors is not None and not _same_latent_norm(info.get("latent_norm"), norm):
+        if (
+            wan is None
+            and factors is not None
+            and not _same_latent_norm(info.get("latent_norm"), norm)
+        ):
             what = (
                 "FLUX.2 latents normalized by other BatchNorm statistics"
                 if norm is not None and info.get("latent_norm") is not None
@@ -913,7 +1079,7 @@ def _items_of(path: str, channels: int, factors=None, norm=None) -> list[_Latent
             )
         if "latents" in shapes:
             shape = shapes["latents"]
-            if len(shape) != 4 or shape[0] != len(sources):
+            if len(shape) != rank + 1 or shape[0] != len(sources):
                 raise InputError(f"{path}: 'latents' {shape} does not match its sources; {fix}")
             check("latents", shape[1:])
             return [
@@ -931,7 +1097,7 @@ def _items_of(path: str, channels: int, factors=None, norm=None) -> list[_Latent
     if "latents" not in shapes:
         raise InputError(f"{path}: no 'latents' tensor (has {sorted(shapes)[:5]}); {fix}")
     shape = shapes["latents"]
-    if len(shape) == 4:
+    if len(shape) == rank + 1:
         check("latents", shape[1:])
         stem = os.path.splitext(os.path.basename(path))[0]
         if shape[0] == 1:
@@ -943,6 +1109,15 @@ def _items_of(path: str, channels: int, factors=None, norm=None) -> list[_Latent
     check("latents", shape)
     source = meta.get("source") or os.path.basename(path)
     return [_LatentItem(path, "latents", None, _png_name(source), source, shape)]
+
+
+def _same_wan(wrote, mine) -> bool:
+    """Whether two ``wan_latent_record``s decode latents alike: the same channels and
+    normalization (the factors follow from the weights, which the user names)."""
+    try:
+        return all(wrote.get(k) == mine[k] for k in ("z_dim", "latents_mean", "latents_std"))
+    except AttributeError:
+        return False
 
 
 def _budget_option(max_memory) -> str:
@@ -972,16 +1147,33 @@ def check_budget(vae, op: str, shapes, batch_size: int, max_memory, offload) -> 
 
 
 def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int = 4,
-                  max_memory: int | None = None, offload: str | None = None) -> int:  # fmt: skip
+                  max_memory: int | None = None, offload: str | None = None,
+                  fps: float = 16.0, frames_png: bool = False) -> int:  # fmt: skip
     """Decode latents files and shard folders to PNGs under ``out_dir`` (sub-folders of the
     sources kept). Every input is checked before anything is written, the memory budget
-    (``max_memory`` / ``offload``, see ``sdvae.budget``) included. Returns the count."""
+    (``max_memory`` / ``offload``, see ``sdvae.budget``) included. Returns the count.
+
+    A Wan-family model decodes video latents (C, t, h, w) with ``t > 1`` to MP4s at ``fps``
+    (``clip.mp4`` -> ``clip.mp4``), or with ``frames_png`` to a folder of PNG frames each
+    (``clip/000000.png``, ...); latents of one frame (``t = 1``: images) to PNGs."""
     files = [f for arg in inputs for f in _latent_files(arg)]
     cfg = vae.config
-    factors = (cfg.scaling_factor, cfg.shift_factor)
-    norm = latent_norm_record(vae)
-    channels = cfg.pipeline_latent_channels  # what decode takes (FLUX.2: patchified)
-    items = [it for f in files for it in _items_of(f, channels, factors, norm)]
+    wan = wan_latent_record(vae)
+    if wan is not None:
+        items = [it for f in files for it in _items_of(f, cfg.z_dim, wan=wan)]
+    else:
+        factors = (cfg.scaling_factor, cfg.shift_factor)
+        norm = latent_norm_record(vae)
+        channels = cfg.pipeline_latent_channels  # what decode takes (FLUX.2: patchified)
+        items = [it for f in files for it in _items_of(f, channels, factors, norm)]
+
+    def ext(it: _LatentItem) -> str:  # what the item decodes to
+        if wan is None or it.shape[1] == 1:
+            return ".png"
+        return "" if frames_png else ".mp4"
+
+    for it in items:
+        it.out_name = it.out_name[: -len(".png")] + ext(it)
     # Images whose names differ only by their extension (cat.jpg, cat.png: one shard can
     # hold both) keep it: cat.jpg.png, cat.png.png.
     by_name: dict[str, list[_LatentItem]] = {}
@@ -991,7 +1183,7 @@ def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int =
         names = {it.source for it in group}
         if len(group) > 1 and "" not in names and len(names) == len(group):
             for it in group:
-                it.out_name = _png_name(it.source, keep_ext=True)
+                it.out_name = _png_name(it.source, keep_ext=True)[: -len(".png")] + ext(it)
     seen: dict[str, str] = {}
     for it in items:
         if it.out_name in seen:
@@ -1000,24 +1192,29 @@ def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int =
                 "decode them into separate -o folders"
             )
         seen[it.out_name] = it.file
-    counts: dict[tuple, int] = {}
-    for it in items:
-        counts[it.shape] = counts.get(it.shape, 0) + 1
-    for shape, count in counts.items():
-        check_budget(vae, "decode", [shape], min(batch_size, count), max_memory, offload)
+    if wan is None:
+        counts: dict[tuple, int] = {}
+        for it in items:
+            counts[it.shape] = counts.get(it.shape, 0) + 1
+        for shape, count in counts.items():
+            check_budget(vae, "decode", [shape], min(batch_size, count), max_memory, offload)
+    elif any(it.shape[1] > 1 for it in items) and not frames_png:
+        av()  # PyAV missing: say so before anything is decoded
     make_out_dir(out_dir)
-    return _decode_items(vae, items, out_dir, batch_size, dict(max_memory=max_memory,
-                                                               offload=offload))  # fmt: skip
+    budget = {} if wan is not None else dict(max_memory=max_memory, offload=offload)
+    return _decode_items(vae, items, out_dir, batch_size, budget, fps)
 
 
 @torch.no_grad()
-def _decode_items(vae, items: list[_LatentItem], out_dir: str, batch_size: int, budget) -> int:
+def _decode_items(vae, items: list[_LatentItem], out_dir: str, batch_size: int, budget,
+                  fps: float = 16.0) -> int:  # fmt: skip
     from safetensors import safe_open
 
     from .budget import BudgetError
 
     p = next(vae.parameters())
-    progress = Progress(len(items), "decode")
+    video = is_video_model(vae)
+    progress = Progress(len(items), "decode", unit="files" if video else "images")
     by_file: dict[str, list[_LatentItem]] = {}
     for it in items:
         by_file.setdefault(it.file, []).append(it)
@@ -1042,25 +1239,38 @@ def _decode_items(vae, items: list[_LatentItem], out_dir: str, batch_size: int, 
                 for (it, _), img in zip(chunk, imgs):
                     target = os.path.join(out_dir, it.out_name)
                     os.makedirs(os.path.dirname(target), exist_ok=True)
-                    write_image(img, target)
+                    if not video:
+                        write_image(img, target)
+                    elif img.shape[1] == 1:  # one frame: an image
+                        write_image(img[:, 0], target)
+                    elif it.out_name.endswith(".mp4"):
+                        write_video(img, target, fps)
+                    else:  # --frames-png: a folder of frames
+                        os.makedirs(target, exist_ok=True)
+                        for t in range(img.shape[1]):
+                            write_image(img[:, t], os.path.join(target, f"{t:06d}.png"))
                     written += 1
                 progress.update(done=len(chunk))
     return written
 
 
 def print_summary(
-    summaries: Sequence[Summary], wall: float, out_dir: str, notes: Sequence[str] = ()
+    summaries: Sequence[Summary],
+    wall: float,
+    out_dir: str,
+    notes: Sequence[str] = (),
+    unit: str = "images",
 ) -> str:
     """The job's summary line (printed by rank 0); ``notes`` (from ``collect_sources``) are
-    appended to it."""
+    appended to it. ``unit``: what was encoded (``files`` with a Wan-family model)."""
     enc = sum(s.encoded for s in summaries)
     kept = sum(s.kept for s in summaries)
     failed = sum(s.failed + s.failed_before for s in summaries)
     rate = enc / wall if wall > 0 else 0.0
     line = (
-        f"encoded {enc} images in {wall:.1f} s ({rate:.2f} images/s) on {len(summaries)} "
+        f"encoded {enc} {unit} in {wall:.1f} s ({rate:.2f} {unit}/s) on {len(summaries)} "
         f"rank(s) into {out_dir}; {sum(s.shards_written for s in summaries)} shards written, "
-        f"{sum(s.shards_kept for s in summaries)} complete shards kept ({kept} images); "
+        f"{sum(s.shards_kept for s in summaries)} complete shards kept ({kept} {unit}); "
         f"{failed} failed"
     )
     line = "; ".join([line, *notes])

@@ -13,7 +13,7 @@ import time
 import torch
 
 from .cache import IMAGE_EXTENSIONS
-from .io import InputError
+from .io import FRAME_SAMPLING, VIDEO_EXTENSIONS, InputError
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -274,6 +274,31 @@ def _load_model(args, device: torch.device):
     return vae
 
 
+def _video_model_options(args, vae, command: str) -> None:
+    """Refuse the options a model cannot honour: the memory budget for a Wan-family model
+    (it has none yet), the video options for a 2-D one."""
+    from .cache import is_video_model
+
+    if is_video_model(vae):
+        for option, value in (("--max-memory", args.max_memory), ("--offload", args.offload)):
+            if value is not None:
+                raise InputError(
+                    f"{option}: the Wan-family video VAEs have no memory budget yet (they "
+                    "encode and decode a few frames at a time); leave it out"
+                )
+        return
+    video_options = {
+        "encode": (("--frames", "frames"), ("--frame-sampling", "frame_sampling")),
+        "decode": (("--fps", "fps"), ("--frames-png", "frames_png")),
+    }[command]
+    for option, attr in video_options:
+        if getattr(args, attr) not in (None, False):
+            raise InputError(
+                f"{option}: applies to videos, which need a Wan-family VAE (Wan 2.1/2.2, "
+                f"Qwen-Image); --weights {args.weights} is a 2-D image VAE"
+            )
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     """``N`` or ``WxH`` -> (height, width)."""
     try:
@@ -319,14 +344,16 @@ def _encode(args) -> int:
 
 def _encode_rank(args, dist, device) -> int:
     from . import cache
-    from .io import pil
+    from .io import av, pil
 
     pil()  # Pillow missing: say so before anything starts
     listing = None
     notes: list[str] = []  # what symlinks did to the listing, for the summary (rank 0)
     if dist.rank == 0:
         try:
-            exts = [e.strip() for e in args.ext.split(",") if e.strip()]
+            # Without --ext, folders give images and videos: the model (loaded next) decides.
+            exts = args.ext or ",".join(x[1:] for x in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+            exts = [e.strip() for e in exts.split(",") if e.strip()]
             listing = cache.collect_sources(args.images, args.files_from or (), exts, notes=notes)
         except InputError as exc:
             listing = str(exc)
@@ -334,7 +361,49 @@ def _encode_rank(args, dist, device) -> int:
     if isinstance(listing, str):
         raise InputError(listing)
     vae = _load_model(args, device)
-    f = vae.config.image_factor  # 8, or 16 for FLUX.2's 2x2-patchified latents
+    _video_model_options(args, vae, "encode")
+    video = cache.is_video_model(vae)
+    unit = "files" if video else "images"
+    clips = [s for s in listing if not cache.is_image_file(s.name)] if video else []
+    if not video:
+        if args.ext is None:  # the videos found in folders are not this model's inputs
+            listing = [s for s in listing if not s.in_folder or cache.is_image_file(s.name)]
+            if not listing:
+                raise InputError(
+                    f"no images found in {' '.join(args.images) or '(no inputs)'} with "
+                    f"extensions {', '.join(IMAGE_EXTENSIONS)} (only videos, which need a "
+                    "Wan-family VAE); give image files or folders that hold them"
+                )
+        # .gif named directly stays an image: Pillow reads its first frame, as it always did
+        for s in listing:
+            if s.name.lower().endswith(tuple(e for e in VIDEO_EXTENSIONS if e != ".gif")):
+                raise InputError(
+                    f"{s.path}: a video file, but --weights {args.weights} is a 2-D image "
+                    "VAE; videos need a Wan-family VAE (Wan 2.1/2.2, Qwen-Image), or extract "
+                    "their frames as images"
+                )
+    f = cache.pixel_factor(vae)  # 8, or 16 for FLUX.2's 2x2-patchified latents and Wan 2.2
+    if video:
+        tf = vae.config.temporal_factor
+        if args.frames is not None and (args.frames - 1) % tf:
+            raise InputError(
+                f"--frames {args.frames}: the model encodes 1 + {tf}k frames (1, {1 + tf}, "
+                f"{1 + 2 * tf}, ..., {1 + 20 * tf}); give one of those"
+            )
+        if clips and args.frames is None:
+            more = f" and {len(clips) - 1} other video(s)" if len(clips) > 1 else ""
+            raise InputError(
+                f"{clips[0].path}{more}: give --frames N, the frames to encode of each clip "
+                f"(1 + {tf}k, e.g. 81: Wan's 5 s at 16 fps)"
+            )
+        if clips:
+            av()  # PyAV missing: say so before anything starts
+        if not vae.config.has_latent_stats:
+            raise InputError(
+                f"--weights {args.weights}: this Wan model has no latents_mean/latents_std, "
+                "so its pipeline latents are unknown; give its diffusers folder (with "
+                "config.json)"
+            )
     if args.size and (args.size[0] % f or args.size[1] % f):
         raise InputError(
             f"--size {args.size[1]}x{args.size[0]}: width and height must be multiples of "
@@ -350,27 +419,30 @@ def _encode_rank(args, dist, device) -> int:
             cache.buckets(args.size, args.buckets)
         except ValueError as exc:
             raise InputError(f"--buckets {args.buckets}: {exc}; give a smaller step") from exc
+    batch_size = args.batch_size or (1 if video else 8)
     opts = cache.EncodeOptions(
         size=args.size,
         fit=args.fit,
         bucket_step=args.buckets,
         shard_size=args.shard_size,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         sample=args.sample,
         seed=args.seed if args.seed is not None else 0,
         workers=_default_workers() if args.workers is None else args.workers,
         max_memory=args.max_memory,
         offload=args.offload,
+        frames=args.frames if video else None,
+        frame_sampling=args.frame_sampling or "even",
         run_args={
             "weights": os.path.abspath(args.weights),
             "config": args.config,
             "fused": not args.no_fuse,
         },
     )
-    if args.size:
+    if args.size and not video:
         sizes = cache.buckets(args.size, args.buckets) if args.buckets else [args.size]
         cache.check_budget(vae, "encode", [(vae.config.in_channels, h, w) for h, w in sizes],
-                           args.batch_size, args.max_memory, args.offload)  # fmt: skip
+                           batch_size, args.max_memory, args.offload)  # fmt: skip
     _make_out_dir(args.output)
     problem = None
     if dist.rank == 0:
@@ -384,10 +456,10 @@ def _encode_rank(args, dist, device) -> int:
     failed = sum(s.failed + s.failed_before for s in summaries)
     if dist.rank == 0:
         wall = max(s.seconds for s in summaries)
-        cache.print_summary(summaries, wall, args.output, notes)
+        cache.print_summary(summaries, wall, args.output, notes, unit=unit)
         if failed:
             print(
-                f"sdvae: error: {failed} of {len(listing)} images could not be read and were "
+                f"sdvae: error: {failed} of {len(listing)} {unit} could not be read and were "
                 "skipped (the others were encoded); "
                 f"{os.path.join(args.output, 'errors.jsonl')} lists each with the reason; to "
                 "add them once fixed, delete the shards it names and rerun the same command",
@@ -399,20 +471,24 @@ def _encode_rank(args, dist, device) -> int:
 
 
 def _decode(args) -> int:
-    from .cache import decode_inputs
+    from .cache import decode_inputs, is_video_model
 
     device = _device(args.device)
     for arg in args.latents:  # before the (slow) model load
         if not os.path.exists(arg):
             raise InputError(f"{arg}: no such file or folder; give latents files or folders")
     vae = _load_model(args, device)
-    n = decode_inputs(vae, args.latents, args.output, batch_size=args.batch_size,
-                      max_memory=args.max_memory, offload=args.offload)  # fmt: skip
-    print(f"wrote {n} images to {args.output}")
+    _video_model_options(args, vae, "decode")
+    video = is_video_model(vae)
+    n = decode_inputs(vae, args.latents, args.output,
+                      batch_size=args.batch_size or (1 if video else 4),
+                      max_memory=args.max_memory, offload=args.offload,
+                      fps=args.fps or 16.0, frames_png=args.frames_png)  # fmt: skip
+    print(f"wrote {n} {'videos and images' if video else 'images'} to {args.output}")
     return 0
 
 
-def _model_args(p, batch_size: int):
+def _model_args(p, batch_size: int, video_batch_size: int = 1):
     p.add_argument("--weights", required=True, help="checkpoint file or diffusers folder")
     p.add_argument(
         "--config",
@@ -422,7 +498,11 @@ def _model_args(p, batch_size: int):
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default fp16 on cuda, fp32 on cpu")
-    p.add_argument("--batch-size", type=_positive, default=batch_size)
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        help=f"default {batch_size}; {video_batch_size} with a Wan-family video VAE",
+    )
     p.add_argument("--no-fuse", action="store_true", help="run the eager reference model")
     p.add_argument(
         "--max-memory",
@@ -455,6 +535,16 @@ def _memory(text: str) -> int:
         return parse_memory(text, "--max-memory")
     except (TypeError, ValueError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fps(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v < 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: give frames a second, e.g. 16 or 23.976")
+    return v
 
 
 def _positive(text: str) -> int:
@@ -525,15 +615,18 @@ def main(argv: list[str] | None = None) -> int:
 
     e = sub.add_parser(
         "encode",
-        help="images (files, folders, lists) -> safetensors latent shards; torchrun for many GPUs",
-        description="Encode an image set into safetensors shards of latents with a JSON-lines "
-        "index. Resumable: a rerun with the same arguments keeps complete shards. Under "
-        "torchrun each rank encodes its own block of shards.",
+        help="images or videos (files, folders, lists) -> safetensors latent shards; torchrun "
+        "for many GPUs",
+        description="Encode an image set (or, with a Wan-family video VAE, a set of videos "
+        "and images) into safetensors shards of latents with a JSON-lines index. Resumable: "
+        "a rerun with the same arguments keeps complete shards. Under torchrun each rank "
+        "encodes its own block of shards.",
     )
     e.add_argument(
         "images",
         nargs="*",
-        help="image files and folders (searched recursively, following symlinks; each file once)",
+        help="image (or video) files and folders (searched recursively, following symlinks; "
+        "each file once)",
     )
     e.add_argument(
         "--files-from",
@@ -543,8 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     e.add_argument(
         "--ext",
-        default=",".join(x[1:] for x in IMAGE_EXTENSIONS),
-        help="extensions taken from folders (default: %(default)s)",
+        help="extensions taken from folders (default: "
+        f"{','.join(x[1:] for x in IMAGE_EXTENSIONS)}; with a Wan-family video VAE also "
+        f"{','.join(x[1:] for x in VIDEO_EXTENSIONS)})",
     )
     e.add_argument(
         "--size",
@@ -566,6 +660,21 @@ def main(argv: list[str] | None = None) -> int:
         help="with --size: aspect-ratio buckets; each image gets the size of about the area "
         "of --size, sides multiples of STEP (e.g. 64), whose aspect ratio is nearest its own",
     )
+    e.add_argument(
+        "--frames",
+        type=_positive,
+        metavar="N",
+        help="Wan-family VAE: frames encoded of each video, 1 + 4k (e.g. 81), picked by "
+        "--frame-sampling; a clip with fewer frames is listed in errors.jsonl. Required when "
+        "there are videos. Images are encoded as one-frame videos. Each frame is sized as "
+        "an image is (--size, --fit, --buckets), all of a clip with the same box",
+    )
+    e.add_argument(
+        "--frame-sampling",
+        choices=FRAME_SAMPLING,
+        help="with --frames: even = spread evenly over the whole clip, its first and last "
+        "frame included (default); first = the first N frames, at the clip's own rate",
+    )
     e.add_argument("--shard-size", type=_positive, default=1024, help="images per shard")
     e.add_argument(
         "--workers",
@@ -584,20 +693,34 @@ def main(argv: list[str] | None = None) -> int:
 
     d = sub.add_parser(
         "decode",
-        help="safetensors latents (files, shards or shard folders) -> PNG images",
+        help="safetensors latents (files, shards or shard folders) -> PNG images (MP4 videos "
+        "for a Wan-family VAE's video latents)",
     )
     d.add_argument("latents", nargs="+", help="latents files, shards, or `sdvae encode` folders")
     _model_args(d, batch_size=4)
+    d.add_argument(
+        "--fps",
+        type=_fps,
+        help="Wan-family VAE: frame rate of the MP4s written (default 16, Wan's rate)",
+    )
+    d.add_argument(
+        "--frames-png",
+        action="store_true",
+        help="Wan-family VAE: write each video as a folder of PNG frames (NAME/000000.png, "
+        "...) instead of an MP4",
+    )
     d.set_defaults(func=_decode)
 
     args = parser.parse_args(argv)
     if args.command == "encode":
         if not args.images and not args.files_from:
-            parser.error("encode: give image files or folders, or --files-from LIST")
+            parser.error("encode: give image or video files or folders, or --files-from LIST")
         if args.seed is not None and not args.sample:
             parser.error("encode: --seed applies only with --sample")
         if args.size is None and (args.fit != "cover" or args.buckets):
             parser.error("encode: --fit and --buckets apply only with --size")
+        if args.frame_sampling and args.frames is None:
+            parser.error("encode: --frame-sampling applies only with --frames")
     try:
         return args.func(args)
     except InputError as exc:

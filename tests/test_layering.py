@@ -48,8 +48,8 @@ model class"). Where code runs the other way, that is the debt below.
 * ``base``: leaves that import nothing of sdvae but kernels, and that any layer may use:
   ``_ext`` (loads ``sdvae._C``), ``_tf32`` (torch's TF32 switch), ``numerics`` (the tolerance
   table), ``config`` (``VAEConfig``, ``WanConfig``, plain data), ``memtrack`` (counts tensor
-  bytes), ``io`` (image files, ``InputError``), ``_aot`` (ahead-of-time Triton compiles for
-  tests/checks), ``wan_keys`` (original Wan checkpoint key names to diffusers').
+  bytes), ``io`` (image and video files, ``InputError``), ``_aot`` (ahead-of-time Triton
+  compiles for tests/checks), ``wan_keys`` (original Wan checkpoint key names to diffusers').
 * ``ops``: ``sdvae.ops``, the C++/CUDA ops over ``_ext``.
 * ``dispatch``: ``sdvae.dispatch``, the one place that picks fused kernel or eager per op
   (above the ops it picks between, below every caller), and ``sdvae.steps``, the step
