@@ -711,7 +711,7 @@ class _Encoder:
         out, self.out = self.out, {}
         return out
 
-    def _encode(self, x, noise, sample=True):
+    def _latents_of(self, x, noise, sample=True):
         from .budget import BudgetError
 
         opts = self.opts
@@ -748,9 +748,9 @@ class _Encoder:
         if video:
             lat = self.vae.encode(x, sample=self.opts.sample, noise=noise)
         elif self.opts.sample:
-            lat = self._encode(x, noise)
+            lat = self._latents_of(x, noise)
         else:
-            lat = self._encode(x, None, sample=False)
+            lat = self._latents_of(x, None, sample=False)
         lat = lat.contiguous().cpu()
         for (row, _, _), z in zip(group, lat):
             self.out[row] = z.clone()

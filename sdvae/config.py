@@ -15,12 +15,34 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["VAEConfig", "WanConfig", "SUPPORTED_DIFFUSERS_CLASSES", "WAN_DIFFUSERS_CLASSES"]
+__all__ = [
+    "VAEConfig",
+    "WanConfig",
+    "SUPPORTED_DIFFUSERS_CLASSES",
+    "WAN_DIFFUSERS_CLASSES",
+    "REFUSED_DIFFUSERS_CLASSES",
+    "refusal",
+]
 
 #: The diffusers autoencoder classes whose architecture ``VAEConfig`` describes.
 SUPPORTED_DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderKLFlux2")
 #: The diffusers video autoencoder classes whose architecture ``WanConfig`` describes.
 WAN_DIFFUSERS_CLASSES = ("AutoencoderKLWan", "AutoencoderKLQwenImage")
+#: Diffusers autoencoders that resemble a supported family but are not one, and why.
+REFUSED_DIFFUSERS_CLASSES = {
+    "AutoencoderKLQwenImage21": (
+        "Qwen-Image 2's VAE is not one of the supported architectures: a 2-D specialization "
+        "of Wan 2.2's residual design (Conv2d weights, no time axis), with five levels, 64 "
+        "latent channels and 4-channel input and output"
+    ),
+}
+
+
+def refusal(kind: str) -> str:
+    """Why diffusers class ``kind`` is not supported, naming the classes that are."""
+    supported = " and ".join(SUPPORTED_DIFFUSERS_CLASSES + WAN_DIFFUSERS_CLASSES)
+    why = REFUSED_DIFFUSERS_CLASSES.get(kind)
+    return (f"{why}; " if why else "") + f"sdvae supports diffusers' {supported}"
 
 
 @dataclass(frozen=True)
@@ -226,10 +248,7 @@ class VAEConfig:
         cfg = dict(config)
         kind = cfg.get("_class_name")
         if kind is not None and kind not in SUPPORTED_DIFFUSERS_CLASSES:
-            raise ValueError(
-                f"config _class_name={kind!r}: sdvae supports diffusers' "
-                f"{' and '.join(SUPPORTED_DIFFUSERS_CLASSES)}"
-            )
+            raise ValueError(f"config _class_name={kind!r}: {refusal(kind)}")
         act = cfg.get("act_fn", "silu")
         if act != "silu":
             raise ValueError(f"config act_fn={act!r}: sdvae supports only 'silu'")
@@ -473,7 +492,7 @@ class WanConfig:
         kind = cfg.get("_class_name") or "AutoencoderKLWan"
         if kind not in WAN_DIFFUSERS_CLASSES:
             raise ValueError(f"config _class_name={kind!r}: WanConfig describes "
-                             f"{' and '.join(WAN_DIFFUSERS_CLASSES)}")  # fmt: skip
+                             f"{' and '.join(WAN_DIFFUSERS_CLASSES)}; {refusal(kind)}")  # fmt: skip
         if cfg.get("attn_scales"):
             raise ValueError(
                 f"config attn_scales={cfg['attn_scales']!r}: attention inside the "

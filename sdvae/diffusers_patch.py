@@ -1,8 +1,9 @@
 """``sdvae.patch_diffusers``: the fused kernels inside a stock diffusers ``AutoencoderKL``.
 
 FLUX.2's ``AutoencoderKLFlux2`` has the same encoder and decoder blocks and is patched the
-same way (its pipeline normalizes the latents itself, with ``vae.bn``'s statistics). Any other
-diffusers autoencoder is refused with a TypeError naming the two supported classes.
+same way (its pipeline normalizes the latents itself, with ``vae.bn``'s statistics). The Wan
+family's ``AutoencoderKLWan`` / ``AutoencoderKLQwenImage`` are patched by ``_patch_wan`` (at
+the end of this file). Any other diffusers autoencoder is refused with a TypeError saying why.
 
 A pipeline user's whole change is ``sdvae.patch_diffusers(pipe.vae)``. The patch is made on
 the instance (never on diffusers' classes, so other models are untouched) and
@@ -58,9 +59,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import dispatch, steps
+from . import dispatch, steps, wan
+from .config import WAN_DIFFUSERS_CLASSES
 from .dispatch import weights_of
-from .loading import check_diffusers_model
+from .loading import check_diffusers_model, diffusers_kind
 
 __all__ = ["patch_diffusers", "unpatch_diffusers", "is_patched", "is_patched_module", "lower"]
 
@@ -474,6 +476,13 @@ def patch_diffusers(
     from .budget import check_offload, parse_memory
 
     budget, offload = parse_memory(max_memory), check_offload(offload)
+    if diffusers_kind(autoencoder_kl, WAN_DIFFUSERS_CLASSES) is not None:
+        if budget is not None or offload is not None:
+            raise ValueError(
+                "max_memory / offload: not available for the Wan family yet (its decode already "
+                "runs one latent frame at a time)"
+            )
+        return _patch_wan(autoencoder_kl, channels_last)
     AutoencoderKL, Attention, DiagonalGaussian, Downsample2D, ResnetBlock2D, Upsample2D = (
         _diffusers()
     )
@@ -523,7 +532,7 @@ def patch_diffusers(
             and usable("group_norm", lambda n=norm: usable.group_norm(n))
         ):
             _set_forward(norm, _gn_silu_forward)
-            part._sdvae_original_act = part.conv_act
+            part._sdvae_original_act, part._sdvae_act_name = part.conv_act, "conv_act"
             part.conv_act = torch.nn.Identity()
             patched.append(norm)
     latent_channels = autoencoder_kl.config.latent_channels
@@ -560,10 +569,11 @@ def unpatch_diffusers(autoencoder_kl):
             _restore_forward(module)
         for name in ("folded_weight", "_folded_from"):  # the upsamplers' fold
             module.__dict__.pop(name, None)
-    for part in (autoencoder_kl.encoder, autoencoder_kl.decoder):
-        if hasattr(part, "_sdvae_original_act"):
-            part.conv_act = part._sdvae_original_act
-            del part._sdvae_original_act
+    for module in autoencoder_kl.modules():
+        if hasattr(module, "_sdvae_original_act"):  # conv_act (SD), nonlinearity (Wan)
+            setattr(module, module._sdvae_act_name, module._sdvae_original_act)
+            del module._sdvae_original_act, module._sdvae_act_name
+        module.__dict__.pop("_sdvae_silu", None)
     if hasattr(autoencoder_kl, "_sdvae_original_encode"):
         del autoencoder_kl.encode
         del autoencoder_kl._sdvae_original_encode
@@ -572,3 +582,158 @@ def unpatch_diffusers(autoencoder_kl):
     del autoencoder_kl._sdvae_patched
     autoencoder_kl._sdvae_reasons = {}
     return autoencoder_kl
+
+
+# ---------------------------------------------------------------------------- Wan family
+def _wan_classes():
+    from diffusers.models.autoencoders import autoencoder_kl_qwenimage as q
+    from diffusers.models.autoencoders import autoencoder_kl_wan as w
+
+    return types.SimpleNamespace(
+        norm=(w.WanRMS_norm, q.QwenImageRMS_norm),
+        block=(w.WanResidualBlock, q.QwenImageResidualBlock),
+        attention=(w.WanAttentionBlock, q.QwenImageAttentionBlock),
+        resample=(w.WanResample, q.QwenImageResample),
+        parts=(w.WanEncoder3d, w.WanDecoder3d, q.QwenImageEncoder3d, q.QwenImageDecoder3d),
+    )
+
+
+def _wan_norm_supported(norm) -> bool:
+    """A channel-first RMS norm without a bias (diffusers' default ``bias=0.0``)."""
+    return norm.channel_first and not isinstance(norm.bias, torch.Tensor)
+
+
+def _wan_norm_forward(self, x):
+    """``WanRMS_norm`` on ``sdvae.kernels.rms_norm``, with the SiLU that follows it in its
+    block when the patch folded that in (``_sdvae_silu``)."""
+    return dispatch.rms_norm(x, self.gamma, silu=self.__dict__.get("_sdvae_silu", False),
+                             fused=True)  # fmt: skip
+
+
+def _wan_attention_forward(self, x):
+    """``WanAttentionBlock`` on ``sdvae.wan.fused_attention`` (the attention kernel per
+    frame)."""
+    b, c, t, h, w = x.shape
+    f = x.transpose(1, 2).reshape(b * t, c, h, w)
+    with weights_of(self.norm, self.to_qkv, self.proj):
+        qkv, proj = self.to_qkv, self.proj
+        return wan.fused_attention(x, f, self.norm.gamma, qkv.weight, qkv.bias, proj.weight,
+                                   proj.bias)  # fmt: skip
+
+
+def _wan_down_forward(self, x):
+    """The downsampler's ``ZeroPad2d((0, 1, 0, 1))`` + stride-2 conv as one
+    ``sdvae.ops.pad_conv2d``."""
+    conv = self[1]
+    with weights_of(conv):
+        return dispatch.pad_conv2d(x, conv.weight, conv.bias, fused=True, padding=(0, 1, 0, 1))
+
+
+def _wan_up_forward(self, x):
+    """Nearest x2 + 3x3 conv as the folded transposed conv (fp32 and float64 only)."""
+    with weights_of(self[1]):
+        return dispatch.upsample(self, self[1], x)
+
+
+def _wan_tiled_encode(self, x):
+    """``enable_tiling()`` on a patched Wan model: the exact encode (diffusers' own chunked,
+    untiled ``_encode``), not blended tiles."""
+    tiling, self.use_tiling = self.use_tiling, False
+    try:
+        return self._encode(x)
+    finally:
+        self.use_tiling = tiling
+
+
+def _wan_tiled_decode(self, z, return_dict: bool = True):
+    """``enable_tiling()`` on a patched Wan model: the exact decode (one latent frame at a
+    time), not blended tiles."""
+    tiling, self.use_tiling = self.use_tiling, False
+    try:
+        return self._decode(z, return_dict=return_dict)
+    finally:
+        self.use_tiling = tiling
+
+
+def _patch_wan(akl, channels_last: bool | None):
+    """``patch_diffusers`` for ``AutoencoderKLWan`` / ``AutoencoderKLQwenImage``: diffusers'
+    own forwards (its chunking and frame caches) with these leaves on sdvae's ops:
+
+    * ``WanRMS_norm`` -> ``sdvae.kernels.rms_norm``, with the SiLU after it folded in (the
+      block's ``nonlinearity`` becomes an identity);
+    * ``WanAttentionBlock`` -> the attention kernel per frame, projections in one matmul each;
+    * the downsamplers' pad + stride-2 conv -> ``sdvae.ops.pad_conv2d``;
+    * the upsamplers' nearest x2 + conv -> the folded transposed conv, in fp32/float64 only
+      (in fp16/bf16 its extra weight rounding costs accuracy: ``sdvae.fast.optimize_wan``);
+    * ``enable_tiling()`` -> the exact untiled path.
+
+    The causal convs keep diffusers' ``torch.cat`` + ``F.pad`` (``sdvae.optimize`` on a
+    ``WanVAE`` removes both)."""
+    if is_patched(akl):
+        return akl
+    cls = _wan_classes()
+    p = next(akl.parameters())
+    usable = _Usable(p.device, p.dtype)
+    patched: list = []
+
+    def norm_ok(norm) -> bool:
+        return _wan_norm_supported(norm) and usable(
+            "rms_norm",
+            lambda: dispatch.rms_norm_reasons(
+                norm.gamma.numel(), norm.gamma, silu=True, device=p.device, dtype=p.dtype
+            ),  # fmt: skip
+        )
+
+    def patch_norm(norm, silu: bool) -> None:
+        _set_forward(norm, _wan_norm_forward)
+        norm._sdvae_silu = silu
+        patched.append(norm)
+
+    def fold_act(owner, norms) -> None:
+        """Each of ``norms`` (followed by ``owner.nonlinearity``, a SiLU) with the SiLU in."""
+        if not isinstance(owner.nonlinearity, torch.nn.SiLU) or not all(map(norm_ok, norms)):
+            return
+        for norm in norms:
+            patch_norm(norm, True)
+        owner._sdvae_original_act, owner._sdvae_act_name = owner.nonlinearity, "nonlinearity"
+        owner.nonlinearity = torch.nn.Identity()
+
+    half = p.dtype in (torch.float16, torch.bfloat16)
+    ups: list = []
+    for module in akl.modules():
+        if isinstance(module, cls.block):
+            fold_act(module, (module.norm1, module.norm2))
+        elif isinstance(module, cls.parts):
+            fold_act(module, (module.norm_out,))
+        elif isinstance(module, cls.attention) and usable(
+            "attention",
+            lambda d=module.dim: dispatch.attention_reasons(
+                1, d, d**-0.5, device=p.device, dtype=p.dtype
+            ),  # fmt: skip
+        ):
+            _set_forward(module, _wan_attention_forward)
+            patched.append(module)
+        elif isinstance(module, cls.resample) and module.mode.startswith("downsample"):
+            conv = module.resample[1]
+            if usable("pad_conv2d", lambda c=conv: usable.pad_conv2d(c)):
+                _set_forward(module.resample, _wan_down_forward)
+                patched.append(module.resample)
+        elif isinstance(module, cls.resample) and module.mode.startswith("upsample"):
+            if half:
+                usable.reasons.setdefault("upsample_fold", [
+                    "fp16/bf16: the folded weight is rounded once more than diffusers' 3x3 one; "
+                    "the upsamplers run diffusers' nearest x2 + conv"])  # fmt: skip
+            else:
+                _set_forward(module.resample, _wan_up_forward)
+                patched.append(module.resample)
+                ups.append(module.resample)
+    akl.tiled_encode = types.MethodType(_wan_tiled_encode, akl)
+    akl.tiled_decode = types.MethodType(_wan_tiled_decode, akl)
+    akl._sdvae_patched = patched
+    akl._sdvae_reasons = usable.reasons
+    if channels_last:
+        raise ValueError("channels_last=True: not available for the Wan family's diffusers "
+                         "classes (their causal convs copy into contiguous tensors)")  # fmt: skip
+    for seq in ups:  # folded now on real weights (on meta ones: at the first call)
+        dispatch.refold_upsample(seq, seq[1])
+    return akl

@@ -29,7 +29,13 @@ from typing import Any
 import torch
 
 from . import wan_keys
-from .config import SUPPORTED_DIFFUSERS_CLASSES, WAN_DIFFUSERS_CLASSES, VAEConfig, WanConfig
+from .config import (
+    SUPPORTED_DIFFUSERS_CLASSES,
+    WAN_DIFFUSERS_CLASSES,
+    VAEConfig,
+    WanConfig,
+    refusal,
+)
 from .model import VAE
 from .wan import WanVAE
 
@@ -436,7 +442,9 @@ def check_diffusers_model(model, argname: str = "autoencoder_kl") -> str:
     if kind is None:
         raise TypeError(
             f"{argname} must be a diffusers {' or '.join(SUPPORTED_DIFFUSERS_CLASSES)} (the "
-            f"autoencoders sdvae supports), got {type(model).__name__}"
+            f"autoencoders sdvae supports, with the Wan family's "
+            f"{' and '.join(WAN_DIFFUSERS_CLASSES)}), got {type(model).__name__}: "
+            f"{refusal(type(model).__name__)}"
         )
     return kind
 

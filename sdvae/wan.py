@@ -54,6 +54,7 @@ __all__ = [
     "patchify",
     "unpatchify",
     "ENCODE_CHUNK",
+    "fused_attention",
 ]
 
 #: Frames per encoder chunk after the first (which is one frame), as diffusers chunks them.
@@ -191,24 +192,31 @@ class AttentionBlock(nn.Module):
         return o.reshape(b, t, c, h, w).transpose(1, 2) + x
 
     def _fused(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """The norm, one (C -> 3C) projection, ``sdvae.kernels.attention`` per frame, and the
-        output projection with its bias and the residual in one ``addmm`` (token views of
-        channels_last frames are free)."""
-        b, c, t, h, w = x.shape
-        n = self.norm(f)
-        tok = n.permute(0, 2, 3, 1).reshape(b * t, h * w, c)
-        qkv = F.linear(tok, self.to_qkv.weight.view(3 * c, c), self.to_qkv.bias)
-        del n, tok
-        q, k, v = (u.contiguous() for u in qkv.split(c, dim=-1))
-        del qkv
-        o = dispatch.attention(q, k, v, scale=c**-0.5, fused=True)
-        del q, k, v
-        res = f.permute(0, 2, 3, 1).reshape(b * t * h * w, c)
-        bo = self.proj.bias
-        res = res + bo if bo is not None else res.clone()
-        y = torch.addmm(res, o.reshape(-1, c), self.proj.weight.view(c, c).t())
-        y = y.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # channels_last_3d
-        return y if _is_cl3(x) else y.contiguous()
+        qkv, proj = self.to_qkv, self.proj
+        return fused_attention(x, f, self.norm.gamma, qkv.weight, qkv.bias, proj.weight,
+                               proj.bias, norm_fused=self.norm.fused)  # fmt: skip
+
+
+def fused_attention(x, f, gamma, w_qkv, b_qkv, w_o, b_o, *, norm_fused: bool = True):
+    """The attention block on ``x`` (N, C, T, H, W), ``f`` its frames as images (N T, C, H, W):
+    the RMS norm, one (C -> 3C) projection, ``sdvae.kernels.attention`` per frame (scale
+    ``C**-0.5``), and the output projection with its bias and the residual in one ``addmm``
+    (token views of channels_last frames are free). Shared by ``AttentionBlock`` and the
+    diffusers patch."""
+    b, c, t, h, w = x.shape
+    n = dispatch.rms_norm(f, gamma, silu=False, fused=norm_fused)
+    tok = n.permute(0, 2, 3, 1).reshape(b * t, h * w, c)
+    qkv = F.linear(tok, w_qkv.reshape(3 * c, c), b_qkv)
+    del n, tok
+    q, k, v = (u.contiguous() for u in qkv.split(c, dim=-1))
+    del qkv
+    o = dispatch.attention(q, k, v, scale=c**-0.5, fused=True)
+    del q, k, v
+    res = f.permute(0, 2, 3, 1).reshape(b * t * h * w, c)
+    res = res + b_o if b_o is not None else res.clone()
+    y = torch.addmm(res, o.reshape(-1, c), w_o.reshape(c, c).t())
+    y = y.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # channels_last_3d
+    return y if _is_cl3(x) else y.contiguous()
 
 
 class _Nearest2x(nn.Module):

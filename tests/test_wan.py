@@ -169,8 +169,14 @@ def test_config_round_trips_through_diffusers():
         assert WanConfig.from_diffusers(d) == cfg, cfg
     with pytest.raises(ValueError, match="attn_scales"):
         WanConfig.from_diffusers({"attn_scales": [0.5]})
-    with pytest.raises(ValueError, match="_class_name"):
+    with pytest.raises(ValueError, match="Qwen-Image 2's VAE is not one of the supported"):
         WanConfig.from_diffusers({"_class_name": "AutoencoderKLQwenImage21"})
+    if hasattr(diffusers, "AutoencoderKLQwenImage21"):  # refused with the same reason
+        with torch.device("meta"):  # its defaults, built without memory
+            q21 = diffusers.AutoencoderKLQwenImage21()
+        for fn in (sdvae.patch_diffusers, sdvae.from_diffusers):
+            with pytest.raises(TypeError, match="2-D specialization of Wan 2.2"):
+                fn(q21)
     with pytest.raises(ValueError, match="temperal_downsample"):
         WanConfig(dim_mult=(1, 2), temperal_downsample=(True, True))
 
@@ -351,3 +357,49 @@ def test_unoptimize_switches_every_fused_op_off():
     sdvae.unoptimize(fused)
     assert not any(getattr(m, "fused", False) for m in fused.modules())
     assert fused.memory_format is None and fused.fused_reasons == {}
+
+
+# ------------------------------------------------------------------------ patch_diffusers
+@pytest.mark.parametrize("name", list(CONFIGS))
+@torch.no_grad()
+def test_patch_diffusers_equals_stock_and_tiling_runs_the_exact_path(name):
+    """``sdvae.patch_diffusers`` on AutoencoderKLWan / AutoencoderKLQwenImage: diffusers' own
+    chunked forwards with the RMS norm (+ the SiLU after it), attention, downsamplers and
+    (fp32) folded upsamplers on sdvae's ops; fp32 <= 1e-5 against the stock model.
+    ``enable_tiling()`` gives the untiled result (stock diffusers' blended tiles do not);
+    ``unpatch_diffusers`` restores the stock forwards."""
+    import copy
+
+    ref, _ = _pair(name)
+    stock = copy.deepcopy(ref)
+    akl = sdvae.patch_diffusers(ref)
+    assert akl is ref and akl._sdvae_reasons == {}, akl._sdvae_reasons
+    kinds = {type(m).__name__ for m in akl._sdvae_patched}
+    assert {"Sequential"} <= kinds and any("RMS_norm" in k for k in kinds), kinds
+    assert any("Attention" in k for k in kinds), kinds
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    z = torch.randn(1, CONFIGS[name].z_dim, 2, 2, 3)
+    want_e = stock.encode(x).latent_dist.mode()
+    want_d = stock.decode(z).sample
+    assert _rel(akl.encode(x).latent_dist.mode(), want_e) <= 1e-5
+    got = akl.decode(z).sample
+    assert _rel(got, want_d) <= 1e-5
+    tiles = dict(tile_sample_min_height=16, tile_sample_min_width=16,
+                 tile_sample_stride_height=8, tile_sample_stride_width=8)  # fmt: skip
+    for m in (akl, stock):
+        m.enable_tiling(**tiles)
+    assert torch.equal(akl.decode(z).sample, got)
+    assert not torch.equal(stock.decode(z).sample, want_d)  # tiling did engage
+    akl.disable_tiling()
+    sdvae.unpatch_diffusers(akl)
+    from sdvae.diffusers_patch import is_patched
+
+    left = [(n, k) for n, m in akl.named_modules() for k in vars(m) if "_sdvae" in k]
+    assert not is_patched(akl) and left == [("", "_sdvae_reasons")], left
+    assert torch.equal(akl.decode(z).sample, want_d)
+
+
+def test_patch_diffusers_refuses_a_budget_for_wan():
+    ref, _ = _pair("wan21")
+    with pytest.raises(ValueError, match="max_memory / offload: not available"):
+        sdvae.patch_diffusers(ref, max_memory="1GiB")
