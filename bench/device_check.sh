@@ -18,7 +18,7 @@
 # pad_conv2d; decode at 1024² fp16 with every provider; attention; group_norm.
 # The second run: device, wheels, build (kept), gate, then the rest of the bench: vae_sample and
 # attention_block; decode (bf16) and encode at 1024² with the FLUX.2 rows; decode_large; the
-# 512² and batch-4 rows. Its rows are added to the day's CSV when OUT_DIR already has it.
+# 512² and batch-4 rows; the Wan family's rows (suite `wan`). Its rows are added to the day's CSV when OUT_DIR already has it.
 #
 # OUT_DIR gets at most 6 files: device_check.log (device_check-run2.log), <date>-<gpu>.csv and
 # .md (the bench), tune-<date>-<gpu>.jsonl, profile-1024.txt, and device_check.tar.gz
@@ -344,6 +344,9 @@ for p in problems:
     bench2 "decode_large" 150 -- decode_large
     bench2 "decode and encode at 512² and 4x512²" 300 \
       SDVAE_BENCH_VAE_SIZES=512 SDVAE_BENCH_VAE_BATCH4=512 SDVAE_BENCH_FLUX2_SIZES= -- decode encode --skip 'peak memory'
+    # The Wan family (issue 28): Wan 2.1 81 frames at 480x832 and 720x1280, Qwen-Image 1024²
+    # and 2048², bf16 (alone, when the run has no time left for it: `sdvae bench wan --out DIR`).
+    bench2 "wan" 240 -- wan
   fi
 
   pack

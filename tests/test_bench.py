@@ -19,7 +19,7 @@ def test_measure_returns_ordered_quantiles():
 
 def test_suites_discovered():
     names = engine.suites()
-    assert {"decode", "encode", "ceiling", "decode_large"} <= set(names)
+    assert {"decode", "encode", "ceiling", "decode_large", "wan"} <= set(names)
 
 
 def test_register_twice_is_refused():
@@ -194,3 +194,21 @@ def test_decode_large_gpu_plan(monkeypatch):
     monkeypatch.setenv("SDVAE_BENCH_LARGE_SIZES", "100x")
     with pytest.raises(ValueError, match="SDVAE_BENCH_LARGE_SIZES"):
         cdl.plan(gpu)
+
+
+def test_wan_rows_on_cpu(monkeypatch):
+    """`wan` at its CPU sizes: diffusers' Wan and Qwen-Image decodes, the patched diffusers
+    model and sdvae's WanVAE (peak memory by sdvae.memtrack; max_err against diffusers)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pytest.importorskip("diffusers")
+    rows = engine.run(engine.Context(CPU, quick=True), ["wan"], rep_ms=1)
+    got = {(r.shape.split(" latents")[0], r.provider) for r in rows}
+    for case in ("wan-tiny 9x32x48", "qwen-tiny 64x64"):
+        for provider in ("diffusers", "diffusers_patched", "sdvae"):
+            assert (case, provider) in got, sorted(got)
+    for r in rows:
+        assert r.median_ms > 0 and r.peak_mem_mb > 0
+        if r.provider == "diffusers":
+            assert r.max_err is None
+        else:  # the same frames, in fp32
+            assert r.max_err is not None and r.max_err < 1e-4, (r.shape, r.provider, r.max_err)
