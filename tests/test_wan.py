@@ -360,7 +360,7 @@ def test_unoptimize_switches_every_fused_op_off():
 
 
 # ------------------------------------------------------------------------ patch_diffusers
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", ["wan21", "qwen_image"])  # Wan 2.2: the same leaf classes
 @torch.no_grad()
 def test_patch_diffusers_equals_stock_and_tiling_runs_the_exact_path(name):
     """``sdvae.patch_diffusers`` on AutoencoderKLWan / AutoencoderKLQwenImage: diffusers' own
