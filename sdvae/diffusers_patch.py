@@ -669,6 +669,9 @@ def _patch_wan(akl, channels_last: bool | None):
 
     The causal convs keep diffusers' ``torch.cat`` + ``F.pad`` (``sdvae.optimize`` on a
     ``WanVAE`` removes both)."""
+    if channels_last:  # refused before anything is patched
+        raise ValueError("channels_last=True: not available for the Wan family's diffusers "
+                         "classes (their causal convs copy into contiguous tensors)")  # fmt: skip
     if is_patched(akl):
         return akl
     cls = _wan_classes()
@@ -731,9 +734,6 @@ def _patch_wan(akl, channels_last: bool | None):
     akl.tiled_decode = types.MethodType(_wan_tiled_decode, akl)
     akl._sdvae_patched = patched
     akl._sdvae_reasons = usable.reasons
-    if channels_last:
-        raise ValueError("channels_last=True: not available for the Wan family's diffusers "
-                         "classes (their causal convs copy into contiguous tensors)")  # fmt: skip
     for seq in ups:  # folded now on real weights (on meta ones: at the first call)
         dispatch.refold_upsample(seq, seq[1])
     return akl

@@ -399,7 +399,13 @@ def test_patch_diffusers_equals_stock_and_tiling_runs_the_exact_path(name):
     assert torch.equal(akl.decode(z).sample, want_d)
 
 
-def test_patch_diffusers_refuses_a_budget_for_wan():
+def test_patch_diffusers_refuses_a_budget_and_channels_last_for_wan_leaving_it_stock():
+    from sdvae.diffusers_patch import is_patched
+
     ref, _ = _pair("wan21")
     with pytest.raises(ValueError, match="max_memory / offload: not available"):
         sdvae.patch_diffusers(ref, max_memory="1GiB")
+    with pytest.raises(ValueError, match="channels_last=True: not available"):
+        sdvae.patch_diffusers(ref, channels_last=True)
+    assert not is_patched(ref)
+    assert not any("_sdvae" in k for m in ref.modules() for k in vars(m))
