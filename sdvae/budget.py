@@ -36,6 +36,7 @@ from . import dispatch, execute, steps, stream
 __all__ = [
     "BudgetError",
     "budget_error",
+    "largest_rows",
     "MemoryPlan",
     "PassPlan",
     "StoredTensor",
@@ -472,7 +473,7 @@ def _host_bytes(prog, device: torch.device) -> int:
     return held if pinned else most
 
 
-def _largest_rows(cost, height: int, avail: int, c1: int) -> int:
+def largest_rows(cost, height: int, avail: int, c1: int) -> int:
     """The largest band height whose cost fits ``avail``, given ``cost(rows)`` (about affine
     in rows) and ``c1 = cost(1) <= avail``: secant steps, each checked by ``cost``."""
     lo, lo_c = 1, c1
@@ -524,7 +525,7 @@ def plan_part(part, shape, *, dtype, device, fmt, budget: int | None, offload: s
             if c1 > avail:
                 fits, rows, band = False, 1, c1
             else:
-                rows = _largest_rows(lambda r, i=i: stream.pass_cost(prog, i, r, **kw), p.h,
+                rows = largest_rows(lambda r, i=i: stream.pass_cost(prog, i, r, **kw), p.h,
                                      avail, c1)  # fmt: skip
                 band = stream.pass_cost(prog, i, rows, **kw)
         if not isinstance(rows, int):  # a sequence of band heights: its costliest band

@@ -276,15 +276,16 @@ def _load_model(args, device: torch.device):
 
 def _video_model_options(args, vae, command: str) -> None:
     """Refuse the options a model cannot honour: the memory budget for a Wan-family model
-    (it has none yet), the video options for a 2-D one."""
+    (not wired through the CLI yet), the video options for a 2-D one."""
     from .cache import is_video_model
 
     if is_video_model(vae):
         for option, value in (("--max-memory", args.max_memory), ("--offload", args.offload)):
             if value is not None:
                 raise InputError(
-                    f"{option}: the Wan-family video VAEs have no memory budget yet (they "
-                    "encode and decode a few frames at a time); leave it out"
+                    f"{option}: not passed to the Wan-family video VAEs by the CLI yet (they "
+                    "encode and decode a few frames at a time; in Python, WanVAE.encode/"
+                    "decode take max_memory / offload); leave it out"
                 )
         return
     video_options = {

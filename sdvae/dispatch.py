@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import threading
 import weakref
@@ -171,38 +172,51 @@ def _round16(c: int) -> int:
     return (c + 15) // 16 * 16
 
 
-def cpu_conv_extra(x_shape, w_shape, out_hw, dtype: torch.dtype, channels_last: bool) -> int:
-    """Bytes ``F.conv2d`` holds inside itself on the CPU at its peak, beyond what is live
-    before the call, its output included (measured with the allocator's own count, on an
-    AVX-512 CPU, where oneDNN's blocks are 16 channels; an upper bound for 8):
+def cpu_conv_extra(x_shape, w_shape, out_hw, dtype: torch.dtype, channels_last: bool,
+                   x_size=None) -> int:  # fmt: skip
+    """Bytes ``F.conv2d`` / ``F.conv3d`` hold inside themselves on the CPU at their peak,
+    beyond what is live before the call, the output included (measured with the allocator's
+    own count, on an AVX-512 CPU, where oneDNN's blocks are 16 channels; an upper bound for
+    8):
 
-    * fp32 / bf16 (oneDNN): its weights reordered (twice at once); NCHW operands reordered
-      to a blocked layout with channels rounded up to 16 (the input when it has 8 channels or
-      more, and the output), then the output reordered back. bf16 1x1 convs on NCHW go
-      through fp32 buffers. channels_last operands need no reorder.
-    * fp16 / float64 (ATen's ``slow_conv2d``): the im2col columns (none for 1x1).
+    * fp32 / bf16 (oneDNN): its weights reordered (twice at once); contiguous operands
+      reordered to a blocked layout with channels rounded up to 16 (the input when it has 8
+      channels or more, and the output), then the output reordered back. bf16 1x1 convs on
+      NCHW go through fp32 buffers. channels-last operands need no reorder.
+    * fp16 / float64 (ATen's ``slow_conv2d`` / ``slow_conv3d``): the im2col columns (none
+      for 1x1).
 
-    ``x_shape`` is the padded input's."""
-    n, c, hp, wp = x_shape
-    cout, _, kh, kw = w_shape
+    fp32 takes oneDNN only where ATen does (kernels over 3x3, a batch, or more than 20480
+    elements in the input's first four dims, ``x_size``: the unpadded input's shape);
+    elsewhere its im2col path, as fp16's.
+
+    ``x_shape`` is the padded input's; ``out_hw`` the output's spatial sizes (2 or 3)."""
+    n, c, *sp = x_shape
+    cout, _, *k = w_shape
+    px, po, pk = math.prod(sp), math.prod(out_hw), math.prod(k)
     e = torch.empty((), dtype=dtype).element_size()
-    y = n * cout * out_hw[0] * out_hw[1] * e
+    y = n * cout * po * e
+    size = x_size if x_size is not None else x_shape
+    if dtype == torch.float32 and not (  # ATen's rule for oneDNN; else its slow (im2col) path
+        (k[-1] > 3 and k[-2] > 3) or n > 1 or size[0] * size[1] * size[2] * size[3] > 20480
+    ):
+        return (n * c * pk * po * e if pk != 1 else 0) + y
     if dtype in (torch.float32, torch.bfloat16):
-        weights = 2 * cout * c * kh * kw * e
+        weights = 2 * cout * c * pk * e
         if channels_last:
             return weights + y
-        if dtype == torch.bfloat16 and (kh, kw) == (1, 1):
-            xb = n * c * hp * wp * e
+        if dtype == torch.bfloat16 and pk == 1:
+            xb = n * c * px * e
             return 4 * max(xb, y) + xb + y
-        src = n * _round16(c) * hp * wp * e if c >= 8 else 0
-        dst = n * _round16(cout) * out_hw[0] * out_hw[1] * e
+        src = n * _round16(c) * px * e if c >= 8 else 0
+        dst = n * _round16(cout) * po * e
         return max(src + weights + dst, dst + y)
-    cols = n * c * kh * kw * out_hw[0] * out_hw[1] * e if (kh, kw) != (1, 1) else 0
+    cols = n * c * pk * po * e if pk != 1 else 0
     return cols + y
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def _tuple(v, dims: int) -> tuple[int, ...]:
+    return (int(v),) * dims if isinstance(v, int) else tuple(int(u) for u in v)
 
 
 class _MetaOps(torch.overrides.TorchFunctionMode):
@@ -219,20 +233,22 @@ class _MetaOps(torch.overrides.TorchFunctionMode):
         if func is F.scaled_dot_product_attention and args[0].is_meta and len(args) == 3:
             if set(kwargs) <= {"scale"}:
                 return attention(*args, scale=kwargs.get("scale"), fused=False)
-        if func is torch.conv2d and args and args[0].is_meta and _real().type == "cpu":
+        conv = func is torch.conv2d or func is torch.conv3d
+        if conv and args and args[0].is_meta and _real().type == "cpu":
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             a = {**dict(zip(names, args)), **kwargs}
             x, w = a["input"], a["weight"]
-            (sh, sw), pad = _pair(a.get("stride", 1)), a.get("padding", 0)
+            dims = x.dim() - 2
+            stride, pad = _tuple(a.get("stride", 1), dims), a.get("padding", 0)
             if isinstance(pad, str):
-                ph, pw = (0, 0) if pad == "valid" else (w.shape[2] // 2, w.shape[3] // 2)
-            else:
-                ph, pw = _pair(pad)
-            hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
-            out_hw = ((hp - w.shape[2]) // sh + 1, (wp - w.shape[3]) // sw + 1)
-            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            _spike(cpu_conv_extra((x.shape[0], x.shape[1], hp, wp), tuple(w.shape), out_hw,
-                                  x.dtype, cl))  # fmt: skip
+                pad = (0,) * dims if pad == "valid" else tuple(k // 2 for k in w.shape[2:])
+            pad = _tuple(pad, dims)
+            padded = [s + 2 * p for s, p in zip(x.shape[2:], pad)]
+            out = tuple((s - k) // st + 1 for s, k, st in zip(padded, w.shape[2:], stride))
+            fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+            cl = x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
+            _spike(cpu_conv_extra((x.shape[0], x.shape[1], *padded), tuple(w.shape), out,
+                                  x.dtype, cl, tuple(x.shape)))  # fmt: skip
         return func(*args, **kwargs)
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dispatch
+from . import budget, dispatch, wan_stream
 from .config import WanConfig
 
 __all__ = [
@@ -276,10 +276,11 @@ class Resample(nn.Module):
         y = self._frames(x.transpose(1, 2).reshape(b * t, c, h, w))
         y = y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
         if self.mode == "downsample3d":
-            kept = state.frames.get(self)
-            state.frames[self] = y[:, :, -1:].clone()
+            kept = state.frames.get(self)  # read before the new frame is kept (a view, banded)
+            last = y[:, :, -1:].clone()
             if kept is not None:  # the first chunk's frames pass through
                 y = self.time_conv(torch.cat([kept, y], 2))
+            state.frames[self] = last
         return y
 
 
@@ -424,12 +425,19 @@ class WanEncoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1], silu=True)
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+    def head(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        """conv_in and the down blocks: local in space (``sdvae.wan_stream`` bands them)."""
         x = self.conv_in(x, state)
         for block in self.down_blocks:
             x = block(x, state)
-        x = self.mid_block(x, state)
-        return self.conv_out(x, state, norm=self.norm_out)
+        return x
+
+    def tail(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        """The mid block (attention over each whole frame) and conv_out."""
+        return self.conv_out(self.mid_block(x, state), state, norm=self.norm_out)
+
+    def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        return self.tail(self.head(x, state), state)
 
 
 class WanDecoder(nn.Module):
@@ -454,11 +462,18 @@ class WanDecoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1], silu=True)
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(x, state), state)
+    def head(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        """conv_in and the mid block (attention over each whole frame)."""
+        return self.mid_block(self.conv_in(x, state), state)
+
+    def tail(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        """The up blocks and conv_out: local in space (``sdvae.wan_stream`` bands them)."""
         for block in self.up_blocks:
             x = block(x, state)
         return self.conv_out(x, state, norm=self.norm_out)
+
+    def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        return self.tail(self.head(x, state), state)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -527,31 +542,83 @@ class WanVAE(nn.Module):
         std = torch.tensor(cfg.latents_std, dtype=torch.float64, device=device)
         return mean.to(dtype), std.to(dtype)
 
+    # ----------------------------------------------------------------- budget
+    def _band_rows(self, op: str, x: torch.Tensor, max_memory, offload, band_rows,
+                   raw: bool) -> int | None:  # fmt: skip
+        """The band height (latent rows) a call with a budget runs with; None: the
+        whole-frame path (no budget, or it fits)."""
+        if max_memory is None and offload is None and band_rows is None:
+            return None
+        offload = budget.check_offload(offload)
+        limit = budget.parse_memory(max_memory)
+        budget.refuse_grad(x, self)
+        if band_rows is not None:
+            if not isinstance(band_rows, int) or isinstance(band_rows, bool) or band_rows < 1:
+                raise ValueError(f"band_rows must be a positive int, got {band_rows!r}")
+            return band_rows
+        if limit is None:  # offload alone: whatever the device has free
+            limit = budget.free_memory(x.device)
+        plan = wan_stream.plan(self, op, x.shape, dtype=x.dtype, device=x.device,
+                               max_memory=limit, offload=offload, raw=raw)  # fmt: skip
+        if plan.path == "none":
+            raise budget.budget_error(plan)
+        return plan.rows[0] if plan.path == "streamed" else None
+
+    def memory_plan(self, shape, *, op: str = "decode", dtype=None, device=None,
+                    max_memory=None, offload=None, raw: bool = False):  # fmt: skip
+        """The estimated peak memory (bytes the call allocates beyond the weights and its
+        input, the output included) and the plan ``decode`` (``op="decode"``, ``shape`` of the
+        latents) or ``encode`` (``op="encode"``, ``shape`` of the video or image) would use
+        within ``max_memory`` (``sdvae.budget.MemoryPlan``: ``path`` "full", "streamed" with
+        bands of ``rows[0]`` latent rows, or "none"; ``.describe()`` prints it). Measured by
+        running the model's own code on the meta device (``sdvae.wan_stream``)."""
+        return wan_stream.plan(self, op, shape, dtype=dtype, device=device,
+                               max_memory=max_memory, offload=offload, raw=raw)  # fmt: skip
+
     # ----------------------------------------------------------------- encode
-    def moments(self, video: torch.Tensor) -> torch.Tensor:
-        """The encoder's moments (mean and log-variance channels) of checked ``video``
-        (N, C, T, H, W): the first frame alone, then chunks of ``ENCODE_CHUNK`` frames."""
-        cfg = self.config
-        n, _, t, h, w = video.shape
-        p = cfg.patch_size or 1
-        if p > 1:
-            video = patchify(video, p)
-        if self.memory_format is not None:
-            video = video.contiguous(memory_format=self.memory_format)
-        state, outs = ChunkState(), []
-        for a in (0, *range(1, t, ENCODE_CHUNK)):
+    def encode_chunks(self, video: torch.Tensor, chunk=None, state=None) -> torch.Tensor:
+        """The moments (after ``quant_conv``) of ``video`` (patchified, in the model's
+        layout): its first frame alone, then chunks of ``ENCODE_CHUNK`` frames, each through
+        ``chunk(frames, state)`` (default: the encoder; ``sdvae.wan_stream`` bands it)."""
+        chunk = self.encoder if chunk is None else chunk
+        state = ChunkState() if state is None else state
+        outs = []
+        for a in (0, *range(1, video.shape[2], ENCODE_CHUNK)):
             state.first = a == 0
-            outs.append(self.encoder(video[:, :, a : 1 if a == 0 else a + ENCODE_CHUNK], state))
+            outs.append(chunk(video[:, :, a : 1 if a == 0 else a + ENCODE_CHUNK], state))
         z = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
         del outs, state
         return self.quant_conv(z)
 
+    def moments(self, video: torch.Tensor, *, band_rows: int | None = None,
+                offload: str | None = None) -> torch.Tensor:  # fmt: skip
+        """The encoder's moments (mean and log-variance channels) of checked ``video``
+        (N, C, T, H, W); ``band_rows``: the encoder's head over bands of that many latent
+        rows (``offload="cpu"``: its kept frames in host memory)."""
+        p = self.config.patch_size or 1
+        if p > 1:
+            video = patchify(video, p)
+        if self.memory_format is not None:
+            video = video.contiguous(memory_format=self.memory_format)
+        if band_rows is None:
+            return self.encode_chunks(video)
+        return wan_stream.moments(self, video, rows=band_rows, offload=offload == "cpu")
+
     def encode(self, video: torch.Tensor, *, sample: bool = False, noise=None,
-               seed: int | None = None, raw: bool = False) -> torch.Tensor:  # fmt: skip
+               seed: int | None = None, raw: bool = False, max_memory=None, offload=None,
+               band_rows: int | None = None) -> torch.Tensor:  # fmt: skip
         """Videos (N, C, T, H, W) in [-1, 1] with ``T = 1 + 4k``, or images (N, C, H, W) ->
         the pipeline's latents ``(z - latents_mean) / latents_std`` (``raw``: ``z`` itself),
         with ``z`` the posterior mean, or with ``sample`` a draw ``mean + std * noise``
-        (``noise`` given, or drawn with ``seed``). Images give 4-D latents."""
+        (``noise`` given, or drawn with ``seed``). Images give 4-D latents.
+
+        ``max_memory`` (bytes, or a string such as ``"6GiB"``) bounds the call's peak memory:
+        the whole-frame path when it fits, else the exact banded one (``sdvae.wan_stream``:
+        the encoder's layers before its mid block over row bands, the same result); a budget
+        nothing meets raises ``ValueError`` naming the smallest that works. ``offload="cpu"``
+        keeps the banded path's kept frames in host memory. ``band_rows`` forces the banded
+        path with bands of that many latent rows. Frame heights must then be multiples of the
+        model's spatial factor."""
         cfg = self.config
         for flag, v in (("sample", sample), ("raw", raw)):
             if not isinstance(v, bool):
@@ -568,7 +635,16 @@ class WanVAE(nn.Module):
                              f"multiples of {f}")  # fmt: skip
         if not raw:
             self._stats(x.dtype, x.device)  # refused before the encoder runs
-        mom = self.moments(x)
+        rows = self._band_rows("encode", x, max_memory, offload, band_rows, raw)
+        if rows is not None and h % cfg.spatial_factor:
+            raise ValueError(f"video frames of {h}x{w} (HxW): the banded encode (max_memory / "
+                             f"offload) needs heights that are multiples of "
+                             f"{cfg.spatial_factor}")  # fmt: skip
+        if rows is None:
+            mom = self.moments(x)
+        else:
+            with budget.budgeted():
+                mom = self.moments(x, band_rows=rows, offload=offload)
         mean, logvar = mom.chunk(2, dim=1)
         if noise is not None and not sample:
             raise ValueError("noise was given but sample=False uses no noise")
@@ -603,34 +679,52 @@ class WanVAE(nn.Module):
         b2 = (b + wt @ mean).to(z.dtype)
         return F.conv3d(z, w2, b2)
 
-    def decode(self, latents: torch.Tensor, *, raw: bool = False,
-               clamp: bool = True) -> torch.Tensor:  # fmt: skip
-        """The pipeline's latents (N, z_dim, t, h, w) (``raw``: the encoder's own) ->
-        ``1 + 4 (t - 1)`` frames, decoded one latent frame at a time (the memory does not
-        grow with ``t``), clamped to [-1, 1] as diffusers' ``decode`` does (``clamp=False``:
-        not clamped). 4-D latents give images (N, C, H, W)."""
-        cfg = self.config
-        if not isinstance(raw, bool):
-            raise TypeError(f"raw must be a bool, got {type(raw).__name__}")
-        z, image = self._check("latents", latents, cfg.z_dim)
-        if self.memory_format is not None:
-            z = z.contiguous(memory_format=self.memory_format)
-        x = self._decoder_input(z, raw)
-        t = x.shape[2]
-        state, out = ChunkState(), None
+    def decode_chunks(self, x: torch.Tensor, chunk=None, state=None) -> torch.Tensor:
+        """The decoder's frames (unclamped, patchified) of ``x`` (``post_quant_conv``'s
+        output), one latent frame at a time through ``chunk(frame, state)`` (default: the
+        decoder; ``sdvae.wan_stream`` bands it), written into one preallocated output."""
+        chunk = self.decoder if chunk is None else chunk
+        state = ChunkState() if state is None else state
+        t, out, pos = x.shape[2], None, 0
         for i in range(t):
             state.first = i == 0
-            y = self.decoder(x[:, :, i : i + 1], state)
+            y = chunk(x[:, :, i : i + 1], state)
             if out is None:
-                frames = 1 + (t - 1) * cfg.temporal_factor
+                frames = 1 + (t - 1) * self.config.temporal_factor
                 fmt = CL3 if _is_cl3(y) else torch.contiguous_format
                 out = torch.empty((y.shape[0], y.shape[1], frames, *y.shape[3:]), dtype=y.dtype,
                                   device=y.device, memory_format=fmt)  # fmt: skip
-                pos = 0
             out[:, :, pos : pos + y.shape[2]] = y
             pos += y.shape[2]
             del y
-        del state, x
+        return out
+
+    def decode(self, latents: torch.Tensor, *, raw: bool = False, clamp: bool = True,
+               max_memory=None, offload=None, band_rows=None) -> torch.Tensor:  # fmt: skip
+        """The pipeline's latents (N, z_dim, t, h, w) (``raw``: the encoder's own) ->
+        ``1 + 4 (t - 1)`` frames, decoded one latent frame at a time (the memory does not
+        grow with ``t``), clamped to [-1, 1] as diffusers' ``decode`` does (``clamp=False``:
+        not clamped). 4-D latents give images (N, C, H, W).
+
+        ``max_memory`` / ``offload`` / ``band_rows``: see ``encode``; the banded decode runs
+        the decoder's layers after its mid block over row bands."""
+        cfg = self.config
+        for flag, v in (("raw", raw), ("clamp", clamp)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{flag} must be a bool, got {type(v).__name__}")
+        z, image = self._check("latents", latents, cfg.z_dim)
+        if not raw:
+            self._stats(z.dtype, z.device)  # refused before anything runs
+        rows = self._band_rows("decode", z, max_memory, offload, band_rows, raw)
+        if self.memory_format is not None:
+            z = z.contiguous(memory_format=self.memory_format)
+        x = self._decoder_input(z, raw)
+        if rows is None:
+            out = self.decode_chunks(x)
+        else:
+            with budget.budgeted():
+                out = wan_stream.decode(self, x, rows=rows, offload=offload == "cpu")
+        del x
         if clamp:
             out.clamp_(-1.0, 1.0)
         if cfg.patch_size and cfg.patch_size > 1:

@@ -27,6 +27,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sdvae import _aot  # noqa: E402
+from sdvae.config import WanConfig  # noqa: E402
 from sdvae.numerics import END_TO_END, TOLERANCE, compare, tolerance  # noqa: E402, F401
 
 HAS_CUDA = torch.cuda.is_available()
@@ -190,3 +191,18 @@ def allocator_peak(fn) -> tuple[object, int]:
         cur += nbytes
         peak = max(peak, cur)
     return out, peak
+
+
+#: Tiny Wan-family configs (a Wan 2.1 and a Wan 2.2: residual, 2x2 patches), shared by the
+#: Wan tests
+WAN_TINY = {
+    "wan21": WanConfig.tiny(),
+    "wan22": WanConfig.tiny(
+        is_residual=True,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        decoder_base_dim=12,
+        z_dim=6,
+    ),  # fmt: skip
+}

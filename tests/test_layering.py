@@ -58,6 +58,8 @@ model class"). Where code runs the other way, that is the debt below.
   (CUDA graphs of the whole-tensor path) and ``stream`` (the banded executor).
 * ``planner``: ``budget`` (memory plans). It measures the executors, so it sits above them,
   and below the families that ask it for a plan.
+  ``wan_stream``: the Wan family's banded executor and its measured plans (it runs the
+  family's own modules, duck-typed: it imports no model class).
 * ``family``: ``model``, sdvae's own family: the reference modules and their state-dict
   names; ``VAE.decode(max_memory=...)`` calls down into the planner and the executors.
   ``wan``: the Wan video family (Wan 2.1/2.2, Qwen-Image), beside it.
@@ -136,7 +138,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ops", ("sdvae.ops",)),
     ("dispatch", ("sdvae.dispatch", "sdvae.steps")),
     ("executors", ("sdvae.execute", "sdvae.graphs", "sdvae.stream")),
-    ("planner", ("sdvae.budget",)),
+    ("planner", ("sdvae.budget", "sdvae.wan_stream")),
     ("family", ("sdvae.model", "sdvae.wan")),
     ("family-ops", ("sdvae.fast", "sdvae.loading")),
     ("diffusers", ("sdvae.diffusers_patch",)),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import allocator_peak
+from conftest import WAN_TINY, allocator_peak
 
 import sdvae
 from sdvae.config import WanConfig
@@ -16,15 +16,7 @@ from sdvae.wan import WanVAE, patchify, unpatchify
 diffusers = pytest.importorskip("diffusers")
 
 CONFIGS = {
-    "wan21": WanConfig.tiny(),
-    "wan22": WanConfig.tiny(
-        is_residual=True,
-        patch_size=2,
-        in_channels=12,
-        out_channels=12,
-        decoder_base_dim=12,
-        z_dim=6,
-    ),  # fmt: skip
+    **WAN_TINY,
     "qwen_image": WanConfig.tiny(diffusers_class="AutoencoderKLQwenImage"),
 }
 

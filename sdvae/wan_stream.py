@@ -1,0 +1,459 @@
+"""The Wan family within a memory budget: each chunk's local layers run over row bands.
+
+A Wan decoder's layers after its mid block are local in space (causal 3-D convs, channel RMS
+norms, the upsamplers, Wan 2.2's ``DupUp3D`` shortcuts): a band of output rows depends only
+on a band of the mid block's rows a few rows wider, the halo. So per latent frame the
+decoder's ``head`` (conv_in and the mid block, whose attention sees the whole frame) runs
+whole, at the latent resolution, and its ``tail`` runs band by band, each band with its halo
+recomputed. The encoder likewise: its ``head`` (conv_in and the down blocks) band by band on
+each chunk of frames, its ``tail`` (the mid block, conv_out) whole. Exact: every row a band
+keeps is computed from the same inputs, in the same order, as on the whole-tensor path.
+
+The causal convs' kept frames (``ChunkState.frames``) become a ``BandFrames``: whole-frame
+tensors, on the device or (``offload="cpu"``) in host memory, pinned on CUDA. A band reads the
+rows it covers; it writes back the rows it owns at once, except those a later band of the
+same chunk still reads (the next band's halo), which wait until no band reads them.
+
+Memory is measured, not fitted: the planner runs this executor's own code (and, for the full
+path, ``WanVAE``'s) on the meta device with ``sdvae.memtrack`` over two and three latent
+frames (decode) or two and three chunks (encode); a chunk past the second adds the same bytes
+(its frames of the output), so the peak at ``t`` is the straight line through the two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import budget as B
+from . import dispatch
+from .memtrack import TensorMemory
+
+__all__ = [
+    "BandFrames",
+    "BandState",
+    "halo",
+    "bands",
+    "decode",
+    "moments",
+    "plan",
+]
+
+
+class BandFrames:
+    """The kept frames of every causal op, whole-frame, read and written one row band at a
+    time (the mapping ``ChunkState.frames`` is: ``get(op)``, ``frames[op] = kept``).
+
+    ``height``: the band grid's rows (the latent rows); a tensor ``s`` times as tall (an op
+    at ``s`` times the latent resolution) covers rows ``s lo .. s hi`` of the band
+    ``lo .. hi``. ``offload``: the whole-frame tensors live in host memory (pinned on CUDA)
+    and a band's rows are copied in; on the meta device only their shapes are kept (the
+    planner's runs count what the device holds). A read is a view (no offload): the ops read
+    their kept frames before they write the new ones, as ``CausalConv3d`` and ``Resample``
+    do."""
+
+    def __init__(self, height: int, device: torch.device, offload: bool, *,
+                 host_apart: bool = True):  # fmt: skip
+        self.height = height
+        self.device = torch.device(device)
+        self.offload = offload
+        # a shape-only run for a CPU (``host_apart=False``): the host is the device, so the
+        # offloaded frames count as the device's
+        self.shapes_only = offload and self.device.type == "meta" and host_apart
+        self.full: dict[nn.Module, torch.Tensor] = {}
+        self.shapes: dict[nn.Module, tuple] = {}  # offloaded on meta: what would be held
+        self.live: set[nn.Module] = set()  # ops whose frames come from an earlier chunk
+        self.pending: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
+        self.window(0, height, 0, height, height)
+
+    def window(self, lo: int, hi: int, a: int, b: int, keep_from: int) -> None:
+        """The band now running: rows ``lo .. hi`` computed, ``a .. b`` its own; later bands
+        of this chunk read rows from ``keep_from`` on."""
+        self.lo, self.hi, self.a, self.b, self.keep_from = lo, hi, a, b, keep_from
+
+    def _scale(self, rows: int) -> int:
+        s, r = divmod(rows, self.hi - self.lo)
+        if r or s < 1:
+            raise RuntimeError(f"a band of {self.hi - self.lo} rows met a tensor of {rows} rows")
+        return s
+
+    def get(self, op: nn.Module, default=None):
+        if op not in self.live:
+            return default
+        if self.shapes_only:
+            n, c, f, rows, w = self.shapes[op]
+            s = rows // self.height
+            return torch.empty((n, c, f, (self.hi - self.lo) * s, w), dtype=self.dtype,
+                               device="meta")  # fmt: skip
+        full = self.full[op]
+        s = full.shape[-2] // self.height
+        rows = full[:, :, :, self.lo * s : self.hi * s]
+        return rows.to(self.device, non_blocking=True, copy=True) if self.offload else rows
+
+    def __setitem__(self, op: nn.Module, kept: torch.Tensor) -> None:
+        s = self._scale(kept.shape[-2])
+        self.dtype = kept.dtype
+        if self.shapes_only:
+            self.shapes[op] = (*kept.shape[:3], self.height * s, kept.shape[-1])
+            return
+        full = self.full.get(op)
+        if full is None:
+            shape = (*kept.shape[:3], self.height * s, kept.shape[-1])
+            cl3 = kept.is_contiguous(memory_format=torch.channels_last_3d)
+            fmt = torch.channels_last_3d if cl3 else torch.contiguous_format
+            if self.offload and self.device.type != "meta":
+                pin = self.device.type == "cuda"
+                full = torch.empty(shape, dtype=kept.dtype, pin_memory=pin).contiguous(
+                    memory_format=fmt
+                )
+            else:
+                full = torch.empty(shape, dtype=kept.dtype, device=kept.device,
+                                   memory_format=fmt)  # fmt: skip
+            self.full[op] = full
+        own = kept[:, :, :, (self.a - self.lo) * s : (self.b - self.lo) * s]
+        cut = min(max(self.keep_from, self.a), self.b)
+        if cut > self.a:
+            full[:, :, :, self.a * s : cut * s].copy_(own[:, :, :, : (cut - self.a) * s],
+                                                      non_blocking=self.offload)  # fmt: skip
+        if cut < self.b:  # a later band still reads the old rows: write them after it
+            self.pending.append((full, cut * s, s, own[:, :, :, (cut - self.a) * s :].clone()))
+
+    def flush(self, below: int | None = None) -> None:
+        """Write the waiting rows that end at or above latent row ``below`` (None: all)."""
+        keep = []
+        for full, row, s, rows in self.pending:
+            if below is None or row + rows.shape[-2] <= below * s:
+                full[:, :, :, row : row + rows.shape[-2]].copy_(rows, non_blocking=self.offload)
+            else:
+                keep.append((full, row, s, rows))
+        self.pending = keep
+
+    def end_chunk(self) -> None:
+        self.flush()
+        self.live = set(self.full) | set(self.shapes)
+        self.window(0, self.height, 0, self.height, self.height)
+
+    def nbytes(self) -> int:
+        """Bytes of the whole-frame kept frames (where they live: device or host)."""
+        e = torch.empty((), dtype=getattr(self, "dtype", torch.float32)).element_size()
+        held = sum(t.numel() * t.element_size() for t in self.full.values())
+        return held + sum(math.prod(s) * e for s in self.shapes.values())
+
+
+class BandState:
+    """A ``ChunkState`` whose frames are a ``BandFrames``."""
+
+    def __init__(self, frames: BandFrames):
+        self.frames = frames
+        self.first = True
+
+
+def bands(height: int, rows: int, halo_rows: int) -> list[tuple[int, int, int, int]]:
+    """``(lo, hi, a, b)`` per band of ``rows`` latent rows over ``height``: rows ``a .. b``
+    its own, ``lo .. hi`` computed (``halo_rows`` more each side, within the frame)."""
+    out = []
+    for a in range(0, height, rows):
+        b = min(a + rows, height)
+        out.append((max(a - halo_rows, 0), min(b + halo_rows, height), a, b))
+    return out
+
+
+def _run_bands(state: BandState, band_list, fn) -> None:
+    """``fn(lo, hi, a, b)`` per band, with the frames' window set and the rows no later band
+    reads written back; then the chunk's frames are final."""
+    frames = state.frames
+    for j, (lo, hi, a, b) in enumerate(band_list):
+        frames.flush(below=lo)
+        nxt = band_list[j + 1][0] if j + 1 < len(band_list) else frames.height
+        frames.window(lo, hi, a, b, nxt)
+        fn(lo, hi, a, b)
+    frames.end_chunk()
+
+
+# ---------------------------------------------------------------------------- halo
+def _meta_model(vae) -> nn.Module:
+    """A shape-only twin of ``vae`` (built on the meta device: no memory), with its fused
+    choices and layout."""
+    with torch.device("meta"):
+        twin = type(vae)(vae.config)
+    ours = dict(vae.named_modules())
+    for name, m in twin.named_modules():
+        if hasattr(m, "fused"):
+            m.fused = ours[name].fused
+    twin.memory_format = vae.memory_format
+    twin.requires_grad_(False)
+    return twin
+
+
+_HALOS: dict = {}
+_PLANS: dict = {}
+
+
+def halo(vae, op: str) -> int:
+    """``_halo``, once per architecture."""
+    key = (type(vae), repr(vae.config), op)
+    if key not in _HALOS:
+        _HALOS[key] = _halo(vae, op)
+    return _HALOS[key]
+
+
+def _halo(vae, op: str) -> int:
+    """Latent rows a band needs on each side: the decoder tail's (``op="decode"``) or the
+    encoder head's (``"encode"``) reach, summed over its convs (a conv with kernel ``k`` and
+    padding ``p`` spoils ``max(p, k - 1 - p)`` rows of its input's resolution at a band's
+    edge; a conv at ``s`` times the latent resolution spoils ``1 / s`` latent rows per row),
+    found by running the eager twin on the meta device."""
+    twin = _meta_model(vae)
+    for m in twin.modules():
+        if hasattr(m, "fused"):
+            m.fused = False  # the eager modules call every conv (the fused upsampler folds)
+    part = twin.decoder if op == "decode" else twin.encoder
+    f = _encoder_factor(twin) if op == "encode" else 1
+    rows, reach = 8, []
+
+    def hook(m, args):
+        x = args[0]
+        k, p = m.weight.shape[-2], m.padding[-2] if isinstance(m.padding, tuple) else 0
+        if isinstance(m, nn.Conv2d) and op == "encode" and m.stride[-1] == 2:
+            p = 0  # the downsampler's zero pad is at the bottom only (its ZeroPad2d)
+        spoil = max(p, k - 1 - p)
+        if spoil:
+            reach.append(spoil * rows / x.shape[-2])
+
+    hooks = [m.register_forward_pre_hook(hook) for m in part.modules()
+             if isinstance(m, (nn.Conv2d, nn.Conv3d))]  # fmt: skip
+    try:
+        with torch.no_grad():
+            state = BandState(BandFrames(rows, "meta", False))
+            if op == "decode":
+                x = torch.empty((1, part.conv_in.out_channels, 1, rows, 8), device="meta")
+                part.tail(x, state)
+            else:
+                t = 1
+                x = torch.empty((1, part.conv_in.in_channels, t, rows * f, 8 * f), device="meta")
+                part.head(x, state)
+    finally:
+        for h in hooks:
+            h.remove()
+    return math.ceil(sum(reach) - 1e-9)
+
+
+def _encoder_factor(twin_or_vae) -> int:
+    """The encoder's spatial reduction (patches excluded): 2 per spatial downsampler."""
+    downs = [m for m in twin_or_vae.encoder.modules()
+             if getattr(m, "mode", "").startswith("downsample")]  # fmt: skip
+    return 2 ** len(downs)
+
+
+# ------------------------------------------------------------------------ executors
+def _fmt(x: torch.Tensor) -> torch.memory_format:
+    cl3 = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return torch.channels_last_3d if cl3 else torch.contiguous_format
+
+
+def _host_apart(vae) -> bool:
+    """Whether host memory is apart from the device's: not for a CPU (a meta twin made for
+    one says so in ``measured_for``)."""
+    dev = getattr(vae, "measured_for", None)
+    return (dev if dev is not None else next(vae.parameters()).device).type != "cpu"
+
+
+def _measured_bands(band_list: list, reach: int, rows: int) -> list:
+    """On the meta device (the planner's runs) every band away from the edges costs the
+    same: the first two, the last two, and a run in the middle long enough that its last
+    band waits on every earlier band's rows a real run would (``2 reach / rows`` bands)
+    stand for them all."""
+    run = 2 * math.ceil(reach / rows) + 2
+    if len(band_list) <= run + 4:
+        return band_list
+    mid = (len(band_list) - run) // 2
+    return band_list[:2] + band_list[mid : mid + run] + band_list[-2:]
+
+
+def _rows_into(dst, y, a: int, b: int, lo: int, hi: int, height: int):
+    """Rows ``a .. b`` of band ``y`` (rows ``lo .. hi``) into ``dst`` (allocated like ``y``
+    at the whole frame's height when None); returns ``dst``."""
+    s = y.shape[-2] // (hi - lo)
+    if dst is None:
+        dst = torch.empty((*y.shape[:3], s * height, y.shape[-1]), dtype=y.dtype,
+                          device=y.device, memory_format=_fmt(y))  # fmt: skip
+    dst[:, :, :, a * s : b * s] = y[:, :, :, (a - lo) * s : (b - lo) * s]
+    return dst
+
+
+def decode(vae, x: torch.Tensor, *, rows: int, offload: bool) -> torch.Tensor:
+    """The decoder on ``x`` (the post-quant conv's output, (N, C, t, h, w)) with its tail
+    over bands of ``rows`` latent rows: ``WanVAE.decode``'s frames (unclamped, patchified)."""
+    dec = vae.decoder
+    height = x.shape[-2]
+    state = BandState(BandFrames(height, x.device, offload, host_apart=_host_apart(vae)))
+    reach = halo(vae, "decode")
+    band_list = bands(height, rows, reach)
+    if x.is_meta:
+        band_list = _measured_bands(band_list, reach, rows)
+
+    def chunk(xi: torch.Tensor, st) -> torch.Tensor:
+        h = dec.head(xi, st)
+        st.frames.end_chunk()  # the head's frames are whole: final now
+        out = [None]
+
+        def band(lo, hi, a, b):
+            y = dec.tail(h[:, :, :, lo:hi].contiguous(memory_format=_fmt(h)), st)
+            out[0] = _rows_into(out[0], y, a, b, lo, hi, height)
+
+        _run_bands(st, band_list, band)
+        return out[0]
+
+    return vae.decode_chunks(x, chunk, state)
+
+
+def moments(vae, video: torch.Tensor, *, rows: int, offload: bool) -> torch.Tensor:
+    """The encoder's moments of ``video`` (patchified, in the model's layout) with its head
+    over bands of ``rows`` latent rows."""
+    enc = vae.encoder
+    f = _encoder_factor(vae)
+    height = video.shape[-2] // f
+    state = BandState(BandFrames(height, video.device, offload,
+                                 host_apart=_host_apart(vae)))  # fmt: skip
+    reach = halo(vae, "encode")
+    band_list = bands(height, rows, reach)
+    if video.is_meta:
+        band_list = _measured_bands(band_list, reach, rows)
+
+    def chunk(v: torch.Tensor, st) -> torch.Tensor:
+        feat = [None]
+
+        def band(lo, hi, a, b):
+            y = enc.head(v[:, :, :, lo * f : hi * f].contiguous(memory_format=_fmt(v)), st)
+            feat[0] = _rows_into(feat[0], y, a, b, lo, hi, height)
+
+        _run_bands(st, band_list, band)
+        h = feat.pop()
+        return enc.tail(h, st)
+
+    return vae.encode_chunks(video, chunk, state)
+
+
+# ------------------------------------------------------------------------- planner
+def _measure(twin, op: str, shape, dtype, device, rows: int | None, offload: bool,
+             raw: bool) -> int:  # fmt: skip
+    """Peak bytes of the twin's ``decode`` (``shape``: its latents) or ``encode`` (its video)
+    on the meta device, beyond its input: banded with ``rows`` (None: the whole-frame
+    path)."""
+    twin.to(dtype)
+    twin.measured_for = torch.device(device)
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    kw = {} if rows is None else {"band_rows": rows, "offload": "cpu" if offload else None}
+    with torch.no_grad(), TensorMemory("meta", collect=False) as tracker, \
+            dispatch.metered(tracker, device):  # fmt: skip
+        if op == "decode":
+            twin.decode(x, raw=raw, **kw)
+        else:
+            twin.encode(x, raw=raw, **kw)
+    return tracker.peak
+
+
+def _extrapolate(measure, steps: int) -> int:
+    """The peak at ``steps`` chunks from the peaks at 2 and 3 (1 and 2 when ``steps`` < 3)."""
+    if steps <= 2:
+        return measure(steps)
+    p2, p3 = measure(2), measure(3)
+    return p3 + max(p3 - p2, 0) * (steps - 3)
+
+
+def plan(vae, op: str, shape, *, dtype=None, device=None, max_memory=None, offload=None,
+         band_rows: int | None = None, raw: bool = False) -> B.MemoryPlan:  # fmt: skip
+    """``WanVAE.memory_plan``: the plan of ``decode`` (``shape``: the latents, (N, C, t, h,
+    w) or (N, C, h, w)) or ``encode`` (``shape``: the video or image) within ``max_memory``.
+    ``path``: ``"full"`` (the whole-frame chunked path: it fits, or no budget),
+    ``"streamed"`` (bands of ``plan.rows[0]`` latent rows) or ``"none"``."""
+    if op not in ("decode", "encode"):
+        raise ValueError(f"op must be 'decode' or 'encode', got {op!r}")
+    fused = tuple(m.fused for m in vae.modules() if hasattr(m, "fused"))
+    key = (type(vae), repr(vae.config), op, tuple(shape), dtype, str(device), max_memory,
+           offload, band_rows, raw, vae.memory_format, fused)  # fmt: skip
+    if key not in _PLANS:
+        if len(_PLANS) > 64:
+            _PLANS.clear()
+        _PLANS[key] = _plan(vae, op, shape, dtype=dtype, device=device, max_memory=max_memory,
+                            offload=offload, band_rows=band_rows, raw=raw)  # fmt: skip
+    return _PLANS[key]
+
+
+def _plan(vae, op, shape, *, dtype, device, max_memory, offload, band_rows, raw):
+    p = next(vae.parameters())
+    dtype = p.dtype if dtype is None else dtype
+    device = p.device if device is None else torch.device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    budget, offload = B.parse_memory(max_memory), B.check_offload(offload)
+    if not raw and not vae.config.has_latent_stats:
+        raise ValueError("this WanConfig has no latents_mean/latents_std: plan with raw=True")
+    cfg = vae.config
+    shape = tuple(int(s) for s in shape)
+    chans = cfg.z_dim if op == "decode" else cfg.image_channels
+    if len(shape) == 4:
+        shape = (*shape[:2], 1, *shape[2:])
+    if len(shape) != 5 or shape[1] != chans or min(shape) < 1:
+        raise ValueError(f"shape must be (N, {chans}, T, H, W) or (N, {chans}, H, W) for {op} "
+                         f"with positive sizes, got {shape}")  # fmt: skip
+    twin = _meta_model(vae)
+    n, _, t, h, w = shape
+    pt = cfg.patch_size or 1
+    f = _encoder_factor(vae) if op == "encode" else 1
+    if op == "decode":
+        height, steps = h, t
+    else:
+        if (t - 1) % 4:
+            raise ValueError(f"shape has {t} frames: the encoder takes 1 + 4k")
+        height, steps = h // (pt * f), 1 + (t - 1) // 4
+
+    def inp(k: int) -> tuple:
+        """The input of ``k`` chunks."""
+        if op == "decode":
+            return (n, cfg.z_dim, k, h, w)
+        return (n, cfg.image_channels, 1 + 4 * (k - 1), h, w)
+
+    reserve = B.FIXED_RESERVE + (B.CUDA_RESERVE if device.type == "cuda" else 0)
+    costs: dict = {}
+
+    def at(k: int, rows: int | None, off: bool) -> int:
+        return _measure(twin, op, inp(k), dtype, device, rows, off, raw)
+
+    def cost(rows: int | None, off: bool) -> int:
+        if (rows, off) not in costs:
+            costs[rows, off] = reserve + _extrapolate(lambda k: at(k, rows, off), steps)
+        return costs[rows, off]
+
+    full = cost(None, False)
+    off = offload == "cpu"
+    if (
+        op == "encode"
+        and h % (pt * f)
+        and (band_rows is not None or (budget is not None and full > budget))
+    ):
+        raise ValueError(f"shape {shape}: the whole-frame encode needs ~{B.format_bytes(full)}, "
+                         f"over the budget, and the banded one needs frame heights that are "
+                         f"multiples of {pt * f}")  # fmt: skip
+    path, rows = "full", height
+    if band_rows is not None:
+        path, rows = "streamed", int(band_rows)
+        streamed = cost(rows, off)
+        smallest = streamed
+    elif budget is None or full <= budget:
+        streamed = smallest = full
+    else:
+        smallest = cost(1, off)
+        if smallest > budget:
+            path, rows, streamed = "none", 1, smallest
+        else:
+            path = "streamed"
+            rows = B.largest_rows(lambda r: cost(r, off), height, budget, smallest)
+            streamed = cost(rows, off)
+    nb = len(bands(height, rows, 0))
+    stage = "decoder tail" if op == "decode" else "encoder head"
+    passes = [B.PassPlan(stage, op, height, w, rows, nb, 0, streamed)]
+    return B.MemoryPlan(op, shape, dtype, device, offload, budget, path, full, streamed,
+                        smallest, passes if path != "full" else [], [])  # fmt: skip

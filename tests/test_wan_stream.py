@@ -1,0 +1,100 @@
+"""The Wan family within a memory budget (sdvae.wan_stream): the banded decode and encode
+equal the whole-frame path (float64, every band height, kept frames on the device or
+offloaded), the planner's measured peak equals the CPU allocator's own count, a budget picks
+bands that hold under it, and bad budgets are refused with the argument named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import WAN_TINY, allocator_peak
+
+from sdvae import budget, wan_stream
+from sdvae.wan import WanVAE
+
+CONFIGS = WAN_TINY
+
+
+def _model(name: str, dtype=torch.float64) -> WanVAE:
+    torch.manual_seed(list(CONFIGS).index(name))
+    m = WanVAE(CONFIGS[name]).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return m.to(dtype)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@torch.no_grad()
+def test_banded_decode_and_encode_equal_the_whole_frame_path(name):
+    """Bands narrower than the halo (1 row), wider (5), kept frames offloaded: the same frames
+    and latents as the whole-frame path, to float64 rounding."""
+    m = _model(name)
+    cfg = m.config
+    assert wan_stream.halo(m, "decode") < 24 and wan_stream.halo(m, "encode") < 24
+    lat = torch.randn(1, cfg.z_dim, 3, 26, 3, dtype=torch.float64)
+    ref = m.decode(lat)
+    for rows, offload in ((1, None), (5, None), (5, "cpu")):
+        out = m.decode(lat, band_rows=rows, offload=offload)
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item(), (rows, offload)
+    f = cfg.spatial_factor
+    video = torch.rand(1, 3, 9, 26 * f, 2 * f, dtype=torch.float64) * 2 - 1
+    ref = m.encode(video)
+    for rows, offload in ((1, None), (7, "cpu")):
+        out = m.encode(video, band_rows=rows, offload=offload)
+        assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item(), (rows, offload)
+
+
+@pytest.mark.parametrize("offload", ["cpu"])  # the device path: the first decode above
+@torch.no_grad()
+def test_the_planner_measures_what_the_allocator_counts(offload):
+    """The planner runs the executor's own code on the meta device; on the CPU its peak is
+    the allocator's (``torch.profiler``) within 2%, whole-frame and banded; a budget between
+    the smallest and the whole-frame peak picks bands whose run stays under it."""
+    m = _model("wan21", torch.float32)
+    lat = torch.randn(1, m.config.z_dim, 3, 40, 8)
+    m.decode(lat)  # warm-up
+    full_plan = m.memory_plan(lat.shape)
+    assert full_plan.path == "full"
+    _, peak = allocator_peak(lambda: m.decode(lat))
+    assert abs(full_plan.full_bytes - peak) <= 0.02 * peak, (full_plan.full_bytes, peak)
+    banded = wan_stream.plan(m, "decode", lat.shape, band_rows=2, offload=offload)
+    out, peak = allocator_peak(lambda: m.decode(lat, band_rows=2, offload=offload))
+    assert abs(banded.streamed_bytes - peak) <= 0.02 * peak, (banded.streamed_bytes, peak)
+    assert banded.streamed_bytes < 0.8 * full_plan.full_bytes
+
+    limit = (banded.streamed_bytes + full_plan.full_bytes) // 2
+    plan = m.memory_plan(lat.shape, max_memory=limit, offload=offload)
+    assert plan.path == "streamed" and plan.streamed_bytes <= limit
+    assert plan.min_bytes <= banded.streamed_bytes and plan.rows[0] >= 2
+    assert "decoder tail" in plan.describe()
+    got, peak = allocator_peak(lambda: m.decode(lat, max_memory=limit, offload=offload))
+    assert peak <= limit, (peak, limit)
+    assert torch.allclose(got, m.decode(lat), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_budget_nothing_meets_is_refused_naming_the_smallest_and_bad_options_named():
+    m = _model("wan21", torch.float32)
+    lat = torch.randn(1, m.config.z_dim, 2, 24, 4)
+    with pytest.raises(budget.BudgetError, match="the smallest budget that works is"):
+        m.decode(lat, max_memory="1KiB")
+    with pytest.raises(ValueError, match="offload must be None or 'cpu'"):
+        m.decode(lat, offload="disk")
+    with pytest.raises(ValueError, match="band_rows must be a positive int"):
+        m.decode(lat, band_rows=0)
+    with pytest.raises(ValueError, match="max_memory"):
+        m.decode(lat, max_memory="lots")
+    video = torch.zeros(1, 3, 1, 20, 16)  # 20 rows: not a multiple of 8
+    with pytest.raises(ValueError, match="multiples of 8"):
+        m.encode(video, band_rows=1)
+    with pytest.raises(ValueError, match=r"shape must be \(N, 4, T, H, W\)"):
+        m.memory_plan((1, 3, 2, 8, 8))
+
+
+def test_a_budgeted_call_is_an_inference_call():
+    m = _model("wan21", torch.float32)
+    lat = torch.randn(1, m.config.z_dim, 1, 8, 4)
+    with pytest.raises(ValueError, match="inference call"):
+        m.decode(lat, max_memory="1GiB")
