@@ -716,7 +716,7 @@ class _Encoder:
 
         opts = self.opts
         try:
-            return self.vae.encode(x, noise, sample=sample, max_memory=opts.max_memory,
+            return self.vae.encode(x, noise=noise, sample=sample, max_memory=opts.max_memory,
                                    offload=opts.offload)  # fmt: skip
         except BudgetError as exc:
             raise InputError(f"{_budget_option(opts.max_memory)}: {exc}") from exc
@@ -745,9 +745,7 @@ class _Encoder:
                     for _, _, s in group
                 ]
             ).to(self.device)
-        if video:
-            lat = self.vae.encode(x, sample=self.opts.sample, noise=noise)
-        elif self.opts.sample:
+        if self.opts.sample:
             lat = self._latents_of(x, noise)
         else:
             lat = self._latents_of(x, None, sample=False)
@@ -1131,7 +1129,8 @@ def check_budget(vae, op: str, shapes, batch_size: int, max_memory, offload) -> 
     """Refuse (InputError, before any work) a ``--max-memory`` -- or with ``--offload`` alone
     the device's free memory, the budget such a call takes -- that a batch of ``batch_size``
     inputs of one of ``shapes`` ((C, h, w): images to encode or latents to decode, per
-    ``op``) cannot meet, naming the smallest budget that works."""
+    ``op``; (C, T, h, w) for a Wan-family model's videos and their latents) cannot meet,
+    naming the smallest budget that works."""
     if max_memory is None and offload is None:
         return
     from . import budget
@@ -1139,8 +1138,8 @@ def check_budget(vae, op: str, shapes, batch_size: int, max_memory, offload) -> 
     limit = max_memory
     if limit is None:
         limit = budget.free_memory(next(vae.parameters()).device)
-    for c, h, w in sorted(set(shapes)):
-        plan = vae.memory_plan((batch_size, c, h, w), op=op, max_memory=limit,
+    for shape in sorted(set(shapes)):
+        plan = vae.memory_plan((batch_size, *shape), op=op, max_memory=limit,
                                offload=offload)  # fmt: skip
         if plan.path == "none":
             raise InputError(f"{_budget_option(max_memory)}: {budget.budget_error(plan)}")
@@ -1192,16 +1191,15 @@ def decode_inputs(vae, inputs: Sequence[str], out_dir: str, *, batch_size: int =
                 "decode them into separate -o folders"
             )
         seen[it.out_name] = it.file
-    if wan is None:
-        counts: dict[tuple, int] = {}
-        for it in items:
-            counts[it.shape] = counts.get(it.shape, 0) + 1
-        for shape, count in counts.items():
-            check_budget(vae, "decode", [shape], min(batch_size, count), max_memory, offload)
-    elif any(it.shape[1] > 1 for it in items) and not frames_png:
+    counts: dict[tuple, int] = {}
+    for it in items:
+        counts[it.shape] = counts.get(it.shape, 0) + 1
+    for shape, count in counts.items():
+        check_budget(vae, "decode", [shape], min(batch_size, count), max_memory, offload)
+    if wan is not None and any(it.shape[1] > 1 for it in items) and not frames_png:
         av()  # PyAV missing: say so before anything is decoded
     make_out_dir(out_dir)
-    budget = {} if wan is not None else dict(max_memory=max_memory, offload=offload)
+    budget = dict(max_memory=max_memory, offload=offload)
     return _decode_items(vae, items, out_dir, batch_size, budget, fps)
 
 

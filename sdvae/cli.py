@@ -275,18 +275,10 @@ def _load_model(args, device: torch.device):
 
 
 def _video_model_options(args, vae, command: str) -> None:
-    """Refuse the options a model cannot honour: the memory budget for a Wan-family model
-    (not wired through the CLI yet), the video options for a 2-D one."""
+    """Refuse the options a model cannot honour: the video options for a 2-D one."""
     from .cache import is_video_model
 
     if is_video_model(vae):
-        for option, value in (("--max-memory", args.max_memory), ("--offload", args.offload)):
-            if value is not None:
-                raise InputError(
-                    f"{option}: not passed to the Wan-family video VAEs by the CLI yet (they "
-                    "encode and decode a few frames at a time; in Python, WanVAE.encode/"
-                    "decode take max_memory / offload); leave it out"
-                )
         return
     video_options = {
         "encode": (("--frames", "frames"), ("--frame-sampling", "frame_sampling")),
@@ -440,10 +432,15 @@ def _encode_rank(args, dist, device) -> int:
             "fused": not args.no_fuse,
         },
     )
-    if args.size and not video:
+    if args.size:
         sizes = cache.buckets(args.size, args.buckets) if args.buckets else [args.size]
-        cache.check_budget(vae, "encode", [(vae.config.in_channels, h, w) for h, w in sizes],
-                           batch_size, args.max_memory, args.offload)  # fmt: skip
+        if video:
+            frames = {args.frames or 1, 1}  # the clips', and still images as one frame
+            shapes = [(vae.config.image_channels, t, h, w) for t in frames for h, w in sizes]
+        else:
+            shapes = [(vae.config.in_channels, h, w) for h, w in sizes]
+        cache.check_budget(vae, "encode", shapes, batch_size, args.max_memory,
+                           args.offload)  # fmt: skip
     _make_out_dir(args.output)
     problem = None
     if dist.rank == 0:

@@ -313,6 +313,12 @@ def test_decode_to_mp4_and_png_frames(data, encoded, tmp_path):
     for t, name in enumerate(names):
         got = read_image(str(tmp_path / "p" / "a" / name))
         assert float((got - want[:, t]).abs().max()) <= 1 / 127.5 + 1e-6  # 8-bit rounding
+    # With a budget (planned; the whole-frame path fits it): the same frames, to the byte.
+    budget = ["--max-memory", "8MiB", "--offload", "cpu", "-o", str(tmp_path / "b")]
+    assert cli.main([*argv, *budget]) == 0
+    for name in names:
+        same = [(tmp_path / d / "a" / name).read_bytes() for d in ("p", "b")]
+        assert same[0] == same[1], name
 
 
 # --------------------------------------------------------------------------- failures
@@ -341,8 +347,8 @@ def test_failures(data, encoded, tmp_path, capsys, monkeypatch):
     _fails(capsys, ["decode", str(out), *sd], "latents of a Wan-family video VAE")
     _fails(capsys, ["encode", clip, *wan], "a.mp4: give --frames N", "1 + 4k")
     _fails(capsys, ["encode", clip, "--frames", "4", *wan], "--frames 4", "1 + 4k")
-    _fails(capsys, ["encode", clip, "--frames", "5", "--max-memory", "1GiB", *wan],
-           "--max-memory", "no memory budget")  # fmt: skip
+    _fails(capsys, ["encode", clip, "--frames", "5", "--size", "32", "--max-memory", "1KiB",
+                    *wan], "--max-memory", "the smallest budget that works is")  # fmt: skip
     _fails(capsys, ["encode", clip, "--frames", "5", "--size", "20", *wan], "multiples of", "8")
     save_file({"latents": torch.zeros(4, 8, 8)}, tmp_path / "z.safetensors")
     _fails(capsys, ["decode", str(tmp_path / "z.safetensors"), *wan], "(4, t, h, w) video")
