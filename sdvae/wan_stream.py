@@ -102,6 +102,19 @@ class BandFrames:
         rows = full[:, :, :, self.lo * s : self.hi * s]
         return rows.to(self.device, non_blocking=True, copy=True) if self.offload else rows
 
+    def _alloc(self, shape, like: torch.Tensor) -> torch.Tensor:
+        """A whole-frame tensor of ``shape`` in ``like``'s layout: on the device, or
+        (offloaded, outside a shape-only run) in host memory, pinned on CUDA (allocated in
+        its layout: a pinned block, never a copy of one)."""
+        host = self.offload and self.device.type != "meta"
+        kw = {"dtype": like.dtype, "device": "cpu" if host else like.device}
+        if host and self.device.type == "cuda":
+            kw["pin_memory"] = True
+        if like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous():
+            n, c, f, h, w = shape
+            return torch.empty((n, f, h, w, c), **kw).permute(0, 4, 1, 2, 3)
+        return torch.empty(shape, **kw)
+
     def __setitem__(self, op: nn.Module, kept: torch.Tensor) -> None:
         self.dtype = kept.dtype
         if self._whole() and not self.shapes_only:
@@ -110,11 +123,7 @@ class BandFrames:
                 self.full[op] = kept
                 return
             if full is None:
-                full = torch.empty(kept.shape, dtype=kept.dtype, device="meta") \
-                    if self.device.type == "meta" else \
-                    torch.empty(kept.shape, dtype=kept.dtype,
-                                pin_memory=self.device.type == "cuda")  # fmt: skip
-                self.full[op] = full
+                full = self.full[op] = self._alloc(kept.shape, kept)
             full.copy_(kept, non_blocking=True)
             return
         if self.shapes_only and self._whole():
@@ -127,17 +136,7 @@ class BandFrames:
         full = self.full.get(op)
         if full is None:
             shape = (*kept.shape[:3], self.height * s, kept.shape[-1])
-            cl3 = kept.is_contiguous(memory_format=torch.channels_last_3d)
-            fmt = torch.channels_last_3d if cl3 else torch.contiguous_format
-            if self.offload and self.device.type != "meta":
-                pin = self.device.type == "cuda"
-                full = torch.empty(shape, dtype=kept.dtype, pin_memory=pin).contiguous(
-                    memory_format=fmt
-                )
-            else:
-                full = torch.empty(shape, dtype=kept.dtype, device=kept.device,
-                                   memory_format=fmt)  # fmt: skip
-            self.full[op] = full
+            full = self.full[op] = self._alloc(shape, kept)
         own = kept[:, :, :, (self.a - self.lo) * s : (self.b - self.lo) * s]
         cut = min(max(self.keep_from, self.a), self.b)
         if cut > self.a:
