@@ -198,13 +198,14 @@ def test_decode_large_gpu_plan(monkeypatch):
 
 def test_wan_rows_on_cpu(monkeypatch):
     """`wan` at its CPU sizes: diffusers' Wan and Qwen-Image decodes, the patched diffusers
-    model and sdvae's WanVAE (peak memory by sdvae.memtrack; max_err against diffusers)."""
+    model and sdvae's WanVAE, whole-frame and within a budget (peak memory by sdvae.memtrack;
+    max_err against diffusers)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     pytest.importorskip("diffusers")
     rows = engine.run(engine.Context(CPU, quick=True), ["wan"], rep_ms=1)
     got = {(r.shape.split(" latents")[0], r.provider) for r in rows}
     for case in ("wan-tiny 9x32x48", "qwen-tiny 64x64"):
-        for provider in ("diffusers", "diffusers_patched", "sdvae"):
+        for provider in ("diffusers", "diffusers_patched", "sdvae", "sdvae_budget"):
             assert (case, provider) in got, sorted(got)
     for r in rows:
         assert r.median_ms > 0 and r.peak_mem_mb > 0
