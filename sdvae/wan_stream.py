@@ -3,21 +3,22 @@
 A Wan decoder's layers after its mid block are local in space (causal 3-D convs, channel RMS
 norms, the upsamplers, Wan 2.2's ``DupUp3D`` shortcuts): a band of output rows depends only
 on a band of the mid block's rows a few rows wider, the halo. So per latent frame the
-decoder's ``head`` (conv_in and the mid block, whose attention sees the whole frame) runs
-whole, at the latent resolution, and its ``tail`` runs band by band, each band with its halo
-recomputed. The encoder likewise: its ``head`` (conv_in and the down blocks) band by band on
-each chunk of frames, its ``tail`` (the mid block, conv_out) whole. Exact: every row a band
-keeps is computed from the same inputs, in the same order, as on the whole-tensor path.
+decoder's ``head`` (conv_in, the mid block, whose attention sees the whole frame, and the
+first ``split`` up blocks) runs whole, and its ``tail`` (the rest) band by band, each band
+with its halo recomputed. The encoder likewise: its ``head`` (conv_in and the down blocks)
+band by band on each chunk of frames, its ``tail`` (the mid block, conv_out) whole. Exact:
+every row a band keeps is computed from the same inputs as on the whole-tensor path.
 
 The causal convs' kept frames (``ChunkState.frames``) become a ``BandFrames``: whole-frame
 tensors, on the device or (``offload="cpu"``) in host memory, pinned on CUDA. A band reads the
 rows it covers; it writes back the rows it owns at once, except those a later band of the
 same chunk still reads (the next band's halo), which wait until no band reads them.
 
-Memory is measured, not fitted: the planner runs this executor's own code (and, for the full
-path, ``WanVAE``'s) on the meta device with ``sdvae.memtrack`` over two and three latent
-frames (decode) or two and three chunks (encode); a chunk past the second adds the same bytes
-(its frames of the output), so the peak at ``t`` is the straight line through the two.
+Memory is measured, not fitted: the planner runs this executor's own code (and, for the
+whole-frame path, ``WanVAE``'s) on a meta twin with ``sdvae.memtrack`` over two chunks; a
+chunk past the second adds what it adds to the whole-frame path (its frames of the output,
+of the decoder's input), measured there from two chunks to three. It picks the split and the
+band height: the largest bands that fit, with the fewest FLOPs recomputed in halos.
 """
 
 from __future__ import annotations
