@@ -425,15 +425,19 @@ class WanEncoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1], silu=True)
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
-    def head(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
-        """conv_in and the down blocks: local in space (``sdvae.wan_stream`` bands them)."""
+    def head(self, x: torch.Tensor, state: ChunkState, split: int | None = None):
+        """conv_in and the first ``split`` down blocks (None: all): local in space
+        (``sdvae.wan_stream`` bands them)."""
         x = self.conv_in(x, state)
-        for block in self.down_blocks:
+        for block in self.down_blocks[:split]:
             x = block(x, state)
         return x
 
-    def tail(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
-        """The mid block (attention over each whole frame) and conv_out."""
+    def tail(self, x: torch.Tensor, state: ChunkState, split: int | None = None):
+        """The down blocks from ``split`` on (None: none), the mid block (attention over each
+        whole frame) and conv_out."""
+        for block in self.down_blocks[split:] if split is not None else ():
+            x = block(x, state)
         return self.conv_out(self.mid_block(x, state), state, norm=self.norm_out)
 
     def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
@@ -560,9 +564,11 @@ class WanVAE(nn.Module):
         if band_rows is not None:
             if not isinstance(band_rows, int) or isinstance(band_rows, bool) or band_rows < 1:
                 raise ValueError(f"band_rows must be a positive int, got {band_rows!r}")
-            ups = len(self.decoder.up_blocks) if op == "decode" else 0
-            if not isinstance(split, int) or isinstance(split, bool) or not 0 <= split <= ups:
-                raise ValueError(f"band_split must be an int in 0 .. {ups}, got {split!r}")
+            top = len(self.decoder.up_blocks if op == "decode" else self.encoder.down_blocks)
+            if op == "encode" and split is None:
+                split = top
+            if not isinstance(split, int) or isinstance(split, bool) or not 0 <= split <= top:
+                raise ValueError(f"band_split must be an int in 0 .. {top}, got {split!r}")
             return band_rows, split
         if limit is None:  # offload alone: whatever the device has free
             limit = budget.free_memory(x.device)
@@ -599,10 +605,11 @@ class WanVAE(nn.Module):
         return self.quant_conv(z)
 
     def moments(self, video: torch.Tensor, *, band_rows: int | None = None,
-                offload: str | None = None) -> torch.Tensor:  # fmt: skip
+                offload: str | None = None, band_split=None) -> torch.Tensor:  # fmt: skip
         """The encoder's moments (mean and log-variance channels) of checked ``video``
-        (N, C, T, H, W); ``band_rows``: the encoder's head over bands of that many latent
-        rows (``offload="cpu"``: its kept frames in host memory)."""
+        (N, C, T, H, W); ``band_rows``: conv_in and the first ``band_split`` down blocks
+        (None: all) over bands of that many rows of their output (``offload="cpu"``: its
+        kept frames in host memory)."""
         p = self.config.patch_size or 1
         if p > 1:
             video = patchify(video, p)
@@ -610,11 +617,12 @@ class WanVAE(nn.Module):
             video = video.contiguous(memory_format=self.memory_format)
         if band_rows is None:
             return self.encode_chunks(video)
-        return wan_stream.moments(self, video, rows=band_rows, offload=offload == "cpu")
+        return wan_stream.moments(self, video, rows=band_rows, offload=offload == "cpu",
+                                  split=band_split)  # fmt: skip
 
     def encode(self, video: torch.Tensor, *, sample: bool = False, noise=None,
                seed: int | None = None, raw: bool = False, max_memory=None, offload=None,
-               band_rows: int | None = None) -> torch.Tensor:  # fmt: skip
+               band_rows=None, band_split=None) -> torch.Tensor:  # fmt: skip
         """Videos (N, C, T, H, W) in [-1, 1] with ``T = 1 + 4k``, or images (N, C, H, W) ->
         the pipeline's latents ``(z - latents_mean) / latents_std`` (``raw``: ``z`` itself),
         with ``z`` the posterior mean, or with ``sample`` a draw ``mean + std * noise``
@@ -624,9 +632,10 @@ class WanVAE(nn.Module):
         the whole-frame path when it fits, else the exact banded one (``sdvae.wan_stream``:
         the encoder's layers before its mid block over row bands, the same result); a budget
         nothing meets raises ``ValueError`` naming the smallest that works. ``offload="cpu"``
-        keeps the banded path's kept frames in host memory. ``band_rows`` forces the banded
-        path with bands of that many latent rows. Frame heights must then be multiples of the
-        model's spatial factor."""
+        keeps the banded path's kept frames in host memory. ``band_rows`` / ``band_split``
+        force the banded path: conv_in and the first ``band_split`` down blocks (None: all)
+        over bands of ``band_rows`` rows of their output; frame heights must then be
+        multiples of those blocks' reduction (the planner picks both within a budget)."""
         cfg = self.config
         for flag, v in (("sample", sample), ("raw", raw)):
             if not isinstance(v, bool):
@@ -643,16 +652,18 @@ class WanVAE(nn.Module):
                              f"multiples of {f}")  # fmt: skip
         if not raw:
             self._stats(x.dtype, x.device)  # refused before the encoder runs
-        rows = self._band_rows("encode", x, max_memory, offload, band_rows, raw)
-        if rows is not None and h % cfg.spatial_factor:
-            raise ValueError(f"video frames of {h}x{w} (HxW): the banded encode (max_memory / "
-                             f"offload) needs heights that are multiples of "
-                             f"{cfg.spatial_factor}")  # fmt: skip
+        rows = self._band_rows("encode", x, max_memory, offload, band_rows, raw, band_split)
+        if rows is not None:
+            red = (cfg.patch_size or 1) * wan_stream.encoder_factor(self, rows[1])
+            if h % red:
+                raise ValueError(f"video frames of {h}x{w} (HxW): the banded encode (max_memory "
+                                 f"/ offload) of {rows[1]} down blocks needs heights that are "
+                                 f"multiples of {red}")  # fmt: skip
         if rows is None:
             mom = self.moments(x)
         else:
             with budget.budgeted():
-                mom = self.moments(x, band_rows=rows[0], offload=offload)
+                mom = self.moments(x, band_rows=rows[0], offload=offload, band_split=rows[1])
         mean, logvar = mom.chunk(2, dim=1)
         if noise is not None and not sample:
             raise ValueError("noise was given but sample=False uses no noise")

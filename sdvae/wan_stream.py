@@ -38,6 +38,8 @@ __all__ = [
     "BandState",
     "halo",
     "bands",
+    "encoder_factor",
+    "head_scale",
     "decode",
     "moments",
     "plan",
@@ -222,15 +224,16 @@ _PLANS: dict = {}
 _LAST = threading.local()
 
 
-def halo(vae, op: str, split: int = 0) -> int:
+def halo(vae, op: str, split: int | None = 0) -> int:
     """Rows of the band grid (the decoder tail's input, or the encoder head's output: the
     latent rows, with ``split=0``) a band needs on each side; ``profile``'s."""
     return profile(vae, op, split)[0]
 
 
-def profile(vae, op: str, split: int = 0) -> tuple[int, float]:
+def profile(vae, op: str, split: int | None = 0) -> tuple[int, float]:
     """``(reach, banded share)`` of the decoder's tail from up block ``split`` on
-    (``op="decode"``) or the encoder's head (``"encode"``), once per architecture:
+    (``op="decode"``) or the encoder's head, conv_in and its first ``split`` down blocks
+    (``"encode"``; None: all), once per architecture:
 
     * reach: the rows a band spoils at each edge, in rows of the band grid, summed over the
       part's convs (a conv with kernel ``k`` and padding ``p`` spoils ``max(p, k - 1 - p)``
@@ -246,13 +249,13 @@ def profile(vae, op: str, split: int = 0) -> tuple[int, float]:
     return _PROFILES[key]
 
 
-def _profile(vae, op: str, split: int) -> tuple[int, float]:
+def _profile(vae, op: str, split: int | None) -> tuple[int, float]:
     twin = _meta_model(vae)
     for m in twin.modules():
         if hasattr(m, "fused"):
             m.fused = False  # the eager modules call every conv (the fused upsampler folds)
     part = twin.decoder if op == "decode" else twin.encoder
-    f = _encoder_factor(twin) if op == "encode" else 1
+    f = encoder_factor(twin, split) if op == "encode" else 1
     rows, grid, reach, flops = 8, [0], [], {"head": 0, "tail": 0}
     where = ["head"]
 
@@ -286,9 +289,9 @@ def _profile(vae, op: str, split: int) -> tuple[int, float]:
                     x = torch.empty((1, part.conv_in.in_channels, 1 if first else 4, rows * f,
                                      8 * f), device="meta")  # fmt: skip
                     grid[0] = rows
-                    y = part.head(x, state)
+                    y = part.head(x, state, split)
                     where[0] = "tail"
-                    part.tail(y, state)
+                    part.tail(y, state, split)
             finally:
                 for h in hooks:
                     h.remove()
@@ -297,9 +300,10 @@ def _profile(vae, op: str, split: int) -> tuple[int, float]:
     return math.ceil(sum(reach) - 1e-9), banded / max(flops["head"] + flops["tail"], 1)
 
 
-def _encoder_factor(twin_or_vae) -> int:
-    """The encoder's spatial reduction (patches excluded): 2 per spatial downsampler."""
-    downs = [m for m in twin_or_vae.encoder.modules()
+def encoder_factor(vae, split: int | None = None) -> int:
+    """The spatial reduction (patches excluded) of the encoder's conv_in and first ``split``
+    down blocks (None: all): 2 per spatial downsampler."""
+    downs = [m for b in vae.encoder.down_blocks[:split] for m in b.modules()
              if getattr(m, "mode", "").startswith("downsample")]  # fmt: skip
     return 2 ** len(downs)
 
@@ -376,16 +380,18 @@ def decode(vae, x: torch.Tensor, *, rows: int, offload: bool, split: int = 0) ->
     return vae.decode_chunks(x, chunk, state)
 
 
-def moments(vae, video: torch.Tensor, *, rows: int, offload: bool) -> torch.Tensor:
-    """The encoder's moments of ``video`` (patchified, in the model's layout) with its head
-    over bands of ``rows`` latent rows."""
+def moments(vae, video: torch.Tensor, *, rows: int, offload: bool,
+            split: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The encoder's moments of ``video`` (patchified, in the model's layout): conv_in and
+    its first ``split`` down blocks (None: all) over bands of ``rows`` rows of their output,
+    the rest whole."""
     enc = vae.encoder
-    f = _encoder_factor(vae)
+    f = encoder_factor(vae, split)
     height = video.shape[-2] // f
     state = BandState(BandFrames(height, video.device, offload,
                                  host_apart=_host_apart(vae)))  # fmt: skip
     _LAST.frames = state.frames
-    reach = halo(vae, "encode")
+    reach = halo(vae, "encode", split)
     band_list = bands(height, rows, reach)
     if video.is_meta:
         band_list = _measured_bands(band_list, reach, rows)
@@ -394,18 +400,19 @@ def moments(vae, video: torch.Tensor, *, rows: int, offload: bool) -> torch.Tens
         feat = [None]
 
         def band(lo, hi, a, b):
-            y = enc.head(v[:, :, :, lo * f : hi * f].contiguous(memory_format=_fmt(v)), st)
+            y = enc.head(v[:, :, :, lo * f : hi * f].contiguous(memory_format=_fmt(v)), st,
+                         split)  # fmt: skip
             feat[0] = _rows_into(feat[0], y, a, b, lo, hi, height)
 
         _run_bands(st, band_list, band)
         h = feat.pop()
-        return enc.tail(h, st)
+        return enc.tail(h, st, split)
 
     return vae.encode_chunks(video, chunk, state)
 
 
 # ------------------------------------------------------------------------- planner
-def _measure(twin, op: str, shape, dtype, device, rows: int | None, split: int,
+def _measure(twin, op: str, shape, dtype, device, rows: int | None, split: int | None,
              offload: bool, raw: bool) -> int:  # fmt: skip
     """Peak bytes of the twin's ``decode`` (``shape``: its latents) or ``encode`` (its video)
     on the meta device, beyond its input: banded with ``rows`` (None: the whole-frame
@@ -414,7 +421,7 @@ def _measure(twin, op: str, shape, dtype, device, rows: int | None, split: int,
     twin.measured_for = torch.device(device)
     x = torch.empty(shape, dtype=dtype, device="meta")
     kw = {} if rows is None else {"band_rows": rows, "offload": "cpu" if offload else None}
-    if rows is not None and op == "decode":
+    if rows is not None:
         kw["band_split"] = split
     with torch.no_grad(), TensorMemory("meta", collect=False) as tracker, \
             dispatch.metered(tracker, device):  # fmt: skip
@@ -426,14 +433,14 @@ def _measure(twin, op: str, shape, dtype, device, rows: int | None, split: int,
 
 
 def plan(vae, op: str, shape, *, dtype=None, device=None, max_memory=None, offload=None,
-         band_rows: int | None = None, band_split: int = 0,
+         band_rows: int | None = None, band_split: int | None = None,
          raw: bool = False) -> B.MemoryPlan:  # fmt: skip
     """``WanVAE.memory_plan``: the plan of ``decode`` (``shape``: the latents, (N, C, t, h,
     w) or (N, C, h, w)) or ``encode`` (``shape``: the video or image) within ``max_memory``.
     ``path``: ``"full"`` (the whole-frame chunked path: it fits, or no budget),
     ``"streamed"`` (bands of ``plan.rows[0]`` rows of the banded part's input, the decoder's
-    up blocks from ``plan.split`` on) or ``"none"``. ``band_rows`` / ``band_split``: plan
-    those bands."""
+    up blocks from ``plan.split`` on, or the encoder's first ``plan.split`` down blocks) or
+    ``"none"``. ``band_rows`` / ``band_split``: plan those bands."""
     if op not in ("decode", "encode"):
         raise ValueError(f"op must be 'decode' or 'encode', got {op!r}")
     fused = tuple(m.fused for m in vae.modules() if hasattr(m, "fused"))
@@ -468,13 +475,22 @@ def _plan(vae, op, shape, *, dtype, device, max_memory, offload, band_rows, band
     twin = _meta_model(vae)
     n, _, t, h, w = shape
     pt = cfg.patch_size or 1
-    f = _encoder_factor(vae) if op == "encode" else 1
     if op == "decode":
-        height, steps = h, t
+        steps, top = t, len(vae.decoder.up_blocks)
     else:
         if (t - 1) % 4:
             raise ValueError(f"shape has {t} frames: the encoder takes 1 + 4k")
-        height, steps = h // (pt * f), 1 + (t - 1) // 4
+        steps, top = 1 + (t - 1) // 4, len(vae.encoder.down_blocks)
+
+    def grid_of(s: int) -> int:
+        """Rows of the band grid of split ``s``: the banded part's input (decode) or output
+        (encode)."""
+        if op == "decode":
+            return h * head_scale(vae, s)
+        return h // (pt * encoder_factor(vae, s))
+
+    def bandable(s: int) -> bool:
+        return op == "decode" or h % (pt * encoder_factor(vae, s)) == 0
 
     def inp(k: int) -> tuple:
         """The input of ``k`` chunks."""
@@ -503,33 +519,33 @@ def _plan(vae, op, shape, *, dtype, device, max_memory, offload, band_rows, band
         return costs[rows, split]
 
     off = offload == "cpu"
-    if (
-        op == "encode"
-        and h % (pt * f)
-        and (band_rows is not None or (budget is not None and full > budget))
-    ):
-        raise ValueError(f"shape {shape}: the whole-frame encode needs ~{B.format_bytes(full)}, "
-                         f"over the budget, and the banded one needs frame heights that are "
-                         f"multiples of {pt * f}")  # fmt: skip
-    path, rows, split, grid = "full", height, 0, height
+    path, rows, split, grid = "full", h, 0, h
     if band_rows is not None:
-        path, rows, split = "streamed", int(band_rows), int(band_split)
-        grid = height * (head_scale(vae, split) if op == "decode" else 1)
+        split = band_split if band_split is not None else (0 if op == "decode" else top)
+        if not bandable(split):
+            raise ValueError(f"shape {shape}: a banded encode of {split} down blocks needs frame "
+                             f"heights that are multiples of "
+                             f"{pt * encoder_factor(vae, split)}")  # fmt: skip
+        path, rows, grid = "streamed", int(band_rows), grid_of(split)
         streamed = smallest = cost(rows, split)
     elif budget is None or full <= budget:
         streamed = smallest = full
     else:
-        # Each split (decode: the up blocks run whole before the banded rest), its largest
-        # bands that fit; the one that recomputes the fewest FLOPs in its halos wins.
-        # Splits whose banded part does a twentieth of the work or more, the most whole
-        # first; a split whose bands cover its grid in one is as good as it gets.
+        # Splits whose banded part does a twentieth of the conv FLOPs or more, the most
+        # whole first (decode: the up blocks before the split run whole; encode: the down
+        # blocks after it), each with its largest bands that fit; the one that recomputes
+        # the fewest FLOPs in its halos wins, and one whose bands cover its grid in one
+        # stops the search.
+        order = range(top, -1, -1) if op == "decode" else range(top + 1)
+        splits = [s for s in order if bandable(s) and profile(vae, op, s)[1] >= 0.05]
+        if not splits:
+            raise ValueError(f"shape {shape}: the whole-frame encode needs "
+                             f"~{B.format_bytes(full)}, over the budget, and no banded split "
+                             f"divides its frame height (give heights that are multiples of "
+                             f"{pt * encoder_factor(vae)})")  # fmt: skip
         best, smallest = None, None
-        splits = [0]
-        if op == "decode":
-            splits = [s for s in range(len(vae.decoder.up_blocks), -1, -1)
-                      if profile(vae, op, s)[1] >= 0.05]  # fmt: skip
         for s in splits:
-            g = height * (head_scale(vae, s) if op == "decode" else 1)
+            g = grid_of(s)
             c1 = cost(1, s)
             smallest = c1 if smallest is None else min(smallest, c1)
             if c1 > budget:
@@ -551,7 +567,7 @@ def _plan(vae, op, shape, *, dtype, device, max_memory, offload, band_rows, band
     if op == "decode":
         stage = "decoder up_blocks" + (f"[{split}:]" if split else "") + " + conv_out"
     else:
-        stage = "encoder conv_in + down_blocks"
+        stage = "encoder conv_in + down_blocks" + (f"[:{split}]" if split < top else "")
     passes = [B.PassPlan(stage, op, grid, w, rows, nb, 0, streamed)]
     result = B.MemoryPlan(op, shape, dtype, device, offload, budget, path, full, streamed,
                           smallest, passes if path != "full" else [], [],

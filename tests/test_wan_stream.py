@@ -43,9 +43,10 @@ def test_banded_decode_and_encode_equal_the_whole_frame_path(name):
     f = cfg.spatial_factor
     video = torch.rand(1, 3, 9, 26 * f, 2 * f, dtype=torch.float64) * 2 - 1
     ref = m.encode(video)
-    for rows, offload in ((1, None), (7, "cpu")):
-        out = m.encode(video, band_rows=rows, offload=offload)
-        assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item(), (rows, offload)
+    for rows, offload, split in ((1, None, None), (7, "cpu", None), (5, None, 2)):
+        out = m.encode(video, band_rows=rows, offload=offload, band_split=split)
+        err = (out - ref).abs().max().item()
+        assert err <= 1e-12 * ref.abs().max().item(), (rows, offload, split)
 
 
 @pytest.mark.parametrize("offload", ["cpu"])  # the device path: the first decode above
@@ -94,6 +95,9 @@ def test_a_budget_nothing_meets_is_refused_naming_the_smallest_and_bad_options_n
     video = torch.zeros(1, 3, 1, 20, 16)  # 20 rows: not a multiple of 8
     with pytest.raises(ValueError, match="multiples of 8"):
         m.encode(video, band_rows=1)
+    m.encode(video, band_rows=1, band_split=2)  # no downsampler before the bands: any height
+    with pytest.raises(ValueError, match="band_split must be an int in 0 .. 7"):
+        m.encode(video, band_rows=1, band_split=8)
     with pytest.raises(ValueError, match=r"shape must be \(N, 4, T, H, W\)"):
         m.memory_plan((1, 3, 2, 8, 8))
 
@@ -103,3 +107,20 @@ def test_a_budgeted_call_is_an_inference_call():
     lat = torch.randn(1, m.config.z_dim, 1, 8, 4)
     with pytest.raises(ValueError, match="inference call"):
         m.decode(lat, max_memory="1GiB")
+
+
+@torch.no_grad()
+def test_a_budgeted_encode_holds_under_the_allocators_count():
+    """The encoder's counterpart: a budget between the smallest and the whole-frame peak picks
+    a split and bands whose run stays under it, at the allocator's count; the same latents."""
+    m = _model("wan21", torch.float32)
+    video = torch.rand(1, 3, 5, 8 * 24, 16) * 2 - 1
+    ref = m.encode(video)
+    plan = m.memory_plan(video.shape, op="encode", max_memory=1, offload="cpu")
+    assert plan.path == "none" and plan.min_bytes < plan.full_bytes
+    limit = (plan.min_bytes + plan.full_bytes) // 2
+    plan = m.memory_plan(video.shape, op="encode", max_memory=limit, offload="cpu")
+    assert plan.path == "streamed" and plan.streamed_bytes <= limit, plan.describe()
+    got, peak = allocator_peak(lambda: m.encode(video, max_memory=limit, offload="cpu"))
+    assert peak <= limit, (peak, limit, plan.describe())
+    assert torch.allclose(got, ref, rtol=0, atol=1e-5)
