@@ -479,8 +479,10 @@ def patch_diffusers(
     if diffusers_kind(autoencoder_kl, WAN_DIFFUSERS_CLASSES) is not None:
         if budget is not None or offload is not None:
             raise ValueError(
-                "max_memory / offload: not available for the Wan family yet (its decode already "
-                "runs one latent frame at a time)"
+                "max_memory / offload: not available through the patch for the Wan family (its "
+                "decode already runs one latent frame at a time; diffusers' frame caches have no "
+                "bands): sdvae.from_diffusers(vae) gives a WanVAE whose encode/decode take "
+                "max_memory / offload"
             )
         return _patch_wan(autoencoder_kl, channels_last)
     AutoencoderKL, Attention, DiagonalGaussian, Downsample2D, ResnetBlock2D, Upsample2D = (
