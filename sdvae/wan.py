@@ -68,6 +68,10 @@ def _triple(v) -> tuple[int, int, int]:
 CL3 = torch.channels_last_3d
 
 
+#: dtypes whose GEMM partial sums lose nothing worth counting when stored between taps
+_WIDE = (torch.float32, torch.float64)
+
+
 def _is_cl3(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=CL3) and not x.is_contiguous()
 
@@ -101,6 +105,12 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, state: ChunkState | None = None,
                 norm: RMSNorm | None = None) -> torch.Tensor:  # fmt: skip
+        return super().forward(self.frames(x, state, norm))
+
+    def frames(self, x: torch.Tensor, state: ChunkState | None = None,
+               norm: RMSNorm | None = None) -> torch.Tensor:  # fmt: skip
+        """The conv's input: the kept frames, then ``norm(x)`` (fused: one frame buffer the
+        norm writes into); the last ``front`` frames are kept in ``state``."""
         kept = state.frames.get(self) if state is not None and self.front else None
         if self.fused and self.front:
             n, c, t, h, w = x.shape
@@ -129,7 +139,7 @@ class CausalConv3d(nn.Conv3d):
                 x = torch.cat([kept, x], 2)
         if state is not None and self.front:
             state.frames[self] = x[:, :, -self.front :].clone()
-        return super().forward(x)
+        return x
 
 
 class RMSNorm(nn.Module):
@@ -262,9 +272,43 @@ class Resample(nn.Module):
             return dispatch.upsample(self, conv, f)
         return dispatch.pad_conv2d(f, conv.weight, conv.bias, fused=True, padding=(0, 1, 0, 1))
 
+    def _time_up_in_place(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
+        """Fused, channels_last_3d, fp32/float64: ``time_conv`` and the frame interleave in
+        one. Each output frame ``2 i + j`` is a (pixels, C) block of the (N, C, 2 t, H, W)
+        output; it is written in place by three GEMMs, one per temporal tap, of input frames
+        ``i .. i + 2`` of the conv's frame buffer against half ``j`` of the weight, with its
+        bias. No (N, 2C, t, H, W) conv output and no interleave copy. Not in fp16/bf16: the
+        block would be rounded after each tap, where the conv rounds once."""
+        tc = self.time_conv
+        buf = tc.frames(x, state)  # (n, c, 2 + t, h, w), channels_last_3d
+        n, c, t, h, w = x.shape
+        out = torch.empty((n, c, 2 * t, h, w), dtype=x.dtype, device=x.device,
+                          memory_format=CL3)  # fmt: skip
+        wt = tc.weight.to(x.dtype)[:, :, :, 0, 0]  # (2c, c, 3)
+        bias = tc.bias if tc.bias is not None else wt.new_zeros(2 * c)
+        bias = bias.to(x.dtype)
+
+        def block(v: torch.Tensor, b: int, f: int) -> torch.Tensor:
+            return v[b, :, f].permute(1, 2, 0).reshape(h * w, c)  # a view: channels last
+
+        for b in range(n):
+            for i in range(t):
+                for j in range(2):
+                    dst = block(out, b, 2 * i + j)
+                    half = wt[j * c : (j + 1) * c]
+                    torch.addmm(bias[j * c : (j + 1) * c], block(buf, b, i), half[:, :, 0].t(),
+                                out=dst)  # fmt: skip
+                    for tap in (1, 2):
+                        dst.addmm_(block(buf, b, i + tap), half[:, :, tap].t())
+        return out
+
     def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        if self.mode == "upsample3d" and not state.first:
+        if (self.mode == "upsample3d" and not state.first and self.time_conv.fused
+                and _is_cl3(x) and x.dtype in _WIDE):  # fmt: skip
+            x = self._time_up_in_place(x, state)
+            t = 2 * t
+        elif self.mode == "upsample3d" and not state.first:
             x = self.time_conv(x, state)  # (b, 2c, t, h, w): the halves are frames 2i, 2i + 1
             halves = x.unflatten(1, (2, c)).permute(0, 2, 3, 1, 4, 5)  # (b, c, t, 2, h, w)
             fmt = CL3 if _is_cl3(x) else torch.contiguous_format

@@ -11,7 +11,7 @@ from conftest import WAN_TINY, allocator_peak
 
 import sdvae
 from sdvae.config import WanConfig
-from sdvae.wan import WanVAE, patchify, unpatchify
+from sdvae.wan import ChunkState, Resample, WanVAE, patchify, unpatchify
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -274,6 +274,34 @@ def test_fused_equals_unfused_in_float64(name, channels_last):
     z = torch.randn(1, cfg.z_dim, 2, 2, 3, dtype=torch.float64)
     assert _rel(fused.encode(x), ref.encode(x)) <= 1e-10
     assert _rel(fused.decode(z, clamp=False), ref.decode(z, clamp=False)) <= 1e-10
+
+
+@torch.no_grad()
+def test_time_upsample_writes_its_frames_in_place():
+    """Fused, channels_last_3d: the temporal upsampler's time_conv and frame interleave are one
+    set of GEMMs writing each output frame in place (the conv itself never runs): the same
+    frames and kept frames as the eager conv + interleave, float64, batch 2, 2 frames."""
+    torch.manual_seed(0)
+    cl3 = torch.channels_last_3d
+    eager, fused = Resample(6, "upsample3d").double(), Resample(6, "upsample3d").double()
+    fused.load_state_dict(eager.state_dict())
+    fused.time_conv.fused = True
+
+    def boom(*a, **k):
+        raise AssertionError("the time_conv ran as a conv")
+
+    fused.time_conv.forward = boom
+    x = torch.randn(2, 6, 2, 4, 5, dtype=torch.float64).contiguous(memory_format=cl3)
+    kept = torch.randn(2, 6, 2, 4, 5, dtype=torch.float64)
+    states = []
+    for m in (eager, fused):
+        st = ChunkState()
+        st.first, st.frames[m.time_conv] = False, kept.clone()
+        states.append((m(x, st), st.frames[m.time_conv]))
+    (ref, ref_kept), (got, got_kept) = states
+    assert got.shape == ref.shape == (2, 3, 4, 8, 10)
+    assert (got - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    assert torch.equal(got_kept, ref_kept)
 
 
 @pytest.mark.parametrize("name", ["wan21"])
