@@ -68,10 +68,6 @@ def _triple(v) -> tuple[int, int, int]:
 CL3 = torch.channels_last_3d
 
 
-#: dtypes whose GEMM partial sums lose nothing worth counting when stored between taps
-_WIDE = (torch.float32, torch.float64)
-
-
 def _is_cl3(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=CL3) and not x.is_contiguous()
 
@@ -273,39 +269,42 @@ class Resample(nn.Module):
         return dispatch.pad_conv2d(f, conv.weight, conv.bias, fused=True, padding=(0, 1, 0, 1))
 
     def _time_up_in_place(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
-        """Fused, channels_last_3d, fp32/float64: ``time_conv`` and the frame interleave in
-        one. Each output frame ``2 i + j`` is a (pixels, C) block of the (N, C, 2 t, H, W)
-        output; it is written in place by three GEMMs, one per temporal tap, of input frames
-        ``i .. i + 2`` of the conv's frame buffer against half ``j`` of the weight, with its
-        bias. No (N, 2C, t, H, W) conv output and no interleave copy. Not in fp16/bf16: the
-        block would be rounded after each tap, where the conv rounds once."""
+        """Fused, channels_last_3d: ``time_conv`` and the frame interleave in one. The conv's
+        frame buffer (kept frames, then ``x``) is laid out frames-inside-pixels, so the three
+        taps of frames ``i .. i + 2`` are one (pixels, 3C) matrix; each output frame
+        ``2 i + j`` of the (N, C, 2 t, H, W) output is a (pixels, C) block written in place
+        by one GEMM against half ``j`` of the weight, with its bias (one rounding, as the
+        conv). No (N, 2C, t, H, W) conv output and no interleave copy."""
         tc = self.time_conv
-        buf = tc.frames(x, state)  # (n, c, 2 + t, h, w), channels_last_3d
         n, c, t, h, w = x.shape
+        front = tc.front
+        kept = state.frames.get(tc)
+        store = torch.empty((n, h, w, front + t, c), dtype=x.dtype, device=x.device)
+        buf = store.permute(0, 4, 3, 1, 2)  # (n, c, front + t, h, w)
+        if kept is None:
+            buf[:, :, :front].zero_()
+        else:
+            buf[:, :, :front].copy_(kept)
+        buf[:, :, front:].copy_(x)
+        state.frames[tc] = buf[:, :, -front:].clone()
         out = torch.empty((n, c, 2 * t, h, w), dtype=x.dtype, device=x.device,
                           memory_format=CL3)  # fmt: skip
-        wt = tc.weight.to(x.dtype)[:, :, :, 0, 0]  # (2c, c, 3)
-        bias = tc.bias if tc.bias is not None else wt.new_zeros(2 * c)
-        bias = bias.to(x.dtype)
-
-        def block(v: torch.Tensor, b: int, f: int) -> torch.Tensor:
-            return v[b, :, f].permute(1, 2, 0).reshape(h * w, c)  # a view: channels last
-
+        # (2c, c, 3) -> per half, (3c, c): row tap * c + input channel
+        wt = tc.weight.to(x.dtype)[:, :, :, 0, 0].unflatten(0, (2, c)).permute(0, 3, 2, 1)
+        wt = wt.reshape(2, 3 * c, c)
+        bias = tc.bias if tc.bias is not None else tc.weight.new_zeros(2 * c)
+        bias = bias.to(x.dtype).view(2, c)
         for b in range(n):
             for i in range(t):
+                taps = store[b, :, :, i : i + 3].reshape(h * w, 3 * c)  # a view
                 for j in range(2):
-                    dst = block(out, b, 2 * i + j)
-                    half = wt[j * c : (j + 1) * c]
-                    torch.addmm(bias[j * c : (j + 1) * c], block(buf, b, i), half[:, :, 0].t(),
-                                out=dst)  # fmt: skip
-                    for tap in (1, 2):
-                        dst.addmm_(block(buf, b, i + tap), half[:, :, tap].t())
+                    dst = out[b, :, 2 * i + j].permute(1, 2, 0).reshape(h * w, c)  # a view
+                    torch.addmm(bias[j], taps, wt[j], out=dst)
         return out
 
     def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        if (self.mode == "upsample3d" and not state.first and self.time_conv.fused
-                and _is_cl3(x) and x.dtype in _WIDE):  # fmt: skip
+        if self.mode == "upsample3d" and not state.first and self.time_conv.fused and _is_cl3(x):
             x = self._time_up_in_place(x, state)
             t = 2 * t
         elif self.mode == "upsample3d" and not state.first:

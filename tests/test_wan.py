@@ -279,8 +279,8 @@ def test_fused_equals_unfused_in_float64(name, channels_last):
 @torch.no_grad()
 def test_time_upsample_writes_its_frames_in_place():
     """Fused, channels_last_3d: the temporal upsampler's time_conv and frame interleave are one
-    set of GEMMs writing each output frame in place (the conv itself never runs): the same
-    frames and kept frames as the eager conv + interleave, float64, batch 2, 2 frames."""
+    GEMM per output frame, written in place (the conv itself never runs): the same frames and
+    kept frames as the eager conv + interleave, float64, batch 2, 2 frames."""
     torch.manual_seed(0)
     cl3 = torch.channels_last_3d
     eager, fused = Resample(6, "upsample3d").double(), Resample(6, "upsample3d").double()
