@@ -220,7 +220,7 @@ def _meta_model(vae) -> nn.Module:
 
 _PROFILES: dict = {}
 _PLANS: dict = {}
-#: the kept frames of this thread's last banded run (the planner reads their bytes)
+#: the kept frames of this thread's last shape-only banded run (the planner reads their bytes)
 _LAST = threading.local()
 
 
@@ -359,7 +359,8 @@ def decode(vae, x: torch.Tensor, *, rows: int, offload: bool, split: int = 0) ->
     dec = vae.decoder
     height = x.shape[-2] * head_scale(vae, split)
     state = BandState(BandFrames(height, x.device, offload, host_apart=_host_apart(vae)))
-    _LAST.frames = state.frames
+    if x.is_meta:  # the planner reads its bytes (a real run's frames die with the call)
+        _LAST.frames = state.frames
     reach = halo(vae, "decode", split)
     band_list = bands(height, rows, reach)
     if x.is_meta:
@@ -390,7 +391,8 @@ def moments(vae, video: torch.Tensor, *, rows: int, offload: bool,
     height = video.shape[-2] // f
     state = BandState(BandFrames(height, video.device, offload,
                                  host_apart=_host_apart(vae)))  # fmt: skip
-    _LAST.frames = state.frames
+    if video.is_meta:  # the planner reads its bytes (a real run's frames die with the call)
+        _LAST.frames = state.frames
     reach = halo(vae, "encode", split)
     band_list = bands(height, rows, reach)
     if video.is_meta:

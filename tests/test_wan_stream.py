@@ -5,6 +5,8 @@ bands that hold under it, and bad budgets are refused with the argument named.""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from conftest import WAN_TINY, allocator_peak
@@ -40,6 +42,11 @@ def test_banded_decode_and_encode_equal_the_whole_frame_path(name):
         assert out.shape == ref.shape
         err = (out - ref).abs().max().item()
         assert err <= 1e-12 * ref.abs().max().item(), (rows, offload, split)
+    # Nothing keeps a run's whole-frame kept frames alive once it returns.
+    gc.collect()
+    alive = [b for b in gc.get_objects() if type(b) is wan_stream.BandFrames
+             and any(not t.is_meta for t in b.full.values())]  # fmt: skip
+    assert not alive
     f = cfg.spatial_factor
     video = torch.rand(1, 3, 9, 26 * f, 2 * f, dtype=torch.float64) * 2 - 1
     ref = m.encode(video)
