@@ -596,9 +596,11 @@ class WanVAE(nn.Module):
 
     # ----------------------------------------------------------------- budget
     def _band_rows(self, op: str, x: torch.Tensor, max_memory, offload, band_rows,
-                   raw: bool, split: int = 0) -> tuple[int, int] | None:  # fmt: skip
+                   raw: bool, split: int | None = None) -> tuple[int, int] | None:  # fmt: skip
         """``(rows, split)``: the bands a call with a budget runs with (``sdvae.wan_stream``);
         None: the whole-frame path (no budget, or it fits)."""
+        if band_rows is None and split is not None:
+            raise ValueError("band_split is given without band_rows: give both (or max_memory)")
         if max_memory is None and offload is None and band_rows is None:
             return None
         offload = budget.check_offload(offload)
@@ -607,14 +609,17 @@ class WanVAE(nn.Module):
         if band_rows is not None:
             if not isinstance(band_rows, int) or isinstance(band_rows, bool) or band_rows < 1:
                 raise ValueError(f"band_rows must be a positive int, got {band_rows!r}")
+            if limit is not None:
+                raise ValueError("give max_memory or band_rows, not both (band_rows forces "
+                                 "the bands, whatever they hold)")  # fmt: skip
             top = len(self.decoder.up_blocks if op == "decode" else self.encoder.down_blocks)
-            if op == "encode" and split is None:
-                split = top
+            if split is None:
+                split = top if op == "encode" else 0
             if not isinstance(split, int) or isinstance(split, bool) or not 0 <= split <= top:
                 raise ValueError(f"band_split must be an int in 0 .. {top}, got {split!r}")
             return band_rows, split
-        if limit is None:  # offload alone: whatever the device has free
-            limit = budget.free_memory(x.device)
+        if limit is None:  # offload alone: what the device has free, in 64 MiB steps (a
+            limit = budget.free_memory(x.device) // 2**26 * 2**26  # plan to reuse)
         plan = wan_stream.plan(self, op, x.shape, dtype=x.dtype, device=x.device,
                                max_memory=limit, offload=offload, raw=raw)  # fmt: skip
         if plan.path == "none":
@@ -699,9 +704,9 @@ class WanVAE(nn.Module):
         if rows is not None:
             red = (cfg.patch_size or 1) * wan_stream.encoder_factor(self, rows[1])
             if h % red:
-                raise ValueError(f"video frames of {h}x{w} (HxW): the banded encode (max_memory "
-                                 f"/ offload) of {rows[1]} down blocks needs heights that are "
-                                 f"multiples of {red}")  # fmt: skip
+                raise ValueError(f"video frames of {h}x{w} (HxW): band_rows / band_split: a "
+                                 f"banded encode of {rows[1]} down blocks needs heights that "
+                                 f"are multiples of {red}")  # fmt: skip
         if rows is None:
             mom = self.moments(x)
         else:
@@ -767,7 +772,7 @@ class WanVAE(nn.Module):
 
     def decode(self, latents: torch.Tensor, *, raw: bool = False, clamp: bool = True,
                max_memory=None, offload=None, band_rows=None,
-               band_split: int = 0) -> torch.Tensor:  # fmt: skip
+               band_split=None) -> torch.Tensor:  # fmt: skip
         """The pipeline's latents (N, z_dim, t, h, w) (``raw``: the encoder's own) ->
         ``1 + 4 (t - 1)`` frames, decoded one latent frame at a time (the memory does not
         grow with ``t``), clamped to [-1, 1] as diffusers' ``decode`` does (``clamp=False``:

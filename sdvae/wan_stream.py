@@ -23,6 +23,7 @@ band height: the largest bands that fit, with the fewest FLOPs recomputed in hal
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 
@@ -445,6 +446,9 @@ def plan(vae, op: str, shape, *, dtype=None, device=None, max_memory=None, offlo
     ``"none"``. ``band_rows`` / ``band_split``: plan those bands."""
     if op not in ("decode", "encode"):
         raise ValueError(f"op must be 'decode' or 'encode', got {op!r}")
+    p = next(vae.parameters())
+    dtype = p.dtype if dtype is None else dtype
+    device = p.device if device is None else torch.device(device)
     fused = tuple(m.fused for m in vae.modules() if hasattr(m, "fused"))
     key = (type(vae), repr(vae.config), op, tuple(shape), dtype, str(device), max_memory,
            offload, band_rows, band_split, raw, vae.memory_format, fused)  # fmt: skip
@@ -454,7 +458,12 @@ def plan(vae, op: str, shape, *, dtype=None, device=None, max_memory=None, offlo
         _PLANS[key] = _plan(vae, op, shape, dtype=dtype, device=device, max_memory=max_memory,
                             offload=offload, band_rows=band_rows, band_split=band_split,
                             raw=raw)  # fmt: skip
-    return _PLANS[key]
+    plan = dataclasses.replace(_PLANS[key])  # the caller's copy; the host memory read now
+    if plan.offload == "cpu" and plan.host_bytes:
+        plan.host_available = B.host_memory_available()
+        if plan.host_short:
+            plan.path = "none"
+    return plan
 
 
 def _plan(vae, op, shape, *, dtype, device, max_memory, offload, band_rows, band_split, raw):
@@ -576,7 +585,4 @@ def _plan(vae, op, shape, *, dtype, device, max_memory, offload, band_rows, band
                           split=split)  # fmt: skip
     if off and path != "full":
         result.host_bytes = kept.get((rows, split), 0)
-        result.host_available = B.host_memory_available()
-        if result.host_short:
-            result.path = "none"
     return result

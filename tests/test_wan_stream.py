@@ -86,6 +86,36 @@ def test_the_planner_measures_what_the_allocator_counts(offload):
 
 
 @torch.no_grad()
+def test_banded_fused_channels_last_batch_two_equals_its_whole_frame_path():
+    """The fused model (frame buffers, folded upsampler, the in-place temporal upsampler) on
+    channels_last_3d, batch 2: banded equals its own whole-frame path, float64. The RMS norm
+    stays eager (the interpreter is slow); it writes into the same frame buffers."""
+    import sdvae
+
+    m = sdvae.optimize(_model("wan21"), channels_last=True)
+    for mod in m.modules():
+        if type(mod).__name__ == "RMSNorm":
+            mod.fused = False
+    assert m.memory_format == torch.channels_last_3d
+    lat = torch.randn(2, m.config.z_dim, 3, 20, 3, dtype=torch.float64)
+    ref = m.decode(lat)
+    for rows, split, offload in ((3, 0, None), (5, 2, "cpu")):
+        out = m.decode(lat, band_rows=rows, band_split=split, offload=offload)
+        err = (out - ref).abs().max().item()
+        assert err <= 1e-12 * ref.abs().max().item(), (rows, split, offload)
+
+
+@torch.no_grad()
+def test_plans_follow_the_models_dtype():
+    """A plan made before ``model.double()`` is not served after it."""
+    m = _model("wan21", torch.float32)
+    shape = (1, m.config.z_dim, 2, 8, 4)
+    before = m.memory_plan(shape)
+    after = m.double().memory_plan(shape)
+    assert after.dtype == torch.float64 and after.full_bytes > before.full_bytes
+
+
+@torch.no_grad()
 def test_a_budget_nothing_meets_is_refused_naming_the_smallest_and_bad_options_named():
     m = _model("wan21", torch.float32)
     lat = torch.randn(1, m.config.z_dim, 2, 24, 4)
@@ -97,6 +127,10 @@ def test_a_budget_nothing_meets_is_refused_naming_the_smallest_and_bad_options_n
         m.decode(lat, band_rows=0)
     with pytest.raises(ValueError, match="band_split must be an int in 0 .. 4"):
         m.decode(lat, band_rows=1, band_split=5)
+    with pytest.raises(ValueError, match="band_split is given without band_rows"):
+        m.decode(lat, band_split=1)
+    with pytest.raises(ValueError, match="give max_memory or band_rows, not both"):
+        m.decode(lat, band_rows=1, max_memory="1GiB")
     with pytest.raises(ValueError, match="max_memory"):
         m.decode(lat, max_memory="lots")
     video = torch.zeros(1, 3, 1, 20, 16)  # 20 rows: not a multiple of 8
