@@ -74,11 +74,14 @@ def _is_cl3(x: torch.Tensor) -> bool:
 
 class ChunkState:
     """What a chunked run carries from one chunk to the next: per causal op (keyed by its
-    module), the frames it keeps; ``first``: this is the run's first chunk."""
+    module), the frames it keeps; ``first``: this is the run's first chunk; ``last``: its
+    last (nothing reads what it would keep, so it keeps nothing: a one-frame decode or a
+    one-image encode stores no frames)."""
 
     def __init__(self) -> None:
         self.frames: dict[nn.Module, torch.Tensor] = {}
         self.first = True
+        self.last = False
 
 
 class CausalConv3d(nn.Conv3d):
@@ -133,7 +136,7 @@ class CausalConv3d(nn.Conv3d):
                     n, c, _, h, w = x.shape
                     kept = x.new_zeros((n, c, self.front, h, w))
                 x = torch.cat([kept, x], 2)
-        if state is not None and self.front:
+        if state is not None and self.front and not state.last:
             state.frames[self] = x[:, :, -self.front :].clone()
         return x
 
@@ -286,7 +289,8 @@ class Resample(nn.Module):
         else:
             buf[:, :, :front].copy_(kept)
         buf[:, :, front:].copy_(x)
-        state.frames[tc] = buf[:, :, -front:].clone()
+        if not state.last:
+            state.frames[tc] = buf[:, :, -front:].clone()
         out = torch.empty((n, c, 2 * t, h, w), dtype=x.dtype, device=x.device,
                           memory_format=CL3)  # fmt: skip
         # (2c, c, 3) -> per half, (3c, c): row tap * c + input channel
@@ -320,10 +324,11 @@ class Resample(nn.Module):
         y = y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
         if self.mode == "downsample3d":
             kept = state.frames.get(self)  # read before the new frame is kept (a view, banded)
-            last = y[:, :, -1:].clone()
+            last = None if state.last else y[:, :, -1:].clone()
             if kept is not None:  # the first chunk's frames pass through
                 y = self.time_conv(torch.cat([kept, y], 2))
-            state.frames[self] = last
+            if last is not None:
+                state.frames[self] = last
         return y
 
 
@@ -557,6 +562,9 @@ class WanVAE(nn.Module):
         #: set by ``sdvae.optimize``: the layout activations run in, and why ops stay eager
         self.memory_format: torch.memory_format | None = None
         self.fused_reasons: dict[str, list[str]] = {}
+        #: the last chunk keeps its frames as any other does (the memory planner sets it on
+        #: its meta twin: a run of two chunks then measures a middle chunk's peak)
+        self.keep_last_frames = False
         self.encoder = WanEncoder(cfg)
         self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
@@ -645,8 +653,9 @@ class WanVAE(nn.Module):
         chunk = self.encoder if chunk is None else chunk
         state = ChunkState() if state is None else state
         outs = []
-        for a in (0, *range(1, video.shape[2], ENCODE_CHUNK)):
-            state.first = a == 0
+        starts = (0, *range(1, video.shape[2], ENCODE_CHUNK))
+        for a in starts:
+            state.first, state.last = a == 0, a == starts[-1] and not self.keep_last_frames
             outs.append(chunk(video[:, :, a : 1 if a == 0 else a + ENCODE_CHUNK], state))
         z = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
         del outs, state
@@ -756,7 +765,7 @@ class WanVAE(nn.Module):
         p = self.config.patch_size or 1
         t, out, pos = x.shape[2], None, 0
         for i in range(t):
-            state.first = i == 0
+            state.first, state.last = i == 0, i == t - 1 and not self.keep_last_frames
             y = chunk(x[:, :, i : i + 1], state)
             if p > 1:
                 y = unpatchify(y, p)

@@ -180,6 +180,7 @@ class BandState:
     def __init__(self, frames: BandFrames):
         self.frames = frames
         self.first = True
+        self.last = False
 
 
 def bands(height: int, rows: int, halo_rows: int) -> list[tuple[int, int, int, int]]:
@@ -345,6 +346,20 @@ def _rows_into(dst, y, a: int, b: int, lo: int, hi: int, height: int):
     return dst
 
 
+def _setup(vae, op: str, x: torch.Tensor, height: int, rows: int, offload: bool,
+           split) -> tuple[BandState, list]:  # fmt: skip
+    """A banded run's state (its kept frames over a grid of ``height`` rows) and its bands
+    of ``rows`` (on the meta device: those ``_measured_bands`` keeps)."""
+    state = BandState(BandFrames(height, x.device, offload, host_apart=_host_apart(vae)))
+    if x.is_meta:  # the planner reads its bytes (a real run's frames die with the call)
+        _LAST.frames = state.frames
+    reach = halo(vae, op, split)
+    band_list = bands(height, rows, reach)
+    if x.is_meta:
+        band_list = _measured_bands(band_list, reach, rows)
+    return state, band_list
+
+
 def head_scale(vae, split: int) -> int:
     """How many times taller than the latents the decoder's first ``split`` up blocks make
     a frame."""
@@ -359,13 +374,7 @@ def decode(vae, x: torch.Tensor, *, rows: int, offload: bool, split: int = 0) ->
     ``WanVAE.decode``'s frames (unclamped, patchified)."""
     dec = vae.decoder
     height = x.shape[-2] * head_scale(vae, split)
-    state = BandState(BandFrames(height, x.device, offload, host_apart=_host_apart(vae)))
-    if x.is_meta:  # the planner reads its bytes (a real run's frames die with the call)
-        _LAST.frames = state.frames
-    reach = halo(vae, "decode", split)
-    band_list = bands(height, rows, reach)
-    if x.is_meta:
-        band_list = _measured_bands(band_list, reach, rows)
+    state, band_list = _setup(vae, "decode", x, height, rows, offload, split)
 
     def chunk(xi: torch.Tensor, st) -> torch.Tensor:
         h = dec.head(xi, st, split)
@@ -390,14 +399,7 @@ def moments(vae, video: torch.Tensor, *, rows: int, offload: bool,
     enc = vae.encoder
     f = encoder_factor(vae, split)
     height = video.shape[-2] // f
-    state = BandState(BandFrames(height, video.device, offload,
-                                 host_apart=_host_apart(vae)))  # fmt: skip
-    if video.is_meta:  # the planner reads its bytes (a real run's frames die with the call)
-        _LAST.frames = state.frames
-    reach = halo(vae, "encode", split)
-    band_list = bands(height, rows, reach)
-    if video.is_meta:
-        band_list = _measured_bands(band_list, reach, rows)
+    state, band_list = _setup(vae, "encode", video, height, rows, offload, split)
 
     def chunk(v: torch.Tensor, st) -> torch.Tensor:
         feat = [None]
@@ -514,8 +516,11 @@ def _plan(vae, op, shape, *, dtype, device, max_memory, offload, band_rows, band
     kept: dict = {}  # bytes of the kept frames (in host memory with offload)
 
     # A chunk past the second adds the same bytes to every path (its frames of the output,
-    # of the decoder's input): the whole-frame path's growth from two chunks to three.
+    # of the decoder's input): the whole-frame path's growth from two chunks to three. The
+    # runs of two or three chunks keep their last chunk's frames, so they measure a middle
+    # chunk (a real run's last keeps none: less); a one-chunk run is measured as it is.
     two = min(steps, 2)
+    twin.keep_last_frames = steps > 1
     p2 = _measure(twin, op, inp(two), dtype, device, None, 0, False, raw)
     p3 = _measure(twin, op, inp(3), dtype, device, None, 0, False, raw) if steps > 2 else p2
     grow = max(p3 - p2, 0) * (steps - 2) if steps > 2 else 0

@@ -165,3 +165,39 @@ def test_a_budgeted_encode_holds_under_the_allocators_count():
     got, peak = allocator_peak(lambda: m.encode(video, max_memory=limit, offload="cpu"))
     assert peak <= limit, (peak, limit, plan.describe())
     assert torch.allclose(got, ref, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_runs_last_chunk_keeps_no_frames():
+    """Nothing reads what a run's last chunk would keep, so it keeps nothing: a one-frame
+    decode (Qwen-Image) or a one-image encode stores no frames at all, and its peak is lower
+    than with the frames kept, the planner's equal to the allocator's count (2%); the output
+    is the same."""
+    from sdvae.wan import ChunkState
+
+    m = _model("wan21", torch.float32)
+    lat = torch.randn(1, m.config.z_dim, 1, 40, 8)
+    x = m.post_quant_conv(lat)
+    state = ChunkState()
+    ref = m.decode_chunks(x, state=state)
+    assert state.last and not state.frames
+    state = ChunkState()
+    m.decode_chunks(torch.cat([x, x], 2), state=state)
+    assert state.frames  # the first of two chunks kept its frames for the second
+    image = torch.rand(1, 3, 1, 8 * 8, 16) * 2 - 1
+    state = ChunkState()
+    m.encode_chunks(image, state=state)
+    assert not state.frames
+
+    m.decode(lat)  # warm-up
+    plan = m.memory_plan(lat.shape)
+    got, peak = allocator_peak(lambda: m.decode(lat))
+    assert abs(plan.full_bytes - peak) <= 0.02 * peak, (plan.full_bytes, peak)
+    m.keep_last_frames = True
+    try:
+        kept, peak_kept = allocator_peak(lambda: m.decode(lat))
+    finally:
+        m.keep_last_frames = False
+    assert peak < 0.9 * peak_kept, (peak, peak_kept)
+    assert torch.equal(got, kept) and torch.equal(got, m.decode(lat))
+    del ref
