@@ -19,6 +19,14 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# ``python -m pytest`` from the checkout puts the checkout on sys.path, where its ``kernels/``
+# folder (installed as ``sdvae.kernels``) shadows the unrelated top-level ``kernels`` package
+# that transformers imports: the tests see the installed layout, as users do.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
 
 if os.environ.get("SDVAE_TRITON_GPU") != "1" and not os.environ.get("SDVAE_AOT_WORKER"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
