@@ -43,6 +43,7 @@ __all__ = [
     "cast_like",
     "conv2d",
     "pad_conv2d",
+    "conv3d",
     "group_norm",
     "rms_norm_reasons",
     "rms_norm",
@@ -353,6 +354,27 @@ def pad_conv2d(x, weight, bias, *, fused: bool, stride: int = 2, padding=(0, 1, 
             return y
         return ops.pad_conv2d(x, weight, bias, stride=stride, padding=tuple(padding))
     return F.conv2d(F.pad(x, tuple(padding)), weight, bias, stride)
+
+
+def conv3d(x, weight, bias, stride=1, padding=0) -> torch.Tensor:
+    """``F.conv3d`` (the fused Wan path's), its output channels_last_3d when ``x`` is, as
+    cuDNN returns it on CUDA. ATen's CPU and meta kernels return NCDHW: the CPU's result is
+    copied (one more pass, on the CPU only), and a shape-only run for a GPU (the planner's)
+    is given the layout directly, holding what the GPU holds. So runs, tests and op traces on
+    the CPU take the layout-dependent paths (the norms writing into frame buffers, the
+    in-place temporal upsampler) that the GPU takes."""
+    weight, bias = cast_like(x, weight, bias)
+    y = F.conv3d(x, weight, bias, stride, padding)
+    fmt = torch.channels_last_3d
+    if not (x.is_contiguous(memory_format=fmt) and not x.is_contiguous()):
+        return y
+    if y.is_contiguous(memory_format=fmt) and not y.is_contiguous():
+        return y
+    if y.is_meta and _real().type != "cpu":
+        shape, dtype = y.shape, y.dtype
+        del y
+        return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
+    return y.contiguous(memory_format=fmt)
 
 
 # -------------------------------------------------------------------------- GroupNorm

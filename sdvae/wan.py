@@ -72,6 +72,13 @@ def _is_cl3(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=CL3) and not x.is_contiguous()
 
 
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (one shape) lay their elements out alike: the same strides
+    wherever a dimension has more than one element (a frame or a batch of one may carry any
+    stride there: the 5-D view of a per-frame 2-D conv's output does)."""
+    return all(s == t for n, s, t in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
 class ChunkState:
     """What a chunked run carries from one chunk to the next: per causal op (keyed by its
     module), the frames it keeps; ``first``: this is the run's first chunk; ``last``: its
@@ -104,7 +111,10 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, state: ChunkState | None = None,
                 norm: RMSNorm | None = None) -> torch.Tensor:  # fmt: skip
-        return super().forward(self.frames(x, state, norm))
+        x = self.frames(x, state, norm)
+        if self.fused:  # channels_last_3d stays so on every device (as cuDNN keeps it)
+            return dispatch.conv3d(x, self.weight, self.bias, self.stride, self.padding)
+        return super().forward(x)
 
     def frames(self, x: torch.Tensor, state: ChunkState | None = None,
                norm: RMSNorm | None = None) -> torch.Tensor:  # fmt: skip
@@ -123,8 +133,8 @@ class CausalConv3d(nn.Conv3d):
             new = buf[:, :, self.front :]
             if norm is None:
                 new.copy_(x)
-            elif new.stride() == x.stride() or (n == 1 and new.stride()[1:] == x.stride()[1:]):
-                norm(x, out=new.as_strided(x.shape, x.stride()) if n == 1 else new)
+            elif _same_strides(new, x):
+                norm(x, out=new.as_strided(x.shape, x.stride()))
             else:
                 new.copy_(norm(x))
             x = buf
@@ -753,7 +763,7 @@ class WanVAE(nn.Module):
         b = pqc.bias.detach().double() if pqc.bias is not None else torch.zeros_like(mean)
         w2 = (wt * std[None, :]).reshape(c, c, 1, 1, 1).to(z.dtype)
         b2 = (b + wt @ mean).to(z.dtype)
-        return F.conv3d(z, w2, b2)
+        return dispatch.conv3d(z, w2, b2) if pqc.fused else F.conv3d(z, w2, b2)
 
     def decode_chunks(self, x: torch.Tensor, chunk=None, state=None) -> torch.Tensor:
         """The decoder's frames (unclamped; patches undone) of ``x`` (``post_quant_conv``'s

@@ -44,7 +44,12 @@ Cases (``CASES``): encode (sampling with a fixed seed) and decode of the SD conf
 fp32 NCHW and fp16 channels_last (``sdvae.optimize(vae, channels_last=True)``, what
 ``optimize`` does on CUDA; inputs given in NCHW, as a pipeline gives them, so the one copy
 into channels_last is part of the trace), and ``sdvae.patch_diffusers`` on a diffusers
-``AutoencoderKL`` of the tiny SD config in the same two flavours. The fused ops all run on
+``AutoencoderKL`` of the tiny SD config in the same two flavours; and the fused ``WanVAE``
+of the tiny Wan 2.1 and Wan 2.2 configs (a 9-frame video encoded, 3 latent frames decoded:
+the first, a middle and the last chunk), in fp32 NCDHW and fp16 channels_last_3d. There the
+CPU's conv3d returns NCDHW where cuDNN keeps channels_last_3d, so ``sdvae.dispatch.conv3d``
+copies its output back (a ``call`` entry with the copy inside it, not made on the GPU) and
+the rest of the trace is the GPU's layout. The fused ops all run on
 the CPU: the Triton kernels in the interpreter (``TRITON_INTERPRET=1``, fp16 included), the
 convs in sdvae._C's CPU kernels. Each case builds a fresh model, so first-call work (the
 upsampler folds made by ``optimize``, FLUX.2's folded normalization) is in every trace the
@@ -100,6 +105,10 @@ ENTRY_POINTS: dict[str, tuple[str, ...]] = {
         "merge_stats",
     ),
     "sdvae.ops": ("conv2d", "pad_conv2d", "conv2d_reference", "pad_conv2d_reference"),
+    "sdvae.kernels.rms_norm": ("rms_norm", "rms_norm_reference"),
+    # F.conv3d kept channels_last_3d: on the CPU a copy inside the call, which cuDNN does not
+    # make (it returns channels_last_3d itself)
+    "sdvae.dispatch": ("conv3d",),
 }
 
 #: Modules imported before recording: an import inside a recorded call (the model imports
@@ -120,6 +129,9 @@ PRELOAD = (
     "sdvae.kernels.attention",
     "sdvae.kernels.vae_sample",
     "sdvae.kernels.group_norm_band",
+    "sdvae.kernels.rms_norm",
+    "sdvae.wan",
+    "sdvae.wan_stream",
 )
 
 
@@ -392,12 +404,17 @@ FLUX2_TINY = dict(
     block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4
 )
 IMAGE_HW = (16, 16)
+#: the Wan 2.2 tiny config of tests/conftest.py's WAN_TINY (residual, 2x2 patches)
+WAN22_TINY = dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+                  decoder_base_dim=12, z_dim=6)  # fmt: skip
+#: frames of the Wan cases' videos (three chunks: the first, a middle one, the last)
+WAN_FRAMES = 9
 SEED = 1234
 
 
 @dataclass(frozen=True)
 class Case:
-    family: str  # "sd", "flux2", "diffusers_sd"
+    family: str  # "sd", "flux2", "diffusers_sd", "wan21", "wan22"
     flavour: str  # "fp32_nchw" or "fp16_cl"
     op: str  # "encode" or "decode"
 
@@ -418,7 +435,7 @@ CASES = {
     c.name: c
     for c in (
         Case(family, flavour, op)
-        for family in ("sd", "flux2", "diffusers_sd")
+        for family in ("sd", "flux2", "diffusers_sd", "wan21", "wan22")
         for flavour in ("fp32_nchw", "fp16_cl")
         for op in ("encode", "decode")
     )
@@ -427,7 +444,12 @@ CASES = {
 
 def _config(family: str):
     from sdvae import VAEConfig
+    from sdvae.config import WanConfig
 
+    if family == "wan21":
+        return WanConfig.tiny()
+    if family == "wan22":
+        return WanConfig.tiny(**WAN22_TINY)
     if family == "flux2":
         return VAEConfig.flux2(**FLUX2_TINY)
     return VAEConfig.tiny(**SD_TINY)
@@ -468,6 +490,8 @@ def build(case: Case) -> tuple[Callable[[], torch.Tensor], dict]:
                 return akl.decode(z).sample
 
         return call, facts
+    if case.family.startswith("wan"):
+        return _build_wan(case, cfg, hw)
     vae = sdvae.VAE(cfg).eval().to(case.dtype)
     sdvae.optimize(vae, channels_last=case.channels_last)
     facts = {
@@ -483,6 +507,32 @@ def build(case: Case) -> tuple[Callable[[], torch.Tensor], dict]:
 
     else:
         z = torch.randn(1, *vae.latent_shape(*hw)).to(case.dtype)
+
+        def call():
+            return vae.decode(z)
+
+    return call, facts
+
+
+def _build_wan(case: Case, cfg, hw) -> tuple[Callable[[], torch.Tensor], dict]:
+    """A fused ``WanVAE``: an encode of a 9-frame video (three chunks), a decode of three
+    latent frames, its input given contiguous (NCDHW) as a pipeline gives it."""
+    import sdvae
+    from sdvae.wan import WanVAE
+
+    vae = WanVAE(cfg).eval().to(case.dtype)
+    sdvae.optimize(vae, channels_last=case.channels_last)
+    facts = {"fused_reasons": vae.fused_reasons, "memory_format": str(vae.memory_format)}
+    if case.op == "encode":
+        x = torch.rand(1, cfg.image_channels, WAN_FRAMES, *hw).mul(2).sub(1).to(case.dtype)
+
+        def call():
+            return vae.encode(x)
+
+    else:
+        f = cfg.spatial_factor
+        t = 1 + (WAN_FRAMES - 1) // cfg.temporal_factor
+        z = torch.randn(1, cfg.z_dim, t, hw[0] // f, hw[1] // f).to(case.dtype)
 
         def call():
             return vae.decode(z)

@@ -339,17 +339,10 @@ def test_fused_half_precision_error_is_no_larger_than_diffusers(name):
         assert (ours <= theirs).all(), (dtype, (ours / 3).tolist(), (theirs / 3).tolist())
 
 
-def test_fused_causal_conv_norms_straight_into_its_frame_buffer(monkeypatch):
-    """In channels_last_3d at batch 1 the norm writes the new frames into the conv's input
-    buffer (``out=`` a view of it: no concatenation, no copy); the result equals the eager
-    conv of the norm, with the kept frames carried over."""
+def _spy_norm_outs(monkeypatch) -> list:
+    """The ``out=`` of every ``dispatch.rms_norm`` call from now on (None: not in place)."""
     from sdvae import dispatch
-    from sdvae.wan import CausalConv3d, ChunkState, RMSNorm
 
-    torch.manual_seed(0)
-    conv, norm = CausalConv3d(6, 5, 3, padding=1), RMSNorm(6, silu=True)
-    with torch.no_grad():
-        norm.gamma.add_(torch.randn_like(norm.gamma))
     seen = []
     real = dispatch.rms_norm
 
@@ -358,6 +351,20 @@ def test_fused_causal_conv_norms_straight_into_its_frame_buffer(monkeypatch):
         return real(x, weight, **kw)
 
     monkeypatch.setattr(dispatch, "rms_norm", spy)
+    return seen
+
+
+def test_fused_causal_conv_norms_straight_into_its_frame_buffer(monkeypatch):
+    """In channels_last_3d at batch 1 the norm writes the new frames into the conv's input
+    buffer (``out=`` a view of it: no concatenation, no copy); the result equals the eager
+    conv of the norm, with the kept frames carried over."""
+    from sdvae.wan import CausalConv3d, ChunkState, RMSNorm
+
+    torch.manual_seed(0)
+    conv, norm = CausalConv3d(6, 5, 3, padding=1), RMSNorm(6, silu=True)
+    with torch.no_grad():
+        norm.gamma.add_(torch.randn_like(norm.gamma))
+    seen = _spy_norm_outs(monkeypatch)
     chunks = [torch.randn(1, 6, t, 4, 5).contiguous(memory_format=torch.channels_last_3d)
               for t in (1, 4, 4)]  # fmt: skip
     eager_state, fused_state = ChunkState(), ChunkState()
@@ -370,6 +377,55 @@ def test_fused_causal_conv_norms_straight_into_its_frame_buffer(monkeypatch):
             assert _rel(got, want) <= 1e-6
     outs = seen[1::2]  # the fused calls
     assert all(o is not None and o.shape[2] == x.shape[2] for o, x in zip(outs, chunks))
+
+
+def test_fused_path_keeps_channels_last_3d_and_norms_a_frames_view_in_place(monkeypatch):
+    """A fused causal conv returns channels_last_3d on every device (cuDNN does on CUDA;
+    ATen's CPU kernel is copied), so the CPU runs the GPU's layout-dependent paths; and a
+    one-frame input that is the 5-D view of a per-frame 2-D conv's channels_last output (its
+    frame and batch strides arbitrary, as a ``Resample`` returns it) is still normed straight
+    into the frame buffer, not copied there."""
+    from sdvae import dispatch
+    from sdvae.wan import CausalConv3d, ChunkState, RMSNorm
+
+    torch.manual_seed(0)
+    conv, norm = CausalConv3d(6, 5, 3, padding=1), RMSNorm(6, silu=True)
+    conv.fused = norm.fused = True
+    conv.to(memory_format=torch.channels_last_3d)
+    seen = _spy_norm_outs(monkeypatch)
+    # a frame, channels last, with the strides of its size-1 dims as a trace showed them
+    x = torch.randn(4 * 5 * 6).as_strided((1, 6, 1, 4, 5), (6, 1, 6, 30, 6))
+    with torch.no_grad():
+        got = conv(x, ChunkState(), norm=norm)
+        conv.fused = norm.fused = False
+        want = conv(x.contiguous(), ChunkState(), norm=norm)
+    assert seen[0] is not None  # the norm wrote into the buffer
+    assert got.is_contiguous(memory_format=torch.channels_last_3d) and not got.is_contiguous()
+    assert _rel(got, want) <= 1e-6
+    x3 = torch.randn(1, 6, 3, 4, 5)
+    y = dispatch.conv3d(x3, conv.weight, conv.bias, 1, (0, 1, 1))
+    assert y.is_contiguous()  # NCDHW in, NCDHW out
+
+
+def test_conv3d_on_meta_for_a_gpu_holds_what_the_gpu_holds():
+    """The planner's shape-only run for a GPU gets channels_last_3d straight from
+    ``dispatch.conv3d`` (no copy counted); for the CPU, the copy the CPU makes is counted."""
+    from sdvae import dispatch
+    from sdvae.memtrack import TensorMemory
+
+    cl3 = torch.channels_last_3d
+    x = torch.empty(1, 8, 3, 16, 16, device="meta").contiguous(memory_format=cl3)
+    w = torch.empty(8, 8, 1, 1, 1, device="meta").contiguous(memory_format=cl3)
+    peaks = {}
+    for dev in ("cuda", "cpu"):
+        with TensorMemory("meta", collect=False) as tracker, dispatch.metered(tracker, dev):
+            y = dispatch.conv3d(x, w, None)
+            assert y.is_contiguous(memory_format=cl3) and not y.is_contiguous()
+            del y
+        peaks[dev] = tracker.peak
+    out = 8 * 3 * 16 * 16 * 4
+    assert peaks["cuda"] == out
+    assert peaks["cpu"] >= 2 * out
 
 
 def test_unoptimize_switches_every_fused_op_off():
