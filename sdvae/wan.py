@@ -79,6 +79,18 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(s == t for n, s, t in zip(a.shape, a.stride(), b.stride()) if n > 1)
 
 
+def _cat_frames(kept: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([kept, x], 2)`` in ``x``'s layout (kept frames read back from host memory
+    come in the host's; ``torch.cat`` of mixed layouts returns NCDHW)."""
+    fmt = CL3 if _is_cl3(x) else torch.contiguous_format
+    k = kept.shape[2]
+    out = torch.empty((x.shape[0], x.shape[1], k + x.shape[2], *x.shape[3:]), dtype=x.dtype,
+                      device=x.device, memory_format=fmt)  # fmt: skip
+    out[:, :, :k].copy_(kept)
+    out[:, :, k:].copy_(x)
+    return out
+
+
 class ChunkState:
     """What a chunked run carries from one chunk to the next: per causal op (keyed by its
     module), the frames it keeps; ``first``: this is the run's first chunk; ``last``: its
@@ -336,7 +348,7 @@ class Resample(nn.Module):
             kept = state.frames.get(self)  # read before the new frame is kept (a view, banded)
             last = None if state.last else y[:, :, -1:].clone()
             if kept is not None:  # the first chunk's frames pass through
-                y = self.time_conv(torch.cat([kept, y], 2))
+                y = self.time_conv(_cat_frames(kept, y))
             if last is not None:
                 state.frames[self] = last
         return y

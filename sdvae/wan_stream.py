@@ -107,17 +107,31 @@ class BandFrames:
         return rows.to(self.device, non_blocking=True, copy=True) if self.offload else rows
 
     def _alloc(self, shape, like: torch.Tensor) -> torch.Tensor:
-        """A whole-frame tensor of ``shape`` in ``like``'s layout: on the device, or
-        (offloaded, outside a shape-only run) in host memory, pinned on CUDA (allocated in
-        its layout: a pinned block, never a copy of one)."""
+        """A whole-frame tensor of ``shape``: on the device in ``like``'s layout, or
+        (offloaded, outside a shape-only run) in host memory, pinned on CUDA (allocated
+        pinned, never a copy of a pinned block), rows outermost after the batch: a band's
+        rows are then one dense block (at batch 1), which a copy moves with one async memcpy
+        (a strided pinned slice would be gathered on the host first, synchronously)."""
         host = self.offload and self.device.type != "meta"
         kw = {"dtype": like.dtype, "device": "cpu" if host else like.device}
         if host and self.device.type == "cuda":
             kw["pin_memory"] = True
-        if like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous():
-            n, c, f, h, w = shape
-            return torch.empty((n, f, h, w, c), **kw).permute(0, 4, 1, 2, 3)
-        return torch.empty(shape, **kw)
+        order = _dim_order(like)  # like's dims, outermost first
+        if host:
+            order = [0, 3] + [d for d in order if d not in (0, 3)]
+        store = torch.empty([shape[d] for d in order], **kw)
+        return store.permute([order.index(d) for d in range(5)])
+
+    def _staged(self, full: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """``src`` (on the device) as it goes into rows of ``full``: offloaded, first copied
+        on the device into ``full``'s layout, so that the device-to-host copy is one dense
+        async memcpy (a layout change across devices goes through pageable host memory)."""
+        if not self.offload:
+            return src
+        order = _dim_order(full)
+        staged = torch.empty([src.shape[d] for d in order], dtype=src.dtype, device=src.device)
+        staged = staged.permute([order.index(d) for d in range(5)])
+        return staged.copy_(src)
 
     def __setitem__(self, op: nn.Module, kept: torch.Tensor) -> None:
         self.dtype = kept.dtype
@@ -128,33 +142,44 @@ class BandFrames:
                 return
             if full is None:
                 full = self.full[op] = self._alloc(kept.shape, kept)
-            full.copy_(kept, non_blocking=True)
+            full.copy_(self._staged(full, kept), non_blocking=True)
             return
-        if self.shapes_only and self._whole():
-            self.shapes[op] = tuple(kept.shape)
-            return
+        if self.shapes_only:  # the device's side only: the staged copy, the waiting rows
+            rows = kept.shape[-2] if self._whole() else self.height * self._scale(kept.shape[-2])
+            self.shapes[op] = (*kept.shape[:3], rows, kept.shape[-1])
+            if self._whole():
+                torch.empty_like(kept)  # staged for the copy out
+                return
         s = self._scale(kept.shape[-2])
-        if self.shapes_only:
-            self.shapes[op] = (*kept.shape[:3], self.height * s, kept.shape[-1])
-            return
         full = self.full.get(op)
-        if full is None:
+        if full is None and not self.shapes_only:
             shape = (*kept.shape[:3], self.height * s, kept.shape[-1])
             full = self.full[op] = self._alloc(shape, kept)
         own = kept[:, :, :, (self.a - self.lo) * s : (self.b - self.lo) * s]
         cut = min(max(self.keep_from, self.a), self.b)
         if cut > self.a:
-            full[:, :, :, self.a * s : cut * s].copy_(own[:, :, :, : (cut - self.a) * s],
-                                                      non_blocking=self.offload)  # fmt: skip
+            now = own[:, :, :, : (cut - self.a) * s]
+            if self.shapes_only:
+                torch.empty_like(now)  # staged for the copy out
+            else:
+                full[:, :, :, self.a * s : cut * s].copy_(self._staged(full, now),
+                                                          non_blocking=self.offload)  # fmt: skip
         if cut < self.b:  # a later band still reads the old rows: write them after it
-            self.pending.append((full, cut * s, s, own[:, :, :, (cut - self.a) * s :].clone()))
+            part = own[:, :, :, (cut - self.a) * s :]
+            if self.shapes_only:
+                later = torch.empty_like(part)
+            else:
+                later = self._staged(full, part) if self.offload else part.clone()
+            self.pending.append((full, cut * s, s, later))
 
     def flush(self, below: int | None = None) -> None:
         """Write the waiting rows that end at or above latent row ``below`` (None: all)."""
         keep = []
         for full, row, s, rows in self.pending:
             if below is None or row + rows.shape[-2] <= below * s:
-                full[:, :, :, row : row + rows.shape[-2]].copy_(rows, non_blocking=self.offload)
+                if full is not None:  # None: a shape-only run's
+                    dst = full[:, :, :, row : row + rows.shape[-2]]
+                    dst.copy_(rows, non_blocking=self.offload)
             else:
                 keep.append((full, row, s, rows))
         self.pending = keep
@@ -172,6 +197,12 @@ class BandFrames:
         sizes = [t.numel() * t.element_size() for t in self.full.values()]
         sizes += [math.prod(s) * e for s in self.shapes.values()]
         return sum(1 << (b - 1).bit_length() if pinned and b else b for b in sizes)
+
+
+def _dim_order(t: torch.Tensor) -> list[int]:
+    """``t``'s dims from the outermost in memory to the innermost (by stride; ties, as size-1
+    dims make them, in dim order)."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
 
 
 class BandState:

@@ -201,3 +201,34 @@ def test_a_runs_last_chunk_keeps_no_frames():
     assert peak < 0.9 * peak_kept, (peak, peak_kept)
     assert torch.equal(got, kept) and torch.equal(got, m.decode(lat))
     del ref
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of memory (in any dim order)."""
+    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 1) + 1
+    return span == t.numel()
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+@torch.no_grad()
+def test_offloaded_frames_are_stored_rows_outermost(fmt):
+    """Offloaded kept frames live in host memory rows-outermost: each band's rows are one
+    dense block (one async memcpy each way on CUDA), read back and written as given."""
+    frames = wan_stream.BandFrames(8, "cpu", True)
+    op = torch.nn.Identity()
+    kept = torch.randn(1, 6, 2, 16, 5).contiguous(memory_format=fmt)  # 2 rows per grid row
+    frames[op] = kept  # the whole window (a head)
+    frames.end_chunk()
+    full = frames.full[op]
+    assert torch.equal(full, kept) and full.stride(3) > max(full.stride(d) for d in (1, 2, 4))
+    band_list = wan_stream.bands(8, 3, 1)
+    for j, (lo, hi, a, b) in enumerate(band_list):
+        frames.flush(below=lo)
+        frames.window(lo, hi, a, b, band_list[j + 1][0] if j + 1 < len(band_list) else 8)
+        rows = full[:, :, :, 2 * lo : 2 * hi]
+        assert _dense(rows)
+        got = frames.get(op)
+        assert torch.equal(got, kept[:, :, :, 2 * lo : 2 * hi]) and _dense(got)
+        frames[op] = got * 2  # its own rows back (those the next band reads wait)
+    frames.end_chunk()
+    assert torch.equal(frames.full[op], kept * 2)
