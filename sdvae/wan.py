@@ -145,7 +145,7 @@ class CausalConv3d(nn.Conv3d):
             new = buf[:, :, self.front :]
             if norm is None:
                 new.copy_(x)
-            elif _same_strides(new, x):
+            elif _same_strides(new, x) and dispatch.may_overwrite(x, norm.gamma):
                 norm(x, out=new.as_strided(x.shape, x.stride()))
             else:
                 new.copy_(norm(x))
@@ -330,7 +330,9 @@ class Resample(nn.Module):
 
     def forward(self, x: torch.Tensor, state: ChunkState) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        if self.mode == "upsample3d" and not state.first and self.time_conv.fused and _is_cl3(x):
+        tc = getattr(self, "time_conv", None)
+        if (self.mode == "upsample3d" and not state.first and tc.fused and _is_cl3(x)
+                and dispatch.may_overwrite(x, tc.weight, tc.bias)):  # fmt: skip
             x = self._time_up_in_place(x, state)
             t = 2 * t
         elif self.mode == "upsample3d" and not state.first:

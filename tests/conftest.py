@@ -180,6 +180,17 @@ def _fresh_seed():
     torch.manual_seed(0)
 
 
+def cuda_peak(fn) -> tuple[object, int]:
+    """``(fn(), peak)``: the most bytes the CUDA caching allocator held at once during
+    ``fn()`` beyond what it held when the call began."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - base
+
+
 def allocator_peak(fn) -> tuple[object, int]:
     """``(fn(), peak)``: the most bytes the CPU allocator held at once during ``fn()``
     beyond what it held when the call began (every allocation, inside ops included)."""

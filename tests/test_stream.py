@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, cuda_peak
 
 import sdvae
 from sdvae import VAE, VAEConfig, budget, dispatch, stream
@@ -836,7 +836,7 @@ def test_gpu_sdpa_extra_bytes_bound_what_sdpa_allocates(dtype, lq):
     q = torch.randn(1, 1, lq, 512, device="cuda", dtype=dtype)
     k = torch.randn(1, 1, 4096, 512, device="cuda", dtype=dtype)
     v = torch.randn_like(k)
-    out, peak = _cuda_peak(lambda: F.scaled_dot_product_attention(q, k, v))
+    out, peak = cuda_peak(lambda: F.scaled_dot_product_attention(q, k, v))
     extra = peak - out.nbytes
     assert extra <= stream.sdpa_extra_bytes("cuda", q.shape, 4096, dtype), extra
 
@@ -1035,15 +1035,6 @@ def test_band_rows_must_be_positive():
 
 
 # ---------------------------------------------------------------------------- on a GPU
-def _cuda_peak(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, torch.cuda.max_memory_allocated() - base
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("offload", [None, "cpu"])
@@ -1060,13 +1051,13 @@ def test_gpu_streamed_decode_within_budget_and_exact(dtype, offload):
     for _ in range(2):
         z = torch.randn(1, 4, 256, 256, device="cuda")
         want = ref.decode(z)
-        full, full_peak = _cuda_peak(lambda z=z: fast.decode(z.to(dtype)))
+        full, full_peak = cuda_peak(lambda z=z: fast.decode(z.to(dtype)))
         plan = fast.memory_plan(z.shape, max_memory=1, offload=offload)
         assert full_peak <= plan.full_bytes
         limit = (plan.min_bytes + plan.full_bytes) // 2
         plan = fast.memory_plan(z.shape, max_memory=limit, offload=offload)
         assert plan.path == "streamed"
-        out, peak = _cuda_peak(
+        out, peak = cuda_peak(
             lambda z=z, m=limit: fast.decode(z.to(dtype), max_memory=m, offload=offload)
         )
         assert peak <= plan.streamed_bytes <= limit, (peak, plan.streamed_bytes, limit)
@@ -1084,13 +1075,13 @@ def test_gpu_float64_decode_within_budget_and_exact():
     cfg = VAEConfig.tiny(block_out_channels=(32, 64), layers_per_block=1)
     vae = VAE(cfg).cuda().double().eval()
     z = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float64)
-    full, full_peak = _cuda_peak(lambda: vae.decode(z))
+    full, full_peak = cuda_peak(lambda: vae.decode(z))
     plan = vae.memory_plan(z.shape, max_memory=1)
     assert full_peak <= plan.full_bytes, (full_peak, plan.full_bytes)
     limit = (plan.min_bytes + plan.full_bytes) // 2
     plan = vae.memory_plan(z.shape, max_memory=limit)
     assert plan.path == "streamed"
-    out, peak = _cuda_peak(lambda: vae.decode(z, max_memory=limit))
+    out, peak = cuda_peak(lambda: vae.decode(z, max_memory=limit))
     assert peak <= plan.streamed_bytes <= limit, (peak, plan.streamed_bytes, limit)
     assert _rel(out, full) <= 1e-10
 
@@ -1118,7 +1109,7 @@ def test_gpu_streamed_batch2_decode_within_budget(layout):
     plan = fast.memory_plan(z.shape, max_memory=limit)
     assert plan.path == "streamed"
     before = len(ops.fallback_reasons())
-    out, peak = _cuda_peak(lambda: fast.decode(z, max_memory=limit))
+    out, peak = cuda_peak(lambda: fast.decode(z, max_memory=limit))
     assert peak <= plan.streamed_bytes <= limit, (peak, plan.streamed_bytes, limit)
     assert ops.fallback_reasons()[before:] == []
     assert_close(out, want, torch.float16, end_to_end=True)
@@ -1144,7 +1135,7 @@ def test_gpu_aten_transposed_conv_workspace_within_its_allowance(dtype):
             x = torch.randn(n, c, rows, width, device="cuda", dtype=dtype)
             x = x.contiguous(memory_format=torch.channels_last)
             with budget.budgeted():
-                y, peak = _cuda_peak(
+                y, peak = cuda_peak(
                     lambda x=x, w=w, b=b: F.conv_transpose2d(x, w, b, stride=2, padding=1)
                 )
             extra = peak - y.nbytes
@@ -1179,7 +1170,7 @@ def test_gpu_offload_pinned_bounded_and_released(monkeypatch):
     monkeypatch.setattr(stream._Mover, "alloc", alloc)
     host0 = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
     torch.cuda.reset_peak_host_memory_stats()
-    out, peak = _cuda_peak(lambda: fast.decode(z, max_memory=limit, offload="cpu"))
+    out, peak = cuda_peak(lambda: fast.decode(z, max_memory=limit, offload="cpu"))
     stats = torch.cuda.host_memory_stats()
     assert not unpinned, unpinned
     assert peak <= plan.streamed_bytes <= limit, (peak, plan.streamed_bytes, limit)
@@ -1215,7 +1206,7 @@ def test_gpu_patched_diffusers_tiling_equals_untiled(monkeypatch):
         akl.sdvae_max_memory = (plan.min_bytes + plan.full_bytes) // 2
         plan = budget.diffusers_plan(akl, "decode", zh, max_memory=akl.sdvae_max_memory)
         assert plan.path == "streamed"
-        tiled, peak = _cuda_peak(lambda zh=zh: akl.decode(zh).sample)
+        tiled, peak = cuda_peak(lambda zh=zh: akl.decode(zh).sample)
         assert peak <= plan.streamed_bytes <= akl.sdvae_max_memory, (peak, plan.describe())
         errs["untiled"] += _rel(untiled.float(), want)
         errs["tiled"] += _rel(tiled.float(), want)

@@ -428,6 +428,34 @@ def test_conv3d_on_meta_for_a_gpu_holds_what_the_gpu_holds():
     assert peaks["cpu"] >= 2 * out
 
 
+def test_fused_model_under_autograd_gives_the_unfused_gradients():
+    """With autograd recording, the fused path takes no ``out=`` writes (the norm into the
+    frame buffer, the in-place temporal upsampler): decode and encode backpropagate, to the
+    unfused model's gradients in float64 (before: ``out=`` errors)."""
+    import copy
+
+    _, ref = _pair("wan21")
+    ref = ref.double()
+    fused = sdvae.optimize(copy.deepcopy(ref), channels_last=True)
+    for mod in fused.modules():
+        if type(mod).__name__ == "RMSNorm":
+            mod.fused = True
+    g = torch.Generator().manual_seed(3)
+    lat = torch.randn(1, ref.config.z_dim, 3, 4, 4, generator=g, dtype=torch.float64)
+    video = torch.rand(1, 3, 5, 32, 16, generator=g, dtype=torch.float64) * 2 - 1
+    for op, x in (("decode", lat), ("encode", video)):
+        grads = []
+        for m in (ref, fused):
+            m.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            y = m.decode(xi, clamp=False) if op == "decode" else m.encode(xi)
+            y.square().sum().backward()
+            grads.append((xi.grad, m.decoder.conv_in.weight.grad if op == "decode"
+                          else m.encoder.conv_in.weight.grad))  # fmt: skip
+        for got, want in zip(grads[1], grads[0]):
+            assert _rel(got, want) <= 1e-10, (op, _rel(got, want))
+
+
 def test_unoptimize_switches_every_fused_op_off():
     _, fused = _fused_pair("wan21", torch.float32)
     sdvae.unoptimize(fused)
