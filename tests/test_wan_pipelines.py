@@ -85,57 +85,46 @@ def _embeds(seq: int, dim: int, seed: int) -> torch.Tensor:
     return torch.randn(1, seq, dim, generator=torch.Generator().manual_seed(seed))
 
 
-@torch.no_grad()
-def test_wan_text_to_video_pipeline_runs_unchanged_on_the_patched_vae():
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+def _wan_pipe(cls, vae, transformer):
+    """``make`` for ``_run_both``: a Wan pipeline of ``cls`` without text encoder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    vae, transformer = _wan_vae(), _wan_transformer(16)
+    return lambda: cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # fmt: skip
 
-    def make():
-        return WanPipeline(
-            tokenizer=None,
-            text_encoder=None,
-            vae=vae,
-            transformer=transformer,
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        )
 
-    def call(pipe):
-        return pipe(
-            prompt_embeds=_embeds(4, 16, 3),
-            negative_prompt_embeds=_embeds(4, 16, 4),
-            height=16,
-            width=16,
-            num_frames=9,
-            num_inference_steps=2,
-            guidance_scale=2.0,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        ).frames
+def _wan_call(pipe, **kw) -> torch.Tensor:
+    """Two steps of a 9-frame 16x16 video, with classifier-free guidance."""
+    gen = torch.Generator().manual_seed(0)
+    return pipe(prompt_embeds=_embeds(4, 16, 3), negative_prompt_embeds=_embeds(4, 16, 4),
+                height=16, width=16, num_frames=9, num_inference_steps=2, guidance_scale=2.0,
+                generator=gen, output_type="pt", **kw).frames  # fmt: skip
 
-    ref, got, norms = _run_both(make, call)
-    assert ref.shape == got.shape == (1, 9, 3, 16, 16)
+
+def _assert_unchanged(ref, got, norms: int, shape: tuple) -> None:
+    """The patched pipeline's output is the stock one's (fp32), and sdvae's norm ran."""
+    assert ref.shape == got.shape == shape
     assert norms > 0
     assert (got - ref).abs().max().item() <= 1e-5, (got - ref).abs().max().item()
 
 
 @torch.no_grad()
+def test_wan_text_to_video_pipeline_runs_unchanged_on_the_patched_vae():
+    from diffusers import WanPipeline
+
+    make = _wan_pipe(WanPipeline, _wan_vae(), _wan_transformer(16))
+    ref, got, norms = _run_both(make, _wan_call)
+    _assert_unchanged(ref, got, norms, (1, 9, 3, 16, 16))
+
+
+@torch.no_grad()
 def test_wan_image_to_video_pipeline_encodes_and_decodes_on_the_patched_vae():
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from diffusers import WanImageToVideoPipeline
 
     # Wan 2.1 I2V's latent input: the noise (16), the first-frame mask (4), the condition (16)
-    vae, transformer = _wan_vae(), _wan_transformer(36)
+    make = _wan_pipe(WanImageToVideoPipeline, _wan_vae(), _wan_transformer(36))
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     encodes = []
-
-    def make():
-        return WanImageToVideoPipeline(
-            tokenizer=None,
-            text_encoder=None,
-            vae=vae,
-            transformer=transformer,
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        )
 
     def call(pipe):
         enc = pipe.vae.encode
@@ -146,26 +135,13 @@ def test_wan_image_to_video_pipeline_encodes_and_decodes_on_the_patched_vae():
 
         pipe.vae.encode = spy
         try:
-            return pipe(
-                image=image,
-                prompt_embeds=_embeds(4, 16, 3),
-                negative_prompt_embeds=_embeds(4, 16, 4),
-                height=16,
-                width=16,
-                num_frames=9,
-                num_inference_steps=2,
-                guidance_scale=2.0,
-                generator=torch.Generator().manual_seed(0),
-                output_type="pt",
-            ).frames
+            return _wan_call(pipe, image=image)
         finally:
             del pipe.vae.encode
 
     ref, got, norms = _run_both(make, call)
     assert encodes == [(1, 3, 9, 16, 16)] * 2  # the conditioning video, both runs
-    assert ref.shape == got.shape == (1, 9, 3, 16, 16)
-    assert norms > 0
-    assert (got - ref).abs().max().item() <= 1e-5, (got - ref).abs().max().item()
+    _assert_unchanged(ref, got, norms, (1, 9, 3, 16, 16))
 
 
 @torch.no_grad()
@@ -213,6 +189,4 @@ def test_qwen_image_pipeline_runs_unchanged_on_the_patched_vae():
         ).images
 
     ref, got, norms = _run_both(make, call)
-    assert ref.shape == got.shape == (1, 3, 32, 32)
-    assert norms > 0
-    assert (got - ref).abs().max().item() <= 1e-5, (got - ref).abs().max().item()
+    _assert_unchanged(ref, got, norms, (1, 3, 32, 32))
