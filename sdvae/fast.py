@@ -77,15 +77,28 @@ def optimize(vae: VAE | wan.WanVAE, *, channels_last: bool | None = None,
     off, with the reason in ``vae.fused_reasons["cuda_graph"]``. Calling ``optimize`` again
     drops any graphs captured so far.
 
-    A ``WanVAE`` (the Wan video family) is switched the same way (``optimize_wan``); CUDA
-    graphs are not offered for it yet.
+    A ``WanVAE`` (the Wan video family) is switched the same way (``optimize_wan``); its
+    graphs replay the whole chunked encode or decode, one per input shape.
     """
     if isinstance(vae, wan.WanVAE):
-        if cuda_graph:
-            raise ValueError("cuda_graph=True: CUDA graphs are not available for WanVAE yet")
-        return optimize_wan(vae, channels_last=channels_last)
-    if not isinstance(vae, VAE):
+        optimize_wan(vae, channels_last=channels_last)
+    elif not isinstance(vae, VAE):
         raise TypeError(f"vae must be a sdvae.VAE or sdvae.WanVAE, got {type(vae).__name__}")
+    else:
+        _optimize_vae(vae, channels_last)
+    vae.disable_cuda_graphs()
+    if cuda_graph:
+        from .graphs import graph_reasons, hook_reasons
+
+        why = graph_reasons(next(vae.parameters()).device) + hook_reasons(vae)
+        if why:
+            vae.fused_reasons["cuda_graph"] = why
+        else:
+            vae.enable_cuda_graphs()
+    return vae
+
+
+def _optimize_vae(vae: VAE, channels_last: bool | None) -> None:
     p = next(vae.parameters())
     status = op_status()
     reasons: dict[str, list[str]] = {op: list(r) for op, r in status.items() if r}
@@ -119,16 +132,6 @@ def optimize(vae: VAE | wan.WanVAE, *, channels_last: bool | None = None,
         if isinstance(m, Upsample):  # plain torch ops: runs wherever the model runs
             m.fused = True
             m.fold()
-    vae.disable_cuda_graphs()
-    if cuda_graph:
-        from .graphs import graph_reasons, hook_reasons
-
-        why = graph_reasons(p.device) + hook_reasons(vae)
-        if why:
-            reasons["cuda_graph"] = why
-        else:
-            vae.enable_cuda_graphs()
-    return vae
 
 
 def wan_module_reasons(module, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -211,6 +214,7 @@ def unoptimize(vae: VAE | wan.WanVAE) -> VAE | wan.WanVAE:
             if hasattr(m, "fused"):
                 m.fused = False
         vae.fused_reasons, vae.memory_format = {}, None
+        vae.disable_cuda_graphs()
         return vae
     if not isinstance(vae, VAE):
         raise TypeError(f"vae must be a sdvae.VAE, got {type(vae).__name__}")

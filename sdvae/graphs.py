@@ -12,13 +12,19 @@ most 8 graphs are kept per call, least recently used dropped first, in one share
 pool.
 
 What is graphed, and what is not:
-* ``decode``: the whole decoder after the argument checks (unscaling, post_quant_conv,
+* ``VAE.decode``: the whole decoder after the argument checks (unscaling, post_quant_conv,
   decoder).
-* ``encode``: the encoder and quant_conv (``VAE.moments``). The sampling step runs after the
-  replay, outside the graph, so ``seed``, ``noise`` and torch's generator behave exactly as
-  without graphs.
-* Only without autograd (grad mode off, or nothing requiring grad), on CUDA, outside
-  ``torch.compile`` and outside CUDA autocast; otherwise the call runs eagerly.
+* ``VAE.encode``: the encoder and quant_conv (``VAE.moments``). The sampling step runs after
+  the replay, outside the graph, so ``seed``, ``noise`` and torch's generator behave exactly
+  as without graphs.
+* ``WanVAE.decode``: the whole chunked decode of ``post_quant_conv``'s output, every latent
+  frame and the clamp (one graph per number of frames and frame size; ``post_quant_conv`` with
+  the folded de-normalization runs before the replay). ``WanVAE.encode``: the chunked encoder
+  and ``quant_conv``; the sampling and the normalization after the replay.
+* Only without a memory budget (``max_memory``, ``offload``, ``band_rows``: the graphs' pool
+  would hold memory the plan does not count), without autograd (grad mode off, or nothing
+  requiring grad), on CUDA, outside ``torch.compile`` and outside CUDA autocast; otherwise
+  the call runs eagerly.
 
 Graphs hold the addresses of the weights. Before every call the addresses of the model's
 parameters and buffers (the upsamplers' folded weights among them) are compared with those the
@@ -52,9 +58,10 @@ from collections.abc import Callable
 
 import torch
 
-from . import _tf32
+from . import _tf32, steps
+from .dispatch import fold_is_current
 
-__all__ = ["GraphedCall", "graph_reasons", "hook_reasons", "tensor_addresses"]
+__all__ = ["GraphedCall", "GraphedModel", "graph_reasons", "hook_reasons", "tensor_addresses"]
 
 
 def graph_reasons(device: torch.device) -> list[str]:
@@ -246,3 +253,102 @@ class GraphedCall:
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(dev))
         self._done[dev] = ev
+
+
+class GraphedModel:
+    """The CUDA-graph switch of a model family (``sdvae.VAE``, ``sdvae.WanVAE``; mixed into
+    the ``nn.Module``). The family names what may be graphed (``graph_functions``: name ->
+    ``fn(x)``) and the folded weights to keep current before a replay (``graph_folds``:
+    (owner, conv) pairs whose ``owner.fold()`` refolds in place); ``graph_runner(name, x)``
+    says whether this call replays, and returns the runner. Moving or casting the model drops
+    its graphs; a copy (deepcopy, pickle) keeps the switch and captures its own."""
+
+    def graph_functions(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        raise NotImplementedError
+
+    def graph_folds(self) -> list:
+        return []
+
+    def enable_cuda_graphs(self) -> None:
+        """Replay the family's ``graph_functions`` from CUDA graphs, one per input shape;
+        ``sdvae.optimize(vae, cuda_graph=True)`` calls this. Graphs captured before are
+        dropped (with their memory pool)."""
+        self.__dict__["graph_runners"] = {}
+
+    def disable_cuda_graphs(self) -> None:
+        self.__dict__["graph_runners"] = None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.__dict__.get("graph_runners") is not None
+
+    def _graph_failed(self, why: str) -> None:
+        reasons = self.__dict__.setdefault("fused_reasons", {}).setdefault("cuda_graph", [])
+        if why not in reasons:
+            reasons.append(why)
+
+    def _graph_view(self) -> tuple:
+        """What a graphed call checks on the host, walked once per structural change
+        (``sdvae.steps.generation``; moves and casts bump it too, see ``_apply``) instead of
+        per call: (generation, every submodule, the folds, the weights' addresses). The model
+        itself is left out of the list, so that it holds no cycle to itself."""
+        now = steps.generation()
+        view = self.__dict__.get("_graph_cache")
+        if view is None or view[0] != now:
+            mods = [m for m in self.modules() if m is not self]
+            view = (now, mods, self.graph_folds(), tensor_addresses(self))
+            self.__dict__["_graph_cache"] = view
+        return view
+
+    def graph_prepare(self, name: str, x: torch.Tensor) -> None:
+        """Before a graphed call: refold, in place, what changed since (a fold made inside
+        the capture would live in the graph's pool)."""
+        for owner, conv in self._graph_view()[2]:
+            if owner.fused and not fold_is_current(owner, conv):
+                owner.fold()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting reallocates every weight: captured graphs would read freed memory.
+        if self.__dict__.get("graph_runners"):
+            self.__dict__["graph_runners"] = {}
+        out = super()._apply(fn, *args, **kwargs)
+        steps.changed()  # addresses changed without a registration (``param.data = ...``)
+        return out
+
+    def __getstate__(self):
+        # Captured graphs belong to this model's memory: a copy (deepcopy, pickle) keeps the
+        # switch and captures its own.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
+        state = dict(state)
+        if state.get("graph_runners"):
+            state["graph_runners"] = {}
+        state.pop("_graph_cache", None)
+        return state
+
+    def graph_runner(self, name: str, x: torch.Tensor) -> GraphedCall | None:
+        """The runner that replays ``graph_functions()[name]`` for this call, or None when it
+        runs eagerly: graphs off, not CUDA, under ``torch.compile`` or CUDA autocast, under
+        autograd (grad mode on and anything requiring grad), or accelerate hooks added after
+        ``sdvae.optimize`` (then the graphs are dropped, the reason recorded)."""
+        runners = self.__dict__.get("graph_runners")
+        if runners is None or not x.is_cuda or torch.compiler.is_compiling() or autocast_on():
+            return None
+        mods = self._graph_view()[1]
+        if "_hf_hook" in self.__dict__ or any("_hf_hook" in m.__dict__ for m in mods):
+            self.__dict__["graph_runners"] = {}
+            self.__dict__.setdefault("fused_reasons", {})["cuda_graph"] = hook_reasons(self)
+            return None
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            return None
+        runner = runners.get(name)
+        if runner is None:
+            runner = runners[name] = GraphedCall(
+                self.graph_functions()[name],
+                prepare=lambda x, name=name: self.graph_prepare(name, x),
+                addresses=lambda: self._graph_view()[3],
+                on_failure=self._graph_failed,
+                memory_format=self.memory_format,
+            )
+        return runner

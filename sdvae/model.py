@@ -37,7 +37,8 @@ from torch import nn
 
 from . import dispatch, execute, steps
 from .config import VAEConfig
-from .dispatch import fold_is_current, fold_upsample_weight, tensors_key, tensors_unchanged
+from .dispatch import fold_upsample_weight, tensors_key, tensors_unchanged
+from .graphs import GraphedModel
 
 __all__ = [
     "VAE",
@@ -389,7 +390,7 @@ def _lowered(part: Encoder | Decoder) -> steps.Lowered:
 _LOWERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class VAE(nn.Module):
+class VAE(GraphedModel, nn.Module):
     """Stable Diffusion's KL autoencoder (and FLUX.2's, ``VAEConfig.flux2()``).
 
     ``encode(images)`` maps images in [-1, 1], (N, 3, H, W), to the latents a pipeline feeds
@@ -430,111 +431,29 @@ class VAE(nn.Module):
         )
         self._norm_cache: dict = {}  # FLUX.2's folded normalization, see _norm_folded
         self.fused_sampling = False
-        self._graphs: dict | None = None  # sdvae.optimize(cuda_graph=True): sdvae.graphs
+        self.disable_cuda_graphs()  # sdvae.optimize(cuda_graph=True): sdvae.graphs
         #: Set by ``sdvae.optimize`` on CUDA: inputs are brought to this format first (one
         #: small copy of the images or latents) so that every layer runs in it.
         self.memory_format: torch.memory_format | None = None
 
     # ------------------------------------------------------------ CUDA graphs
-    def enable_cuda_graphs(self) -> None:
-        """Replay ``moments`` (the encoder) and the decoder from CUDA graphs, one per input
-        shape (``sdvae.graphs``); ``sdvae.optimize(vae, cuda_graph=True)`` calls this. Graphs
-        captured before are dropped (with their memory pool)."""
-        self._graphs = {}
+    def graph_functions(self) -> dict:
+        """What ``sdvae.graphs`` may replay: the moments and the two decodes."""
+        return {
+            "moments": self.run_encoder,
+            "decode": self.run_decoder,
+            "decode_raw": lambda latents: self.run_decoder(latents, raw=True),
+        }
 
-    def disable_cuda_graphs(self) -> None:
-        self._graphs = None
+    def graph_folds(self) -> list:
+        return [(m, m.conv) for m in self.modules() if isinstance(m, Upsample)]
 
-    @property
-    def cuda_graphs(self) -> bool:
-        return self._graphs is not None
-
-    def _graph_failed(self, why: str) -> None:
-        reasons = self.__dict__.setdefault("fused_reasons", {}).setdefault("cuda_graph", [])
-        if why not in reasons:
-            reasons.append(why)
-
-    def _graph_view(self) -> tuple:
-        """What a graphed call checks on the host, walked once per structural change
-        (``sdvae.steps.generation``; moves and casts bump it too, see ``_apply``) instead of
-        per call: (generation, every submodule, the upsamplers, the weights' addresses). The
-        model itself is left out of the list, so that it holds no cycle to itself."""
-        from .graphs import tensor_addresses
-
-        now = steps.generation()
-        view = self.__dict__.get("_graph_cache")
-        if view is None or view[0] != now:
-            mods = [m for m in self.modules() if m is not self]
-            ups = [m for m in mods if isinstance(m, Upsample)]
-            view = self.__dict__["_graph_cache"] = (now, mods, ups, tensor_addresses(self))
-        return view
-
-    def _prepare(self, x: torch.Tensor) -> None:
-        """Before a graphed call (``sdvae.graphs``): refold what changed, in place."""
-        for m in self._graph_view()[2]:
-            if m.fused and not fold_is_current(m, m.conv):
-                m.fold()
-
-    def _prepare_decode(self, latents: torch.Tensor) -> None:
-        """``_prepare``, and FLUX.2's folded normalization made here on the caller's stream,
-        not first during the warm-up on the graph's side stream."""
-        self._prepare(latents)
-        if self.config.is_flux2:
-            self._norm_folded("decode", latents)
-
-    def _apply(self, fn, *args, **kwargs):
-        # Moving or casting reallocates every weight: captured graphs would read freed memory.
-        if self._graphs:
-            self._graphs = {}
-        out = super()._apply(fn, *args, **kwargs)
-        steps.changed()  # addresses changed without a registration (``param.data = ...``)
-        return out
-
-    def __getstate__(self):
-        # Captured graphs belong to this model's memory: a copy (deepcopy, pickle) keeps the
-        # switch and captures its own.
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
-        state = dict(state)
-        if state.get("_graphs"):
-            state["_graphs"] = {}
-        state.pop("_graph_cache", None)
-        return state
-
-    def _graphed(self, name: str, x: torch.Tensor):
-        """The graph runner for ``name`` when this call may be replayed from a graph."""
-        from .graphs import GraphedCall, autocast_on, hook_reasons
-
-        if self._graphs is None or not x.is_cuda or torch.compiler.is_compiling():
-            return None
-        if autocast_on():
-            return None
-        mods = self._graph_view()[1]
-        if "_hf_hook" in self.__dict__ or any("_hf_hook" in m.__dict__ for m in mods):
-            # hooks added after sdvae.optimize: eager, saying why
-            hooked = hook_reasons(self)
-            self._graphs = {}
-            self.__dict__.setdefault("fused_reasons", {})["cuda_graph"] = hooked
-            return None
-        if torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
-        ):
-            return None
-        runner = self._graphs.get(name)
-        if runner is None:
-            fn = {
-                "moments": self.run_encoder,
-                "decode": self.run_decoder,
-                "decode_raw": self._run_decoder_raw,
-            }[name]
-            runner = GraphedCall(
-                fn,
-                prepare=self._prepare_decode if name == "decode" else self._prepare,
-                addresses=lambda: self._graph_view()[3],
-                on_failure=self._graph_failed,
-                memory_format=self.memory_format,
-            )
-            self._graphs[name] = runner
-        return runner
+    def graph_prepare(self, name: str, x: torch.Tensor) -> None:
+        """Refolds, and FLUX.2's folded normalization made here on the caller's stream, not
+        first during the warm-up on the graph's side stream."""
+        super().graph_prepare(name, x)
+        if name == "decode" and self.config.is_flux2:
+            self._norm_folded("decode", x)
 
     # -------------------------------------------------------------- checks
     def _check_input(self, name: str, x: torch.Tensor, channels: int) -> None:
@@ -569,7 +488,7 @@ class VAE(nn.Module):
             from . import budget
 
             return budget.moments(self, images, max_memory=max_memory, offload=offload)
-        graphed = self._graphed("moments", images)
+        graphed = self.graph_runner("moments", images)
         return graphed(images) if graphed is not None else self.run_encoder(images)
 
     def run_encoder(self, images: torch.Tensor, encoder=None) -> torch.Tensor:
@@ -698,7 +617,7 @@ class VAE(nn.Module):
 
             return budget.decode(self, latents, max_memory=max_memory, offload=offload, raw=raw)
         name = "decode_raw" if raw else "decode"
-        graphed = self._graphed(name, latents)
+        graphed = self.graph_runner(name, latents)
         if graphed is not None:
             return graphed(latents)
         return self.run_decoder(latents, raw=raw)
@@ -721,9 +640,6 @@ class VAE(nn.Module):
         if self.memory_format is not None:
             latents = latents.contiguous(memory_format=self.memory_format)
         return (decoder or self.decoder)(self._decoder_input(latents, raw=raw))
-
-    def _run_decoder_raw(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.run_decoder(latents, raw=True)
 
     def _decoder_input(self, latents: torch.Tensor, *, raw: bool = False) -> torch.Tensor:
         """What the decoder's ``conv_in`` reads: the latents de-scaled (SD) or de-normalized

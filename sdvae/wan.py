@@ -38,6 +38,7 @@ from torch import nn
 
 from . import budget, dispatch, wan_stream
 from .config import WanConfig
+from .graphs import GraphedModel
 
 __all__ = [
     "WanVAE",
@@ -572,7 +573,7 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(n, cp // (p * p), t, h * p, w * p)
 
 
-class WanVAE(nn.Module):
+class WanVAE(GraphedModel, nn.Module):
     """A Wan-family video VAE (``WanConfig``): ``encode`` videos (N, C, T, H, W) in [-1, 1]
     with ``T = 1 + 4k`` (or images (N, C, H, W)) to the pipeline's latents, ``decode`` them
     back to ``1 + 4 (t - 1)`` frames for ``t`` latent frames."""
@@ -589,10 +590,25 @@ class WanVAE(nn.Module):
         #: the last chunk keeps its frames as any other does (the memory planner sets it on
         #: its meta twin: a run of two chunks then measures a middle chunk's peak)
         self.keep_last_frames = False
+        self.disable_cuda_graphs()  # sdvae.optimize(cuda_graph=True): sdvae.graphs
         self.encoder = WanEncoder(cfg)
         self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = WanDecoder(cfg)
+
+    # ----------------------------------------------------------------- CUDA graphs
+    def graph_functions(self) -> dict:
+        """What ``sdvae.graphs`` may replay: the encoder's moments of a checked video, and the
+        chunked decode of ``post_quant_conv``'s output, clamped or not."""
+        return {
+            "moments": lambda video: self.moments(video),
+            "decode": lambda x: self.decode_chunks(x).clamp_(-1.0, 1.0),
+            "decode_unclamped": lambda x: self.decode_chunks(x),
+        }
+
+    def graph_folds(self) -> list:
+        return [(m, m.resample[1]) for m in self.modules()
+                if isinstance(m, Resample) and m.mode.startswith("upsample")]  # fmt: skip
 
     # ----------------------------------------------------------------- checks
     def _check(self, name: str, x, channels: int) -> tuple[torch.Tensor, bool]:
@@ -740,7 +756,12 @@ class WanVAE(nn.Module):
                 raise ValueError(f"video frames of {h}x{w} (HxW): band_rows / band_split: a "
                                  f"banded encode of {rows[1]} down blocks needs heights that "
                                  f"are multiples of {red}")  # fmt: skip
-        if rows is None:
+        graphed = None
+        if (max_memory, offload, band_rows) == (None, None, None):
+            graphed = self.graph_runner("moments", x)
+        if graphed is not None:
+            mom = graphed(x)
+        elif rows is None:
             mom = self.moments(x)
         else:
             with budget.budgeted():
@@ -825,7 +846,12 @@ class WanVAE(nn.Module):
         if self.memory_format is not None:
             z = z.contiguous(memory_format=self.memory_format)
         x = self._decoder_input(z, raw)
-        if rows is None:
+        graphed = None
+        if (max_memory, offload, band_rows) == (None, None, None):
+            graphed = self.graph_runner("decode" if clamp else "decode_unclamped", x)
+        if graphed is not None:  # the clamp is in the graph
+            out, clamp = graphed(x), False
+        elif rows is None:
             out = self.decode_chunks(x)
         else:
             with budget.budgeted():

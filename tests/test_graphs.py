@@ -18,13 +18,17 @@ from sdvae.graphs import GraphedCall
 CFG = VAEConfig.tiny(sample_size=16)
 
 
-def _vae(device="cpu", dtype=torch.float32):
-    torch.manual_seed(2)
-    vae = VAE(CFG).eval()
+def _perturbed(vae, device, dtype):
+    """``vae`` in eval mode with non-trivial weights, on ``device`` in ``dtype``."""
     with torch.no_grad():
         for p in vae.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return vae.to(device, dtype)
+    return vae.eval().to(device, dtype)
+
+
+def _vae(device="cpu", dtype=torch.float32):
+    torch.manual_seed(2)
+    return _perturbed(VAE(CFG), device, dtype)
 
 
 def test_cpu_model_keeps_graphs_off_with_a_reason():
@@ -33,7 +37,7 @@ def test_cpu_model_keeps_graphs_off_with_a_reason():
     assert "CUDA" in vae.fused_reasons["cuda_graph"][0]
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
-        assert vae._graphed("moments", x) is None
+        assert vae.graph_runner("moments", x) is None
         vae.decode(vae.encode(x, sample=False))  # runs eagerly
 
 
@@ -64,8 +68,8 @@ def test_graphed_model_equals_eager_per_shape():
         assert_close(out, eager.decode(z), name=f"decode {hw}")
         again = graphed.decode(z * 0.5)
         assert not torch.equal(out, again), "a result was overwritten by the next replay"
-    assert len(graphed._graphs["decode"].graphs) == 2
-    assert len(graphed._graphs["moments"].graphs) == 2
+    assert len(graphed.graph_runners["decode"].graphs) == 2
+    assert len(graphed.graph_runners["moments"].graphs) == 2
 
 
 @pytest.mark.cuda
@@ -82,7 +86,7 @@ def test_graphs_follow_in_place_weight_changes_and_moves():
         assert_close(vae.decode(z), ref.decode(z), name="after an in-place update")
     vae.half()
     ref.half()
-    assert not vae._graphs, "casting must drop the captured graphs"
+    assert not vae.graph_runners, "casting must drop the captured graphs"
     with torch.no_grad():
         zh = z.half()
         assert_close(vae.decode(zh), ref.decode(zh), name="after .half()")
@@ -104,9 +108,9 @@ def test_graphed_encode_samples_fresh_noise_and_honours_seeds():
 def test_grad_mode_runs_eagerly():
     vae = sdvae.optimize(_vae("cuda"), cuda_graph=True)
     z = torch.randn(1, 4, 4, 4, device="cuda")
-    assert vae._graphed("decode", z) is None  # parameters require grad, grad mode on
+    assert vae.graph_runner("decode", z) is None  # parameters require grad, grad mode on
     with torch.no_grad():
-        assert vae._graphed("decode", z) is not None
+        assert vae.graph_runner("decode", z) is not None
 
 
 @pytest.mark.cuda
@@ -119,9 +123,9 @@ def test_graph_inputs_of_any_layout_and_no_graph_under_autocast():
     got = graphed.decode(z.expand(3, -1, -1, -1))  # overlapping strides
     assert_close(got, want, name="expanded input")
     graphed.decode(z.expand(3, -1, -1, -1).contiguous(memory_format=torch.channels_last))
-    assert len(graphed._graphs["decode"].graphs) == 1  # one graph for both layouts
+    assert len(graphed.graph_runners["decode"].graphs) == 1  # one graph for both layouts
     with torch.autocast("cuda"):
-        assert graphed._graphed("decode", z) is None
+        assert graphed.graph_runner("decode", z) is None
 
 
 @pytest.mark.cuda
@@ -135,7 +139,7 @@ def test_tf32_switch_gets_its_own_graph():
         vae.decode(z)
     with tf32(True):
         vae.decode(z)
-    assert len(vae._graphs["decode"].graphs) == 2
+    assert len(vae.graph_runners["decode"].graphs) == 2
 
 
 # ------------------------------------------------------------------ host-side decisions
@@ -278,7 +282,7 @@ def test_budgeted_full_path_never_goes_through_the_graphs(monkeypatch):
     def graphed(*a, **k):
         raise AssertionError("a budgeted call went through the CUDA graphs")
 
-    monkeypatch.setattr(vae, "_graphed", graphed)
+    monkeypatch.setattr(vae, "graph_runner", graphed)
     z = torch.randn(1, 4, 4, 4)
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
@@ -306,7 +310,7 @@ def test_flux2_decode_fold_is_made_before_the_warm_up():
     vae = VAE(cfg).eval()
     z = torch.randn(1, cfg.pipeline_latent_channels, 2, 2)
     with torch.no_grad():
-        vae._prepare_decode(z)
+        vae.graph_prepare("decode", z)
     assert "decode" in vae._norm_cache
 
 
@@ -321,8 +325,8 @@ def test_capture_with_inference_tensor_weights():
         z = torch.randn(1, 4, 4, 4, device="cuda", dtype=torch.float16)
         for _ in range(3):
             assert_close(graphed.decode(z), eager.decode(z), name="inference-tensor weights")
-    assert not graphed._graphs["decode"].failures
-    assert len(graphed._graphs["decode"].graphs) == 1
+    assert not graphed.graph_runners["decode"].failures
+    assert len(graphed.graph_runners["decode"].graphs) == 1
 
 
 @pytest.mark.cuda
@@ -365,7 +369,7 @@ def test_budgeted_call_under_cuda_graph_stays_within_full_bytes():
     torch.cuda.synchronize()
     used = torch.cuda.max_memory_allocated() - base
     assert used <= plan.full_bytes, (used, plan.full_bytes)
-    assert not vae._graphs.get("decode"), "a budgeted call captured a graph"
+    assert not vae.graph_runners.get("decode"), "a budgeted call captured a graph"
 
 
 def test_host_checks_are_walked_once_per_structural_change():
@@ -379,3 +383,132 @@ def test_host_checks_are_walked_once_per_structural_change():
     assert second is not first and second[3] != first[3]
     vae.double()
     assert vae._graph_view()[3] != second[3]
+
+
+# ------------------------------------------------------------------ the Wan family
+def _wan(device="cpu", dtype=torch.float32):
+    from sdvae.config import WanConfig
+    from sdvae.wan import WanVAE
+
+    torch.manual_seed(3)
+    return _perturbed(WanVAE(WanConfig.tiny(base_dim=16)), device, dtype)
+
+
+def test_wan_cpu_model_keeps_graphs_off_with_a_reason_and_unoptimize_drops_them():
+    vae = sdvae.optimize(_wan(), cuda_graph=True)
+    assert not vae.cuda_graphs
+    assert "CUDA" in vae.fused_reasons["cuda_graph"][0]
+    vae.enable_cuda_graphs()
+    sdvae.unoptimize(vae)
+    assert not vae.cuda_graphs
+
+
+def test_wan_graph_functions_run_under_a_simulated_capture(monkeypatch):
+    """What a Wan graph captures (the chunked decode of ``post_quant_conv``'s output with its
+    clamp; the encoder's moments) runs with the capture's rules simulated: the upsampler
+    folds made before (``graph_prepare``) and not redone, no host-to-device copy, no
+    host-reading sync (``item``, ``tolist``, ``bool`` of a tensor). Its results equal the
+    eager calls', for one latent frame (Qwen-Image's decode) and three."""
+    vae = sdvae.optimize(_wan(), channels_last=True)  # fp32: the folded upsamplers run
+    vae.enable_cuda_graphs()  # on the CPU graph_runner gives None: the calls run eagerly
+    cfg = vae.config
+    video = torch.rand(1, 3, 5, 16, 24) * 2 - 1
+    cases = []
+    with torch.no_grad():
+        for t in (1, 3):
+            z = torch.randn(1, cfg.z_dim, t, 2, 3)
+            x = vae.post_quant_conv(z.contiguous(memory_format=torch.channels_last_3d))
+            cases += [("decode", x, vae.decode(z, raw=True)),
+                      ("decode_unclamped", x, vae.decode(z, raw=True, clamp=False))]  # fmt: skip
+        v = video.contiguous(memory_format=torch.channels_last_3d)
+        cases.append(("moments", v, vae.moments(v)))
+        for name, x, _ in cases:
+            vae.graph_prepare(name, x)
+    folds = vae.graph_folds()
+    assert folds and all(o.fused for o, _ in folds), "no folded upsampler was exercised"
+
+    def forbidden(what):
+        def call(*a, **k):
+            raise AssertionError(f"{what} inside a (simulated) capture")
+
+        return call
+
+    from sdvae import dispatch
+
+    fns = vae.graph_functions()
+    with monkeypatch.context() as m, torch.no_grad():
+        m.setattr(torch.cuda, "is_initialized", lambda: True)
+        m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        m.setattr(dispatch, "refold_upsample", forbidden("a refold"))
+        m.setattr(torch, "tensor", forbidden("torch.tensor (a host-to-device copy)"))
+        for attr in ("item", "tolist", "__bool__"):
+            m.setattr(torch.Tensor, attr, forbidden(f"Tensor.{attr} (a sync)"))
+        got = [fns[name](x) for name, x, _ in cases]
+    for (name, _, want), out in zip(cases, got):
+        assert torch.equal(out, want), name
+    assert got[0].abs().max() <= 1 and got[1].abs().max() > 1, "clamp / no clamp not exercised"
+
+
+def test_wan_budgeted_calls_never_go_through_the_graphs(monkeypatch):
+    vae = sdvae.optimize(_wan())
+    vae.enable_cuda_graphs()
+
+    def graphed(*a, **k):
+        raise AssertionError("a budgeted call went through the CUDA graphs")
+
+    monkeypatch.setattr(vae, "graph_runner", graphed)
+    z = torch.randn(1, vae.config.z_dim, 2, 4, 4)
+    x = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    with torch.no_grad():
+        vae.decode(z, max_memory="1GiB")
+        vae.decode(z, band_rows=2)
+        vae.encode(x, max_memory="1GiB")
+        vae.encode(x, offload="cpu")
+
+
+def test_wan_graph_prepare_refolds_a_stale_upsampler_and_copies_start_without_graphs():
+    from sdvae.dispatch import fold_is_current
+
+    vae = sdvae.optimize(_wan())
+    vae.enable_cuda_graphs()
+    (owner, conv), *_ = vae.graph_folds()
+    with torch.no_grad():
+        conv.weight.mul_(1.5)
+    assert not fold_is_current(owner, conv)
+    vae.graph_prepare("decode", torch.zeros(1))
+    assert fold_is_current(owner, conv)
+    vae.graph_runners["decode"] = object()  # as a captured runner
+    assert copy.deepcopy(vae).graph_runners == {}
+    vae.double()
+    assert vae.graph_runners == {}, "casting must drop the captured graphs"
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_gpu_graphed_wan_equals_eager_per_shape():
+    """fp16, channels_last_3d: the replayed decode (1 and 3 latent frames, clamped and not)
+    and encode (1 and 5 frames) equal the eager fused model's, one graph per shape, results
+    never overwritten by the next replay; fp32 (the folded upsamplers) after an in-place
+    weight change."""
+    for dtype in (torch.float16, torch.float32):
+        eager = sdvae.optimize(_wan("cuda", dtype))
+        graphed = sdvae.optimize(copy.deepcopy(eager), cuda_graph=True)
+        assert graphed.cuda_graphs
+        zdim = eager.config.z_dim
+        if dtype == torch.float32:
+            for p, q in zip(graphed.parameters(), eager.parameters()):
+                p.mul_(1.1)
+                q.mul_(1.1)
+        for t in (1, 3, 1):
+            z = torch.randn(1, zdim, t, 6, 10, device="cuda", dtype=dtype)
+            out = graphed.decode(z)
+            assert_close(out, eager.decode(z), name=f"decode t={t} {dtype}")
+            assert_close(graphed.decode(z, clamp=False), eager.decode(z, clamp=False),
+                         name=f"decode t={t} unclamped {dtype}")  # fmt: skip
+            assert not torch.equal(out, graphed.decode(z * 0.5)), "a result was overwritten"
+        for t in (1, 5):
+            x = torch.rand(1, 3, t, 48, 80, device="cuda", dtype=dtype) * 2 - 1
+            assert_close(graphed.encode(x), eager.encode(x), name=f"encode t={t} {dtype}")
+        assert len(graphed.graph_runners["decode"].graphs) == 2
+        assert len(graphed.graph_runners["moments"].graphs) == 2
+        assert "cuda_graph" not in graphed.fused_reasons, graphed.fused_reasons

@@ -12,9 +12,12 @@ decoder call is compiled; GPU only), ``diffusers_patched`` (``sdvae.patch_diffus
 ``sdvae`` (``sdvae.optimize`` of the ``WanVAE``: frame buffers, RMS norm kernel,
 channels_last_3d on CUDA) and ``sdvae_budget`` (the same within ``max_memory``, kept frames
 offloaded: ``sdvae.wan_stream``'s banded decode where the budget is below the whole-frame
-peak). No ``sdvae_graph`` row: CUDA graphs are not available for the
-Wan family yet. Each row records its peak memory (``peak_mem_mb``) and ``max_err``, the
-largest absolute pixel difference from the diffusers row.
+peak), and on a GPU ``sdvae_graph`` (``sdvae.optimize(..., cuda_graph=True)``: the whole
+chunked decode replayed from one CUDA graph per shape). Each row records its peak memory
+(``peak_mem_mb``) and ``max_err``, the largest absolute pixel difference from the diffusers
+row. A replayed graph's memory pool is allocated when it is captured, before a timed row's
+baseline, so ``sdvae_graph`` also has a ``(peak memory)`` row that drops its graphs first
+and counts warm-up, capture and replay: what a first call needs.
 
 bf16 on a GPU (the dtype the Wan pipelines run), fp32 on the CPU, where the models are the
 tiny test config at small sizes (the rows only show that the suite runs; the GPU rows are the
@@ -109,6 +112,10 @@ def cases(ctx: Context):
             runs.append(("sdvae_budget", layout,
                          lambda f=fast, z=z, m=limit: f.decode(z, raw=True, max_memory=m,
                                                                offload="cpu")))  # fmt: skip
+            graphed = None
+            if ctx.is_cuda:
+                graphed = sdvae.optimize(copy.deepcopy(vae), cuda_graph=True)
+                runs.append(("sdvae_graph", layout, lambda g=graphed, z=z: g.decode(z, raw=True)))
             ref = _inference(runs[0][2])
             shape = f"{label} latents 1x{'x'.join(map(str, lat))}"
             for provider, lay, fn in runs:
@@ -116,5 +123,14 @@ def cases(ctx: Context):
                 err = None if provider == runs[0][0] else _max_err(call, ref)
                 yield Case("wan", shape, dtype, lay, provider, call, track_cpu_memory=True,
                            error=err)  # fmt: skip
+            if graphed is not None:
+
+                def first_call(g=graphed, z=z):
+                    g.enable_cuda_graphs()  # drops its graphs and their memory pool
+                    return g.decode(z, raw=True)
+
+                yield Case("wan", f"{shape} (peak memory)", dtype, layout, "sdvae_graph",
+                           _inference(first_call), memory_only=True)  # fmt: skip
+                del graphed
             if ctx.is_cuda:
                 torch._dynamo.reset()
