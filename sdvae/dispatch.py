@@ -55,6 +55,7 @@ __all__ = [
     "upsample",
     "tensors_key",
     "tensors_unchanged",
+    "derived",
     "capturing",
     "weights_of",
     "metered",
@@ -519,6 +520,32 @@ def tensors_unchanged(key: tuple | None, tensors, *extra) -> bool:
             for (ref, p, v), t in zip(made, tensors)
         )
     )
+
+
+def derived(cache: dict, name: str, sources, dtype, device, make):
+    """``make()``, a value computed from ``sources`` (weights, buffers) for ``dtype`` and
+    ``device``, kept in ``cache[name]`` while the sources are unchanged (``tensors_unchanged``)
+    so that later calls launch nothing and copy nothing from the host. Recomputed on every
+    call under torch.compile or a CUDA-graph capture (a traced or captured call always reads
+    the current values), when autograd must see it (a source requires grad, grad mode on),
+    and for meta or inference sources (no version counter to tell a change)."""
+    if (
+        torch.compiler.is_compiling()
+        or any(t.is_meta or t.is_inference() for t in sources)
+        or capturing()
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
+    ):
+        return make()
+    hit = cache.get(name)
+    if hit is not None and tensors_unchanged(hit[0], sources, dtype, device):
+        return hit[1]
+    key = tensors_key(sources, dtype, device)
+    # Plain tensors even when called under inference mode, so that a later call with
+    # autograd on may read them.
+    with torch.inference_mode(False), torch.no_grad():
+        out = make()
+    cache[name] = (key, out)
+    return out
 
 
 def fold_is_current(owner: torch.nn.Module, conv: torch.nn.Conv2d) -> bool:

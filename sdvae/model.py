@@ -37,7 +37,7 @@ from torch import nn
 
 from . import dispatch, execute, steps
 from .config import VAEConfig
-from .dispatch import fold_upsample_weight, tensors_key, tensors_unchanged
+from .dispatch import fold_upsample_weight
 from .graphs import GraphedModel
 
 __all__ = [
@@ -733,12 +733,9 @@ class VAE(GraphedModel, nn.Module):
           ``W' = kron(W, I4) * std[None, :]`` and ``b' = repeat(b, 4) + kron(W, I4) @ mean``;
           without it, (mean, std) for the explicit pass.
 
-        Kept while the weights and statistics are unchanged (same live storages, addresses and
-        versions: ``dispatch.tensors_unchanged``);
-        recomputed every call under torch.compile or CUDA-graph capture, so that a traced or
-        captured call always reads the current values, when autograd must see the fold
-        (``post_quant_conv``'s weights require grad), and for inference tensors (no version
-        counter to tell a change)."""
+        Kept while the weights and statistics are unchanged (``dispatch.derived``: recomputed
+        every call under torch.compile or CUDA-graph capture, under autograd, and for
+        inference tensors)."""
         pqc = self.post_quant_conv if which == "decode" else None
         sources = [self.bn.running_mean, self.bn.running_var]
         if pqc is not None:
@@ -746,23 +743,8 @@ class VAE(GraphedModel, nn.Module):
         # The encode factors stay in float64 for a float64 model, else fp32 (the kernel reads
         # fp32); the decode fold is cast to the latents' dtype, as a conv's weight would be.
         dtype = x.dtype if which == "decode" else torch.promote_types(x.dtype, torch.float32)
-        if (
-            torch.compiler.is_compiling()
-            or any(t.is_meta or t.is_inference() for t in sources)
-            or (x.is_cuda and torch.cuda.is_current_stream_capturing())
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
-        ):
-            return self._fold_norm(which, pqc, x.device, dtype)
-        hit = self._norm_cache.get(which)
-        if hit is not None and tensors_unchanged(hit[0], sources, dtype, x.device):
-            return hit[1]
-        key = tensors_key(sources, dtype, x.device)
-        # Plain tensors even when called under inference mode, so that a later call with
-        # autograd on may read them.
-        with torch.inference_mode(False), torch.no_grad():
-            out = self._fold_norm(which, pqc, x.device, dtype)
-        self._norm_cache[which] = (key, out)
-        return out
+        return dispatch.derived(self._norm_cache, which, sources, dtype, x.device,
+                                lambda: self._fold_norm(which, pqc, x.device, dtype))  # fmt: skip
 
     def _fold_norm(self, which: str, pqc, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """See ``_norm_folded``: the folded tensors, computed in float64."""

@@ -630,7 +630,10 @@ class WanVAE(GraphedModel, nn.Module):
             raise ValueError(f"{name} is on {x.device} but the model is on {w.device}")
         return x, image
 
-    def _stats(self, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stats(self, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents_mean, latents_std, 1 / latents_std) in ``dtype`` on ``device`` (the mean and
+        std through float64, the reciprocal in fp32, as the pipelines), made once per dtype and
+        device (the config is frozen): later calls copy nothing from the host."""
         cfg = self.config
         if not cfg.has_latent_stats:
             raise ValueError(
@@ -638,9 +641,15 @@ class WanVAE(GraphedModel, nn.Module):
                 "from the model's diffusers config.json), so only raw latents are available: "
                 "pass raw=True"
             )
-        mean = torch.tensor(cfg.latents_mean, dtype=torch.float64, device=device)
-        std = torch.tensor(cfg.latents_std, dtype=torch.float64, device=device)
-        return mean.to(dtype), std.to(dtype)
+        cache = self.__dict__.setdefault("_stats_cache", {})
+        got = cache.get((dtype, device))
+        if got is None:
+            with torch.inference_mode(False), torch.no_grad():
+                mean = torch.tensor(cfg.latents_mean, dtype=torch.float64, device=device)
+                std = torch.tensor(cfg.latents_std, dtype=torch.float64, device=device)
+                inv = 1.0 / torch.tensor(cfg.latents_std, device=device)
+                got = cache[(dtype, device)] = (mean.to(dtype), std.to(dtype), inv.to(dtype))
+        return got
 
     # ----------------------------------------------------------------- budget
     def _band_rows(self, op: str, x: torch.Tensor, max_memory, offload, band_rows,
@@ -780,8 +789,7 @@ class WanVAE(GraphedModel, nn.Module):
         else:
             z = mean
         if not raw:  # as the pipelines: (z - mean) * (1 / std), the reciprocal in fp32
-            m, _ = self._stats(z.dtype, z.device)
-            inv = (1.0 / torch.tensor(cfg.latents_std, device=z.device)).to(z.dtype)
+            m, _, inv = self._stats(z.dtype, z.device)
             z = (z - m.view(1, -1, 1, 1, 1)) * inv.view(1, -1, 1, 1, 1)
         return z[:, :, 0] if image else z
 
@@ -792,12 +800,18 @@ class WanVAE(GraphedModel, nn.Module):
         pqc = self.post_quant_conv
         if raw:
             return pqc(z)
-        mean, std = self._stats(torch.float64, z.device)
-        c = self.config.z_dim
-        wt = pqc.weight.detach().double().reshape(c, c)
-        b = pqc.bias.detach().double() if pqc.bias is not None else torch.zeros_like(mean)
-        w2 = (wt * std[None, :]).reshape(c, c, 1, 1, 1).to(z.dtype)
-        b2 = (b + wt @ mean).to(z.dtype)
+        mean, std, _ = self._stats(torch.float64, z.device)
+
+        def fold():
+            c = self.config.z_dim
+            wt = pqc.weight.double().reshape(c, c)
+            b = pqc.bias.double() if pqc.bias is not None else torch.zeros_like(mean)
+            w2 = (wt * std[None, :]).reshape(c, c, 1, 1, 1).to(z.dtype)
+            return w2, (b + wt @ mean).to(z.dtype)
+
+        sources = [pqc.weight] + ([pqc.bias] if pqc.bias is not None else [])
+        cache = self.__dict__.setdefault("_fold_cache", {})
+        w2, b2 = dispatch.derived(cache, "decode", sources, z.dtype, z.device, fold)
         return dispatch.conv3d(z, w2, b2) if pqc.fused else F.conv3d(z, w2, b2)
 
     def decode_chunks(self, x: torch.Tensor, chunk=None, state=None) -> torch.Tensor:

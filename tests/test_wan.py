@@ -50,6 +50,13 @@ def _stats(cfg, like):
     return mean, inv_std
 
 
+def _raw(cfg, lat):
+    """The raw latents ``lat * std + mean`` that pipeline latents ``lat`` stand for."""
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1, 1)
+                 for v in (cfg.latents_mean, cfg.latents_std))  # fmt: skip
+    return (lat.double() * std + mean).to(lat.dtype)
+
+
 @pytest.mark.parametrize("frames", [1, 5, 9])
 @torch.no_grad()
 def test_encode_and_decode_equal_diffusers(pair, frames):
@@ -454,6 +461,48 @@ def test_fused_model_under_autograd_gives_the_unfused_gradients():
                           else m.encoder.conv_in.weight.grad))  # fmt: skip
         for got, want in zip(grads[1], grads[0]):
             assert _rel(got, want) <= 1e-10, (op, _rel(got, want))
+
+
+def test_pipeline_latents_train_post_quant_conv_as_raw_latents_do():
+    """The de-normalization folded into ``post_quant_conv`` keeps autograd: the weight's
+    gradient from pipeline latents equals the one from the raw latents they stand for (before:
+    the fold detached the weight, so pipeline latents left it untrained)."""
+    _, vae = _pair("wan21")
+    vae = vae.double()
+    cfg = vae.config
+    lat = torch.randn(1, cfg.z_dim, 2, 3, 4, dtype=torch.float64)
+    grads = []
+    for z, raw in ((lat, False), (_raw(cfg, lat), True)):
+        vae.zero_grad()
+        vae.decode(z, raw=raw, clamp=False).square().sum().backward()
+        grads.append(vae.post_quant_conv.weight.grad.clone())
+    assert grads[0].abs().max() > 0
+    assert _rel(grads[0], grads[1]) <= 1e-10
+
+
+@torch.no_grad()
+def test_latent_statistics_and_the_fold_are_made_once_and_follow_weight_changes(monkeypatch):
+    """After the first call, decode and encode copy nothing from the host for the latent
+    statistics or the folded ``post_quant_conv`` (no sync before the decode's launches); an
+    in-place change of ``post_quant_conv``'s weight is picked up."""
+    _, vae = _pair("wan21")
+    z = torch.randn(1, vae.config.z_dim, 2, 3, 4)
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    vae.decode(z)
+    vae.encode(x)
+
+    def host_copy(*a, **k):
+        raise AssertionError("torch.tensor (a host-to-device copy) on a later call")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "tensor", host_copy)
+        first = vae.decode(z, clamp=False)
+        vae.encode(x)
+        vae.post_quant_conv.weight.mul_(1.5)
+        changed = vae.decode(z, clamp=False)
+    want = vae.decode(_raw(vae.config, z), raw=True, clamp=False)
+    assert not torch.equal(first, changed)
+    assert _rel(changed, want) <= 1e-5  # fp32; the weight change moved it by ~0.5
 
 
 def test_unoptimize_switches_every_fused_op_off():
