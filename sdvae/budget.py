@@ -728,40 +728,36 @@ def diffusers_plan(akl, op: str, x: torch.Tensor, *, max_memory=None, offload=No
                      band_rows=band_rows)  # fmt: skip
 
 
-def diffusers_decode(akl, z: torch.Tensor, *, band_rows=None) -> torch.Tensor:
-    """A patched ``AutoencoderKL``'s decode with tiling on: exactly the untiled decode, run
-    full when it fits the budget (``akl.sdvae_max_memory``, else the free memory), else
-    streamed (``akl.sdvae_offload``)."""
+def _akl_call(akl, op: str, x: torch.Tensor, band_rows, pre=None, post=None):
+    """A patched ``AutoencoderKL``'s ``op`` part on ``x`` with tiling on: ``pre`` (the
+    post-quant conv), the part, full when the plan fits the budget (``akl.sdvae_max_memory``,
+    else the free memory) or else streamed (``akl.sdvae_offload``), then ``post`` (the quant
+    conv)."""
     offload = check_offload(getattr(akl, "sdvae_offload", None))
-    refuse_grad(z, akl)
-    budget = _akl_budget(akl, z.device) if band_rows is None else None
-    plan = diffusers_plan(akl, "decode", z, max_memory=budget, offload=offload,
-                          band_rows=band_rows)  # fmt: skip
+    refuse_grad(x, akl)
+    budget = _akl_budget(akl, x.device) if band_rows is None else None
+    plan = diffusers_plan(akl, op, x, max_memory=budget, offload=offload, band_rows=band_rows)
     if plan.path == "none":
         raise budget_error(plan, "sdvae_max_memory")
+    part = akl.decoder if op == "decode" else akl.encoder
     with budgeted():
-        if akl.post_quant_conv is not None:
-            z = akl.post_quant_conv(z)
+        if pre is not None:
+            x = pre(x)
         if plan.path == "full":
-            return akl.decoder(z)
-        return stream.run(akl.decoder, z, rows=plan.rows if band_rows is None else band_rows,
-                          offload=offload)  # fmt: skip
+            y = part(x)
+        else:
+            rows = plan.rows if band_rows is None else band_rows
+            y = stream.run(part, x, rows=rows, offload=offload)
+        return post(y) if post is not None else y
+
+
+def diffusers_decode(akl, z: torch.Tensor, *, band_rows=None) -> torch.Tensor:
+    """A patched ``AutoencoderKL``'s decode with tiling on: exactly the untiled decode, run
+    full when it fits the budget, else streamed (``_akl_call``)."""
+    return _akl_call(akl, "decode", z, band_rows, pre=akl.post_quant_conv)
 
 
 def diffusers_moments(akl, x: torch.Tensor, *, band_rows=None) -> torch.Tensor:
     """A patched ``AutoencoderKL``'s encoder (+ quant conv) with tiling on: the untiled
     moments, full or streamed as ``diffusers_decode`` decides."""
-    offload = check_offload(getattr(akl, "sdvae_offload", None))
-    refuse_grad(x, akl)
-    budget = _akl_budget(akl, x.device) if band_rows is None else None
-    plan = diffusers_plan(akl, "encode", x, max_memory=budget, offload=offload,
-                          band_rows=band_rows)  # fmt: skip
-    if plan.path == "none":
-        raise budget_error(plan, "sdvae_max_memory")
-    with budgeted():
-        if plan.path == "full":
-            m = akl.encoder(x)
-        else:
-            rows = plan.rows if band_rows is None else band_rows
-            m = stream.run(akl.encoder, x, rows=rows, offload=offload)
-        return akl.quant_conv(m) if akl.quant_conv is not None else m
+    return _akl_call(akl, "encode", x, band_rows, post=akl.quant_conv)

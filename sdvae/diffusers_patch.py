@@ -53,6 +53,7 @@ upsamplers.
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 
@@ -96,7 +97,6 @@ def _restore_forward(module) -> None:
 
 def _diffusers():
     try:
-        from diffusers import AutoencoderKL
         from diffusers.models.attention_processor import Attention
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.models.downsampling import Downsample2D
@@ -104,14 +104,7 @@ def _diffusers():
         from diffusers.models.upsampling import Upsample2D
     except ImportError as exc:  # pragma: no cover - diffusers is an optional extra
         raise ImportError("patch_diffusers needs diffusers: pip install diffusers") from exc
-    return (
-        AutoencoderKL,
-        Attention,
-        DiagonalGaussianDistribution,
-        Downsample2D,
-        ResnetBlock2D,
-        Upsample2D,
-    )
+    return Attention, DiagonalGaussianDistribution, Downsample2D, ResnetBlock2D, Upsample2D
 
 
 def _gn(norm, x, silu):
@@ -485,9 +478,7 @@ def patch_diffusers(
                 "max_memory / offload"
             )
         return _patch_wan(autoencoder_kl, channels_last)
-    AutoencoderKL, Attention, DiagonalGaussian, Downsample2D, ResnetBlock2D, Upsample2D = (
-        _diffusers()
-    )
+    Attention, DiagonalGaussian, Downsample2D, ResnetBlock2D, Upsample2D = _diffusers()
     check_diffusers_model(autoencoder_kl)  # AutoencoderKL or AutoencoderKLFlux2
     if is_patched(autoencoder_kl):
         autoencoder_kl.sdvae_max_memory, autoencoder_kl.sdvae_offload = budget, offload
@@ -637,22 +628,12 @@ def _wan_up_forward(self, x):
         return dispatch.upsample(self, self[1], x)
 
 
-def _wan_tiled_encode(self, x):
-    """``enable_tiling()`` on a patched Wan model: the exact encode (diffusers' own chunked,
-    untiled ``_encode``), not blended tiles."""
+def _wan_untiled(self, name: str, *args, **kwargs):
+    """``enable_tiling()`` on a patched Wan model: the exact ``_encode`` / ``_decode``
+    (diffusers' own chunked, untiled ones: one latent frame at a time), not blended tiles."""
     tiling, self.use_tiling = self.use_tiling, False
     try:
-        return self._encode(x)
-    finally:
-        self.use_tiling = tiling
-
-
-def _wan_tiled_decode(self, z, return_dict: bool = True):
-    """``enable_tiling()`` on a patched Wan model: the exact decode (one latent frame at a
-    time), not blended tiles."""
-    tiling, self.use_tiling = self.use_tiling, False
-    try:
-        return self._decode(z, return_dict=return_dict)
+        return getattr(self, name)(*args, **kwargs)
     finally:
         self.use_tiling = tiling
 
@@ -732,8 +713,8 @@ def _patch_wan(akl, channels_last: bool | None):
                 _set_forward(module.resample, _wan_up_forward)
                 patched.append(module.resample)
                 ups.append(module.resample)
-    akl.tiled_encode = types.MethodType(_wan_tiled_encode, akl)
-    akl.tiled_decode = types.MethodType(_wan_tiled_decode, akl)
+    akl.tiled_encode = functools.partial(_wan_untiled, akl, "_encode")
+    akl.tiled_decode = functools.partial(_wan_untiled, akl, "_decode")
     akl._sdvae_patched = patched
     akl._sdvae_reasons = usable.reasons
     for seq in ups:  # folded now on real weights (on meta ones: at the first call)

@@ -20,7 +20,7 @@ What runs where, once switched:
   the interpreter, so that the tests run the same wiring; plain CPU keeps ``F.conv2d``).
   The first conv of each residual block runs without its bias, which the next GroupNorm
   adds in its loads, and an upsampler's bias is handed to the block after it
-  (``ResnetBlock.run``).
+  (``sdvae.execute``).
 * Upsample (nearest x2 + 3x3 conv) -> one stride-2 transposed conv with the 3x3 weight folded
   once into a 4x4 one (``sdvae.dispatch.fold_upsample_weight``): exact, 2.25x fewer FLOPs and no
   upsampled copy; on the CPU too (measured on the H200 before it was adopted: 2.1-2.5x per
@@ -209,20 +209,13 @@ def optimize_wan(vae: wan.WanVAE, *, channels_last: bool | None = None) -> wan.W
 
 def unoptimize(vae: VAE | wan.WanVAE) -> VAE | wan.WanVAE:
     """Switch every fused path off again (the weights are untouched)."""
-    if isinstance(vae, wan.WanVAE):
-        for m in vae.modules():
-            if hasattr(m, "fused"):
-                m.fused = False
-        vae.fused_reasons, vae.memory_format = {}, None
-        vae.disable_cuda_graphs()
-        return vae
-    if not isinstance(vae, VAE):
-        raise TypeError(f"vae must be a sdvae.VAE, got {type(vae).__name__}")
+    if not isinstance(vae, (VAE, wan.WanVAE)):
+        raise TypeError(f"vae must be a sdvae.VAE or sdvae.WanVAE, got {type(vae).__name__}")
     for m in vae.modules():
-        if isinstance(m, (GroupNorm, AttentionBlock, Downsample, Upsample, Conv2d)):
+        if hasattr(m, "fused"):  # every module with a fused op, of either family
             m.fused = False
-    vae.fused_sampling = False
-    vae.fused_reasons = {}
+    if isinstance(vae, VAE):
+        vae.fused_sampling = False
+    vae.fused_reasons, vae.memory_format = {}, None
     vae.disable_cuda_graphs()
-    vae.memory_format = None
     return vae

@@ -75,28 +75,9 @@ class GroupNorm(_Switch, nn.GroupNorm):
         self.silu = silu
         self.fused = False
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        input_bias: torch.Tensor | None = None,
-        *,
-        inplace: bool = False,
-    ) -> torch.Tensor:
-        """GroupNorm(+SiLU) of ``x + input_bias[c]`` (``input_bias``: the producing conv's
-        bias, left out of that conv so that it is added here, inside the kernel's loads).
-        ``inplace``: the fused kernel may write the result over ``x`` (the caller will not
-        read ``x`` again); callers always use the returned tensor."""
-        return dispatch.group_norm(
-            x,
-            self.num_groups,
-            self.weight,
-            self.bias,
-            self.eps,
-            silu=self.silu,
-            fused=self.fused,
-            input_bias=input_bias,
-            inplace=inplace,
-        )
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                                   silu=self.silu, fused=self.fused)  # fmt: skip
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", silu={self.silu}"
@@ -105,17 +86,13 @@ class GroupNorm(_Switch, nn.GroupNorm):
 class Conv2d(_Switch, nn.Conv2d):
     """``nn.Conv2d`` (same parameters and names) that can run through ``sdvae.ops.conv2d``
     (``fused``, set by ``sdvae.optimize``): one cuDNN graph with the bias and an optional
-    residual fused into the conv's epilogue, no padded copy. ``bias=False`` leaves the bias
-    out (the caller adds it elsewhere, e.g. inside the next GroupNorm's loads); ``bias`` may
-    also be a tensor that replaces ``self.bias`` for this call (a bias folded from upstream)."""
+    residual fused into the conv's epilogue, no padded copy (the whole-tensor executor,
+    ``sdvae.execute.conv``, passes those)."""
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, *, bias=True
-    ) -> torch.Tensor:
-        b = self.bias if bias is True else (None if bias is False else bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = self.padding
-        return dispatch.conv2d(x, self.weight, b, fused=self.fused, stride=self.stride[0],
-                               padding=(pw, pw, ph, ph), residual=residual)  # fmt: skip
+        return dispatch.conv2d(x, self.weight, self.bias, fused=self.fused,
+                               stride=self.stride[0], padding=(pw, pw, ph, ph))  # fmt: skip
 
 
 class ResnetBlock(nn.Module):
@@ -131,11 +108,10 @@ class ResnetBlock(nn.Module):
             Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         )
 
-    def forward(self, x: torch.Tensor, pending_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The block of ``x + pending_bias[c]`` (``pending_bias``: the bias of an upsampler
-        before it, not yet added). Unfused, this is the plain eager block; fused, the
-        whole-tensor executor runs it (``sdvae.execute.resnet``)."""
-        if not self.norm2.fused and pending_bias is None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Unfused, the plain eager block; fused, the whole-tensor executor runs it
+        (``sdvae.execute.resnet``)."""
+        if not self.norm2.fused:
             h = self.conv1(self.norm1(x))
             h = self.norm2(h)
             h = self.conv2(h)
@@ -144,7 +120,7 @@ class ResnetBlock(nn.Module):
             return x + h
         state = [x]
         del x
-        execute.resnet(resnet_record(self, _WHOLE), state, pending_bias, owned=False)
+        execute.resnet(resnet_record(self, _WHOLE), state, None, owned=False)
         return state.pop()
 
 

@@ -90,9 +90,11 @@ class _Buf:
 
 @dataclasses.dataclass
 class _Slot:
-    """GroupNorm statistics of a tensor, accumulated by the pass that writes it."""
+    """GroupNorm statistics of a tensor, accumulated by the pass that writes it; ``fused``:
+    the GroupNorm that reads them runs the band kernels (else their reference)."""
 
     groups: int
+    fused: bool = False
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None
     count: float = 0
@@ -153,24 +155,16 @@ class _Program:
                     b.first = i
                 b.last = i
 
-    def _next_groups(self, i):
-        if i + 1 >= len(self.steps):
-            return None
-        s = self.steps[i + 1]
-        if isinstance(s, Resnet):
-            return s.norm1.groups
-        if isinstance(s, (Attention, Out)):
-            return s.norm.groups
-        return None
-
-    def _new_slot(self, groups: int) -> _Slot:
-        slot = _Slot(groups)
+    def _new_slot(self, norm: Norm) -> _Slot:
+        slot = _Slot(norm.groups, norm.fused)
         self.slots.append(slot)
         return slot
 
     def _slot(self, i):
-        g = self._next_groups(i)
-        return None if g is None else self._new_slot(g)
+        """The statistics slot for the GroupNorm of step ``i + 1``, if it starts with one."""
+        s = self.steps[i + 1] if i + 1 < len(self.steps) else None
+        norm = s.norm1 if isinstance(s, Resnet) else getattr(s, "norm", None)
+        return self._new_slot(norm) if isinstance(s, (Resnet, Attention, Out)) else None
 
     def _build(self, h, w):
         cur = None  # _Buf or _Virtual
@@ -212,7 +206,7 @@ class _Program:
         virtual = isinstance(cur, _Virtual)
         hh, ww = (cur.y.h * 2, cur.y.w * 2) if virtual else (cur.h, cur.w)
         if virtual:
-            stats = self._new_slot(st.norm1.groups)
+            stats = self._new_slot(st.norm1)
             out = self._buf(st.name, st.cout, hh, ww)
             if st.shortcut is None:  # x itself becomes the block's output buffer
                 self._add(_Pass(st.name + " A", "res_a", st, hh, ww, cur, out, stats_out=stats,
@@ -221,7 +215,7 @@ class _Program:
             else:
                 self._add(_Pass(st.name + " A", "res_a", st, hh, ww, cur, out, stats_out=stats))
         h = self._buf(st.name + ".h", st.cout, hh, ww)
-        hstats = self._new_slot(st.norm2.groups)
+        hstats = self._new_slot(st.norm2)
         if isinstance(cur, _Virtual):  # shortcut already in `out`
             self._add(_Pass(st.name + " B", "res_b", st, hh, ww, cur, h, stats_in=stats,
                             stats_out=hstats))  # fmt: skip
@@ -370,23 +364,6 @@ class _Mover:
             empty()
 
 
-def _fused_stats(prog: _Program, p: _Pass) -> bool:
-    """Whether the GroupNorm that reads what ``p`` writes runs the kernels (a step after
-    ``p``'s own: part of its band cost, not of its structure)."""
-    if p.kind == "res_b":
-        return p.step.norm2.fused
-    if p.kind == "res_a":
-        return p.step.norm1.fused
-    steps = prog.steps
-    idx = next(i for i, s in enumerate(steps) if s is p.step)
-    nxt = steps[idx + 1] if idx + 1 < len(steps) else None
-    if isinstance(nxt, Resnet):
-        return nxt.norm1.fused
-    if isinstance(nxt, (Attention, Out)):
-        return nxt.norm.fused
-    return False
-
-
 def _kernel_fits(x: torch.Tensor) -> bool:
     """Whether the band GroupNorm kernels take ``x`` (int32 offsets inside a sample); else
     they run their reference, and so does the planner's estimate."""
@@ -479,13 +456,13 @@ class _Runner:
         return gnb.group_norm_band_apply_reference(x, slot.mean, slot.rstd, self._w(norm.weight),
                                                    self._w(norm.bias), silu=silu)  # fmt: skip
 
-    def _acc(self, slot: _Slot | None, band, fused: bool) -> None:
+    def _acc(self, slot: _Slot | None, band) -> None:
         """Merge the statistics of ``band`` into ``slot`` (Chan)."""
         if slot is None:
             return
         from .kernels import group_norm_band as gnb
 
-        fused = fused and _kernel_fits(band)
+        fused = slot.fused and _kernel_fits(band)
         if self.meta:  # the kernel's partials: a few KB; the reference: an fp32 copy of band
             acc = 8 if band.dtype == torch.float64 else 4
             if not fused and acc != band.element_size():
@@ -500,9 +477,6 @@ class _Runner:
         """(N, heads, l, d) queries against all keys and values."""
         return dispatch.attention(q.contiguous() if st.fused else q, k, v, scale=st.scale,
                                   fused=st.fused)  # fmt: skip
-
-    def _fused_stats(self, p: _Pass) -> bool:
-        return _fused_stats(self.prog, p)
 
     # ------------------------------------------------------------------- sources
     def _up_rows(self, v: _Virtual, a: int, b: int):
@@ -601,11 +575,10 @@ class _Runner:
 
     def _conv_in(self, p: _Pass, bands) -> None:
         st, x_in = p.step, self.input
-        fused = self._fused_stats(p)
         for r0, r1 in self._bands(bands, lambda r0, r1: []):
             a, b, top, bottom = _pads(r0, r1, p.h)
             y = self._conv(x_in[:, :, a:b], st.conv, top, bottom)
-            self._acc(p.stats_out, y, fused)
+            self._acc(p.stats_out, y)
             self.mv.write(p.out, r0, y)
             del y
 
@@ -617,7 +590,7 @@ class _Runner:
 
         for r0, r1 in self._bands(bands, need):
             x = self._x_rows(p.src, r0, r1)
-            self._acc(p.stats_out, x, st.norm1.fused)
+            self._acc(p.stats_out, x)
             if not p.materialize:  # the block's 1x1 shortcut, into its output buffer
                 x = self._conv(x.contiguous(memory_format=self.fmt), st.shortcut, 0, 0)
             self.mv.write(p.out, r0, x)  # materialized: x itself, the block's output buffer
@@ -637,7 +610,7 @@ class _Runner:
             del x
             h = self._conv(g, st.conv1, top, bottom)
             del g
-            self._acc(p.stats_out, h, st.norm2.fused)
+            self._acc(p.stats_out, h)
             self.mv.write(p.out, r0, h)
             del h
             if p.extra is not None:  # stored x with a 1x1 shortcut: into the block output
@@ -649,7 +622,6 @@ class _Runner:
 
     def _res_c(self, p: _Pass, bands) -> None:
         st = p.step
-        fused = self._fused_stats(p)
 
         def need(r0, r1):
             a, b, _, _ = _pads(r0, r1, p.h)
@@ -663,7 +635,7 @@ class _Runner:
             res = self.mv.read(p.res, r0, r1)
             o = self._conv(g, st.conv2, top, bottom, residual=res)
             del g, res
-            self._acc(p.stats_out, o, fused)
+            self._acc(p.stats_out, o)
             self.mv.write(p.out, r0, o)
             del o
 
@@ -693,7 +665,6 @@ class _Runner:
     def _attn_qo(self, p: _Pass, bands) -> None:
         st = p.step
         c, hd = st.channels, st.heads
-        fused_stats = self._fused_stats(p)
         k, v = p.k.tensor, p.v.tensor
 
         def need(r0, r1):
@@ -720,13 +691,12 @@ class _Runner:
                     y = y / st.rescale
             del o, res, x
             y = y.view(n, r, w, c).permute(0, 3, 1, 2)
-            self._acc(p.stats_out, y, fused_stats)
+            self._acc(p.stats_out, y)
             self.mv.write(p.out, r0, y)
             del y
 
     def _down(self, p: _Pass, bands) -> None:
         st, hin = p.step, p.src.h
-        fused = self._fused_stats(p)
 
         def need(r0, r1):
             return [(p.src, 2 * r0, min(2 * r1 + 1, hin))]
@@ -736,7 +706,7 @@ class _Runner:
             x = self.mv.read(p.src, a, b)
             y = self._down_conv(x, st.conv, 2 * r1 + 1 - b)
             del x
-            self._acc(p.stats_out, y, fused)
+            self._acc(p.stats_out, y)
             self.mv.write(p.out, r0, y)
             del y
 
@@ -942,7 +912,7 @@ def _sig(obj):
     if isinstance(obj, _Buf):
         return ("B", obj.c, obj.h, obj.w, obj.device_only, obj.heads)
     if isinstance(obj, _Slot):
-        return ("S", obj.groups)
+        return ("S", obj.groups, obj.fused)
     if dataclasses.is_dataclass(obj):
         return (type(obj).__name__,) + tuple(
             _sig(getattr(obj, f.name))
@@ -959,9 +929,8 @@ def pass_cost(prog: _Program, i: int, rows: int, **kw) -> int:
     """The most bytes one band of ``rows`` rows of pass ``i`` allocates, over every band of the
     pass (stored tensors excluded); cached by the pass's structure and the statistics path of
     what it writes."""
-    p = prog.passes[i]
-    key = (_sig(p), _fused_stats(prog, p), prog.n, rows,
-           tuple(sorted((k, str(v)) for k, v in kw.items())))  # fmt: skip
+    p = prog.passes[i]  # its statistics slots' sig holds the statistics path
+    key = (_sig(p), prog.n, rows, tuple(sorted((k, str(v)) for k, v in kw.items())))
     got = _COSTS.get(key)
     if got is None:
         if len(_COSTS) > 65536:
