@@ -10,6 +10,10 @@ over the ``C`` channels of dim 1,
     y = x / max(||x||_2, eps) * sqrt(C) * gamma[c] + bias[c]       (F.normalize(x, dim=1))
     y = silu(y)                                                     (when silu)
 
+of ``x + input_bias[c]`` when ``input_bias`` is given: the bias of the conv that produced
+``x``, left out of that conv and added here, in the loads (one pass over the conv's output
+fewer; the sum is not rounded to ``x``'s dtype first).
+
 ``gamma`` may have any shape with ``C`` elements (diffusers keeps ``(C, 1, 1)`` for images and
 ``(C, 1, 1, 1)`` for video), ``bias`` is optional (``None``, or diffusers' default ``0.0``, is
 no bias). fp32, fp16, bf16 and float64 ``x``; gamma/bias in ``x``'s dtype or fp32; the output
@@ -133,12 +137,15 @@ def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (x.dim() - 2))).to(x.dtype)
 
 
-def rms_norm_reference(x, weight, bias=None, *, eps=1e-12, silu=False):
+def rms_norm_reference(x, weight, bias=None, *, eps=1e-12, silu=False, input_bias=None):
     """Eager ``WanRMS_norm`` the way diffusers computes it: ``F.normalize(x, dim=1, eps=eps)``
     (in fp32 for inputs narrower than fp32, rounded back to ``x``'s dtype), ``* C**0.5 *
     gamma + bias``, then ``F.silu``. ``weight``/``bias`` (any shapes of ``C`` elements) are
-    cast to ``x``'s dtype; ``bias`` None or 0.0 adds nothing."""
+    cast to ``x``'s dtype; ``bias`` None or 0.0 adds nothing. ``input_bias``: normalises
+    ``x + input_bias[c]`` (added in ``x``'s dtype, as a conv's bias would have been)."""
     bias = _as_bias(bias)
+    if input_bias is not None:
+        x = x + _channel_view(input_bias, x)
     xn = x.float() if x.dtype.itemsize < 4 else x
     y = F.normalize(xn, dim=1, eps=eps).to(x.dtype) * x.shape[1] ** 0.5 * _channel_view(weight, x)
     if bias is not None:
@@ -194,6 +201,16 @@ if triton is not None:
         return off, mask
 
     @triton.jit
+    def _load(x_ptr, off, mask, ib_ptr, c, C, HAS_IB: tl.constexpr, F64: tl.constexpr):
+        """x (+ input_bias[c]) in the accumulation type. Masked channels read 0 (x and the
+        bias both); a masked pixel may hold the bias, but its sum of squares and output are
+        its own, and never stored."""
+        v = _to_acc(tl.load(x_ptr + off, mask=mask, other=0.0), F64)
+        if HAS_IB:
+            v = v + _to_acc(tl.load(ib_ptr + c, mask=c < C, other=0.0), F64)[:, None]
+        return v
+
+    @triton.jit
     def _write(
         v,
         a,
@@ -223,6 +240,7 @@ if triton is not None:
         x_ptr,  # (N, C, *spatial) input: contiguous, or channels-last when CL
         w_ptr,  # (C,) gamma, x's dtype or fp32
         b_ptr,  # (C,) bias, x's dtype or fp32 (x when not HAS_B: never read)
+        ib_ptr,  # (C,) input bias, x's dtype or fp32 (x when not HAS_IB: never read)
         y_ptr,  # (N, C, *spatial) output in x's dtype and layout
         C,
         S,  # pixels per sample
@@ -233,6 +251,7 @@ if triton is not None:
         CL: tl.constexpr,
         ONE_BLOCK: tl.constexpr,  # C <= BLOCK_C: one read of x, from registers
         HAS_B: tl.constexpr,
+        HAS_IB: tl.constexpr,
         SILU: tl.constexpr,
         F64: tl.constexpr,  # float64 x: accumulate in float64
     ):
@@ -251,20 +270,20 @@ if triton is not None:
             pbase = n.to(tl.int64) * C * S + pix
         if ONE_BLOCK:
             off, mask = _tile(dc, pbase, pmask, C, S, CL)
-            v = _to_acc(tl.load(x_ptr + off, mask=mask, other=0.0), F64)
+            v = _load(x_ptr, off, mask, ib_ptr, dc, C, HAS_IB, F64)
             a = _pixel_factor(tl.sum(v * v, axis=0), C, eps, F64)
             _write(v, a, dc, off, mask, w_ptr, b_ptr, y_ptr, C, HAS_B, SILU, F64)
         else:
             ss = _to_acc(tl.zeros([BLOCK_P], dtype=tl.float32), F64)
             for c0 in range(0, C, BLOCK_C):
                 off, mask = _tile(c0 + dc, pbase, pmask, C, S, CL)
-                v = _to_acc(tl.load(x_ptr + off, mask=mask, other=0.0), F64)
+                v = _load(x_ptr, off, mask, ib_ptr, c0 + dc, C, HAS_IB, F64)
                 ss += tl.sum(v * v, axis=0)
             a = _pixel_factor(ss, C, eps, F64)
             for c0 in range(0, C, BLOCK_C):
                 c = c0 + dc
                 off, mask = _tile(c, pbase, pmask, C, S, CL)
-                v = _to_acc(tl.load(x_ptr + off, mask=mask, other=0.0), F64)
+                v = _load(x_ptr, off, mask, ib_ptr, c, C, HAS_IB, F64)
                 _write(v, a, c, off, mask, w_ptr, b_ptr, y_ptr, C, HAS_B, SILU, F64)
 
 
@@ -295,11 +314,15 @@ def plan(
     vector: bool = True,
     *,
     interpret: bool = False,
+    input_bias: bool = False,
 ) -> Plan:
     """The launch rule for ``c`` channels of ``itemsize``-byte values in either layout.
     ``vector``: the contiguous axis is 16-byte vectorisable (x and y 16-byte aligned and
     ``C`` (channels-last) or ``S`` (contiguous) divisible by 16, what Triton's JIT specialises
-    on); ``interpret`` selects the interpreter's constants."""
+    on); ``interpret`` selects the interpreter's constants. ``input_bias``: the bias takes a
+    register per value too, so no thread holds more than ``per_thread`` values: where the
+    warp cap would leave more (the contiguous fp16/bf16 tile of 1024 channels), the channel
+    block is halved, and the channel loop runs (it spilled on sm_80/sm_90 otherwise)."""
     max_c = INTERPRET_MAX_BLOCK_C if interpret else MAX_BLOCK_C
     tile = INTERPRET_TILE if interpret else TILE
     if itemsize > 4:
@@ -307,11 +330,17 @@ def plan(
     row_bytes = INTERPRET_MIN_ROW_BYTES if interpret else MIN_ROW_BYTES
     if not vector:
         row_bytes //= 2
-    block_c = max(MIN_BLOCK_C, min(_next_pow2(c), max_c))
-    block_p = max(tile // block_c, 1 if channels_last else max(row_bytes // itemsize, 1))
     # values per thread: halved for float64 (two registers each) and for scalar accesses
     # (an address per value)
     per_thread = VALUES_PER_THREAD // (2 if itemsize > 4 else 1) // (1 if vector else 2)
+    block_c = max(MIN_BLOCK_C, min(_next_pow2(c), max_c))
+    while True:
+        block_p = max(tile // block_c, 1 if channels_last else max(row_bytes // itemsize, 1))
+        if not input_bias or block_c <= MIN_BLOCK_C:
+            break
+        if block_c * block_p <= 32 * per_thread * MAX_WARPS:
+            break
+        block_c //= 2
     warps = max(1, min(block_c * block_p // (32 * per_thread), MAX_WARPS))
     return Plan(block_c, block_p, warps, c <= block_c)
 
@@ -341,7 +370,7 @@ def _check_channel_arg(name: str, t, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
 
 
-def _check(x, weight, bias, eps) -> None:
+def _check(x, weight, bias, eps, input_bias=None) -> None:
     """Raise a ValueError/TypeError naming the argument for every bad input (``bias`` already
     through ``_as_bias``)."""
     if not isinstance(x, torch.Tensor):
@@ -353,17 +382,19 @@ def _check(x, weight, bias, eps) -> None:
             f"x must have rank 3 to 5 (N, C, 1 to 3 spatial dims), got shape {tuple(x.shape)}"
         )
     _check_channel_arg("weight", weight, x)
-    if bias is not None:
-        _check_channel_arg("bias", bias, x)
+    for name, t in (("bias", bias), ("input_bias", input_bias)):
+        if t is not None:
+            _check_channel_arg(name, t, x)
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
-def not_supported_reasons(x, weight, bias=None, eps=1e-12, *, silu=False) -> list[str]:
+def not_supported_reasons(x, weight, bias=None, eps=1e-12, *, silu=False,
+                          input_bias=None) -> list[str]:  # fmt: skip
     """Why ``rms_norm`` would run the eager reference instead of the Triton kernel for these
     arguments (empty list: the kernel runs). Bad arguments raise instead."""
     bias = _as_bias(bias)
-    _check(x, weight, bias, eps)
+    _check(x, weight, bias, eps, input_bias)
     reasons = []
     if TRITON_ERROR is not None:
         reasons.append(TRITON_ERROR)
@@ -374,7 +405,7 @@ def not_supported_reasons(x, weight, bias=None, eps=1e-12, *, silu=False) -> lis
     if x.dtype not in _KERNEL_DTYPES:
         reasons.append(f"dtype {x.dtype} is not one of fp32/fp16/bf16/fp64")
     if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
+        t is not None and t.requires_grad for t in (x, weight, bias, input_bias)
     ):
         reasons.append("an input requires grad: the (differentiable) eager reference runs")
     if x.shape[2:].numel() >= MAX_PIXELS:
@@ -408,7 +439,7 @@ def _check_out(out, x) -> None:
         )
 
 
-def _launch(x, weight, bias, eps, silu, out=None) -> torch.Tensor:
+def _launch(x, weight, bias, eps, silu, out=None, input_bias=None) -> torch.Tensor:
     """Run the kernel on validated input. ``out`` (x's strides) receives y and may be x
     itself: every program reads the values it overwrites before writing them (the second
     channel loop reads each block before it writes that block)."""
@@ -423,17 +454,20 @@ def _launch(x, weight, bias, eps, silu, out=None) -> torch.Tensor:
     s = x.shape[2:].numel()
     cl = layout == "channels_last" or s == 1  # S == 1: both layouts are rows of C values
     vector = (c if cl else s) % 16 == 0 and x.data_ptr() % 16 == 0 and y.data_ptr() % 16 == 0
-    p = plan(c, cl, x.element_size(), vector, interpret=x.device.type != "cuda")
+    p = plan(c, cl, x.element_size(), vector, interpret=x.device.type != "cuda",
+             input_bias=input_bias is not None)  # fmt: skip
     rows = n * s if cl else triton.cdiv(s, p.block_p)
     tiles = triton.cdiv(n * s, p.block_p) if cl else n * rows
     w = weight.reshape(-1)
     b = bias.reshape(-1) if bias is not None else x
+    ib = input_bias.reshape(-1) if input_bias is not None else x
     on_other_gpu = x.device.type == "cuda" and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if on_other_gpu else contextlib.nullcontext():
         _rms_norm_kernel[(tiles,)](
-            x, w, b, y, c, s, rows, float(eps),
+            x, w, b, ib, y, c, s, rows, float(eps),
             BLOCK_C=p.block_c, BLOCK_P=p.block_p, CL=cl, ONE_BLOCK=p.one_block,
-            HAS_B=bias is not None, SILU=bool(silu), F64=x.dtype == torch.float64,
+            HAS_B=bias is not None, HAS_IB=input_bias is not None, SILU=bool(silu),
+            F64=x.dtype == torch.float64,
             num_warps=p.num_warps,
         )  # fmt: skip
     return y
@@ -444,10 +478,10 @@ def _empty_out(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x) if _layout(x) is not None else x.new_empty(x.shape)
 
 
-def _forward(x, weight, bias, eps, silu, out=None) -> torch.Tensor:
-    if not not_supported_reasons(x, weight, bias, eps, silu=silu):
-        return _launch(x, weight, bias, eps, silu, out)
-    y = rms_norm_reference(x, weight, bias, eps=eps, silu=silu)
+def _forward(x, weight, bias, eps, silu, out=None, input_bias=None) -> torch.Tensor:
+    if not not_supported_reasons(x, weight, bias, eps, silu=silu, input_bias=input_bias):
+        return _launch(x, weight, bias, eps, silu, out, input_bias)
+    y = rms_norm_reference(x, weight, bias, eps=eps, silu=silu, input_bias=input_bias)
     if out is None and y.stride() != _out_strides(x):  # the reference's layout may differ
         out = _empty_out(x)
     return y if out is None else out.copy_(y)
@@ -461,62 +495,66 @@ def _rms_norm_op(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool,
+    input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     with torch.no_grad():
-        return _forward(x, weight, bias, eps, silu)
+        return _forward(x, weight, bias, eps, silu, input_bias=input_bias)
 
 
 @_rms_norm_op.register_fake
-def _(x, weight, bias, eps, silu):
-    _check(x, weight, bias, eps)
+def _(x, weight, bias, eps, silu, input_bias=None):
+    _check(x, weight, bias, eps, input_bias)
     return _empty_out(x)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps, silu = inputs
-    ctx.save_for_backward(x, weight, bias)
+    x, weight, bias, eps, silu, input_bias = inputs
+    ctx.save_for_backward(x, weight, bias, input_bias)
     ctx.args = (eps, silu)
 
 
 def _backward(ctx, grad):
     eps, silu = ctx.args
-    needs = ctx.needs_input_grad
+    needs = ctx.needs_input_grad  # per op input: x, weight, bias, eps, silu, input_bias
     with torch.enable_grad():
         leaves = [
             None if t is None else t.detach().requires_grad_(needs[i])
-            for i, t in enumerate(ctx.saved_tensors)
+            for i, t in zip((0, 1, 2, 5), ctx.saved_tensors)
         ]
-        y = rms_norm_reference(*leaves, eps=eps, silu=silu)
+        x, weight, bias, input_bias = leaves
+        y = rms_norm_reference(x, weight, bias, eps=eps, silu=silu, input_bias=input_bias)
         wrt = [t for t in leaves if t is not None and t.requires_grad]
         got = iter(torch.autograd.grad(y, wrt, grad) if wrt else ())
     grads = [next(got) if t is not None and t.requires_grad else None for t in leaves]
-    return (*grads, None, None)
+    return (*grads[:3], None, None, grads[3])
 
 
 _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def rms_norm(x, weight, bias=None, *, eps=1e-12, silu=False, out=None):
+def rms_norm(x, weight, bias=None, *, eps=1e-12, silu=False, out=None, input_bias=None):
     """``WanRMS_norm`` over the channels (dim 1) of ``x`` (N, C, 1 to 3 spatial dims), with
     optional fused SiLU; same dtype and memory format out as ``x``. ``weight`` (gamma) and
     ``bias``: any shape of C elements, x's dtype or fp32; ``bias`` None or 0.0 for none.
+    ``input_bias`` (C elements, x's dtype or fp32): normalises ``x + input_bias[c]`` (a
+    producing conv's bias, added in the kernel's loads).
 
     ``out``: where to write y (x's shape, dtype and strides); ``out=x`` normalises in place.
     Not with inputs that require grad.
 
     CUDA tensors run the Triton kernel; CPU tensors run ``rms_norm_reference`` unless
     ``TRITON_INTERPRET=1``; inputs requiring grad (with grad mode on) run the reference.
-    Also available as ``torch.ops.sdvae.rms_norm(x, weight, bias, eps, silu)``.
+    Also available as ``torch.ops.sdvae.rms_norm(x, weight, bias, eps, silu, input_bias)``.
     """
     bias = _as_bias(bias)
-    _check(x, weight, bias, eps)
+    _check(x, weight, bias, eps, input_bias)
     if out is not None:
         _check_out(out, x)
         if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias)
+            t is not None and t.requires_grad for t in (x, weight, bias, input_bias)
         ):
             raise ValueError("out= is for inference: an input requires grad")
     if torch.compiler.is_compiling():
-        y = torch.ops.sdvae.rms_norm(x, weight, bias, float(eps), bool(silu))
+        y = torch.ops.sdvae.rms_norm(x, weight, bias, float(eps), bool(silu), input_bias)
         return y if out is None else out.copy_(y)
-    return _forward(x, weight, bias, eps, silu, out)
+    return _forward(x, weight, bias, eps, silu, out, input_bias)

@@ -411,21 +411,24 @@ def group_norm(x, groups: int, weight, bias, eps: float, *, silu: bool, fused: b
 
 
 # --------------------------------------------------------------------------- RMS norm
-def rms_norm(x, weight, *, silu: bool, fused: bool, out=None, eps: float = 1e-12):
+def rms_norm(x, weight, *, silu: bool, fused: bool, out=None, eps: float = 1e-12,
+             input_bias=None):  # fmt: skip
     """The Wan family's channel RMS norm(+SiLU): ``x / max(||x||_2 over dim 1, eps) *
-    sqrt(C) * weight[c]``. Fused: one ``sdvae.kernels.rms_norm`` (written into ``out`` when
-    given: a tensor of x's shape and strides, e.g. the frames of a causal conv's input
-    buffer). Eager: the kernel's reference (``rms_norm_reference``: diffusers' own arithmetic,
-    the normalization in fp32 for fp16/bf16 inputs), copied into ``out`` when given."""
+    sqrt(C) * weight[c]``, of ``x + input_bias[c]`` when given (a producing conv's bias).
+    Fused: one ``sdvae.kernels.rms_norm`` (written into ``out`` when given: a tensor of x's
+    shape and strides, e.g. the frames of a causal conv's input buffer; the input bias added
+    in its loads). Eager: the kernel's reference (``rms_norm_reference``: diffusers' own
+    arithmetic, the normalization in fp32 for fp16/bf16 inputs), copied into ``out`` when
+    given."""
     if fused:
         if x.is_meta:
             return out if out is not None else torch.empty_like(x)
         from . import kernels
 
-        return kernels.rms_norm(x, weight, eps=eps, silu=silu, out=out)
+        return kernels.rms_norm(x, weight, eps=eps, silu=silu, out=out, input_bias=input_bias)
     from .kernels.rms_norm import rms_norm_reference
 
-    y = rms_norm_reference(x, weight, eps=eps, silu=silu)
+    y = rms_norm_reference(x, weight, eps=eps, silu=silu, input_bias=input_bias)
     return y if out is None else out.copy_(y)
 
 

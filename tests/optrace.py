@@ -49,12 +49,13 @@ of the tiny Wan 2.1 and Wan 2.2 configs (a 9-frame video encoded, 3 latent frame
 the first, a middle and the last chunk), in fp32 NCDHW and fp16 channels_last_3d. There the
 CPU's conv3d returns NCDHW where cuDNN keeps channels_last_3d, so ``sdvae.dispatch.conv3d``
 copies its output back (a ``call`` entry with the copy inside it, not made on the GPU) and
-the rest of the trace is the GPU's layout. The fused ops all run on
-the CPU: the Triton kernels in the interpreter (``TRITON_INTERPRET=1``, fp16 included), the
-convs in sdvae._C's CPU kernels. Each case builds a fresh model, so first-call work (the
-upsampler folds made by ``optimize``, FLUX.2's folded normalization) is in every trace the
-same way; the trace holds two calls, the first and a repeat (``=== call 2`` between them),
-so that what is cached after the first call is checked too.
+the rest of the trace is the GPU's layout; the conv biases follow the GPU's rule too (each
+residual block's first conv without it, the second norm adding it in its loads). The fused
+ops all run on the CPU: the Triton kernels in the interpreter (``TRITON_INTERPRET=1``, fp16
+included), the convs in sdvae._C's CPU kernels. Each case builds a fresh model, so
+first-call work (the upsampler folds made by ``optimize``, FLUX.2's folded normalization) is
+in every trace the same way; the trace holds two calls, the first and a repeat (``=== call
+2`` between them), so that what is cached after the first call is checked too.
 
 Re-record deliberately (after a change whose trace difference is intended and listed in the
 closing note), from the repository root::
@@ -537,7 +538,23 @@ def _build_wan(case: Case, cfg, hw) -> tuple[Callable[[], torch.Tensor], dict]:
         def call():
             return vae.decode(z)
 
-    return call, facts
+    return _with_gpu_bias_rule(call), facts
+
+
+def _with_gpu_bias_rule(fn):
+    """``fn`` with the GPU's rule for a fused conv3d's bias (``sdvae.wan._bias_apart``: ATen
+    adds it in a pass of its own on CUDA, so each residual block's second norm takes its first
+    conv's bias in its loads; on the CPU oneDNN adds it inside the conv)."""
+    from sdvae import wan as W
+
+    def call():
+        real, W._bias_apart = W._bias_apart, lambda t: True
+        try:
+            return fn()
+        finally:
+            W._bias_apart = real
+
+    return call
 
 
 def trace_case(case: Case | str, calls: int = 2) -> tuple[list, dict]:

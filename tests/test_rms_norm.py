@@ -119,6 +119,43 @@ def test_bias_and_silu_options(device, bias, silu, layout):
         assert torch.equal(y, K.rms_norm(x, w, None, silu=silu))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("c", [12, 40], ids=["one_block", "loop"])
+def test_input_bias_is_added_in_the_loads(device, c, dtype, layout):
+    """``input_bias`` (a producing conv's bias): the norm of ``x + input_bias[c]``, against
+    float64 (the sum unrounded, in the kernel's accumulation type); written in place too."""
+    _device_or_skip(device)
+    x = _input(1, c, (3, 4, 5), dtype, device, layout)
+    w, b = _affine(c, dtype, device)
+    ib = (torch.randn(c, dtype=torch.float64) * 2).to(device, dtype)
+    assert rn.not_supported_reasons(x, w, b, silu=True, input_bias=ib) == []
+    want = rn.rms_norm_reference(_d(x), _d(w), _d(b), silu=True, input_bias=_d(ib))
+    y = K.rms_norm(x, w, b, silu=True, input_bias=ib)
+    _check_layout(y, x)
+    _close(y, want, dtype, name=f"input_bias c={c}")
+    assert (y.double() - _ref(x, w, b, True)).abs().max() > 0.1, "input_bias ignored"
+    assert K.rms_norm(x, w, b, silu=True, input_bias=ib, out=x) is x
+    assert torch.equal(x, y)
+
+
+def test_input_bias_is_checked_and_differentiable():
+    x = _input(1, 6, (2, 3), torch.float64, "cpu", "contiguous")
+    w, b = _affine(6, torch.float64, "cpu")
+    with pytest.raises(ValueError, match="input_bias must have 6 elements"):
+        K.rms_norm(x, w, input_bias=torch.zeros(5, dtype=torch.float64))
+    ib = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    xr = x.clone().requires_grad_()
+    K.rms_norm(xr, w, b, silu=True, input_bias=ib).square().sum().backward()
+    x2, ib2 = (t.detach().clone().requires_grad_() for t in (x, ib))
+    z = x2 + ib2.view(1, -1, 1, 1)
+    rn.rms_norm_reference(z, w, b, silu=True).square().sum().backward()
+    assert (ib.grad - ib2.grad).abs().max() < 1e-12 and (xr.grad - x2.grad).abs().max() < 1e-12
+    ib3 = ib.detach().clone().requires_grad_()
+    torch.ops.sdvae.rms_norm(x, w, b, 1e-12, True, ib3).square().sum().backward()
+    assert (ib3.grad - ib2.grad).abs().max() < 1e-12
+
+
 @pytest.mark.parametrize(
     "fmt, rank", [(torch.channels_last, 4), (torch.channels_last_3d, 5)], ids=["cl", "cl3d"]
 )
@@ -372,6 +409,7 @@ def test_opcheck(device):
         (x, w, b, 1e-12, True),
         (x.contiguous(), w.reshape(8, 1, 1), None, 1e-6, False),
         (x5, w.half().reshape(8, 1, 1, 1), b, 1e-12, True),
+        (x5, w.half(), None, 1e-12, True, b.half()),  # the input bias
     ]:
         torch.library.opcheck(torch.ops.sdvae.rms_norm.default, args)
 
@@ -412,6 +450,15 @@ def test_plan_follows_the_rule(itemsize, cl, vector):
             assert p.block_p * itemsize >= (32 if vector else 16), p
     # the Wan 2.1 / 2.2 channel counts run from registers, x read once
     assert all(rn.plan(c, cl, itemsize, vector).one_block for c in WAN_CHANNELS)
+    # with an input bias no thread holds more than its per-thread values (a register for the
+    # bias beside each): the channel block halves where the warp cap would leave more
+    for c in (12, 40, 1000, 4096, *WAN_CHANNELS):
+        p = rn.plan(c, cl, itemsize, vector, input_bias=True)
+        per_thread = p.block_c * p.block_p // (32 * p.num_warps)
+        assert per_thread <= 16 // (2 if itemsize == 8 else 1) // (1 if vector else 2), p
+        assert p.one_block == (c <= p.block_c)
+        if p != rn.plan(c, cl, itemsize, vector):
+            assert p.block_c < rn.plan(c, cl, itemsize, vector).block_c and not cl, p
 
 
 def test_launcher_picks_scalar_tiles_for_unaligned_rows(monkeypatch):
@@ -438,18 +485,18 @@ def test_launcher_picks_scalar_tiles_for_unaligned_rows(monkeypatch):
 _ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 
 
-def _config(
-    dt, wdt, cl, c, *, vector=True, has_b=True, silu=True, rows="i32", x_aligned=True, ones=()
-):
+def _config(dt, wdt, cl, c, *, vector=True, has_b=True, silu=True, rows="i32",
+            x_aligned=True, ones=(), has_ib=True):  # fmt: skip
     """One launch configuration: the plan's tile for ``c`` channels; ``vector``: C and S
     divisible by 16 (the JIT's specialisation), else neither; ``x_aligned``: x's pointer too;
     ``ones``: integer arguments equal to 1, which the JIT turns into constants."""
-    p = rn.plan(c, cl, _ITEMSIZE[dt], vector and x_aligned)
-    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{wdt}", "b_ptr": f"*{wdt}", "y_ptr": f"*{dt}"}
+    p = rn.plan(c, cl, _ITEMSIZE[dt], vector and x_aligned, input_bias=has_ib)
+    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{wdt}", "b_ptr": f"*{wdt}", "ib_ptr": f"*{wdt}",
+           "y_ptr": f"*{dt}"}  # fmt: skip
     sig.update(C="i32", S="i32", rows=rows, eps="fp32")
     constexprs = dict(
         BLOCK_C=p.block_c, BLOCK_P=p.block_p, CL=cl, ONE_BLOCK=p.one_block, HAS_B=has_b,
-        SILU=silu, F64=dt == "fp64",
+        HAS_IB=has_ib, SILU=silu, F64=dt == "fp64",
     )  # fmt: skip
     divisible = [a for a in sig if sig[a].startswith("*") and (x_aligned or a != "x_ptr")]
     divisible += ["C", "S"] if vector else []
@@ -467,25 +514,29 @@ _REAL_C = (96, 192, 384, 1024, 2048)  # tiles of 128, 256, 512, 1024 channels; t
 def _aot_configs() -> list[dict]:
     """The real channel counts (Wan 2.1: 96/192/384 -> blocks of 128/256/512; Wan 2.2 up to
     1024; 2048: the channel loop) in fp16/bf16/fp32, both layouts, bias and SiLU on (the
-    largest variant), vector accesses; the same tiles with scalar accesses (C and S not
-    divisible by 16), the dtypes rotated; x unaligned (384, 1024 channels); float64 at the
-    largest tiles (1024 channels, the loop); the smaller blocks (8 to 64 channels) with dtypes,
-    weight dtypes and flags rotated; one 64-bit row count (channels-last tensors of 2^31
-    pixel rows and more); arguments the JIT specialises to the constant 1."""
+    largest variant), with and without the input bias, vector accesses; the same tiles with
+    scalar accesses (C and S not divisible by 16), the dtypes rotated; x unaligned (384, 1024
+    channels); float64 at the largest tiles (1024 channels, the loop); the smaller blocks (8
+    to 64 channels) with dtypes, weight dtypes and flags (the input bias's too) rotated; one
+    64-bit row count (channels-last tensors of 2^31 pixel rows and more); arguments the JIT
+    specialises to the constant 1."""
     out = []
     rot = [("fp16", "fp32"), ("bf16", "bf16"), ("fp32", "fp32"), ("fp64", "fp32")]
     for cl in (False, True):
         for i, c in enumerate(_REAL_C):
-            out += [_config(dt, dt, cl, c) for dt in ("fp16", "bf16", "fp32")]
+            out += [_config(dt, dt, cl, c, has_ib=ib) for dt in ("fp16", "bf16", "fp32")
+                    for ib in (False, True)]  # fmt: skip
             dt, wdt = rot[i % 4]
-            out.append(_config(dt, wdt, cl, c, vector=False, has_b=i % 2 == 0))
+            out.append(_config(dt, wdt, cl, c, vector=False, has_b=i % 2 == 0,
+                               has_ib=i % 2 == 1))  # fmt: skip
             if c in (384, 1024):
                 out.append(_config(rot[i % 3][0], "fp32", cl, c, x_aligned=False))
             if c in (1024, 2048):
                 out.append(_config("fp64", "fp64", cl, c, vector=c == 1024, silu=c == 2048))
         for i, c in enumerate((3, 12, 24, 40)):
             dt, wdt = rot[i]
-            out.append(_config(dt, wdt, cl, c, vector=i % 2 == 1, has_b=i < 2, silu=i > 0))
+            out.append(_config(dt, wdt, cl, c, vector=i % 2 == 1, has_b=i < 2, silu=i > 0,
+                               has_ib=i % 2 == 0))  # fmt: skip
     out.append(_config("fp16", "fp16", True, 96, rows="i64"))
     # one tile per sample (contiguous, S <= BLOCK_P); one channel over one pixel row
     out.append(_config("bf16", "fp32", False, 384, vector=False, ones=("rows",)))
@@ -521,6 +572,9 @@ def test_wan_shapes_on_gpu(c, dtype, layout):
     y = K.rms_norm(x, w, b, silu=True)
     _check_layout(y, x)
     _close(y, _ref(x, w, b, True), dtype, name=f"C={c}")
+    ib = b.flip(0)  # a conv's bias in the loads: the channel loop at 1024 contiguous
+    want = rn.rms_norm_reference(_d(x), _d(w), _d(b), silu=True, input_bias=_d(ib))
+    _close(K.rms_norm(x, w, b, silu=True, input_bias=ib), want, dtype, name=f"C={c} +ib")
 
 
 @pytest.mark.cuda

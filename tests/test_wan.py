@@ -284,6 +284,39 @@ def test_fused_equals_unfused_in_float64(name, channels_last):
 
 
 @torch.no_grad()
+def test_first_conv_bias_goes_into_the_second_norm_where_the_conv_adds_it_apart(monkeypatch):
+    """Where ATen's conv3d adds its bias in a pass of its own (CUDA; forced here), each
+    residual block's first conv runs without it and the second norm adds it in its loads
+    (``input_bias``): once per block call, the result equal to the unfused model's in float64
+    (the kernel in the interpreter). On the CPU (oneDNN adds the bias inside the conv) nothing
+    is moved."""
+    from sdvae import dispatch
+    from sdvae import wan as W
+
+    ref, fused = _fused_pair("wan21", torch.float64)
+    seen = {"blocks": 0, "input_bias": 0}
+    real = dispatch.rms_norm
+
+    def spy(*a, input_bias=None, **k):
+        seen["input_bias"] += input_bias is not None
+        return real(*a, input_bias=input_bias, **k)
+
+    for m in fused.modules():
+        if isinstance(m, W.ResidualBlock):
+            m.register_forward_hook(lambda *_: seen.__setitem__("blocks", seen["blocks"] + 1))
+    monkeypatch.setattr(dispatch, "rms_norm", spy)
+    x = torch.rand(1, 3, 5, 16, 16, dtype=torch.float64) * 2 - 1
+    z = torch.randn(1, ref.config.z_dim, 2, 2, 3, dtype=torch.float64)
+    fused.decode(z, clamp=False)
+    assert seen["blocks"] > 0 and seen["input_bias"] == 0, seen  # the CPU: not moved
+    monkeypatch.setattr(W, "_bias_apart", lambda t: True)
+    seen.update(blocks=0, input_bias=0)
+    assert _rel(fused.encode(x), ref.encode(x)) <= 1e-10
+    assert _rel(fused.decode(z, clamp=False), ref.decode(z, clamp=False)) <= 1e-10
+    assert seen["blocks"] > 0 and seen["input_bias"] == seen["blocks"], seen
+
+
+@torch.no_grad()
 def test_time_upsample_writes_its_frames_in_place():
     """Fused, channels_last_3d: the temporal upsampler's time_conv and frame interleave are one
     GEMM per output frame, written in place (the conv itself never runs): the same frames and

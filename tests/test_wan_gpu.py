@@ -127,3 +127,26 @@ def test_gpu_wan_decode_within_its_plan_and_budget(frames, offload):
     out, peak = cuda_peak(lambda: m.decode(x, max_memory=limit, offload=offload))
     assert peak <= plan.streamed_bytes <= limit, (peak, plan.streamed_bytes, limit)
     assert _rel(out.float(), want) <= 1.5 * _rel(full.float(), want) + 1e-6
+
+
+@torch.inference_mode()
+def test_gpu_first_conv_bias_moves_into_the_second_norm(monkeypatch):
+    """On CUDA (ATen's conv3d adds its bias in a pass of its own) every residual block's
+    second norm takes the first conv's bias in its loads."""
+    from sdvae import dispatch
+    from sdvae.wan import ResidualBlock
+
+    fused = sdvae.optimize(_model("cuda", torch.float16))
+    blocks, moved = [], []
+    real = dispatch.rms_norm
+
+    def spy(*a, input_bias=None, **k):
+        moved.append(input_bias is not None)
+        return real(*a, input_bias=input_bias, **k)
+
+    monkeypatch.setattr(dispatch, "rms_norm", spy)
+    for m in fused.modules():
+        if isinstance(m, ResidualBlock):
+            m.register_forward_hook(lambda *_: blocks.append(1))
+    fused.decode(torch.randn(1, CFG.z_dim, 2, 6, 10, device="cuda", dtype=torch.float16))
+    assert blocks and sum(moved) == len(blocks), (sum(moved), len(blocks))
