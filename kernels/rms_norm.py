@@ -458,9 +458,10 @@ def _launch(x, weight, bias, eps, silu, out=None, input_bias=None) -> torch.Tens
              input_bias=input_bias is not None)  # fmt: skip
     rows = n * s if cl else triton.cdiv(s, p.block_p)
     tiles = triton.cdiv(n * s, p.block_p) if cl else n * rows
-    w = weight.reshape(-1)
-    b = bias.reshape(-1) if bias is not None else x
-    ib = input_bias.reshape(-1) if input_bias is not None else x
+    # dense (C,) vectors: the kernel reads element c at offset c (a strided view would not be)
+    w = weight.reshape(-1).contiguous()
+    b = bias.reshape(-1).contiguous() if bias is not None else x
+    ib = input_bias.reshape(-1).contiguous() if input_bias is not None else x
     on_other_gpu = x.device.type == "cuda" and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if on_other_gpu else contextlib.nullcontext():
         _rms_norm_kernel[(tiles,)](

@@ -472,7 +472,7 @@ def fold_upsample_weight(weight: torch.Tensor) -> torch.Tensor:
     Folded in float64, returned in ``weight``'s dtype."""
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"weight must be (C_out, C_in, 3, 3), got {tuple(weight.shape)}")
-    w = weight.detach().double()
+    w = weight.double()  # differentiable: under autograd the gradient reaches the 3x3 weight
     # Sums of slices, no tap matrix: nothing is copied from the host (a CUDA-graph capture
     # forbids that copy).
     rows = torch.stack([sum(w[:, :, u] for u in range(3) if t[u]) for t in UPSAMPLE_TAPS], 2)
@@ -610,10 +610,14 @@ def upsample(owner: torch.nn.Module, conv: torch.nn.Conv2d, x: torch.Tensor, *,
 
     Never refolded inside a CUDA-graph capture: the graph's caller refolds in place before
     capturing and before each replay (a fold made in the capture would live in the graph's
-    pool). Inference-tensor weights are never "current" (no version counter)."""
+    pool). Inference-tensor weights are never "current" (no version counter). When autograd
+    records (grad mode on, the 3x3 weight requires grad) the fold is made in the call, so
+    that gradients reach that weight (the kept fold is made without autograd)."""
     if conv.weight.is_meta:  # shape only: the folded weight's shape (its values unused)
         c_out, c_in = conv.weight.shape[:2]
         w = torch.empty((c_in, c_out, 4, 4), dtype=conv.weight.dtype, device="meta")
+    elif torch.is_grad_enabled() and conv.weight.requires_grad:
+        w = fold_upsample_weight(conv.weight)
     else:
         now = capturing()
         if not now and not torch.compiler.is_compiling() and not fold_is_current(owner, conv):

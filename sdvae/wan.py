@@ -669,7 +669,10 @@ class WanVAE(GraphedModel, nn.Module):
                 mean = torch.tensor(cfg.latents_mean, dtype=torch.float64, device=device)
                 std = torch.tensor(cfg.latents_std, dtype=torch.float64, device=device)
                 inv = 1.0 / torch.tensor(cfg.latents_std, device=device)
-                got = cache[(dtype, device)] = (mean.to(dtype), std.to(dtype), inv.to(dtype))
+                got = (mean.to(dtype), std.to(dtype), inv.to(dtype))
+            # not kept from a traced or captured call: its outputs belong to that graph
+            if not torch.compiler.is_compiling() and not dispatch.capturing():
+                cache[(dtype, device)] = got
         return got
 
     # ----------------------------------------------------------------- budget

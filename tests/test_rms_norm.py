@@ -139,6 +139,18 @@ def test_input_bias_is_added_in_the_loads(device, c, dtype, layout):
     assert torch.equal(x, y)
 
 
+def test_strided_channel_vectors_are_read_as_their_values(device):
+    """gamma, bias and input bias given as strided (C,) views (every other element of a
+    longer vector): the kernel reads their values, not the memory after the first."""
+    _device_or_skip(device)
+    x = _input(2, 12, (3, 5), torch.float32, device, "contiguous")
+    w2, b2 = _affine(24, torch.float32, device)
+    w, b, ib = w2[::2], b2[::2], b2.flip(0)[::2]
+    assert not w.is_contiguous() and not ib.is_contiguous()
+    want = rn.rms_norm_reference(_d(x), _d(w), _d(b), silu=True, input_bias=_d(ib))
+    _close(K.rms_norm(x, w, b, silu=True, input_bias=ib), want, torch.float32)
+
+
 def test_input_bias_is_checked_and_differentiable():
     x = _input(1, 6, (2, 3), torch.float64, "cpu", "contiguous")
     w, b = _affine(6, torch.float64, "cpu")

@@ -538,6 +538,18 @@ def test_latent_statistics_and_the_fold_are_made_once_and_follow_weight_changes(
     assert _rel(changed, want) <= 1e-5  # fp32; the weight change moved it by ~0.5
 
 
+def test_latent_statistics_are_not_kept_from_a_traced_call(monkeypatch):
+    """Under torch.compile (or a CUDA-graph capture) the statistics are made for the call and
+    not kept: they would be the traced graph's outputs, which a later replay may overwrite."""
+    _, vae = _pair("wan21")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    vae._stats(torch.float32, torch.device("cpu"))
+    assert not vae.__dict__.get("_stats_cache")
+    monkeypatch.undo()
+    vae._stats(torch.float32, torch.device("cpu"))
+    assert len(vae.__dict__["_stats_cache"]) == 1
+
+
 def test_unoptimize_switches_every_fused_op_off():
     _, fused = _fused_pair("wan21", torch.float32)
     sdvae.unoptimize(fused)
