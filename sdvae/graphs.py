@@ -272,11 +272,14 @@ class GraphedModel:
     def enable_cuda_graphs(self) -> None:
         """Replay the family's ``graph_functions`` from CUDA graphs, one per input shape;
         ``sdvae.optimize(vae, cuda_graph=True)`` calls this. Graphs captured before are
-        dropped (with their memory pool)."""
+        dropped (with their memory pool), and the host view is walked afresh (a submodule
+        moved on its own, e.g. by ``sdvae.optimize``'s layout change, bumps no generation)."""
         self.__dict__["graph_runners"] = {}
+        self.__dict__.pop("_graph_cache", None)
 
     def disable_cuda_graphs(self) -> None:
         self.__dict__["graph_runners"] = None
+        self.__dict__.pop("_graph_cache", None)
 
     @property
     def cuda_graphs(self) -> bool:

@@ -512,3 +512,17 @@ def test_gpu_graphed_wan_equals_eager_per_shape():
         assert len(graphed.graph_runners["decode"].graphs) == 2
         assert len(graphed.graph_runners["moments"].graphs) == 2
         assert "cuda_graph" not in graphed.fused_reasons, graphed.fused_reasons
+
+
+def test_enabling_graphs_walks_the_host_view_afresh():
+    """A submodule moved on its own (``optimize_wan`` converts each conv's layout) bumps no
+    structural generation: enabling graphs must not keep a view with the old addresses."""
+    from sdvae.graphs import tensor_addresses
+
+    vae = _wan()
+    vae._graph_view()
+    for m in vae.modules():
+        if isinstance(m, torch.nn.Conv3d):
+            m.to(memory_format=torch.channels_last_3d)
+    vae.enable_cuda_graphs()
+    assert vae._graph_view()[3] == tensor_addresses(vae)
