@@ -525,7 +525,7 @@ def tensors_unchanged(key: tuple | None, tensors, *extra) -> bool:
     )
 
 
-def derived(cache: dict, name: str, sources, dtype, device, make):
+def derived(cache: dict, name, sources, dtype, device, make):
     """``make()``, a value computed from ``sources`` (weights, buffers) for ``dtype`` and
     ``device``, kept in ``cache[name]`` while the sources are unchanged (``tensors_unchanged``)
     so that later calls launch nothing and copy nothing from the host. Recomputed on every

@@ -622,7 +622,7 @@ class WanVAE(GraphedModel, nn.Module):
         """What ``sdvae.graphs`` may replay: the encoder's moments of a checked video, and the
         chunked decode of ``post_quant_conv``'s output, clamped or not."""
         return {
-            "moments": lambda video: self.moments(video),
+            "moments": self.moments,
             "decode": lambda x: self.decode_chunks(x).clamp_(-1.0, 1.0),
             "decode_unclamped": lambda x: self.decode_chunks(x),
         }
@@ -662,18 +662,16 @@ class WanVAE(GraphedModel, nn.Module):
                 "from the model's diffusers config.json), so only raw latents are available: "
                 "pass raw=True"
             )
+
+        def make():
+            mean = torch.tensor(cfg.latents_mean, dtype=torch.float64, device=device)
+            std = torch.tensor(cfg.latents_std, dtype=torch.float64, device=device)
+            inv = 1.0 / torch.tensor(cfg.latents_std, device=device)
+            return mean.to(dtype), std.to(dtype), inv.to(dtype)
+
+        # no source tensors: kept per (dtype, device), never from a traced or captured call
         cache = self.__dict__.setdefault("_stats_cache", {})
-        got = cache.get((dtype, device))
-        if got is None:
-            with torch.inference_mode(False), torch.no_grad():
-                mean = torch.tensor(cfg.latents_mean, dtype=torch.float64, device=device)
-                std = torch.tensor(cfg.latents_std, dtype=torch.float64, device=device)
-                inv = 1.0 / torch.tensor(cfg.latents_std, device=device)
-                got = (mean.to(dtype), std.to(dtype), inv.to(dtype))
-            # not kept from a traced or captured call: its outputs belong to that graph
-            if not torch.compiler.is_compiling() and not dispatch.capturing():
-                cache[(dtype, device)] = got
-        return got
+        return dispatch.derived(cache, (dtype, device), [], dtype, device, make)
 
     # ----------------------------------------------------------------- budget
     def _band_rows(self, op: str, x: torch.Tensor, max_memory, offload, band_rows,
